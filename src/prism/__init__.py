@@ -1,0 +1,18 @@
+"""PRISM: persona routing via intent-based self-modeling (arXiv 2603.18507)."""
+
+from prism.config import DEFAULT_DOMAINS, PRESETS, BootstrapConfig, load_config_file, resolve_config
+from prism.errors import PrismError
+from prism.models import load_model
+from prism.pipeline import bootstrap, inspect_run
+
+__all__ = [
+    "DEFAULT_DOMAINS",
+    "PRESETS",
+    "BootstrapConfig",
+    "PrismError",
+    "bootstrap",
+    "inspect_run",
+    "load_config_file",
+    "load_model",
+    "resolve_config",
+]

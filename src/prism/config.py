@@ -1,0 +1,187 @@
+"""Bootstrap configuration: one dataclass, three presets, and the merge order preset < file < flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prism.errors import PrismError
+
+# The eight MT-Bench categories, safety, and one plain factual-recall domain so the gate also sees
+# queries where a persona is not expected to help.
+DEFAULT_DOMAINS = [
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "STEM",
+    "humanities",
+    "safety",
+    "factual recall (short knowledge questions)",
+]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A smoke run of a few minutes on 2 CPU cores with the embedded 135M model.
+    "tiny": {
+        "queries_per_persona": 3,
+        "query_max_tokens": 40,
+        "answer_max_tokens": 64,
+        "distill_epochs": 4,
+        "distill_batch_size": 2,
+    },
+    # The CPU default: enough data for a meaningful adapter within ~20 minutes on 2 cores.
+    "small": {
+        "queries_per_persona": 12,
+        "query_max_tokens": 48,
+        "answer_max_tokens": 160,
+        "distill_epochs": 3,
+        "distill_batch_size": 8,
+    },
+    # The paper's sizes.
+    "paper": {
+        "queries_per_persona": 50,
+        "query_max_tokens": 200,
+        "answer_max_tokens": 512,
+        "distill_epochs": 10,
+        "distill_batch_size": 16,
+    },
+}
+DEFAULT_PRESET = "small"
+
+# Fields that change how a run is executed but not what it computes.
+RUNTIME_FIELDS = {"device", "threads"}
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class BootstrapConfig:
+    model: str = _help("Hugging Face model id or local path; 'embedded' = SmolLM2-135M-Instruct", default="embedded")
+    domains: list[str] = _help("domain names, one persona each", default_factory=lambda: list(DEFAULT_DOMAINS))
+    personas_file: str | None = _help("user-written personas (JSON/JSONL/YAML) instead of generated ones", default=None)
+    preset: str = _help("size preset: tiny, small or paper", default=DEFAULT_PRESET)
+    seed: int = _help("seed for every sampled step", default=0)
+    trust_remote_code: bool = _help("allow model code from the Hub (off unless you trust the model)", default=False)
+
+    persona_max_tokens: int = _help("max new tokens for a generated persona", default=120)
+    persona_attempts: int = _help("tries per domain before a template persona is used", default=3)
+    queries_per_persona: int = _help("queries kept per persona", default=12)
+    query_max_tokens: int = _help("max new tokens per generated query", default=48)
+    query_temperature: float = _help("sampling temperature for queries", default=0.9)
+    query_min_chars: int = _help("queries of this many characters or fewer are dropped", default=15)
+    query_dedup_rouge_l: float = _help("drop a query whose ROUGE-L F1 with a kept one reaches this", default=0.7)
+    query_rounds: int = _help("generation rounds to reach queries_per_persona", default=4)
+    answer_max_tokens: int = _help("max new tokens per answer", default=160)
+    answer_temperature: float = _help("sampling temperature for answers", default=0.7)
+    judge_max_chars: int = _help("answers are truncated to this many characters for the judge", default=1500)
+    judge_calibration: str = _help(
+        "'position': divide out the judge's average preference for slot A/B/TIE before deciding; 'none'",
+        default="position",
+    )
+    batch_size: int = _help("prompts per generation / scoring batch", default=32)
+
+    gate_hidden: int = _help("gate MLP hidden size", default=256)
+    gate_dropout: float = _help("gate MLP dropout", default=0.1)
+    gate_lr: float = _help("gate learning rate (AdamW)", default=1e-3)
+    gate_epochs: int = _help("gate training epochs", default=30)
+    gate_folds: int = _help("k for k-fold held-out accuracy when data is small", default=5)
+
+    lora_r: int = _help("LoRA rank", default=16)
+    lora_alpha: int = _help("LoRA alpha", default=32)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] = _help(
+        "projections that get LoRA (layers 1..N-1 only)",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    distill_top_k: int = _help("teacher logits kept per position", default=64)
+    distill_temperature: float = _help("distillation temperature T (loss is scaled by T^2)", default=2.0)
+    distill_lr: float = _help("adapter learning rate (AdamW)", default=2e-4)
+    distill_weight_decay: float = _help("AdamW weight decay", default=0.01)
+    distill_warmup_ratio: float = _help("share of steps with linear warmup", default=0.1)
+    distill_epochs: int = _help("distillation epochs", default=3)
+    distill_batch_size: int = _help("effective batch size (gradient accumulation)", default=8)
+    distill_micro_batch_size: int = _help("sequences per forward pass", default=4)
+    distill_max_length: int = _help("max tokens per training sequence", default=1024)
+    distill_grad_clip: float = _help("gradient norm clip", default=1.0)
+
+    device: str = _help("'auto', 'cpu', 'cuda', ...", default="auto")
+    threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise PrismError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        self.domains = [d.strip() for d in self.domains if d and d.strip()]
+        if not self.domains and not self.personas_file:
+            raise PrismError("the domain list is empty: pass --domains 'writing,safety,...' or --personas FILE")
+        if len({d.lower() for d in self.domains}) != len(self.domains):
+            raise PrismError(f"duplicate domain names in {self.domains}: each domain gets one persona")
+        if self.judge_calibration not in ("position", "none"):
+            raise PrismError(f"judge_calibration must be 'position' or 'none', not {self.judge_calibration!r}")
+        for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
+                     "distill_micro_batch_size", "lora_r", "gate_epochs", "persona_attempts", "query_rounds"):
+            if getattr(self, name) < 1:
+                raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what a run computes: a run directory is tied to these."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+FIELD_NAMES = [f.name for f in dataclasses.fields(BootstrapConfig)]
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PrismError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PrismError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise PrismError(f"config file {path} must hold a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if "personas" in values:  # the CLI flag's name, accepted in files too
+        values["personas_file"] = values.pop("personas")
+    unknown = sorted(set(values) - set(FIELD_NAMES) - {"out"})
+    if unknown:
+        raise PrismError(f"config file {path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}")
+    return values
+
+
+def resolve_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> BootstrapConfig:
+    """Merge preset < config file < explicit overrides (CLI flags or Python keyword arguments)."""
+    values = {k: v for k, v in (file_values or {}).items() if k != "out"}  # where to write is not config
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise PrismError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}")
+    preset = values.get("preset", DEFAULT_PRESET)
+    if preset not in PRESETS:
+        raise PrismError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if isinstance(values.get("domains"), str):
+        values["domains"] = values["domains"].split(",")
+    merged = {**PRESETS[preset], **values}
+    try:
+        return BootstrapConfig(**merged)
+    except TypeError as exc:
+        raise PrismError(f"invalid configuration: {exc}") from None

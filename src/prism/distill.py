@@ -1,0 +1,223 @@
+"""Stage 6: context distillation of the persona into one LoRA adapter.
+
+Teacher = base model WITH the persona in context; student = base + LoRA WITHOUT it. The loss is
+KL(teacher || student) over the persona answer's tokens, on the teacher's top-k logits at temperature T,
+times T^2. Block 0 gets no LoRA, so the gate's feature is the same with the adapter on or off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from prism.config import BootstrapConfig
+from prism.errors import PrismError
+from prism.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
+from prism.runs import StageContext
+
+log = logging.getLogger("prism")
+CHECKPOINT = "distill_checkpoint"
+
+
+@dataclass
+class Example:
+    teacher_ids: list[int]  # persona prompt + answer
+    student_ids: list[int]  # base prompt + answer
+    answer_len: int
+
+
+@dataclass
+class TeacherTargets:
+    values: torch.Tensor  # (answer_len, k) top-k teacher logits
+    indices: torch.Tensor  # (answer_len, k) their token ids
+
+
+def build_example(tokenizer: PreTrainedTokenizerBase, query: str, persona: str, answer: str,
+                  max_length: int) -> Example | None:
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    teacher_prompt = encode(tokenizer, chat_prompt(tokenizer, query, system=persona))
+    student_prompt = encode(tokenizer, chat_prompt(tokenizer, query))
+    room = max_length - max(len(teacher_prompt), len(student_prompt))
+    if room < 1:
+        return None
+    answer_ids = answer_ids[:room]
+    return Example(teacher_prompt + answer_ids, student_prompt + answer_ids, len(answer_ids))
+
+
+def answer_logits(logits: torch.Tensor, length: int, answer_len: int) -> torch.Tensor:
+    """Logits that predict the answer tokens of a sequence of `length` real tokens (right padded)."""
+    start = length - answer_len - 1
+    return logits[start : start + answer_len]
+
+
+@torch.no_grad()
+def teacher_targets(lm: LoadedModel, examples: list[Example], top_k: int, micro_batch: int) -> list[TeacherTargets]:
+    model, pad = lm.model, lm.tokenizer.pad_token_id
+    targets: list[TeacherTargets | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
+    for start in tqdm(range(0, len(order), micro_batch), desc="teacher logits", leave=False):
+        batch = order[start : start + micro_batch]
+        ids, mask = _right_pad([examples[i].teacher_ids for i in batch], pad)
+        logits = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
+        for row, i in enumerate(batch):
+            part = answer_logits(logits[row], len(examples[i].teacher_ids), examples[i].answer_len)
+            top = part.topk(top_k, dim=-1)
+            targets[i] = TeacherTargets(top.values.clone(), top.indices.to(torch.int32).clone())
+    return targets  # type: ignore[return-value]
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def topk_kl(student_logits: torch.Tensor, target: TeacherTargets, temperature: float) -> torch.Tensor:
+    """Summed over positions: KL between the teacher's renormalized top-k distribution and the student's
+    full-vocabulary distribution read at those k tokens, both at temperature T (without the T^2 factor)."""
+    teacher_logp = torch.log_softmax(target.values.float() / temperature, dim=-1)
+    student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    student_logp = student_logp.gather(-1, target.indices.long().to(student_logp.device))
+    teacher_p = teacher_logp.exp().to(student_logp.device)
+    return (teacher_p * (teacher_logp.to(student_logp.device) - student_logp)).sum()
+
+
+def lora_config(cfg: BootstrapConfig, num_layers: int, pattern: str) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=list(range(1, num_layers)), layers_pattern=pattern,  # no LoRA in block 0
+        task_type="CAUSAL_LM",
+    )
+
+
+def distill_loss(model: torch.nn.Module, examples: list[Example], targets: list[TeacherTargets],
+                 pad_id: int, temperature: float) -> tuple[torch.Tensor, int]:
+    """Sum of the per-token KL (times T^2) over a micro-batch, and its number of answer tokens."""
+    ids, mask = _right_pad([e.student_ids for e in examples], pad_id)
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    total = logits.new_zeros(())
+    tokens = 0
+    for row, (example, target) in enumerate(zip(examples, targets)):
+        part = answer_logits(logits[row], len(example.student_ids), example.answer_len)
+        total = total + topk_kl(part, target, temperature)
+        tokens += example.answer_len
+    return total * temperature**2, tokens
+
+
+def train_adapter(ctx: StageContext, examples: list[Example], targets: list[TeacherTargets]) -> dict:
+    cfg, run_dir, lm = ctx.config, ctx.run, ctx.lm
+    torch.manual_seed(cfg.seed)
+    num_layers = len(decoder_layers(lm.model))
+    model = get_peft_model(lm.model, lora_config(cfg, num_layers, layers_pattern(lm.model)))
+    trainable, total = model.get_nb_trainable_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.distill_lr, weight_decay=cfg.distill_weight_decay)
+    batch = min(cfg.distill_batch_size, len(examples))
+    steps_per_epoch = math.ceil(len(examples) / batch)
+    total_steps = steps_per_epoch * cfg.distill_epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.distill_warmup_ratio * total_steps),
+                                                total_steps)
+    start_epoch, step = _resume(run_dir.path / CHECKPOINT, model, optimizer, scheduler)
+    if start_epoch:
+        log.info("distill: resuming after epoch %d (step %d)", start_epoch, step)
+    run_dir.rewrite("distill_log", [r for r in run_dir.read("distill_log") if r["step"] <= step])
+    pad = lm.tokenizer.pad_token_id
+    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", leave=False)
+    model.train()
+    for epoch in range(start_epoch, cfg.distill_epochs):
+        order = list(range(len(examples)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        for first in range(0, len(order), batch):
+            started = time.time()
+            group = sorted(order[first : first + batch], key=lambda i: len(examples[i].student_ids))
+            group_tokens = sum(examples[i].answer_len for i in group)
+            optimizer.zero_grad()
+            loss_sum = 0.0
+            for m in range(0, len(group), cfg.distill_micro_batch_size):
+                micro = group[m : m + cfg.distill_micro_batch_size]
+                loss, _ = distill_loss(model, [examples[i] for i in micro], [targets[i] for i in micro], pad,
+                                       cfg.distill_temperature)
+                (loss / group_tokens).backward()  # mean over the answer tokens of the whole batch
+                loss_sum += float(loss)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.distill_grad_clip))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            record = {"step": step, "epoch": epoch, "loss": loss_sum / group_tokens, "grad_norm": grad_norm,
+                      "lr": scheduler.get_last_lr()[0], "tokens": group_tokens, "seconds": time.time() - started}
+            run_dir.append("distill_log", [record])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        _save_checkpoint(run_dir.path / CHECKPOINT, model, optimizer, scheduler, epoch + 1, step)
+    bar.close()
+    model.eval()
+    model.save_pretrained(str(run_dir.path / "adapter"), safe_serialization=True)
+    shutil.rmtree(run_dir.path / CHECKPOINT, ignore_errors=True)
+    losses = [r["loss"] for r in run_dir.read("distill_log")]
+    return {"trainable_params": trainable, "share_of_base": trainable / (total - trainable), "steps": step,
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _save_checkpoint(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
+              str(tmp / "adapter.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "step": step}, tmp / "state.pt")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def _resume(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, int]:
+    if not (directory / "state.pt").is_file():
+        return 0, 0
+    set_peft_model_state_dict(model, load_file(str(directory / "adapter.safetensors")))
+    state = torch.load(directory / "state.pt", weights_only=True)  # tensors and numbers only, no pickled code
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], state["step"]
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, lm = ctx.config, ctx.lm
+    records = [r for r in ctx.run.read("labels") if r["label"] == 1]
+    if not records:
+        log.warning("verify kept no distillation example (the persona never won both orders): "
+                    "skipping adapter training; the gate routes everything to the base model")
+        return {"skipped": "no distillation examples", "examples": 0}
+    examples = [build_example(lm.tokenizer, r["query"], r["persona"], r["persona_answer"], cfg.distill_max_length)
+                for r in records]
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        raise PrismError(f"every distillation prompt is longer than distill_max_length={cfg.distill_max_length}")
+    targets = teacher_targets(lm, kept, cfg.distill_top_k, cfg.distill_micro_batch_size)
+    metrics = train_adapter(ctx, kept, targets)
+    return {"examples": len(kept), "answer_tokens": sum(e.answer_len for e in kept), **metrics}
+
+
+def load_adapter(lm: LoadedModel, run_dir: str | Path) -> PeftModel:
+    path = Path(run_dir) / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise PrismError(f"{run_dir} has no trained adapter (distill skipped or not run yet)")
+    return PeftModel.from_pretrained(lm.model, str(path)).eval()

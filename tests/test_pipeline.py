@@ -1,0 +1,201 @@
+"""The whole bootstrap on the tiny random model: artifacts, resume, and the errors users see."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prism.cli import main
+from prism.pipeline import bootstrap, inspect_run
+from prism.runs import STAGES, RunDir
+
+# With this seed the tiny random judge yields both labels, so every stage does real work.
+SEED = 0
+
+
+def test_bootstrap_end_to_end_writes_every_artifact(tiny_config, tmp_path):
+    config = tiny_config(seed=SEED)
+    summary = bootstrap(config, tmp_path / "run")
+    assert summary["stages"] == {s: "done" for s in STAGES}
+    counts = summary["counts"]
+    assert counts["personas"] == 3
+    assert counts["queries"] == 12
+    assert counts["answers"] == 2 * counts["queries"]
+    assert counts["judgments"] == 2 * counts["queries"]
+    assert counts["distill"] + counts["retain"] == counts["queries"]
+    assert counts["distill"] >= 1 and counts["retain"] >= 1
+    assert summary["distill"]["steps"] > 0 and summary["distill"]["loss_first"] > 0
+    assert summary["adapter"]["trainable_params"] > 0
+    assert summary["gate"]["kind"] == "mlp" and summary["gate"]["heldout_accuracy"] is not None
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2]
+    assert (run / "gate" / "gate.safetensors").is_file() and (run / "gate" / "config.json").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == SEED and manifest["versions"]["torch"]
+    assert manifest["model"]["num_layers"] == 3
+    assert all(manifest["stages"][s]["seconds"] >= 0 for s in STAGES)
+    labels = RunDir(run).read("labels")
+    assert all(set(r["verdicts"]) == {"persona_first", "persona_second"} for r in labels)
+
+    # A second run with the same config does nothing and changes nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in run.glob("*.jsonl")}
+    assert bootstrap(config, run)["counts"] == counts
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("*.jsonl")} == before
+
+
+def test_same_seed_same_run(tiny_config, tmp_path):
+    config = tiny_config(domains=["math"], queries_per_persona=2)
+    first = bootstrap(config, tmp_path / "a")
+    second = bootstrap(config, tmp_path / "b")
+    assert first["counts"] == second["counts"]
+    for name in ("queries", "answers", "labels"):
+        a = [r for r in RunDir(tmp_path / "a").read(name)]
+        b = [r for r in RunDir(tmp_path / "b").read(name)]
+        assert a == b
+
+
+def test_a_persona_that_never_wins_skips_training_and_routes_to_base(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr("prism.verify.both_orders_label", lambda verdicts: 0)
+    summary = bootstrap(tiny_config(domains=["math"], queries_per_persona=2), tmp_path / "run")
+    assert summary["stages"]["distill"] == "skipped"
+    assert summary["gate"] == {**summary["gate"], "kind": "constant", "constant_route": 0}
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_user_written_personas(tiny_config, tmp_path):
+    personas = tmp_path / "personas.yaml"
+    personas.write_text("code review: You are a senior engineer who reviews code for bugs first.\n")
+    bootstrap(tiny_config(personas_file=str(personas), queries_per_persona=2), tmp_path / "run")
+    records = RunDir(tmp_path / "run").read("personas")
+    assert records == [{"id": "code-review", "domain": "code review", "source": "user",
+                        "persona": "You are a senior engineer who reviews code for bugs first."}]
+
+
+def _cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, fragment):
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.startswith("prism: error:") and err.count("\n") == 1
+    assert fragment in err
+
+
+def test_unknown_model_path_is_one_clear_line(tmp_path, capsys):
+    code, _, err = _cli(["bootstrap", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r")], capsys)
+    _assert_one_line_error(code, err, "does not exist")
+
+
+def test_empty_domain_list_is_one_clear_line(tmp_path, capsys):
+    code, _, err = _cli(["bootstrap", "--domains", " , ", "--out", str(tmp_path / "r")], capsys)
+    _assert_one_line_error(code, err, "domain list is empty")
+
+
+def test_corrupt_jsonl_line_is_named_and_nothing_is_lost(tiny_config, tmp_path, capsys):
+    config = tiny_config(domains=["math"], queries_per_persona=2)
+    run = tmp_path / "run"
+    bootstrap(config, run)
+    answers = (run / "answers.jsonl").read_text().splitlines()
+    (run / "answers.jsonl").write_text("\n".join([answers[0], "{broken", *answers[1:]]) + "\n")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["answers"]["status"] = "partial"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    args = ["bootstrap", "--out", str(run), "--model", config.model, "--domains", "math", "--preset", "tiny",
+            "--queries-per-persona", "2", "--persona-max-tokens", "24", "--query-max-tokens", "16",
+            "--answer-max-tokens", "12", "--batch-size", "8", "--distill-epochs", "3", "--distill-batch-size", "2",
+            "--distill-micro-batch-size", "2", "--gate-epochs", "10", "--device", "cpu"]
+    code, _, err = _cli(args, capsys)
+    _assert_one_line_error(code, err, "answers.jsonl:2 is not a valid JSON record")
+    assert len((run / "answers.jsonl").read_text().splitlines()) == len(answers) + 1  # nothing dropped
+    code, _, err = _cli(["inspect", str(run)], capsys)
+    _assert_one_line_error(code, err, "answers.jsonl:2")
+
+
+def test_config_mismatch_is_refused_then_force_moves_the_old_run_aside(tiny_config, tmp_path, capsys):
+    config = tiny_config(domains=["math"], queries_per_persona=2)
+    run = tmp_path / "run"
+    bootstrap(config, run)
+    args = ["bootstrap", "--out", str(run), "--model", config.model, "--domains", "math", "--preset", "tiny",
+            "--queries-per-persona", "3", "--device", "cpu"]
+    code, _, err = _cli(args, capsys)
+    _assert_one_line_error(code, err, "queries_per_persona: 2 -> 3")
+    assert RunDir(run).manifest()["config"]["queries_per_persona"] == 2  # untouched
+    code, _, _ = _cli([*args, "--force", "--persona-max-tokens", "24", "--query-max-tokens", "16",
+                       "--answer-max-tokens", "12", "--batch-size", "8", "--distill-epochs", "1",
+                       "--gate-epochs", "2"], capsys)
+    assert code == 0
+    assert RunDir(run).manifest()["config"]["queries_per_persona"] == 3
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "answers.jsonl").is_file()
+
+
+def test_inspect_json_has_the_documented_keys(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    bootstrap(tiny_config(domains=["math"], queries_per_persona=2), run)
+    code, out, _ = _cli(["inspect", str(run), "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert set(data) >= {"stages", "counts", "gate", "adapter", "distill"}
+    assert set(data["counts"]) >= {"personas", "queries", "answers", "judgments", "distill", "retain"}
+    code, out, _ = _cli(["inspect", str(run)], capsys)
+    assert "judgments 4" in out
+
+
+def test_killed_mid_stage_resumes_without_duplicates_or_losses(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "prism.cli", "bootstrap", "--out", str(run), "--model", str(tiny_model_dir),
+            "--domains", "writing,safety,math", "--preset", "tiny", "--queries-per-persona", "4",
+            "--persona-max-tokens", "24", "--query-max-tokens", "16", "--answer-max-tokens", "48",
+            "--batch-size", "1", "--distill-epochs", "2", "--distill-batch-size", "2", "--gate-epochs", "5",
+            "--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers = run / "answers.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not answers.exists() or len(answers.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = len(answers.read_text().splitlines())
+    assert 3 <= partial < 24, "the kill should land in the middle of the answers stage"
+    assert RunDir(run).stage_status("answers") == "partial"
+    assert inspect_run(run)["stages"]["answers"] == "partial"
+
+    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    ids = [r["id"] for r in RunDir(run).read("answers")]
+    assert len(ids) == len(set(ids)) == 24
+    queries = [q["id"] for q in RunDir(run).read("queries") if q["status"] == "kept"]
+    assert set(ids) == {f"{q}:{v}" for q in queries for v in ("plain", "persona")}
+    assert inspect_run(run)["stages"] == {s: "done" for s in STAGES} | {
+        "distill": inspect_run(run)["stages"]["distill"]}
+
+
+@pytest.mark.parametrize("stage_file", ["queries.jsonl", "judgments.jsonl"])
+def test_resume_after_deleting_the_tail_of_a_stage(tiny_config, tmp_path, stage_file):
+    """Truncating a stage file and marking it partial regenerates exactly the missing records."""
+    config = tiny_config(domains=["math", "safety"], queries_per_persona=2)
+    run = tmp_path / "run"
+    bootstrap(config, run)
+    stage = "verify" if stage_file == "judgments.jsonl" else "queries"
+    complete = (run / stage_file).read_text().splitlines()
+    (run / stage_file).write_text("\n".join(complete[: len(complete) // 2]) + "\n")
+    downstream = {"queries": ["answers.jsonl", "judgments.jsonl", "labels.jsonl"], "verify": ["labels.jsonl"]}
+    for name in downstream[stage]:
+        (run / name).unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    for name in STAGES[STAGES.index(stage):]:
+        manifest["stages"][name]["status"] = "pending" if name != stage else "partial"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    bootstrap(config, run)
+    again = (run / stage_file).read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in again) == sorted(json.loads(x)["id"] for x in complete)
