@@ -12,6 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from prism.config import resolve_config
 from prism.models import LoadedModel, load_model
 
+# Larger than Llama's default 0.02 so the random model's next-token distributions are peaked, like a
+# trained model's, and a teacher's top-64 tokens hold most of the probability mass.
+INIT_STD = 0.2
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML with a default system prompt when none is given, as SmolLM2's template does.
 CHAT_TEMPLATE = (
@@ -42,7 +45,8 @@ def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+        initializer_range=INIT_STD, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.bos_token_id,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)

@@ -14,7 +14,8 @@ def test_feature_is_block0_output_at_last_token_of_the_inference_prompt(tiny_lm)
         with torch.no_grad():
             hidden = tiny_lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
         torch.testing.assert_close(feature, hidden[0, -1], rtol=1e-5, atol=1e-5)
-        assert ids[0, -1] != tiny_lm.tokenizer.pad_token_id or prompts[0].endswith("assistant\n")
+    # The inference-time template: the template's own default system prompt, ending at the assistant turn.
+    assert all(p.endswith("<|im_start|>assistant\n") and "You are a helpful assistant." in p for p in prompts)
 
 
 def test_class_weights_balance_the_classes():

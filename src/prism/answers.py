@@ -21,8 +21,9 @@ def run(ctx: StageContext) -> None:
         if f"{query['id']}:{variant}" not in done
     ]
     prompts = [
-        chat_prompt(ctx.lm.tokenizer, q["query"], system=personas[q["persona_id"]]["persona"] if v == "persona" else None)
-        for q, v in jobs
+        chat_prompt(ctx.lm.tokenizer, q["query"],
+                    system=personas[q["persona_id"]]["persona"] if variant == "persona" else None)
+        for q, variant in jobs
     ]
     for indices, outputs in generate_batches(
         ctx.lm, prompts, max_new_tokens=cfg.answer_max_tokens, temperature=cfg.answer_temperature,

@@ -42,7 +42,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, dest=field.name, action="store_true", default=None, help=help_text)
         elif is_list:
-            group.add_argument(flag, dest=field.name, type=_comma_list, default=None, help=help_text + " (comma-separated)")
+            group.add_argument(flag, dest=field.name, type=_comma_list, default=None,
+                               help=help_text + " (comma-separated)")
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text)
 
@@ -75,7 +76,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     gate = summary.get("gate") or {}
     if gate.get("kind") == "constant":
-        lines.append(f"gate     constant: every query goes to {'the adapter' if gate['constant_route'] else 'the base model'}")
+        target = "the adapter" if gate["constant_route"] else "the base model"
+        lines.append(f"gate     constant: every query goes to {target}")
     elif gate:
         held = gate.get("heldout_accuracy")
         held_text = "n/a" if held is None else f"{held:.3f} ({gate.get('heldout_method')})"

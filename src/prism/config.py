@@ -31,7 +31,7 @@ DEFAULT_DOMAINS = [
 PRESETS: dict[str, dict[str, Any]] = {
     # A smoke run of a few minutes on 2 CPU cores with the embedded 135M model.
     "tiny": {
-        "queries_per_persona": 3,
+        "queries_per_persona": 4,
         "query_max_tokens": 40,
         "answer_max_tokens": 64,
         "distill_epochs": 4,

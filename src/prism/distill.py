@@ -155,7 +155,7 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
                 loss, _ = distill_loss(model, [examples[i] for i in micro], [targets[i] for i in micro], pad,
                                        cfg.distill_temperature)
                 (loss / group_tokens).backward()  # mean over the answer tokens of the whole batch
-                loss_sum += float(loss)
+                loss_sum += loss.item()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.distill_grad_clip))
             optimizer.step()
             scheduler.step()

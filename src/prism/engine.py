@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -147,10 +148,8 @@ def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 3
         for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
             ids, mask = _pad([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="right")
             captured.clear()
-            try:
+            with contextlib.suppress(_StopAfterBlock0):
                 lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-            except _StopAfterBlock0:
-                pass
             last = (mask.sum(1) - 1).to(lm.device)
             out[batch] = captured[0][torch.arange(len(batch)), last].float().cpu()
     finally:

@@ -40,7 +40,10 @@ class Gate(nn.Module):
         self.register_buffer("mean", torch.zeros(config.input_dim))
         self.register_buffer("std", torch.ones(config.input_dim))
         self.net = nn.Sequential(
-            nn.Linear(config.input_dim, config.hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(config.hidden, 2)
+            nn.Linear(config.input_dim, config.hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, 2),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

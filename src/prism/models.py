@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from prism.errors import PrismError
 
@@ -107,6 +108,7 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
         identity = {"name": name, "path": str(Path(name).resolve()) if Path(name).exists() else name}
         if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise PrismError(f"model path {name!r} does not exist: pass an existing directory or a Hub id")
+    hf_logging.disable_progress_bar()  # our own bars cover the long work; loading takes ~1 s
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:

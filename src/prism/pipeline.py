@@ -56,8 +56,8 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
             return
         if not force:
             raise PrismError(
-                f"{run.path} was made with a different config ({'; '.join(differences[:4])}"
-                f"{'; ...' if len(differences) > 4 else ''}): use another --out, re-run with the original "
+                f"{run.path} was made with a different config ({'; '.join(differences)}): use another --out, "
+                "re-run with the original "
                 "settings to resume, or pass --force to start over (the old run is moved aside, not deleted)"
             )
         aside = run.path.with_name(f"{run.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -80,6 +80,8 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False) -> 
     """Run (or resume) every stage of the PRISM bootstrap into `out`; returns `inspect_run(out)`."""
     run = RunDir(out)
     prepare_run_dir(run, config, force)
+    for name in FILES:  # a corrupt record is reported before minutes go into loading a model
+        run.read(name)
     todo = [s for s in STAGES if run.stage_status(s) not in FINISHED]
     if not todo:
         log.info("%s: every stage is already done", run.path)

@@ -7,6 +7,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prism.engine import last_token_logits
+from prism.errors import PrismError
 from prism.models import chat_prompt
 from prism.queries import kept_queries
 from prism.runs import StageContext
@@ -37,7 +38,7 @@ def option_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]
         ids[option] = sorted(firsts)
     taken = [t for option in OPTIONS for t in ids[option]]
     if len(taken) != len(set(taken)):
-        raise ValueError(f"verdict tokens overlap in this tokenizer: {ids}")
+        raise PrismError(f"this tokenizer cannot tell the verdicts A / B / TIE apart by first token: {ids}")
     return ids
 
 
