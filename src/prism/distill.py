@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prism.config import BootstrapConfig
+from prism.engine import pad_batch
 from prism.errors import PrismError
 from prism.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
 from prism.runs import StageContext
@@ -68,23 +69,13 @@ def teacher_targets(lm: LoadedModel, examples: list[Example], top_k: int, micro_
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
     for start in tqdm(range(0, len(order), micro_batch), desc="teacher logits", leave=False):
         batch = order[start : start + micro_batch]
-        ids, mask = _right_pad([examples[i].teacher_ids for i in batch], pad)
+        ids, mask = pad_batch([examples[i].teacher_ids for i in batch], pad, side="right")
         logits = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
         for row, i in enumerate(batch):
             part = answer_logits(logits[row], len(examples[i].teacher_ids), examples[i].answer_len)
             top = part.topk(top_k, dim=-1)
             targets[i] = TeacherTargets(top.values.clone(), top.indices.to(torch.int32).clone())
     return targets  # type: ignore[return-value]
-
-
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def topk_kl(student_logits: torch.Tensor, target: TeacherTargets, temperature: float) -> torch.Tensor:
@@ -109,7 +100,7 @@ def lora_config(cfg: BootstrapConfig, num_layers: int, pattern: str) -> LoraConf
 def distill_loss(model: torch.nn.Module, examples: list[Example], targets: list[TeacherTargets],
                  pad_id: int, temperature: float) -> tuple[torch.Tensor, int]:
     """Sum of the per-token KL (times T^2) over a micro-batch, and its number of answer tokens."""
-    ids, mask = _right_pad([e.student_ids for e in examples], pad_id)
+    ids, mask = pad_batch([e.student_ids for e in examples], pad_id, side="right")
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     total = logits.new_zeros(())

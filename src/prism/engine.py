@@ -48,7 +48,7 @@ class Generation:
     finished: bool  # False when max_new_tokens cut it short
 
 
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -78,7 +78,7 @@ def generate_batches(
     batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     for number, batch in enumerate(batches):
-        ids, mask = _pad([encoded[i] for i in batch], tokenizer.pad_token_id, side="left")
+        ids, mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, side="left")
         torch.manual_seed(derive_seed(seed, number))
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {
             "do_sample": False}
@@ -116,7 +116,7 @@ def last_token_logits(lm: LoadedModel, prompts: Sequence[str], batch_size: int, 
     for batch in tqdm(length_sorted_batches([len(e) for e in encoded], batch_size), desc=desc, leave=False):
         # Left padding puts every row's last token at the end, so only one position needs the LM head
         # (a full (batch, length, vocab) logits tensor would dominate time and memory).
-        ids, mask = _pad([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="left")
+        ids, mask = pad_batch([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="left")
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                           position_ids=positions.to(lm.device), logits_to_keep=1, use_cache=False).logits
@@ -146,7 +146,7 @@ def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 3
     handle = decoder_layers(lm.model)[0].register_forward_hook(hook)
     try:
         for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
-            ids, mask = _pad([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="right")
+            ids, mask = pad_batch([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="right")
             captured.clear()
             with contextlib.suppress(_StopAfterBlock0):
                 lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
