@@ -55,9 +55,7 @@ def test_same_seed_same_run(tiny_config, tmp_path):
     second = bootstrap(config, tmp_path / "b")
     assert first["counts"] == second["counts"]
     for name in ("queries", "answers", "labels"):
-        a = [r for r in RunDir(tmp_path / "a").read(name)]
-        b = [r for r in RunDir(tmp_path / "b").read(name)]
-        assert a == b
+        assert RunDir(tmp_path / "a").read(name) == RunDir(tmp_path / "b").read(name)
 
 
 def test_a_persona_that_never_wins_skips_training_and_routes_to_base(tiny_config, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prism.config import BootstrapConfig
-from prism.engine import pad_batch
+from prism.engine import length_sorted_batches, pad_batch
 from prism.errors import PrismError
 from prism.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
 from prism.runs import StageContext
@@ -66,9 +66,8 @@ def answer_logits(logits: torch.Tensor, length: int, answer_len: int) -> torch.T
 def teacher_targets(lm: LoadedModel, examples: list[Example], top_k: int, micro_batch: int) -> list[TeacherTargets]:
     model, pad = lm.model, lm.tokenizer.pad_token_id
     targets: list[TeacherTargets | None] = [None] * len(examples)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].teacher_ids))
-    for start in tqdm(range(0, len(order), micro_batch), desc="teacher logits", leave=False):
-        batch = order[start : start + micro_batch]
+    batches = length_sorted_batches([len(e.teacher_ids) for e in examples], micro_batch)
+    for batch in tqdm(batches, desc="teacher logits", leave=False):
         ids, mask = pad_batch([examples[i].teacher_ids for i in batch], pad, side="right")
         logits = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
         for row, i in enumerate(batch):

@@ -6,6 +6,7 @@ import importlib.metadata
 import logging
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,28 +102,24 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False) -> 
         run.update_stage(stage, status="partial", started=previous.get("started") or now())
         begun = time.time()
         info = STAGE_FUNCTIONS[stage](ctx) or {}
-        _check_stage_output(run, stage)
+        _check_stage_output(run, config, stage)
         seconds = previous.get("seconds", 0.0) + time.time() - begun
         status = "skipped" if info.get("skipped") else "done"
         run.update_stage(stage, status=status, finished=now(), seconds=round(seconds, 2), **info)
     return inspect_run(run.path)
 
 
-def _check_stage_output(run: RunDir, stage: str) -> None:
+def _check_stage_output(run: RunDir, config: BootstrapConfig, stage: str) -> None:
     if stage == "queries":
         kept = queries.kept_queries(run.read("queries"))
         if not kept:
             raise PrismError("the model wrote no usable query (all too short or duplicates): try another --seed, "
                              "more --query-max-tokens, or a larger model")
-        per_persona: dict[str, int] = {}
-        for q in kept:
-            per_persona[q["persona_id"]] = per_persona.get(q["persona_id"], 0) + 1
-        want = run.manifest()["config"]["queries_per_persona"]
-        short = {p: n for p, n in per_persona.items() if n < want}
-        missing = [p["id"] for p in run.read("personas") if p["id"] not in per_persona]
-        if short or missing:
-            log.warning("fewer queries than asked for some personas: %s",
-                        ", ".join([f"{p}={n}" for p, n in short.items()] + [f"{p}=0" for p in missing]))
+        per_persona = Counter(q["persona_id"] for q in kept)
+        short = [f"{p['id']}={per_persona[p['id']]}" for p in run.read("personas")
+                 if per_persona[p["id"]] < config.queries_per_persona]
+        if short:
+            log.warning("fewer queries than asked for some personas: %s", ", ".join(short))
 
 
 def inspect_run(path: str | Path) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def run(ctx: StageContext) -> None:
     personas = run_dir.read("personas")
     records = run_dir.read("queries")
     done_ids = {r["id"] for r in records}
+    kept_count = Counter(r["persona_id"] for r in records if r["status"] == "kept")
     dedup = NearDuplicateFilter(cfg.query_dedup_rouge_l, (r["query"] for r in records if r["status"] == "kept"))
     for round_ in range(cfg.query_rounds):
         # What this round asks for depends only on earlier rounds, so a resumed round asks the same.
@@ -89,10 +90,11 @@ def run(ctx: StageContext) -> None:
             for i, out in zip(indices, outputs):
                 persona, qid = pending[i]
                 query = clean_query(out.text)
-                kept_now = sum(1 for r in records + new if r["persona_id"] == persona["id"] and r["status"] == "kept")
-                status = query_status(query, cfg.query_min_chars, dedup, kept_now, cfg.queries_per_persona)
+                status = query_status(query, cfg.query_min_chars, dedup, kept_count[persona["id"]],
+                                      cfg.queries_per_persona)
                 if status == "kept":
                     dedup.add(query)
+                    kept_count[persona["id"]] += 1
                 new.append({"id": qid, "persona_id": persona["id"], "domain": persona["domain"], "round": round_,
                             "query": query, "status": status, "raw": out.text})
             run_dir.append("queries", new)
