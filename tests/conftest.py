@@ -77,3 +77,49 @@ def tiny_config(tiny_model_dir: Path):
         return resolve_config(**values)
 
     return make
+
+
+# Queries the tiny run's gate sends to the adapter (PERSONA_QUERIES) and to the base model (BASE_QUERIES).
+PERSONA_QUERIES = ["How do I write a poem about the sea?", "Compare two answers to the question."]
+BASE_QUERIES = ["What is the capital of France?", "Explain recursion in Python."]
+
+
+def build_tiny_run(directory: Path, model_dir: Path) -> Path:
+    """A finished run directory on the tiny model, without the minutes of a bootstrap: an adapter with
+    random (visibly non-zero) LoRA weights, and a gate fitted to route PERSONA_QUERIES to it."""
+    from peft import get_peft_model
+
+    from prism.distill import lora_config
+    from prism.engine import block0_features
+    from prism.gate import GateConfig, train_gate
+    from prism.models import chat_prompt, layers_pattern
+    from prism.runs import STAGES, RunDir
+
+    config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu")
+    lm = load_model(str(model_dir), device="cpu")
+    queries = PERSONA_QUERIES + BASE_QUERIES
+    features = block0_features(lm, [chat_prompt(lm.tokenizer, q) for q in queries])
+    labels = torch.tensor([1] * len(PERSONA_QUERIES) + [0] * len(BASE_QUERIES))
+    gate = train_gate(features, labels, GateConfig(input_dim=features.shape[1], hidden=32), epochs=200, lr=1e-2,
+                      seed=0)
+    assert gate.route(features).tolist() == labels.tolist(), "the fixture's gate must separate its queries"
+    gate.save(directory / "gate")
+
+    layers = lm.model.config.num_hidden_layers
+    peft_model = get_peft_model(lm.model, lora_config(config, layers, layers_pattern(lm.model)))
+    torch.manual_seed(1)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    peft_model.save_pretrained(str(directory / "adapter"), safe_serialization=True)
+
+    RunDir(directory).save_manifest({
+        "config": config.to_dict(), "model": lm.identity,
+        "stages": {stage: {"status": "done"} for stage in STAGES},
+    })
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return build_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir)

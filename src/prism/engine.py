@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from prism.models import LoadedModel, decoder_layers, encode
+from prism.models import LoadedModel, decoder_layers, encode, stop_token_ids
 
 
 def derive_seed(seed: int, *tags: object) -> int:
@@ -74,7 +74,7 @@ def generate_batches(
     """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once."""
     tokenizer = lm.tokenizer
     encoded = [encode(tokenizer, p) for p in prompts]
-    eos_ids = {tokenizer.eos_token_id, *(_as_list(lm.model.generation_config.eos_token_id))} - {None}
+    eos_ids = stop_token_ids(lm)
     batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     for number, batch in enumerate(batches):
@@ -100,12 +100,6 @@ def generate_batches(
         bar.update(len(batch))
         yield batch, results
     bar.close()
-
-
-def _as_list(value: object) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @torch.no_grad()

@@ -97,8 +97,10 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer for the pipeline; bad names end in a PrismError, not a traceback."""
+def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bool = False,
+               safetensors_only: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer; bad names end in a PrismError, not a traceback.
+    `safetensors_only` refuses pickled (.bin) weights, as a server should."""
     if name == EMBEDDED:
         path: str = str(embedded_checkpoint())
         source = json.loads((Path(path) / "prism_source.json").read_text())
@@ -114,7 +116,8 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True if safetensors_only else None)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrismError(
@@ -137,6 +140,13 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
 
 
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the generation config's."""
+    configured = lm.model.generation_config.eos_token_id
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return {lm.tokenizer.eos_token_id, *configured} - {None}
+
+
 def supports_system_role(tokenizer: PreTrainedTokenizerBase) -> bool:
     marker = "PRISM-SYSTEM-PROBE"
     try:
@@ -155,12 +165,27 @@ def chat_prompt(
     this is the 'base' prompt used at inference and for the gate feature."""
     messages = [{"role": "user", "content": user}]
     if system is not None:
-        if supports_system_role(tokenizer):
-            messages.insert(0, {"role": "system", "content": system})
-        else:
-            messages[0]["content"] = f"{system}\n\n{user}"
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + assistant_prefix
+        messages.insert(0, {"role": "system", "content": system})
+    return conversation_prompt(tokenizer, messages) + assistant_prefix
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def conversation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The templated prompt of a whole conversation that ends with a user turn, ready for the reply.
+    A system message folds into the first user turn when the template has no system role."""
+    if not messages or messages[-1].get("role") != "user":
+        raise PrismError("a conversation must end with a user message")
+    for number, message in enumerate(messages):
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise PrismError(f"message {number} needs a role in {ROLES} and a string content, got {message!r}")
+    messages = [dict(m) for m in messages]
+    if messages[0]["role"] == "system" and not supports_system_role(tokenizer):
+        system = messages.pop(0)["content"]
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -1,0 +1,88 @@
+"""Per-request sampling and incremental detokenization for the serving loop.
+
+transformers' `generate` takes one sampling config per batch and streams only batch size 1; a server
+that batches requests with their own temperature, top_p, seed, stop strings and max_tokens needs both
+per row, so the decode loop in prism.routing samples and detokenizes row by row with these helpers.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from prism.errors import PrismError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise PrismError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise PrismError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PrismError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise PrismError("stop strings must not be empty")
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from a row's next-token logits (1-D) under that row's temperature and nucleus."""
+    if params.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns a row's growing token list into text deltas: holds back an incomplete UTF-8 character and
+    any tail that could still become a stop string, and cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+        self.text = ""
+
+    def add(self, token: int) -> str:
+        """Append a token; return the new text that is safe to show."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            self.text, self.stopped = text[: min(hits)], True
+            return self.flush()
+        self.text = text
+        safe = len(text) - self.holdback
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            safe = min(safe, len(text) - 1)
+        if safe <= self.emitted:
+            return ""
+        delta, self.emitted = text[self.emitted : safe], safe
+        return delta
+
+    def flush(self) -> str:
+        """Everything not yet shown (called when the row finishes)."""
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta

@@ -1,0 +1,333 @@
+"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
+
+Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
+routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
+hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
+share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
+the adapter weights never move.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from prism.decoding import SamplingParams, TextStream, sample_token
+from prism.engine import block0_features, pad_batch
+from prism.errors import PrismError
+from prism.gate import Gate
+from prism.models import (
+    LoadedModel,
+    chat_prompt,
+    conversation_prompt,
+    decoder_layers,
+    encode,
+    load_model,
+    stop_token_ids,
+)
+from prism.runs import RunDir, write_json_atomic
+
+ROUTES = ("auto", "base", "persona")
+ADAPTER = "persona"
+NO_ADAPTER = "__base__"  # PEFT's name for "this row uses no adapter" in a mixed batch
+
+
+class ContextLengthError(PrismError):
+    pass
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict[str, str]]
+    route: str = "auto"
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event | None = None  # set it to end this request early (client gone, Ctrl-C)
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise PrismError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
+
+
+@dataclass
+class RouteDecision:
+    route: str  # "base" or "persona"
+    gate_probability: float | None  # the gate's P(persona); None when the caller forced the route
+    forced: bool
+
+
+@dataclass
+class Completion:
+    text: str
+    route: str
+    gate_probability: float | None
+    forced: bool
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text or a stop string), "length" (max_tokens) or "cancelled"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    index: int  # position of the request in the batch
+    delta: str = ""
+    decision: RouteDecision | None = None  # once per request, before any of its text
+    completion: Completion | None = None  # once per request, when it is finished
+
+
+def _decision(probability: float, threshold: float) -> RouteDecision:
+    return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
+
+
+class PrismModel:
+    """A bootstrapped run as one model: `generate(messages)` routes, generates and says which route it took."""
+
+    def __init__(self, lm: LoadedModel, gate: Gate, adapter: PeftModel | None = None, *,
+                 run_path: Path | None = None, max_model_len: int | None = None):
+        self.lm = lm
+        self.gate = gate
+        self.adapter = adapter
+        self.run_path = run_path
+        context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len or context, context)
+        self.eos_ids = stop_token_ids(lm)
+        self._row_adapters: list[str] | None = None  # read by every LoRA layer while a batch runs
+        self._lock = threading.Lock()
+        if adapter is None and gate.config.constant_route != 0:
+            raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
+        if adapter is not None:
+            for module in lm.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.register_forward_pre_hook(self._inject_row_adapters, with_kwargs=True)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
+                 trust_remote_code: bool = False, max_model_len: int | None = None) -> PrismModel:
+        """Load the base model, the adapter and the gate of a finished bootstrap run, once."""
+        run = RunDir(run_dir)
+        if not run.exists():
+            raise PrismError(f"{run.path} is not a PRISM run directory (no manifest.json): "
+                             f"run `prism bootstrap --out {run.path}` first")
+        manifest = run.manifest()
+        stages = manifest.get("stages", {})
+        for stage in ("gate", "distill"):
+            if stages.get(stage, {}).get("status") not in ("done", "skipped"):
+                raise PrismError(f"{run.path}: the {stage} stage has not finished; run `prism bootstrap --out "
+                                 f"{run.path}` with the run's settings to complete it")
+        config = manifest["config"]
+        if config.get("trust_remote_code") and not trust_remote_code:
+            raise PrismError(f"{run.path} was made with trust_remote_code: pass --trust-remote-code to load "
+                             "its model code (only if you trust it)")
+        lm = load_model(config["model"], device=device, trust_remote_code=trust_remote_code, safetensors_only=True)
+        recorded = manifest.get("model") or {}
+        for key in ("num_layers", "hidden_size", "parameters"):
+            if recorded.get(key) is not None and recorded[key] != lm.identity.get(key):
+                raise PrismError(f"the model {config['model']!r} now has {key}={lm.identity.get(key)} but the run "
+                                 f"was trained on {key}={recorded[key]}: the adapter and gate do not fit it")
+        gate = Gate.load(run.path / "gate")
+        if threshold is not None:
+            gate.config.threshold = _check_threshold(threshold)
+        adapter = None
+        adapter_dir = run.path / "adapter"
+        if (adapter_dir / "adapter_config.json").is_file():
+            if not (adapter_dir / "adapter_model.safetensors").is_file():
+                raise PrismError(f"{adapter_dir} holds no adapter_model.safetensors; PRISM loads no pickled weights")
+            adapter = PeftModel.from_pretrained(lm.model, str(adapter_dir), adapter_name=ADAPTER).eval()
+        return cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len)
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    @property
+    def threshold(self) -> float:
+        return self.gate.config.threshold
+
+    def set_threshold(self, value: float, save: bool = False) -> None:
+        """Route to the adapter when P(persona) >= value; `save` writes it into the run's gate config."""
+        self.gate.config.threshold = _check_threshold(value)
+        if save:
+            if self.run_path is None:
+                raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
+            write_json_atomic(self.run_path / "gate" / "config.json", asdict(self.gate.config))
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        return conversation_prompt(self.lm.tokenizer, messages)
+
+    def gate_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The gate's input: the last user turn alone in the base chat template, as in training."""
+        return chat_prompt(self.lm.tokenizer, messages[-1]["content"])
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(encode(self.lm.tokenizer, self.prompt(messages)))
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request has "
+                f"{prompt_tokens} prompt tokens and asks for up to {max_tokens} completion tokens: shorten the "
+                "messages or lower max_tokens")
+
+    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+        """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
+        if self.gate.config.constant_route is not None:
+            return [_decision(float(self.gate.config.constant_route), self.threshold) for _ in conversations]
+        prompts = [self.gate_prompt(m) for m in conversations]
+        probabilities = self.gate.persona_probability(block0_features(self.lm, prompts)).tolist()
+        return [_decision(p, self.threshold) for p in probabilities]
+
+    def _inject_row_adapters(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._row_adapters is None:
+            return None
+        kwargs["adapter_names"] = self._row_adapters
+        return args, kwargs
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def generate(self, messages: list[dict[str, str]] | str, *, route: str = "auto", max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None) -> Completion:
+        """One reply: text, the route taken and the gate probability. `messages` may be a plain string."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=list(stop or []))
+        return self.generate_batch([GenerationRequest(messages, route, params)])[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Replies to many requests in one batch (routes may differ per request)."""
+        completions: list[Completion | None] = [None] * len(requests)
+        for event in self.stream(requests):
+            if event.completion is not None:
+                completions[event.index] = event.completion
+        return completions  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
+        """Generate for a batch, yielding each request's route, then its text deltas, then its completion."""
+        if not requests:
+            return
+        with self._lock:
+            try:
+                yield from self._stream(list(requests))
+            finally:
+                self._row_adapters = None
+
+    def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
+        lm, tokenizer = self.lm, self.lm.tokenizer
+        prompts = [self.prompt(r.messages) for r in requests]
+        encoded = [encode(tokenizer, p) for p in prompts]
+        for request, ids in zip(requests, encoded):
+            self.check_length(len(ids), request.params.max_tokens)
+        if self.adapter is None and any(r.route == "persona" for r in requests):
+            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
+                             "unavailable")
+
+        decisions = self._early_decisions(requests, prompts)
+        in_prefill = [i for i, d in enumerate(decisions) if d is None]
+        if self.adapter is not None:
+            self._row_adapters = [ADAPTER if d is not None and d.route == "persona" else NO_ADAPTER
+                                  for d in decisions]
+        ids, mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+
+        def gate_on_block0(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            # left padding puts every prompt's last token at the end
+            probabilities = self.gate.persona_probability(hidden[in_prefill, -1].float().cpu()).tolist()
+            for i, probability in zip(in_prefill, probabilities):
+                decisions[i] = _decision(probability, self.threshold)
+                if self._row_adapters is not None and decisions[i].route == "persona":
+                    self._row_adapters[i] = ADAPTER
+
+        handle = decoder_layers(lm.model)[0].register_forward_hook(gate_on_block0) if in_prefill else None
+        try:
+            out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                           position_ids=positions.to(lm.device), use_cache=True, logits_to_keep=1)
+        finally:
+            if handle is not None:
+                handle.remove()
+        for i, decision in enumerate(decisions):
+            yield StreamEvent(i, decision=decision)
+
+        streams = [TextStream(tokenizer, r.params.stop) for r in requests]
+        generators = [r.params.generator() for r in requests]
+        active = list(range(len(requests)))  # request index of each row still in the batch
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        last_position = positions[:, -1]
+        while True:
+            next_tokens, keep = [], []
+            for row, i in enumerate(active):
+                request, text = requests[i], streams[i]
+                token = sample_token(logits[row], request.params, generators[i])
+                reason = None
+                if request.cancel is not None and request.cancel.is_set():
+                    reason = "cancelled"
+                elif token in self.eos_ids:
+                    reason = "stop"
+                else:
+                    delta = text.add(token)
+                    if delta:
+                        yield StreamEvent(i, delta=delta)
+                    if text.stopped:
+                        reason = "stop"
+                    elif len(text.tokens) >= request.params.max_tokens:
+                        reason = "length"
+                if reason is None:
+                    next_tokens.append(token)
+                    keep.append(row)
+                    continue
+                rest = text.flush()
+                decision = decisions[i]
+                assert decision is not None
+                completion = Completion(text.text, decision.route, decision.gate_probability, decision.forced,
+                                        len(encoded[i]), len(text.tokens), reason)
+                yield StreamEvent(i, delta=rest, completion=completion)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index.to(lm.device))
+                mask, last_position = mask[index], last_position[index]
+                active = [active[row] for row in keep]
+                if self._row_adapters is not None:
+                    self._row_adapters = [self._row_adapters[row] for row in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+            last_position = last_position + 1
+            out = lm.model(input_ids=torch.tensor(next_tokens, device=lm.device)[:, None],
+                           attention_mask=mask.to(lm.device), position_ids=last_position[:, None].to(lm.device),
+                           past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+
+    def _early_decisions(self, requests: list[GenerationRequest], prompts: list[str]) -> list[RouteDecision | None]:
+        """Routes known before the prefill: forced ones, a constant gate, and conversations whose prompt is
+        not the gate's prompt (multi-turn or a custom system message): those get a block-0-only pass over
+        the gate prompt. None = decided by the gate during this batch's own prefill."""
+        decisions: list[RouteDecision | None] = []
+        separate = []
+        for i, (request, prompt) in enumerate(zip(requests, prompts)):
+            if request.route != "auto":
+                decisions.append(RouteDecision(request.route, None, forced=True))
+            elif self.gate.config.constant_route is not None:
+                decisions.append(_decision(float(self.gate.config.constant_route), self.threshold))
+            else:
+                decisions.append(None)
+                if prompt != self.gate_prompt(request.messages):
+                    separate.append(i)
+        if separate:
+            for i, decision in zip(separate, self.decide([requests[i].messages for i in separate])):
+                decisions[i] = decision
+        return decisions
+
+
+def _check_threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {value}")
+    return value

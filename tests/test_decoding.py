@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from prism.decoding import SamplingParams, TextStream, sample_token
+from prism.errors import PrismError
+
+
+def test_greedy_and_nucleus_sampling():
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token(logits, SamplingParams(), generator) == 1
+    # top_p below the top token's mass keeps only that token, whatever the temperature
+    assert {sample_token(logits, SamplingParams(temperature=2.0, top_p=0.3), generator) for _ in range(20)} == {1}
+    drawn = {sample_token(logits, SamplingParams(temperature=1.0), generator) for _ in range(200)}
+    assert {1, 2} <= drawn
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(stop=[""])])
+def test_sampling_params_reject_bad_values(bad):
+    with pytest.raises(PrismError):
+        SamplingParams(**bad)
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_cuts_at_it(tiny_lm):
+    tokenizer = tiny_lm.tokenizer
+    tokens = tokenizer("The quick brown fox jumps", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, stop=["fox"])
+    shown = "".join(stream.add(t) for t in tokens)
+    assert stream.stopped and stream.text == "The quick brown "
+    assert shown + stream.flush() == "The quick brown "
+
+    plain = TextStream(tokenizer, stop=[])
+    assert "".join(plain.add(t) for t in tokens) + plain.flush() == "The quick brown fox jumps"

@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import BASE_QUERIES, PERSONA_QUERIES
+from prism.decoding import SamplingParams
+from prism.errors import PrismError
+from prism.models import chat_prompt, decoder_layers, encode, load_model
+from prism.routing import ContextLengthError, GenerationRequest, PrismModel
+from prism.runs import RunDir
+
+MAX_TOKENS = 12
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def reference_reply(model: torch.nn.Module, tokenizer, query: str) -> str:
+    """Greedy reply from transformers' own generate, one prompt at a time (no padding, no routing)."""
+    ids = torch.tensor([encode(tokenizer, chat_prompt(tokenizer, query))])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def prism_model(tiny_run):
+    return PrismModel.from_run(tiny_run, device="cpu")
+
+
+def test_mixed_batch_matches_base_and_adapter_models_token_for_token(prism_model, tiny_run, tiny_model_dir):
+    queries = [PERSONA_QUERIES[0], BASE_QUERIES[0], PERSONA_QUERIES[1], BASE_QUERIES[1]]
+    requests = [GenerationRequest(user(q), params=SamplingParams(max_tokens=MAX_TOKENS)) for q in queries]
+    completions = prism_model.generate_batch(requests)
+    assert [c.route for c in completions] == ["persona", "base", "persona", "base"]
+
+    base = load_model(str(tiny_model_dir), device="cpu")
+    base_replies = {q: reference_reply(base.model, base.tokenizer, q) for q in queries}
+    adapted = load_model(str(tiny_model_dir), device="cpu")
+    persona_model = PeftModel.from_pretrained(adapted.model, str(tiny_run / "adapter")).eval()
+    persona_replies = {q: reference_reply(persona_model, adapted.tokenizer, q) for q in PERSONA_QUERIES}
+
+    for query, completion in zip(queries, completions):
+        expected = persona_replies[query] if completion.route == "persona" else base_replies[query]
+        assert completion.text == expected, (query, completion.route)
+    # the adapter must matter, or the comparison above proves nothing
+    assert any(persona_replies[q] != base_replies[q] for q in PERSONA_QUERIES)
+
+
+def count_calls(module: torch.nn.Module, counter: list[int]):
+    return module.register_forward_hook(lambda *_: counter.append(1))
+
+
+def test_block0_runs_once_per_forward_pass_gate_included(prism_model):
+    layers = decoder_layers(prism_model.lm.model)
+    first, last = [], []
+    handles = [count_calls(layers[0], first), count_calls(layers[-1], last)]
+    try:
+        completion = prism_model.generate(PERSONA_QUERIES[0], max_tokens=1)
+        assert (len(first), len(last)) == (1, 1)  # the gate read the prefill's own block-0 output
+        first.clear(), last.clear()
+        completion = prism_model.generate(BASE_QUERIES[0], max_tokens=5)
+        assert len(first) == len(last) == completion.completion_tokens  # prefill + one step per later token
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert completion.gate_probability is not None and not completion.forced
+
+
+def test_multi_turn_routes_on_the_last_user_turn(prism_model):
+    conversation = [*user(BASE_QUERIES[0]), {"role": "assistant", "content": "Paris."}, *user(PERSONA_QUERIES[0])]
+    completion = prism_model.generate(conversation, max_tokens=3)
+    alone = prism_model.decide([user(PERSONA_QUERIES[0])])[0]
+    assert completion.route == alone.route == "persona"
+    assert completion.gate_probability == pytest.approx(alone.gate_probability, abs=1e-5)
+
+
+def test_forced_routes_override_the_gate(prism_model):
+    forced = prism_model.generate(PERSONA_QUERIES[0], route="base", max_tokens=MAX_TOKENS)
+    gated_base = prism_model.generate_batch([GenerationRequest(user(PERSONA_QUERIES[0]), "base")])[0]
+    assert forced.route == "base" and forced.forced and forced.gate_probability is None
+    assert forced.text == gated_base.text[: len(forced.text)]
+    persona = prism_model.generate(BASE_QUERIES[0], route="persona", max_tokens=MAX_TOKENS)
+    assert persona.route == "persona" and persona.forced
+    assert persona.text != prism_model.generate(BASE_QUERIES[0], max_tokens=MAX_TOKENS).text
+
+
+def test_stream_sends_the_route_first_and_deltas_that_add_up(prism_model):
+    requests = [GenerationRequest(user(q), params=SamplingParams(max_tokens=MAX_TOKENS))
+                for q in (PERSONA_QUERIES[0], BASE_QUERIES[1])]
+    seen_decision, text, completions = set(), {0: "", 1: ""}, {}
+    for event in prism_model.stream(requests):
+        if event.decision is not None:
+            seen_decision.add(event.index)
+        if event.delta:
+            assert event.index in seen_decision
+            text[event.index] += event.delta
+        if event.completion is not None:
+            completions[event.index] = event.completion
+    assert text == {i: c.text for i, c in completions.items()}
+
+
+def test_sampling_is_reproducible_with_a_seed_and_rows_keep_their_own_settings(prism_model):
+    def reply(seed: int, temperature: float = 1.0) -> str:
+        return prism_model.generate(BASE_QUERIES[0], max_tokens=10, temperature=temperature, seed=seed).text
+
+    assert reply(3) == reply(3)
+    assert len({reply(s) for s in range(4)}) > 1
+    greedy = prism_model.generate(BASE_QUERIES[0], max_tokens=10).text
+    mixed = prism_model.generate_batch([
+        GenerationRequest(user(BASE_QUERIES[0]), params=SamplingParams(max_tokens=10, temperature=1.0, seed=3)),
+        GenerationRequest(user(BASE_QUERIES[0]), params=SamplingParams(max_tokens=4)),
+    ])
+    assert mixed[0].text == reply(3) and greedy.startswith(mixed[1].text) and mixed[1].finish_reason == "length"
+    assert prism_model.generate(BASE_QUERIES[0], max_tokens=10, temperature=1.0, top_p=1e-6, seed=9).text == greedy
+
+
+def test_stop_strings_cut_the_reply(prism_model):
+    full = prism_model.generate(BASE_QUERIES[0], max_tokens=MAX_TOKENS).text
+    stop = full[4:7]
+    cut = prism_model.generate(BASE_QUERIES[0], max_tokens=MAX_TOKENS, stop=[stop])
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_threshold_moves_the_route_and_saves_with_the_run(tiny_run):
+    model = PrismModel.from_run(tiny_run, device="cpu", threshold=0.0)
+    assert model.decide([user(BASE_QUERIES[0])])[0].route == "persona"
+    model.set_threshold(0.75, save=True)
+    try:
+        assert json.loads((tiny_run / "gate" / "config.json").read_text())["threshold"] == 0.75
+        assert PrismModel.from_run(tiny_run, device="cpu").threshold == 0.75
+    finally:
+        model.set_threshold(0.5, save=True)
+    with pytest.raises(PrismError, match="in \\[0, 1\\]"):
+        model.set_threshold(1.5)
+
+
+def test_context_window_is_enforced_before_any_work(tiny_run):
+    model = PrismModel.from_run(tiny_run, device="cpu", max_model_len=64)
+    with pytest.raises(ContextLengthError, match="maximum context length is 64 tokens"):
+        model.generate(BASE_QUERIES[0], max_tokens=60)
+
+
+def test_from_run_explains_what_is_missing(tmp_path, tiny_run):
+    with pytest.raises(PrismError, match="not a PRISM run directory"):
+        PrismModel.from_run(tmp_path, device="cpu")
+    run = RunDir(tmp_path)
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    manifest["stages"]["distill"] = {"status": "partial"}
+    run.save_manifest(manifest)
+    with pytest.raises(PrismError, match="distill stage has not finished"):
+        PrismModel.from_run(tmp_path, device="cpu")
+    manifest["stages"]["distill"] = {"status": "done"}
+    manifest["config"]["trust_remote_code"] = True
+    run.save_manifest(manifest)
+    with pytest.raises(PrismError, match="--trust-remote-code"):
+        PrismModel.from_run(tmp_path, device="cpu")
