@@ -1,4 +1,4 @@
-"""`prism` command line: a thin mirror of the Python API (prism.bootstrap, prism.inspect_run)."""
+"""`prism` command line: a thin mirror of the Python API (bootstrap, inspect_run, PrismModel, serve)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("inspect", help="what a run directory holds: stages, counts, metrics")
     show.add_argument("run", help="run directory")
     show.add_argument("--json", action="store_true", help="print one JSON object")
+
+    talk = commands.add_parser("chat", help="chat in the terminal with a run's gated model")
+    add_model_flags(talk)
+    talk.add_argument("--route", choices=ROUTE_CHOICES, default="auto", help="start pinned to a route (default auto)")
+    talk.add_argument("--system", help="a system message for the whole conversation")
+    talk.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    talk.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    talk.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    talk.add_argument("--seed", type=int, help="sampling seed, for reproducible answers")
+
+    server = commands.add_parser("serve", help="serve a run's gated model behind an OpenAI-compatible API")
+    add_model_flags(server)
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
+    server.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    server.add_argument("--api-key", default=os.environ.get("PRISM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $PRISM_API_KEY; none = open)")
+    server.add_argument("--max-batch-size", type=int, default=32, help="requests generated together (default 32)")
+    server.add_argument("--max-model-len", type=int, help="context window in tokens (default: the model's)")
+    server.add_argument("--default-max-tokens", type=int, default=512,
+                        help="completion length when a request gives no max_tokens (default 512)")
     return parser
+
+
+ROUTE_CHOICES = ("auto", "base", "persona")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a bootstrapped run directory (adapter + gate)")
+    parser.add_argument("--threshold", type=float, help="route to the adapter when P(persona) >= this "
+                        "(default: the run's saved threshold)")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the Hub")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -114,6 +145,22 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = inspect_run(args.run)
             print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+        elif args.command == "chat":
+            from prism.chat import chat
+            from prism.decoding import SamplingParams
+            from prism.routing import PrismModel
+
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed)
+            model = PrismModel.from_run(args.run, device=args.device, threshold=args.threshold,
+                                        trust_remote_code=args.trust_remote_code)
+            chat(model, params, route=args.route, system=args.system)
+        elif args.command == "serve":
+            from prism.serve import serve
+
+            serve(args.run, host=args.host, port=args.port, api_key=args.api_key, threshold=args.threshold,
+                  device=args.device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                  default_max_tokens=args.default_max_tokens, trust_remote_code=args.trust_remote_code)
     except PrismError as exc:
         print(f"prism: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,82 @@
+"""`prism chat`: an interactive terminal chat with a PrismModel that shows each answer's route."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from prism.decoding import SamplingParams
+from prism.errors import PrismError
+from prism.routing import ROUTES, GenerationRequest, PrismModel, RouteDecision
+
+HELP = ("commands: /route base|persona|auto (pin a route, or let the gate decide per turn), /reset (forget the "
+        "conversation), /quit. Ctrl-C stops an answer; Ctrl-D or /quit leaves.")
+
+
+def route_label(decision: RouteDecision) -> str:
+    if decision.forced:
+        return f"[{decision.route} · pinned]"
+    return f"[{decision.route} · gate p(persona)={decision.gate_probability:.2f}]"
+
+
+def chat(model: PrismModel, params: SamplingParams, *, route: str = "auto", system: str | None = None,
+         read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """Read-answer loop. Each answer streams as it is generated, after a line naming its route."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+
+    def say(text: str = "", end: str = "\n") -> None:
+        out.write(text + end)
+        out.flush()
+
+    history: list[dict[str, str]] = []
+    say(f"PRISM chat: {model.run_path or 'model'} (route {route}, threshold {model.threshold:.2f}). {HELP}")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            say()
+            return
+        except KeyboardInterrupt:
+            say("\n(Ctrl-D or /quit leaves the chat)")
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/reset":
+                history.clear()
+                say("(conversation cleared)")
+            elif command == "/route" and argument.strip() in ROUTES:
+                route = argument.strip()
+                say(f"(route: {route})")
+            else:
+                say(HELP)
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        answer = []
+        started, tokens = time.perf_counter(), 0
+        try:
+            with contextlib.closing(model.stream([GenerationRequest(messages, route, params)])) as events:
+                for event in events:
+                    if event.decision is not None:
+                        say(route_label(event.decision))
+                    answer.append(event.delta)
+                    say(event.delta, end="")
+                    if event.completion is not None:
+                        tokens = event.completion.completion_tokens
+            seconds = time.perf_counter() - started
+            say(f"\n({tokens} tokens, {tokens / seconds:.1f} tok/s)")
+        except KeyboardInterrupt:
+            say(" [interrupted]")
+        except PrismError as exc:  # e.g. the conversation outgrew the context window: keep the chat alive
+            history.pop()
+            say(f"(error: {exc}; /reset starts a fresh conversation)")
+            continue
+        history.append({"role": "assistant", "content": "".join(answer)})

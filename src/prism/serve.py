@@ -1,0 +1,328 @@
+"""OpenAI-compatible HTTP server for a PrismModel (FastAPI + uvicorn).
+
+Model names pick the route: `prism` lets the gate decide, `prism-base` and `prism-persona` force one.
+Concurrent requests are grouped by a worker thread into one `PrismModel.stream` batch (mixed routes
+allowed); each request gets its events back through its own asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prism.decoding import SamplingParams
+from prism.errors import PrismError
+from prism.routing import ContextLengthError, GenerationRequest, PrismModel, StreamEvent
+
+log = logging.getLogger("prism")
+MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
+
+
+# -- request and response models (validated at the edge) -------------------------------------------------
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. "name": accepted and ignored
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI fields PRISM does not act on (user, metadata, ...)
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# -- batching ------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def put(self, item: StreamEvent | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Batcher:
+    """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
+    waiting max_wait_s for more to arrive) and runs them as one batch."""
+
+    def __init__(self, model: PrismModel, max_batch_size: int = 32, max_wait_s: float = 0.01):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.waiting: queue.Queue[Job | None] = queue.Queue()
+        self.batches = 0
+        self.thread = threading.Thread(target=self._work, name="prism-batcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.waiting.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest) -> Job:
+        job = Job(request, asyncio.get_running_loop())
+        self.waiting.put(job)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            first = self.waiting.get()
+            if first is None:
+                return
+            jobs = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(jobs) < self.max_batch_size:
+                try:
+                    job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.waiting.put(None)  # stop after this batch
+                    break
+                jobs.append(job)
+            self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        self.batches += 1
+        finished: set[int] = set()
+        try:
+            for event in self.model.stream([job.request for job in jobs]):
+                jobs[event.index].put(event)
+                if event.completion is not None:
+                    finished.add(event.index)
+        except Exception as exc:  # one failing batch must not take the server down
+            log.exception("batch of %d requests failed", len(jobs))
+            for index, job in enumerate(jobs):
+                if index not in finished:
+                    job.put(exc)
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size: int = 32,
+               default_max_tokens: int = 512) -> FastAPI:
+    batcher = Batcher(model, max_batch_size=max_batch_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="PRISM", lifespan=lifespan)
+    app.state.batcher = batcher
+    models = [name for name, route in MODEL_ROUTES.items() if route != "persona" or model.adapter is not None]
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return ApiError(400, f"malformed JSON body: {errors[0].get('msg')}", code="invalid_json").response()
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
+        param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
+        return ApiError(422, f"invalid request: {details}", param=param, code="invalid_value").response()
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                message = "missing API key" if not given else "incorrect API key"
+                return ApiError(401, f"{message}: send 'Authorization: Bearer <key>'",
+                                "authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "run": str(model.run_path), "adapter": model.adapter is not None,
+                "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
+                                           for name in models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        if body.model not in models:
+            why = " (this run has no adapter)" if body.model == "prism-persona" else ""
+            raise ApiError(404, f"the model {body.model!r} does not exist{why}; available: {', '.join(models)}",
+                           param="model", code="model_not_found")
+        generation = to_generation_request(model, body, default_max_tokens)
+        job = batcher.submit(generation)
+        first = await job.events.get()
+        if isinstance(first, Exception):
+            raise _as_api_error(first)
+        prism = _prism_info(first, model.threshold)
+        headers = {"x-prism-route": prism["route"]}
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            chunks = _sse_chunks(job, body, completion_id, prism)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+        text = []
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Exception):
+                raise _as_api_error(event)
+            text.append(event.delta)
+            if event.completion is not None:
+                break
+        done = event.completion
+        return JSONResponse({
+            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "logprobs": None, "finish_reason": _finish_reason(done.finish_reason)}],
+            "usage": _usage(done), "prism": prism,
+        }, headers=headers)
+
+    return app
+
+
+def to_generation_request(model: PrismModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
+    """Validate what the schema cannot (context window, stop strings) before the request joins a batch."""
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt_tokens = model.prompt_tokens(messages)
+        requested = body.max_completion_tokens or body.max_tokens
+        if requested is not None:
+            model.check_length(prompt_tokens, requested)
+            max_tokens = requested
+        else:
+            model.check_length(prompt_tokens, 1)
+            max_tokens = min(default_max_tokens, model.max_model_len - prompt_tokens)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed, stop=stop)
+    except ContextLengthError as exc:
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except PrismError as exc:
+        raise ApiError(400, str(exc)) from None
+    return GenerationRequest(messages, MODEL_ROUTES[body.model], params, cancel=threading.Event())
+
+
+def _as_api_error(exc: Exception) -> ApiError:
+    if isinstance(exc, PrismError):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+
+
+def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
+    decision = event.decision
+    assert decision is not None, "the first event of a request is its route"
+    return {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
+            "threshold": threshold}
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(done: Any) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
+                      prism: dict[str, Any]) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(data)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""}, prism=prism)
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Exception):
+                error = _as_api_error(event)
+                yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type}})}\n\n"
+                break
+            if event.delta:
+                yield chunk({"content": event.delta})
+            if event.completion is not None:
+                yield chunk({}, _finish_reason(event.completion.finish_reason))
+                if body.stream_options and body.stream_options.include_usage:
+                    data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                            "model": body.model, "choices": [], "usage": _usage(event.completion)}
+                    yield f"data: {json.dumps(data)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.request.cancel.set()  # a client that hangs up stops its row at the next step
+
+
+def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          threshold: float | None = None, device: str = "auto", max_batch_size: int = 32,
+          max_model_len: int | None = None, default_max_tokens: int = 512, trust_remote_code: bool = False) -> None:
+    """Load a run and serve it until interrupted."""
+    import uvicorn
+
+    model = PrismModel.from_run(run, device=device, threshold=threshold, trust_remote_code=trust_remote_code,
+                                max_model_len=max_model_len)
+    app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens)
+    log.info("serving %s on http://%s:%d/v1 (models: prism, prism-base%s)", run, host, port,
+             ", prism-persona" if model.adapter is not None else "")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,87 @@
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BASE_QUERIES, PERSONA_QUERIES
+from prism.chat import chat
+from prism.decoding import SamplingParams, TextStream
+from prism.routing import PrismModel
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    return PrismModel.from_run(tiny_run, device="cpu")
+
+
+def run_chat(model, lines, **kwargs) -> str:
+    inputs = iter(lines)
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    chat(model, SamplingParams(max_tokens=6), read=read, out=out, **kwargs)
+    return out.getvalue()
+
+
+def test_each_answer_shows_its_route_and_routes_switch(model):
+    text = run_chat(model, [PERSONA_QUERIES[0], BASE_QUERIES[0], "/route base", PERSONA_QUERIES[0], "/route nope"])
+    decisions = [line for line in text.splitlines() if line.startswith("[")]
+    assert decisions[0].startswith("[persona · gate p(persona)=")
+    assert decisions[1].startswith("[base · gate p(persona)=")
+    assert decisions[2] == "[base · pinned]"
+    assert "(route: base)" in text
+    assert text.count("commands: /route") == 2  # banner, then help for the unknown route
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(model, monkeypatch):
+    original = TextStream.add
+    calls = []
+
+    def interrupt_on_third_token(self, token):
+        calls.append(token)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, token)
+
+    monkeypatch.setattr(TextStream, "add", interrupt_on_third_token)
+    text = run_chat(model, [BASE_QUERIES[0], BASE_QUERIES[1]])
+    assert "[interrupted]" in text
+    assert text.count("[base · gate") == 2 and "tok/s)" in text  # the second question was answered in full
+
+
+def test_context_overflow_is_reported_and_the_chat_goes_on(tiny_run):
+    small = PrismModel.from_run(tiny_run, device="cpu", max_model_len=60)
+    text = run_chat(small, ["word " * 100, BASE_QUERIES[0]])
+    assert "maximum context length is 60" in text and "[base · gate" in text
+
+
+def test_real_sigint_in_the_terminal_chat(tiny_run):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "chat", str(tiny_run), "--device", "cpu", "--max-tokens", "3000",
+         "--temperature", "0"],  # greedy: this prompt's reply runs far past the moment of the signal
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        process.stdin.write(BASE_QUERIES[0] + "\n")
+        process.stdin.flush()
+        seen = ""
+        deadline = time.time() + 60
+        while "[base · gate" not in seen:
+            assert time.time() < deadline, seen
+            seen += process.stdout.readline()
+        process.send_signal(signal.SIGINT)
+        process.stdin.write("/quit\n")
+        process.stdin.flush()
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert "[interrupted]" in rest and process.returncode == 0, seen + rest

@@ -1,0 +1,152 @@
+"""The OpenAI-compatible server, live on loopback, driven by the official openai client and raw HTTP."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+
+from conftest import BASE_QUERIES, PERSONA_QUERIES
+from prism.routing import PrismModel
+from prism.serve import create_app
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    model = PrismModel.from_run(tiny_run, device="cpu", max_model_len=256)
+    app = create_app(model, api_key=API_KEY, max_batch_size=8, default_max_tokens=16)
+    port = free_port()
+    live = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=live.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not live.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "model": model, "app": app}
+    live.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_completion_matches_the_in_process_model_and_reports_the_route(server, client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="prism", messages=ask(PERSONA_QUERIES[0]), temperature=0, max_tokens=10)
+    reply = raw.parse()
+    expected = server["model"].generate(PERSONA_QUERIES[0], max_tokens=10)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.model_extra["prism"]["route"] == "persona" == raw.headers["x-prism-route"]
+    assert reply.model_extra["prism"]["gate_probability"] == pytest.approx(expected.gate_probability, abs=1e-5)
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+
+
+def test_forced_route_models(client):
+    for name, route in (("prism-base", "base"), ("prism-persona", "persona")):
+        reply = client.chat.completions.create(model=name, messages=ask(PERSONA_QUERIES[0]), temperature=0,
+                                               max_tokens=4)
+        assert reply.model_extra["prism"] == {"route": route, "gate_probability": None, "forced": True,
+                                              "threshold": 0.5}
+    assert {m.id for m in client.models.list()} == {"prism", "prism-base", "prism-persona"}
+
+
+def test_streaming_gives_the_same_text_and_ends_with_done(server, client):
+    chunks = list(client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), temperature=0,
+                                                 max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == server["model"].generate(BASE_QUERIES[0], max_tokens=10).text
+    assert chunks[0].model_extra["prism"]["route"] == "base"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1
+    request = urllib.request.Request(server["url"] + "/v1/chat/completions", method="POST", headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        data=json.dumps({"model": "prism", "messages": ask("hi"), "max_tokens": 3, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        lines = [line for line in response.read().decode().splitlines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_concurrent_requests_share_batches_with_mixed_routes(server, client):
+    queries = PERSONA_QUERIES + BASE_QUERIES
+    batcher = server["app"].state.batcher
+    before = batcher.batches
+
+    def one(query: str):
+        return client.chat.completions.create(model="prism", messages=ask(query), temperature=0, max_tokens=8)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(one, queries * 2))
+    assert [r.model_extra["prism"]["route"] for r in replies] == ["persona", "persona", "base", "base"] * 2
+    assert batcher.batches - before < len(replies)  # grouped, not one generate call per request
+    expected = {q: server["model"].generate(q, max_tokens=8).text for q in queries}
+    assert [r.choices[0].message.content for r in replies] == [expected[q] for q in queries * 2]
+
+
+def post(server, body: bytes | dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(server["url"] + "/v1/chat/completions", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize(("body", "key", "status", "needle"), [
+    ({"model": "gpt-4", "messages": ask("hi")}, API_KEY, 404, "'gpt-4' does not exist"),
+    (b'{"model": "prism", "messages": [', API_KEY, 400, "malformed JSON"),
+    ({"model": "prism", "messages": ask("hi"), "temperature": 5}, API_KEY, 422, "temperature"),
+    ({"model": "prism", "messages": []}, API_KEY, 422, "messages"),
+    ({"model": "prism", "messages": [{"role": "robot", "content": "hi"}]}, API_KEY, 422, "role"),
+    ({"model": "prism", "messages": ask("hi"), "max_tokens": 1000}, API_KEY, 400, "maximum context length is 256"),
+    ({"model": "prism", "messages": ask("word " * 300)}, API_KEY, 400, "maximum context length is 256"),
+    ({"model": "prism", "messages": [{"role": "assistant", "content": "hi"}]}, API_KEY, 400, "end with a user"),
+    ({"model": "prism", "messages": ask("hi")}, None, 401, "missing API key"),
+    ({"model": "prism", "messages": ask("hi")}, "wrong", 401, "incorrect API key"),
+])
+def test_errors_use_the_openai_format(server, body, key, status, needle):
+    code, payload = post(server, body, key)
+    assert code == status
+    assert set(payload) == {"error"} and {"message", "type", "param", "code"} <= set(payload["error"])
+    assert needle in payload["error"]["message"]
+
+
+def test_openai_client_raises_its_own_error_types(server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=ask("hi"))
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.chat.completions.create(model="prism", messages=ask("hi"), max_tokens=10_000)
+
+
+def test_health_needs_no_key(server):
+    with urllib.request.urlopen(server["url"] + "/health", timeout=10) as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["adapter"] is True
