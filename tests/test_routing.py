@@ -18,10 +18,10 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def reference_reply(model: torch.nn.Module, tokenizer, query: str) -> str:
+def reference_reply(model: torch.nn.Module, tokenizer, query: str, max_tokens: int = MAX_TOKENS) -> str:
     """Greedy reply from transformers' own generate, one prompt at a time (no padding, no routing)."""
     ids = torch.tensor([encode(tokenizer, chat_prompt(tokenizer, query))])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -31,23 +31,30 @@ def prism_model(tiny_run):
     return PrismModel.from_run(tiny_run, device="cpu")
 
 
-def test_mixed_batch_matches_base_and_adapter_models_token_for_token(prism_model, tiny_run, tiny_model_dir):
+@pytest.fixture(scope="module")
+def references(tiny_run, tiny_model_dir):
+    """reply(query, route, max_tokens) from separate plain models: base alone, and base + PEFT adapter."""
+    base = load_model(str(tiny_model_dir), device="cpu")
+    adapted = load_model(str(tiny_model_dir), device="cpu")
+    models = {"base": base.model, "persona": PeftModel.from_pretrained(adapted.model, str(tiny_run / "adapter"))}
+
+    def reply(query: str, route: str, max_tokens: int = MAX_TOKENS) -> str:
+        return reference_reply(models[route].eval(), base.tokenizer, query, max_tokens)
+
+    return reply
+
+
+@pytest.mark.parametrize("base_tokens", [MAX_TOKENS, 4])  # 4: the batch turns persona-only midway
+def test_mixed_batch_matches_base_and_adapter_models_token_for_token(prism_model, references, base_tokens):
     queries = [PERSONA_QUERIES[0], BASE_QUERIES[0], PERSONA_QUERIES[1], BASE_QUERIES[1]]
-    requests = [GenerationRequest(user(q), params=SamplingParams(max_tokens=MAX_TOKENS)) for q in queries]
+    lengths = [MAX_TOKENS, base_tokens, MAX_TOKENS, base_tokens]
+    requests = [GenerationRequest(user(q), params=SamplingParams(max_tokens=n)) for q, n in zip(queries, lengths)]
     completions = prism_model.generate_batch(requests)
     assert [c.route for c in completions] == ["persona", "base", "persona", "base"]
-
-    base = load_model(str(tiny_model_dir), device="cpu")
-    base_replies = {q: reference_reply(base.model, base.tokenizer, q) for q in queries}
-    adapted = load_model(str(tiny_model_dir), device="cpu")
-    persona_model = PeftModel.from_pretrained(adapted.model, str(tiny_run / "adapter")).eval()
-    persona_replies = {q: reference_reply(persona_model, adapted.tokenizer, q) for q in PERSONA_QUERIES}
-
-    for query, completion in zip(queries, completions):
-        expected = persona_replies[query] if completion.route == "persona" else base_replies[query]
-        assert completion.text == expected, (query, completion.route)
+    for query, length, completion in zip(queries, lengths, completions):
+        assert completion.text == references(query, completion.route, length), (query, completion.route)
     # the adapter must matter, or the comparison above proves nothing
-    assert any(persona_replies[q] != base_replies[q] for q in PERSONA_QUERIES)
+    assert any(references(q, "persona") != references(q, "base") for q in PERSONA_QUERIES)
 
 
 def count_calls(module: torch.nn.Module, counter: list[int]):
@@ -78,14 +85,11 @@ def test_multi_turn_routes_on_the_last_user_turn(prism_model):
     assert completion.gate_probability == pytest.approx(alone.gate_probability, abs=1e-5)
 
 
-def test_forced_routes_override_the_gate(prism_model):
-    forced = prism_model.generate(PERSONA_QUERIES[0], route="base", max_tokens=MAX_TOKENS)
-    gated_base = prism_model.generate_batch([GenerationRequest(user(PERSONA_QUERIES[0]), "base")])[0]
-    assert forced.route == "base" and forced.forced and forced.gate_probability is None
-    assert forced.text == gated_base.text[: len(forced.text)]
-    persona = prism_model.generate(BASE_QUERIES[0], route="persona", max_tokens=MAX_TOKENS)
-    assert persona.route == "persona" and persona.forced
-    assert persona.text != prism_model.generate(BASE_QUERIES[0], max_tokens=MAX_TOKENS).text
+def test_forced_routes_override_the_gate(prism_model, references):
+    for query, route in ((PERSONA_QUERIES[0], "base"), (BASE_QUERIES[0], "persona")):
+        forced = prism_model.generate(query, route=route, max_tokens=MAX_TOKENS)
+        assert (forced.route, forced.forced, forced.gate_probability) == (route, True, None)
+        assert forced.text == references(query, route)
 
 
 def test_stream_sends_the_route_first_and_deltas_that_add_up(prism_model):

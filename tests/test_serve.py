@@ -2,6 +2,8 @@
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -150,3 +152,34 @@ def test_health_needs_no_key(server):
     with urllib.request.urlopen(server["url"] + "/health", timeout=10) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok" and health["adapter"] is True
+
+
+def test_prism_serve_command_binds_loopback_and_answers(tiny_run):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", str(tiny_run), "--port", str(port),
+                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and process.poll() is None, "prism serve did not come up"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=3)
+        assert reply.model_extra["prism"]["route"] == "base" and reply.usage.completion_tokens >= 1
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/v1" in output
+
+
+def test_prism_serve_refuses_a_directory_that_is_not_a_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "prism.cli", "serve", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"prism: error: {tmp_path} is not a PRISM run directory (no manifest.json): "
+        f"run `prism bootstrap --out {tmp_path}` first"]

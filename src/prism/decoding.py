@@ -23,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past end-of-text (benchmarks that need equal lengths)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

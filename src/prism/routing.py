@@ -4,7 +4,7 @@ Routing costs one small MLP per request. Block 0 carries no LoRA, so its output 
 routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
 hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
 share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
-the adapter weights never move.
+a batch of one route takes PEFT's plain path instead. The adapter weights never move.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class PrismModel:
         context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or context, context)
         self.eos_ids = stop_token_ids(lm)
-        self._row_adapters: list[str] | None = None  # read by every LoRA layer while a batch runs
+        self._row_adapters: list[str] | None = None  # per-row adapter names, read by every LoRA layer
+        self._adapter_enabled = True
         self._lock = threading.Lock()
         if adapter is None and gate.config.constant_route != 0:
             raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
@@ -183,6 +184,22 @@ class PrismModel:
         probabilities = self.gate.persona_probability(block0_features(self.lm, prompts)).tolist()
         return [_decision(p, self.threshold) for p in probabilities]
 
+    def _apply_routes(self, persona_rows: list[bool] | None) -> None:
+        """Set how the LoRA layers treat the rows of the next forward pass (None: adapter on, PEFT's
+        default). A uniform batch takes PEFT's plain paths, adapter off or on for every row; only a mixed
+        batch pays for per-row adapter names (gather and scatter in every LoRA layer)."""
+        if self.adapter is None:
+            return
+        enable = persona_rows is None or any(persona_rows)
+        if enable != self._adapter_enabled:
+            if enable:
+                self.adapter.base_model.enable_adapter_layers()
+            else:
+                self.adapter.base_model.disable_adapter_layers()
+            self._adapter_enabled = enable
+        mixed = persona_rows is not None and len(set(persona_rows)) > 1
+        self._row_adapters = [ADAPTER if p else NO_ADAPTER for p in persona_rows] if mixed else None
+
     def _inject_row_adapters(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._row_adapters is None:
             return None
@@ -218,7 +235,7 @@ class PrismModel:
             try:
                 yield from self._stream(list(requests))
             finally:
-                self._row_adapters = None
+                self._apply_routes(None)
 
     def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
         lm, tokenizer = self.lm, self.lm.tokenizer
@@ -232,9 +249,8 @@ class PrismModel:
 
         decisions = self._early_decisions(requests, prompts)
         in_prefill = [i for i, d in enumerate(decisions) if d is None]
-        if self.adapter is not None:
-            self._row_adapters = [ADAPTER if d is not None and d.route == "persona" else NO_ADAPTER
-                                  for d in decisions]
+        persona_rows = [d is not None and d.route == "persona" for d in decisions]
+        self._apply_routes(persona_rows)
         ids, mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
         positions = (mask.cumsum(1) - 1).clamp(min=0)
 
@@ -244,8 +260,8 @@ class PrismModel:
             probabilities = self.gate.persona_probability(hidden[in_prefill, -1].float().cpu()).tolist()
             for i, probability in zip(in_prefill, probabilities):
                 decisions[i] = _decision(probability, self.threshold)
-                if self._row_adapters is not None and decisions[i].route == "persona":
-                    self._row_adapters[i] = ADAPTER
+                persona_rows[i] = decisions[i].route == "persona"
+            self._apply_routes(persona_rows)  # before blocks 1..N-1 run
 
         handle = decoder_layers(lm.model)[0].register_forward_hook(gate_on_block0) if in_prefill else None
         try:
@@ -270,7 +286,7 @@ class PrismModel:
                 reason = None
                 if request.cancel is not None and request.cancel.is_set():
                     reason = "cancelled"
-                elif token in self.eos_ids:
+                elif token in self.eos_ids and not request.params.ignore_eos:
                     reason = "stop"
                 else:
                     delta = text.add(token)
@@ -297,8 +313,8 @@ class PrismModel:
                 cache.batch_select_indices(index.to(lm.device))
                 mask, last_position = mask[index], last_position[index]
                 active = [active[row] for row in keep]
-                if self._row_adapters is not None:
-                    self._row_adapters = [self._row_adapters[row] for row in keep]
+                persona_rows = [persona_rows[row] for row in keep]
+                self._apply_routes(persona_rows)
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
             last_position = last_position + 1
             out = lm.model(input_ids=torch.tensor(next_tokens, device=lm.device)[:, None],
