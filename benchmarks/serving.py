@@ -67,17 +67,21 @@ def routing_overhead(model: PrismModel, queries: list[str], tokens: int) -> None
           f"ratio prism-base / plain {median['base'] / statistics.median(plain):.3f}")
 
 
-def mixed_batch(model: PrismModel, queries: list[str], tokens: int) -> None:
+def mixed_batch(model: PrismModel, queries: list[str], tokens: int, repeats: int) -> None:
     half = len(queries) // 2
-    print(f"2. mixed batch: {len(queries)} requests, greedy, {tokens} tokens each")
-    results = {}
-    for name, routes in (("base-only", ["base"] * len(queries)),
-                         ("mixed", ["base", "persona"] * half),
-                         ("persona-only", ["persona"] * len(queries))):
-        seconds, produced = timed(model, requests_for(queries, routes, tokens))
-        results[name] = produced / seconds
-        print(f"   {name:<13} {produced} tokens in {seconds:.1f} s = {results[name]:.1f} tok/s")
-    print(f"   ratio mixed / base-only: {results['mixed'] / results['base-only']:.3f} (target >= 0.85)")
+    print(f"2. mixed batch: {len(queries)} requests, greedy, {tokens} tokens each, median of {repeats} rounds")
+    systems = {"base-only": ["base"] * len(queries), "mixed": ["base", "persona"] * half,
+               "persona-only": ["persona"] * len(queries)}
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(repeats):  # rounds interleave the systems, so drift on a noisy machine hits each alike
+        for name, routes in systems.items():
+            seconds, produced = timed(model, requests_for(queries, routes, tokens))
+            rates[name].append(produced / seconds)
+    rate = {name: statistics.median(values) for name, values in rates.items()}
+    for name, values in rates.items():
+        print(f"   {name:<13} {rate[name]:.1f} tok/s (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+    print(f"   ratio mixed / base-only: {rate['mixed'] / rate['base-only']:.3f} (target >= 0.85); "
+          f"persona-only / base-only: {rate['persona-only'] / rate['base-only']:.3f}")
 
 
 def free_port() -> int:
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts for the routing-overhead comparison")
     parser.add_argument("--batch", type=int, default=32, help="requests in the mixed-batch comparison")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients in the load test")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the mixed-batch comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -154,7 +159,7 @@ def main() -> None:
         raise SystemExit(f"{args.run} has no adapter (distill was skipped): the persona route cannot be measured")
     model.generate(queries[0], max_tokens=4)  # warm-up: first-call allocations are not routing cost
     routing_overhead(model, queries[: args.prompts], args.tokens)
-    mixed_batch(model, (queries * args.batch)[: args.batch], args.tokens)
+    mixed_batch(model, (queries * args.batch)[: args.batch], args.tokens, args.repeats)
     del model
     server_load(args.run, queries, args.clients, args.tokens)
 
