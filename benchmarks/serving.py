@@ -21,11 +21,11 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from prism import GenerationRequest, PrismModel, SamplingParams, bootstrap, load_model, resolve_config
 from prism.runs import RunDir
+from prism.serve import wait_until_healthy
 
 
 def requests_for(queries: list[str], routes: list[str], tokens: int) -> list[GenerationRequest]:
@@ -97,15 +97,7 @@ def server_load(run: str, queries: list[str], clients: int, tokens: int) -> None
     server = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", run, "--port", str(port),
                                "--max-batch-size", "32"], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not come up") from None
-                time.sleep(0.5)
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=300, process=server)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
 
         def one(index: int) -> tuple[float, int, str | None]:

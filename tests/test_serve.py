@@ -16,7 +16,7 @@ import uvicorn
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES
 from prism.routing import PrismModel
-from prism.serve import create_app
+from prism.serve import create_app, wait_until_healthy
 
 API_KEY = "test-key"
 
@@ -159,14 +159,7 @@ def test_prism_serve_command_binds_loopback_and_answers(tiny_run):
     process = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", str(tiny_run), "--port", str(port),
                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and process.poll() is None, "prism serve did not come up"
-                time.sleep(0.2)
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=60, process=process)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=3)
         assert reply.model_extra["prism"]["route"] == "base" and reply.usage.completion_tokens >= 1

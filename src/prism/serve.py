@@ -13,8 +13,10 @@ import json
 import logging
 import queue
 import secrets
+import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -312,6 +314,21 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
         yield "data: [DONE]\n\n"
     finally:
         job.request.cancel.set()  # a client that hangs up stops its row at the next step
+
+
+def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None) -> None:
+    """Block until `base_url`/health answers (a server started in another process), or raise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2):
+                return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise PrismError(f"the server process exited with code {process.returncode}") from None
+            if time.monotonic() > deadline:
+                raise PrismError(f"no server answered at {base_url}/health within {timeout_s:.0f} s") from None
+            time.sleep(0.2)
 
 
 def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
