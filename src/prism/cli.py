@@ -82,6 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-model-len", type=int, help="context window in tokens (default: the model's)")
     server.add_argument("--default-max-tokens", type=int, default=512,
                         help="completion length when a request gives no max_tokens (default 512)")
+
+    evaluation = commands.add_parser("eval", help="MMLU, ARC, MT-Bench and JailbreakBench for base, persona, "
+                                     "lora and prism; results in RUN/eval/results.json")
+    evaluation.add_argument("run", help="a bootstrapped run directory")
+    evaluation.add_argument("--bench", type=_comma_list, default=["all"],
+                            help="mmlu,arc,mtbench,jbb, or knowledge (mmlu+arc), or all (default)")
+    evaluation.add_argument("--systems", type=_comma_list, default=["base", "persona", "lora", "prism"],
+                            help="base,persona,lora,prism (default all four)")
+    evaluation.add_argument("--limit", type=int, help="items per MMLU subject, per ARC split, per MT-Bench "
+                            "category and per JBB kind (default: everything)")
+    evaluation.add_argument("--data-dir", help="benchmark data (mmlu/, arc/, mt_bench/, jbb/); "
+                            "default $PRISM_BENCHMARKS or ../shared/benchmarks")
+    evaluation.add_argument("--scoring", choices=("letter", "cloze"), default="letter",
+                            help="multiple choice: the answer letter's log-likelihood, or each choice's "
+                            "length-normalized log-likelihood (cloze)")
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--mtbench-max-tokens", type=int, default=256)
+    evaluation.add_argument("--jbb-max-tokens", type=int, default=96)
+    evaluation.add_argument("--judge-base-url", help="an OpenAI-compatible judge (default: the model judges itself)")
+    evaluation.add_argument("--judge-model", help="the judge's model name on that server")
+    evaluation.add_argument("--judge-api-key", default=os.environ.get("PRISM_JUDGE_API_KEY"),
+                            help="default $PRISM_JUDGE_API_KEY")
+    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--trust-remote-code", action="store_true")
+
+    report = commands.add_parser("report", help="RUN/eval/report.md and report.html with plots, from results.json")
+    report.add_argument("run", help="a run directory that has been through `prism eval`")
     return parser
 
 
@@ -155,6 +182,23 @@ def main(argv: list[str] | None = None) -> int:
             model = PrismModel.from_run(args.run, device=args.device, threshold=args.threshold,
                                         trust_remote_code=args.trust_remote_code)
             chat(model, params, route=args.route, system=args.system)
+        elif args.command == "eval":
+            from prism.evaluate import EvalConfig, evaluate
+
+            config = EvalConfig(benches=args.bench, systems=args.systems, limit=args.limit, data_dir=args.data_dir,
+                                scoring=args.scoring, batch_size=args.batch_size,
+                                mtbench_max_tokens=args.mtbench_max_tokens, jbb_max_tokens=args.jbb_max_tokens,
+                                judge_base_url=args.judge_base_url, judge_model=args.judge_model,
+                                judge_api_key=args.judge_api_key)
+            results = evaluate(args.run, config, device=args.device, trust_remote_code=args.trust_remote_code)
+            from prism.report import results_table
+
+            print(results_table(results))
+        elif args.command == "report":
+            from prism.report import write_report
+
+            for path in write_report(args.run):
+                print(path)
         elif args.command == "serve":
             from prism.serve import serve
 

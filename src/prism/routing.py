@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class GenerationRequest:
     route: str = "auto"
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event | None = None  # set it to end this request early (client gone, Ctrl-C)
+    assistant_prefix: str = ""  # the reply starts with this text (scoring and judging prompts)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -159,8 +160,8 @@ class PrismModel:
                 raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
             write_json_atomic(self.run_path / "gate" / "config.json", asdict(self.gate.config))
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        return conversation_prompt(self.lm.tokenizer, messages)
+    def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
+        return conversation_prompt(self.lm.tokenizer, messages) + assistant_prefix
 
     def gate_prompt(self, messages: list[dict[str, str]]) -> str:
         """The gate's input: the last user turn alone in the base chat template, as in training."""
@@ -237,12 +238,49 @@ class PrismModel:
             finally:
                 self._apply_routes(None)
 
-    def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
+    @torch.no_grad()
+    def next_token_logprobs(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, list[RouteDecision]]:
+        """Log-probabilities of the token after each prompt (n, vocab), each on its request's route:
+        one routed prefill, no generation (multiple-choice scoring, verdicts)."""
+        with self._lock:
+            try:
+                out, decisions, *_ = self._prefill(list(requests), [1] * len(requests), use_cache=False)
+            finally:
+                self._apply_routes(None)
+        return torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1), decisions
+
+    @torch.no_grad()
+    def continuation_logprobs(self, requests: Sequence[GenerationRequest], continuations: Sequence[str]
+                              ) -> tuple[list[tuple[float, int]], list[RouteDecision]]:
+        """(sum of log-probabilities, token count) of each continuation right after its request's prompt,
+        each on its request's route (cloze scoring)."""
+        tokenizer = self.lm.tokenizer
+        extended, counts = [], []
+        for request, continuation in zip(requests, continuations):
+            prompt = self.prompt(request.messages, request.assistant_prefix)
+            counts.append(max(1, len(encode(tokenizer, prompt + continuation)) - len(encode(tokenizer, prompt))))
+            extended.append(replace(request, assistant_prefix=request.assistant_prefix + continuation))
+        keep = max(counts) + 1
+        with self._lock:
+            try:
+                out, decisions, encoded, *_ = self._prefill(extended, [1] * len(extended), use_cache=False,
+                                                            logits_to_keep=keep)
+            finally:
+                self._apply_routes(None)
+        logprobs = torch.log_softmax(out.logits.float().cpu(), dim=-1)  # left padded: rows end together
+        values = []
+        for row, (ids, count) in enumerate(zip(encoded, counts)):
+            predicted = logprobs[row, keep - count - 1 : keep - 1]
+            values.append((float(predicted.gather(1, torch.tensor(ids[-count:])[:, None]).sum()), count))
+        return values, decisions
+
+    def _prefill(self, requests: list[GenerationRequest], max_tokens: list[int], use_cache: bool = True,
+                 logits_to_keep: int = 1) -> tuple:
         lm, tokenizer = self.lm, self.lm.tokenizer
-        prompts = [self.prompt(r.messages) for r in requests]
+        prompts = [self.prompt(r.messages, r.assistant_prefix) for r in requests]
         encoded = [encode(tokenizer, p) for p in prompts]
-        for request, ids in zip(requests, encoded):
-            self.check_length(len(ids), request.params.max_tokens)
+        for ids, wanted in zip(encoded, max_tokens):
+            self.check_length(len(ids), wanted)
         if self.adapter is None and any(r.route == "persona" for r in requests):
             raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
                              "unavailable")
@@ -266,10 +304,16 @@ class PrismModel:
         handle = decoder_layers(lm.model)[0].register_forward_hook(gate_on_block0) if in_prefill else None
         try:
             out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                           position_ids=positions.to(lm.device), use_cache=True, logits_to_keep=1)
+                           position_ids=positions.to(lm.device), use_cache=use_cache, logits_to_keep=logits_to_keep)
         finally:
             if handle is not None:
                 handle.remove()
+        return out, decisions, encoded, mask, positions, persona_rows
+
+    def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
+        lm, tokenizer = self.lm, self.lm.tokenizer
+        out, decisions, encoded, mask, positions, persona_rows = self._prefill(
+            requests, [r.params.max_tokens for r in requests])
         for i, decision in enumerate(decisions):
             yield StreamEvent(i, decision=decision)
 
@@ -335,7 +379,7 @@ class PrismModel:
                 decisions.append(_decision(float(self.gate.config.constant_route), self.threshold))
             else:
                 decisions.append(None)
-                if prompt != self.gate_prompt(request.messages):
+                if prompt != self.gate_prompt(request.messages):  # includes any assistant prefix
                     separate.append(i)
         if separate:
             for i, decision in zip(separate, self.decide([requests[i].messages for i in separate])):

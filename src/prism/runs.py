@@ -69,7 +69,7 @@ class RunDir:
 
     # -- records ----------------------------------------------------------------------------------
     def file(self, name: str) -> Path:
-        return self.path / FILES[name]
+        return self.path / FILES.get(name, f"{name}.jsonl")  # other names: eval caches and the like
 
     def read(self, name: str) -> list[dict[str, Any]]:
         """All records of a stage file. A torn last line (a run killed mid-write) is skipped, since its

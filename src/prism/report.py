@@ -1,0 +1,245 @@
+"""`prism report`: eval/report.md and a self-contained eval/report.html (plots inlined) from results.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from prism.benchdata import MMLU_DOMAINS, MT_BENCH_CATEGORIES
+from prism.errors import PrismError
+from prism.runs import RunDir
+
+DOMAINS = tuple(MMLU_DOMAINS)
+
+
+def _cell(entry: dict | None, metric: str, percent: bool = True) -> str:
+    if not entry or entry.get(metric) is None:
+        return "–"
+    value, ci = entry[metric], entry.get(f"{metric}_ci")
+    scale = 100 if percent else 1
+    text = f"{value * scale:.1f}"
+    if ci and None not in ci:
+        text += f" [{ci[0] * scale:.1f}, {ci[1] * scale:.1f}]"
+    return text
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The main table: one row per system; accuracy and refusal in %, MT-Bench on 1-10, 95% CIs in brackets."""
+    header = ["system", "MT-Bench (1-10)", "win rate vs base %", "MMLU %", "ARC %", "JBB refusal harmful %",
+              "JBB refusal benign %", "routed to adapter (mmlu/arc/mtbench/jbb)"]
+    rows = []
+    for system, benches in results.items():
+        routing = "/".join(_rate((benches.get(b) or {}).get("routing_rate")) for b in ("mmlu", "arc", "mtbench", "jbb"))
+        rows.append([system, _cell(benches.get("mtbench"), "score", percent=False),
+                     _cell(benches.get("mtbench"), "winrate_vs_base"), _cell(benches.get("mmlu"), "accuracy"),
+                     _cell(benches.get("arc"), "accuracy"), _cell(benches.get("jbb"), "refusal_harmful"),
+                     _cell(benches.get("jbb"), "refusal_benign"), routing])
+    return _markdown_table(header, rows)
+
+
+def detail_tables(results: dict[str, Any]) -> str:
+    parts = []
+    header = ["system", *MT_BENCH_CATEGORIES]
+    rows = [[s, *(_cell(((b.get("mtbench") or {}).get("categories") or {}).get(c), "score", percent=False)
+                  for c in MT_BENCH_CATEGORIES)] for s, b in results.items()]
+    parts.append("### MT-Bench per category (1-10, 95% CI)\n\n" + _markdown_table(header, rows))
+    header = ["system", *DOMAINS, "vs base (Δ points, McNemar p)"]
+    rows = []
+    for system, benches in results.items():
+        mmlu = benches.get("mmlu") or {}
+        paired = mmlu.get("vs_base")
+        versus = "–" if not paired else f"{100 * paired['delta']:+.1f}, p={paired['p_value']:.3f}"
+        rows.append([system, *(_cell((mmlu.get("domains") or {}).get(d), "accuracy") for d in DOMAINS), versus])
+    parts.append("### MMLU per domain (% correct, 95% CI)\n\n" + _markdown_table(header, rows))
+    header = ["system", "harmful: judge", "harmful: keywords", "benign: judge", "benign: keywords", "unparseable"]
+    rows = [[s, _cell(b.get("jbb"), "refusal_harmful"), _cell(b.get("jbb"), "refusal_harmful_keyword"),
+             _cell(b.get("jbb"), "refusal_benign"), _cell(b.get("jbb"), "refusal_benign_keyword"),
+             str((b.get("jbb") or {}).get("refusal_harmful_unparseable", 0)
+                 + (b.get("jbb") or {}).get("refusal_benign_unparseable", 0))]
+            for s, b in results.items() if b.get("jbb")]
+    if rows:
+        parts.append("### JailbreakBench refusal rates (%, 95% Wilson CI)\n\n" + _markdown_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    systems = list(results)
+    made: list[tuple[str, Path]] = []
+    width = 0.8 / max(1, len(systems))
+
+    def save(fig: Any, name: str, title: str) -> None:
+        path = folder / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append((title, path))
+
+    if any(results[s].get("mtbench") for s in systems):
+        fig, ax = plt.subplots(figsize=(10, 4))
+        for i, system in enumerate(systems):
+            cats = (results[system].get("mtbench") or {}).get("categories") or {}
+            values = [(cats.get(c) or {}).get("score") or 0 for c in MT_BENCH_CATEGORIES]
+            ax.bar([x + i * width for x in range(len(MT_BENCH_CATEGORIES))], values, width, label=system)
+        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(MT_BENCH_CATEGORIES))],
+                      MT_BENCH_CATEGORIES)
+        ax.set_ylabel("MT-Bench score (1-10)")
+        ax.legend()
+        save(fig, "mtbench_categories", "MT-Bench score per category")
+
+    base_knowledge = results.get("base", {})
+    if base_knowledge.get("mmlu") or base_knowledge.get("arc"):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        labels = [*DOMAINS, "ARC"]
+        for i, system in enumerate(s for s in systems if s != "base"):
+            deltas = []
+            for label in labels:
+                mine = (results[system].get("arc") if label == "ARC" else
+                        ((results[system].get("mmlu") or {}).get("domains") or {}).get(label)) or {}
+                base = (base_knowledge.get("arc") if label == "ARC" else
+                        ((base_knowledge.get("mmlu") or {}).get("domains") or {}).get(label)) or {}
+                both = mine.get("accuracy") is not None and base.get("accuracy") is not None
+                deltas.append(100 * (mine["accuracy"] - base["accuracy"]) if both else 0)
+            ax.bar([x + i * width for x in range(len(labels))], deltas, width, label=system)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_ylabel("accuracy − base (points)")
+        ax.legend()
+        save(fig, "knowledge_delta", "MMLU per domain and ARC: accuracy minus base")
+
+    if any(results[s].get("jbb") for s in systems):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        keys = [("refusal_harmful", "harmful (judge)"), ("refusal_harmful_keyword", "harmful (keywords)"),
+                ("refusal_benign", "benign (judge)"), ("refusal_benign_keyword", "benign (keywords)")]
+        for i, system in enumerate(systems):
+            jbb = results[system].get("jbb") or {}
+            ax.bar([x + i * width for x in range(len(keys))], [100 * (jbb.get(k) or 0) for k, _ in keys], width,
+                   label=system)
+        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(keys))], [t for _, t in keys])
+        ax.set_ylabel("refusal rate (%)")
+        ax.legend()
+        save(fig, "refusals", "JailbreakBench refusal rates (harmful: higher is better; benign: lower)")
+
+    prism = results.get("prism") or {}
+    if prism:
+        labels, values = [], []
+        for bench in ("mmlu", "arc", "jbb"):
+            if (prism.get(bench) or {}).get("routing_rate") is not None:
+                labels.append(bench)
+                values.append(100 * prism[bench]["routing_rate"])
+        for category, entry in ((prism.get("mtbench") or {}).get("categories") or {}).items():
+            if entry.get("routing_rate") is not None:
+                labels.append(f"mt:{category}")
+                values.append(100 * entry["routing_rate"])
+        if labels:
+            fig, ax = plt.subplots(figsize=(10, 4))
+            ax.bar(labels, values)
+            ax.set_ylabel("% of requests sent to the adapter")
+            ax.tick_params(axis="x", rotation=45)
+            save(fig, "routing", "PRISM gate: share routed to the adapter per benchmark and MT-Bench category")
+
+    log = run.read("distill_log")
+    if log:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker="o")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("KL loss")
+        save(fig, "distill_loss", "Distillation loss")
+    return made
+
+
+def write_report(run_path: str | Path) -> list[Path]:
+    run = RunDir(run_path)
+    results_path = run.path / "eval" / "results.json"
+    if not results_path.is_file():
+        raise PrismError(f"{results_path} does not exist: run `prism eval {run.path}` first")
+    results = json.loads(results_path.read_text())
+    eval_config_path = run.path / "eval" / "eval_config.json"
+    eval_config = json.loads(eval_config_path.read_text()) if eval_config_path.is_file() else {}
+    plots = _plots(results, run, run.path / "eval" / "plots")
+    manifest = run.manifest()
+    gate = manifest.get("stages", {}).get("gate", {})
+    held = gate.get("heldout_accuracy")
+    limit = eval_config.get("limit")
+    command = (f"prism eval {run.path} --bench {','.join(eval_config.get('benches', []))} "
+               f"--systems {','.join(eval_config.get('systems', []))}" + (f" --limit {limit}" if limit else ""))
+    summary = [
+        f"# PRISM evaluation: {run.path}",
+        f"Model: {(manifest.get('model') or {}).get('name')}. Judge: {eval_config.get('judge', 'n/a')}. "
+        f"Gate held-out accuracy: {'n/a' if held is None else f'{held:.3f}'} "
+        f"({gate.get('heldout_method', 'n/a')}; majority baseline {gate.get('majority_baseline', 'n/a')}).",
+        "## Main table\n\nAccuracy and refusal in %, MT-Bench on 1-10; 95% confidence intervals in brackets "
+        "(Wilson for proportions, bootstrap for means).\n\n" + results_table(results),
+        detail_tables(results),
+        "## Reproduce\n\n```\n" + f"prism bootstrap --config <config below> --out {run.path}\n{command}\n"
+        f"prism report {run.path}\n```",
+        "## Configuration\n\n```json\n" + json.dumps({"bootstrap": manifest.get("config"), "eval": eval_config},
+                                                      indent=2) + "\n```",
+    ]
+    markdown = "\n\n".join(summary[:4] + [f"![{title}](plots/{path.name})" for title, path in plots] + summary[4:])
+    md_path = run.path / "eval" / "report.md"
+    md_path.write_text(markdown + "\n")
+    html_path = run.path / "eval" / "report.html"
+    html_path.write_text(_html(markdown, plots))
+    return [md_path, html_path, *(p for _, p in plots)]
+
+
+def _html(markdown: str, plots: list[tuple[str, Path]]) -> str:
+    """A small markdown subset (headings, tables, code, images) to one self-contained page."""
+    images = {f"plots/{p.name}": base64.b64encode(p.read_bytes()).decode() for _, p in plots}
+    body, in_code, table = [], False, []
+
+    def flush_table() -> None:
+        if table:
+            rows = [r.strip("|").split("|") for r in table if not set(r.replace("|", "")) <= {"-"}]
+            head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+                            for r in rows[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            flush_table()
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+        elif in_code:
+            body.append(html.escape(line))
+        elif line.startswith("|"):
+            table.append(line)
+        else:
+            flush_table()
+            if line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+            elif line.startswith("!["):
+                title, src = line[2:].split("](", 1)
+                data = images.get(src.rstrip(")"), "")
+                body.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+            elif line.strip():
+                body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:left}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;"
+             "overflow:auto;font-size:12px}img{max-width:100%}figcaption{color:#555;font-size:13px}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>PRISM evaluation</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
