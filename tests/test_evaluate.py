@@ -184,10 +184,16 @@ def test_eval_end_to_end_resumes_and_reports(tiny_run, tmp_path, capsys):
     assert {p.name: p.stat().st_size for p in (run / "eval").glob("*.jsonl")} == sizes
     assert "| prism |" in capsys.readouterr().out
 
+    assert main(["calibrate", str(run)]) == 0
+    assert "threshold" in capsys.readouterr().out
+    threshold = json.loads((run / "eval" / "calibration.json").read_text())["threshold"]
+    assert json.loads((run / "gate" / "config.json").read_text())["threshold"] == threshold
+
     assert main(["report", str(run)]) == 0
     html = (run / "eval" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     assert (run / "eval" / "plots" / "mtbench_categories.png").stat().st_size > 1000
+    assert (run / "eval" / "plots" / "routing_curve.png").is_file() and "Calibrated threshold" in html
     assert not math.isnan(results["base"]["mmlu"]["accuracy"])
 
 

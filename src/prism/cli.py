@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default="auto")
     evaluation.add_argument("--trust-remote-code", action="store_true")
 
+    tune = commands.add_parser("calibrate", help="pick the gate threshold from the eval records and save it in the run")
+    tune.add_argument("run", help="a run directory that has been through `prism eval` (base, lora and prism)")
+    tune.add_argument("--max-mmlu-drop", type=float, default=0.5,
+                      help="largest MMLU accuracy loss against base allowed, in points (default 0.5)")
+    tune.add_argument("--no-save", action="store_true", help="only report; leave the run's threshold as it is")
+
     report = commands.add_parser("report", help="RUN/eval/report.md and report.html with plots, from results.json")
     report.add_argument("run", help="a run directory that has been through `prism eval`")
     return parser
@@ -153,6 +159,20 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_calibration(result: dict[str, Any]) -> str:
+    lines = [f"threshold {result['threshold']:.4f} ({'saved in the run' if result['saved'] else 'not saved'}); "
+             f"objective: {result['objective']['text']}"]
+    for metric, value in result["at_threshold"].items():
+        curve = result["curves"][metric]
+        lines.append(f"  {metric:<20} {value:.3f} at this threshold (base {curve['base']:.3f}, always adapter "
+                     f"{curve['adapter']:.3f}, oracle {curve['oracle']['value']:.3f}); "
+                     f"{100 * result['share_routed'][metric]:.0f}% routed to the adapter, {curve['items']} items")
+    held = result.get("gate_heldout_accuracy")
+    lines.append(f"  gate held-out accuracy: {'n/a' if held is None else f'{held:.3f}'} "
+                 f"({result.get('gate_heldout_method') or 'n/a'})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="prism: %(message)s")
@@ -194,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             from prism.report import results_table
 
             print(results_table(results))
+        elif args.command == "calibrate":
+            from prism.calibrate import Objective, calibrate
+
+            result = calibrate(args.run, Objective(max_mmlu_drop=args.max_mmlu_drop), save=not args.no_save)
+            print(format_calibration(result))
         elif args.command == "report":
             from prism.report import write_report
 

@@ -15,7 +15,7 @@ from torch import nn
 from prism.engine import block0_features
 from prism.errors import PrismError
 from prism.models import chat_prompt
-from prism.runs import StageContext
+from prism.runs import StageContext, write_json_atomic
 
 log = logging.getLogger("prism")
 FEATURE = "hidden state after decoder block 0 (hidden_states[1]) at the last token of the base chat prompt"
@@ -75,6 +75,19 @@ class Gate(nn.Module):
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
             raise PrismError(f"cannot load the gate from {directory}: {exc}") from None
         return gate.eval()
+
+
+def save_threshold(directory: str | Path, threshold: float) -> None:
+    """Set the saved gate's routing threshold (P(persona) >= threshold goes to the adapter)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {threshold}")
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PrismError(f"cannot read the gate config {path}: {exc}") from None
+    config["threshold"] = threshold
+    write_json_atomic(path, config)
 
 
 def class_weights(labels: torch.Tensor) -> torch.Tensor:

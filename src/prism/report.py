@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prism.benchdata import MMLU_DOMAINS, MT_BENCH_CATEGORIES
+from prism.calibrate import load_calibration
 from prism.errors import PrismError
 from prism.runs import RunDir
 
@@ -155,6 +156,25 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
             ax.tick_params(axis="x", rotation=45)
             save(fig, "routing", "PRISM gate: share routed to the adapter per benchmark and MT-Bench category")
 
+    calibration = load_calibration(run.path)
+    if calibration and calibration.get("curves"):
+        curves = list(calibration["curves"].values())
+        fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+        for ax, curve in zip(axes[0], curves):
+            points = sorted(curve["points"], key=lambda p: p["share"])
+            shares = [100 * p["share"] for p in points]
+            ax.plot(shares, [p["value"] for p in points], marker=".", label="PRISM gate")
+            ax.plot(shares, [p["random"] for p in points], linestyle="--", label="random routing")
+            ax.scatter([100 * curve["oracle"]["share"]], [curve["oracle"]["value"]], color="black", label="oracle")
+            chosen = calibration["share_routed"].get(curve["metric"])
+            if chosen is not None:
+                ax.axvline(100 * chosen, color="grey", linewidth=0.8, label="calibrated threshold")
+            ax.set_xlabel("% routed to the adapter")
+            ax.set_title(curve["metric"])
+            ax.legend(fontsize=8)
+        save(fig, "routing_curve", "Routing curves: outcome against the share sent to the adapter, as the "
+                                   "gate threshold sweeps from never to always")
+
     log = run.read("distill_log")
     if log:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -177,6 +197,7 @@ def write_report(run_path: str | Path) -> list[Path]:
     manifest = run.manifest()
     gate = manifest.get("stages", {}).get("gate", {})
     held = gate.get("heldout_accuracy")
+    calibration = load_calibration(run.path)
     limit = eval_config.get("limit")
     command = (f"prism eval {run.path} --bench {','.join(eval_config.get('benches', []))} "
                f"--systems {','.join(eval_config.get('systems', []))}" + (f" --limit {limit}" if limit else ""))
@@ -185,6 +206,8 @@ def write_report(run_path: str | Path) -> list[Path]:
         f"Model: {(manifest.get('model') or {}).get('name')}. Judge: {eval_config.get('judge', 'n/a')}. "
         f"Gate held-out accuracy: {'n/a' if held is None else f'{held:.3f}'} "
         f"({gate.get('heldout_method', 'n/a')}; majority baseline {gate.get('majority_baseline', 'n/a')}).",
+        ("Calibrated threshold: " + (f"{calibration['threshold']:.4f} ({calibration['objective']['text']})"
+                                     if calibration else "not calibrated (run `prism calibrate`)")),
         "## Main table\n\nAccuracy and refusal in %, MT-Bench on 1-10; 95% confidence intervals in brackets "
         "(Wilson for proportions, bootstrap for means).\n\n" + results_table(results),
         detail_tables(results),
@@ -193,7 +216,7 @@ def write_report(run_path: str | Path) -> list[Path]:
         "## Configuration\n\n```json\n" + json.dumps({"bootstrap": manifest.get("config"), "eval": eval_config},
                                                       indent=2) + "\n```",
     ]
-    markdown = "\n\n".join(summary[:4] + [f"![{title}](plots/{path.name})" for title, path in plots] + summary[4:])
+    markdown = "\n\n".join(summary[:5] + [f"![{title}](plots/{path.name})" for title, path in plots] + summary[5:])
     md_path = run.path / "eval" / "report.md"
     md_path.write_text(markdown + "\n")
     html_path = run.path / "eval" / "report.html"

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from prism.decoding import SamplingParams, TextStream, sample_token
 from prism.engine import block0_features, pad_batch
 from prism.errors import PrismError
-from prism.gate import Gate
+from prism.gate import Gate, save_threshold
 from prism.models import (
     LoadedModel,
     chat_prompt,
@@ -32,7 +32,7 @@ from prism.models import (
     load_model,
     stop_token_ids,
 )
-from prism.runs import RunDir, write_json_atomic
+from prism.runs import RunDir
 
 ROUTES = ("auto", "base", "persona")
 ADAPTER = "persona"
@@ -158,7 +158,7 @@ class PrismModel:
         if save:
             if self.run_path is None:
                 raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
-            write_json_atomic(self.run_path / "gate" / "config.json", asdict(self.gate.config))
+            save_threshold(self.run_path / "gate", value)
 
     def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
         return conversation_prompt(self.lm.tokenizer, messages) + assistant_prefix

@@ -1,0 +1,143 @@
+"""Routing curves and threshold calibration from the cached eval records (no model needed).
+
+Each item has an outcome on the base route (system `base`), on the adapter route (system `lora`) and a
+gate probability (system `prism`). Routing the items with P(persona) >= t to the adapter gives one point
+per threshold t: (share routed, mean outcome). Two references, as in RouteLLM's evaluation: random
+routing at the same share, and the oracle that takes the better route per item.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prism.errors import PrismError
+from prism.gate import save_threshold
+from prism.runs import RunDir, write_json_atomic
+
+
+@dataclass
+class Outcomes:
+    """Per-item outcomes of one benchmark metric on both routes, with the gate's probability."""
+    metric: str
+    base: list[float]
+    adapter: list[float]
+    probability: list[float]
+
+
+def collect_outcomes(store: RunDir) -> dict[str, Outcomes]:
+    """MMLU accuracy, MT-Bench turn score, JBB refusal of harmful goals, from eval/*.jsonl."""
+    found: dict[str, Outcomes] = {}
+
+    def pair_up(metric: str, records: list[dict], key: str, value: str, gate_records: list[dict]) -> None:
+        by_system: dict[str, dict[Any, Any]] = {"base": {}, "lora": {}}
+        for r in records:
+            if r["system"] in by_system and r.get(value) is not None:
+                by_system[r["system"]][r[key]] = float(r[value])
+        gate = {r[key]: r["gate_probability"] for r in gate_records
+                if r["system"] == "prism" and r.get("gate_probability") is not None}
+        ids = sorted(set(by_system["base"]) & set(by_system["lora"]) & set(gate), key=str)
+        if ids:
+            found[metric] = Outcomes(metric, [by_system["base"][i] for i in ids], [by_system["lora"][i] for i in ids],
+                                     [gate[i] for i in ids])
+
+    mmlu = store.read("mmlu")
+    pair_up("mmlu_accuracy", mmlu, "id", "correct", mmlu)
+    answers = store.read("mtbench_answers")
+    for record in answers:
+        record["item"] = f"{record['question_id']}:{record['turn']}"
+    scores = store.read("mtbench_scores")
+    for record in scores:
+        record["item"] = f"{record['question_id']}:{record['turn']}"
+    pair_up("mtbench_score", scores, "item", "score", answers)
+    jbb_answers = [r for r in store.read("jbb_answers") if r["kind"] == "harmful"]
+    refusals = [r for r in store.read("jbb_refusals") if r["kind"] == "harmful"]
+    pair_up("jbb_refusal_harmful", refusals, "id", "refusal_judge", jbb_answers)
+    return found
+
+
+def routing_curve(outcomes: Outcomes) -> dict[str, Any]:
+    thresholds = _candidates(outcomes.probability)
+    n = len(outcomes.base)
+    mean_base, mean_adapter = sum(outcomes.base) / n, sum(outcomes.adapter) / n
+    points = []
+    for t in thresholds:
+        routed = [p >= t for p in outcomes.probability]
+        share = sum(routed) / n
+        value = sum(a if r else b for a, b, r in zip(outcomes.adapter, outcomes.base, routed)) / n
+        points.append({"threshold": t, "share": share, "value": value,
+                       "random": share * mean_adapter + (1 - share) * mean_base})
+    oracle_routed = [a > b for a, b in zip(outcomes.adapter, outcomes.base)]
+    oracle = {"share": sum(oracle_routed) / n, "value": sum(max(a, b) for a, b in zip(outcomes.adapter,
+                                                                                     outcomes.base)) / n}
+    return {"metric": outcomes.metric, "items": n, "base": mean_base, "adapter": mean_adapter, "points": points,
+            "oracle": oracle}
+
+
+def _candidates(probabilities: list[float]) -> list[float]:
+    """Every threshold that changes a decision: 0 (always persona), each probability, and just above
+    the largest (never persona)."""
+    return sorted({0.0, *probabilities, min(1.0, max(probabilities, default=0.0) + 1e-6)})
+
+
+def value_at(outcomes: Outcomes, threshold: float) -> float:
+    routed = [p >= threshold for p in outcomes.probability]
+    return sum(a if r else b for a, b, r in zip(outcomes.adapter, outcomes.base, routed)) / len(routed)
+
+
+@dataclass
+class Objective:
+    """Maximize MT-Bench (scaled to 0-1) + harmful-refusal rate, keeping MMLU within max_mmlu_drop points
+    of the base model."""
+    max_mmlu_drop: float = 0.5  # accuracy points
+
+    def score(self, found: dict[str, Outcomes], threshold: float) -> float:
+        total = 0.0
+        if "mtbench_score" in found:
+            total += value_at(found["mtbench_score"], threshold) / 10
+        if "jbb_refusal_harmful" in found:
+            total += value_at(found["jbb_refusal_harmful"], threshold)
+        return total
+
+    def allowed(self, found: dict[str, Outcomes], threshold: float) -> bool:
+        if "mmlu_accuracy" not in found:
+            return True
+        mmlu = found["mmlu_accuracy"]
+        return 100 * (value_at(mmlu, threshold) - sum(mmlu.base) / len(mmlu.base)) >= -self.max_mmlu_drop
+
+
+def calibrate(run_path: str | Path, objective: Objective | None = None, save: bool = True) -> dict[str, Any]:
+    """Pick the gate threshold that maximizes the objective; write eval/calibration.json (and the
+    threshold into the run's gate when `save`)."""
+    run = RunDir(run_path)
+    store = RunDir(run.path / "eval")
+    objective = objective or Objective()
+    found = collect_outcomes(store)
+    if not {"mtbench_score", "jbb_refusal_harmful"} & set(found):
+        raise PrismError(f"{store.path} has no MT-Bench or JBB records for base, lora and prism: run "
+                         f"`prism eval {run.path} --bench mtbench,jbb,mmlu` first")
+    candidates = _candidates([p for o in found.values() for p in o.probability])
+    allowed = [t for t in candidates if objective.allowed(found, t)]
+    if not allowed:
+        raise PrismError("no threshold keeps MMLU within the allowed drop; even 'never persona' fails it")
+    best = max(allowed, key=lambda t: (objective.score(found, t), t))  # ties: the higher threshold
+    gate = run.manifest().get("stages", {}).get("gate", {})
+    result = {
+        "threshold": best, "objective": asdict(objective) | {"text": Objective.__doc__.strip()},
+        "objective_value": objective.score(found, best),
+        "at_threshold": {m: value_at(o, best) for m, o in found.items()},
+        "share_routed": {m: sum(p >= best for p in o.probability) / len(o.probability) for m, o in found.items()},
+        "gate_heldout_accuracy": gate.get("heldout_accuracy"), "gate_heldout_method": gate.get("heldout_method"),
+        "curves": {m: routing_curve(o) for m, o in found.items()}, "saved": save,
+    }
+    write_json_atomic(store.path / "calibration.json", result)
+    if save:
+        save_threshold(run.path / "gate", best)
+    return result
+
+
+def load_calibration(run_path: str | Path) -> dict[str, Any] | None:
+    path = Path(run_path) / "eval" / "calibration.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from prism.calibrate import Objective, calibrate, collect_outcomes, routing_curve
+from prism.errors import PrismError
+from prism.runs import RunDir
+
+
+def write_records(run_dir, mtbench_lora, mtbench_gate, mmlu_gate):
+    store = RunDir(run_dir / "eval")
+    store.path.mkdir(parents=True)
+    scores, answers = [], []
+    for i, (lora, p) in enumerate(zip(mtbench_lora, mtbench_gate)):
+        for system, score in (("base", 5.0), ("lora", lora), ("prism", None)):
+            answers.append({"key": f"{system}:{i}:0", "system": system, "question_id": i, "turn": 0,
+                            "route": "base", "gate_probability": p if system == "prism" else None})
+            if score is not None:
+                scores.append({"key": f"single:{system}:{i}:0", "system": system, "question_id": i, "turn": 0,
+                               "score": score})
+    store.append("mtbench_answers", answers)
+    store.append("mtbench_scores", scores)
+    mmlu = []
+    for i, p in enumerate(mmlu_gate):
+        mmlu += [{"key": f"base:{i}", "system": "base", "id": str(i), "correct": True, "gate_probability": None},
+                 {"key": f"lora:{i}", "system": "lora", "id": str(i), "correct": False, "gate_probability": None},
+                 {"key": f"prism:{i}", "system": "prism", "id": str(i), "correct": True, "gate_probability": p}]
+    store.append("mmlu", mmlu)
+    gate = run_dir / "gate"
+    gate.mkdir()
+    (gate / "config.json").write_text(json.dumps({"input_dim": 4, "threshold": 0.5}))
+    RunDir(run_dir).save_manifest({"stages": {"gate": {"heldout_accuracy": 0.7, "heldout_method": "k-fold"}}})
+    return store
+
+
+def test_routing_curve_with_random_and_oracle_references(tmp_path):
+    store = write_records(tmp_path, [8, 2, 8, 2], [0.9, 0.1, 0.8, 0.2], [0.85, 0.05])
+    curve = routing_curve(collect_outcomes(store)["mtbench_score"])
+    by_threshold = {round(p["threshold"], 6): p for p in curve["points"]}
+    assert by_threshold[0.0]["share"] == 1.0 and by_threshold[0.0]["value"] == 5.0  # always adapter: mean lora
+    assert by_threshold[0.8]["value"] == 6.5 and by_threshold[0.8]["random"] == 5.0
+    assert curve["oracle"] == {"share": 0.5, "value": 6.5}
+
+
+def test_calibrate_maximizes_the_objective_within_the_mmlu_limit(tmp_path):
+    write_records(tmp_path, [8, 2, 8, 2], [0.9, 0.1, 0.8, 0.2], [0.85, 0.05])
+    # 0.8 would route the MMLU item at 0.85 to the adapter and lose 50 points: 0.9 is the best allowed
+    result = calibrate(tmp_path, Objective(max_mmlu_drop=0.5))
+    assert result["threshold"] == 0.9 and result["at_threshold"]["mtbench_score"] == 5.75
+    assert json.loads((tmp_path / "gate" / "config.json").read_text())["threshold"] == 0.9
+    relaxed = calibrate(tmp_path, Objective(max_mmlu_drop=100), save=False)
+    assert relaxed["threshold"] == 0.8 and relaxed["gate_heldout_accuracy"] == 0.7
+    assert json.loads((tmp_path / "gate" / "config.json").read_text())["threshold"] == 0.9  # not saved
+
+
+def test_calibrate_without_records_says_what_to_run(tmp_path):
+    (tmp_path / "eval").mkdir()
+    with pytest.raises(PrismError, match="prism eval"):
+        calibrate(tmp_path)
