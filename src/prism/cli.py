@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest MMLU accuracy loss against base allowed, in points (default 0.5)")
     tune.add_argument("--no-save", action="store_true", help="only report; leave the run's threshold as it is")
 
+    versus = commands.add_parser("ab", help="persona A/B test on your own queries: answers with and without it, "
+                                 "judged in both orders, win/loss/tie per category")
+    versus.add_argument("--persona", required=True, help="a text file holding the persona (system prompt)")
+    versus.add_argument("--queries", required=True, help="JSONL, one {\"query\": ..., \"category\": ...} per line")
+    versus.add_argument("--model", default="embedded", help="Hub id, local path, or 'embedded' (default)")
+    versus.add_argument("--out", help="where answers and verdicts go (default runs/ab-<persona file name>); "
+                        "re-running resumes")
+    versus.add_argument("--max-tokens", type=int, default=256, help="answer length (default 256)")
+    versus.add_argument("--judge-calibration", choices=("position", "none"), default="position")
+    versus.add_argument("--batch-size", type=int, default=16)
+    versus.add_argument("--seed", type=int, default=0)
+    versus.add_argument("--device", default="auto")
+
     report = commands.add_parser("report", help="RUN/eval/report.md and report.html with plots, from results.json")
     report.add_argument("run", help="a run directory that has been through `prism eval`")
     return parser
@@ -219,6 +232,24 @@ def main(argv: list[str] | None = None) -> int:
 
             result = calibrate(args.run, Objective(max_mmlu_drop=args.max_mmlu_drop), save=not args.no_save)
             print(format_calibration(result))
+        elif args.command == "ab":
+            from pathlib import Path
+
+            from prism.ab import format_ab, persona_ab, read_queries
+
+            try:
+                persona = Path(args.persona).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise PrismError(f"cannot read the persona file {args.persona}: {exc}") from None
+            if not persona:
+                raise PrismError(f"the persona file {args.persona} is empty")
+            config = resolve_config(model=args.model, answer_max_tokens=args.max_tokens, seed=args.seed,
+                                    judge_calibration=args.judge_calibration, batch_size=args.batch_size,
+                                    device=args.device, answer_temperature=0.0)
+            out = args.out or f"runs/ab-{Path(args.persona).stem}"
+            results = persona_ab(persona, read_queries(args.queries), out, config)
+            print(format_ab(results))
+            print(f"details: {out}/labels.jsonl, plot: {out}/ab_results.png")
         elif args.command == "report":
             from prism.report import write_report
 
