@@ -176,3 +176,18 @@ def test_prism_serve_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"prism: error: {tmp_path} is not a PRISM run directory (no manifest.json): "
         f"run `prism bootstrap --out {tmp_path}` first"]
+
+
+def test_remote_judge_against_the_live_server(server, tiny_run):
+    from prism.errors import PrismError
+    from prism.evaluate import EvalConfig, Judge
+
+    config = EvalConfig(judge_base_url=server["url"] + "/v1", judge_model="prism-base", judge_api_key=API_KEY)
+    judge = Judge(server["model"], config)
+    replies = judge.complete([("You judge.", "Rate this answer: 'Paris'. Reply [[rating]].")], prefix="",
+                             max_tokens=4)
+    assert len(replies) == 1 and isinstance(replies[0], str) and not judge.prefixed
+    wrong = Judge(server["model"], EvalConfig(judge_base_url=server["url"] + "/v1", judge_model="prism-base",
+                                              judge_api_key="wrong"))
+    with pytest.raises(PrismError, match="failed: .*re-run to resume"):
+        wrong.complete([("s", "u")], prefix="", max_tokens=4)

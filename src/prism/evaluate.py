@@ -136,11 +136,17 @@ class Judge:
     def complete(self, prompts: list[tuple[str, str]], prefix: str, max_tokens: int) -> list[str]:
         """Replies to (system, user) prompts; a local judge's reply starts after `prefix`."""
         if self.remote is not None:
+            import openai
+
             replies = []
             for system, user in prompts:
-                response = self.remote.chat.completions.create(
-                    model=self.remote_model, temperature=0, max_tokens=1024,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+                try:
+                    response = self.remote.chat.completions.create(
+                        model=self.remote_model, temperature=0,
+                        messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+                except openai.OpenAIError as exc:
+                    raise PrismError(f"the judge {self.name} failed: {exc}; what is already judged is saved, "
+                                     "re-run to resume") from None
                 replies.append(response.choices[0].message.content or "")
             return replies
         params = SamplingParams(max_tokens=max_tokens)
@@ -205,7 +211,7 @@ class Evaluation:
                      for item in benchdata.load_arc(self.data_dir, self.config.limit, split)]
         for system in self.config.systems:
             todo = self._pending(bench, (f"{system}:{self.config.scoring}:{it['id']}" for it in items))
-            todo_ids = {k.rsplit(":", 1)[1] for k in todo}
+            todo_ids = {k.split(":", 2)[2] for k in todo}
             pending = [it for it in items if it["id"] in todo_ids]
             batches = length_sorted_batches([len(choice_prompt(it["question"], it["choices"])) for it in pending],
                                             self.config.batch_size)
