@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -156,8 +157,6 @@ def test_eval_end_to_end_resumes_and_reports(tiny_run, tmp_path, capsys):
     for name in ("manifest.json", "gate", "adapter"):  # a copy: eval writes into the run directory
         source = tiny_run / name
         if source.is_dir():
-            import shutil
-
             shutil.copytree(source, run / name)
         else:
             (run / name).write_text(source.read_text())
@@ -200,3 +199,20 @@ def test_eval_end_to_end_resumes_and_reports(tiny_run, tmp_path, capsys):
 def test_eval_rejects_unknown_names(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--bench", "mmlu,hellaswag"]) == 2
     assert "unknown benchmark or system hellaswag" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Chromium (Debian package chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from prism.report import screenshot
+
+    page = tmp_path / "page.html"
+    page.write_text("<!doctype html><html><body style='background:#fff'><h1>PRISM</h1>"
+                    "<table><tr><td>base</td><td>24.1</td></tr></table></body></html>")
+    image = matplotlib_image(screenshot(page, tmp_path / "page.png", width=400, height=300))
+    assert image.shape[:2] == (300, 400) and image.std() > 0.01  # something was drawn, not a blank page
+
+
+def matplotlib_image(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path))

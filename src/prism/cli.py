@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="RUN/eval/report.md and report.html with plots, from results.json")
     report.add_argument("run", help="a run directory that has been through `prism eval`")
+    report.add_argument("--screenshot", action="store_true",
+                        help="also render report.html in headless Chromium to eval/report.png")
     return parser
 
 
@@ -251,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             print(format_ab(results))
             print(f"details: {out}/labels.jsonl, plot: {out}/ab_results.png")
         elif args.command == "report":
-            from prism.report import write_report
+            from pathlib import Path
 
-            for path in write_report(args.run):
+            from prism.report import screenshot, write_report
+
+            written = write_report(args.run)
+            if args.screenshot:
+                written.append(screenshot(written[1], Path(args.run) / "eval" / "report.png"))
+            for path in written:
                 print(path)
         elif args.command == "serve":
             from prism.serve import serve

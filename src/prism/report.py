@@ -14,6 +14,7 @@ from prism.errors import PrismError
 from prism.runs import RunDir
 
 DOMAINS = tuple(MMLU_DOMAINS)
+COLORS = {"base": "tab:blue", "persona": "tab:orange", "lora": "tab:green", "prism": "tab:red"}  # same in every plot
 
 
 def _cell(entry: dict | None, metric: str, percent: bool = True) -> str:
@@ -98,7 +99,8 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
         for i, system in enumerate(systems):
             cats = (results[system].get("mtbench") or {}).get("categories") or {}
             values = [(cats.get(c) or {}).get("score") or 0 for c in MT_BENCH_CATEGORIES]
-            ax.bar([x + i * width for x in range(len(MT_BENCH_CATEGORIES))], values, width, label=system)
+            ax.bar([x + i * width for x in range(len(MT_BENCH_CATEGORIES))], values, width, label=system,
+                   color=COLORS.get(system))
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(MT_BENCH_CATEGORIES))],
                       MT_BENCH_CATEGORIES)
         ax.set_ylabel("MT-Bench score (1-10)")
@@ -118,7 +120,7 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
                         ((base_knowledge.get("mmlu") or {}).get("domains") or {}).get(label)) or {}
                 both = mine.get("accuracy") is not None and base.get("accuracy") is not None
                 deltas.append(100 * (mine["accuracy"] - base["accuracy"]) if both else 0)
-            ax.bar([x + i * width for x in range(len(labels))], deltas, width, label=system)
+            ax.bar([x + i * width for x in range(len(labels))], deltas, width, label=system, color=COLORS.get(system))
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_ylabel("accuracy − base (points)")
@@ -132,7 +134,7 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
         for i, system in enumerate(systems):
             jbb = results[system].get("jbb") or {}
             ax.bar([x + i * width for x in range(len(keys))], [100 * (jbb.get(k) or 0) for k, _ in keys], width,
-                   label=system)
+                   label=system, color=COLORS.get(system))
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(keys))], [t for _, t in keys])
         ax.set_ylabel("refusal rate (%)")
         ax.legend()
@@ -222,6 +224,22 @@ def write_report(run_path: str | Path) -> list[Path]:
     html_path = run.path / "eval" / "report.html"
     html_path.write_text(_html(markdown, plots))
     return [md_path, html_path, *(p for _, p in plots)]
+
+
+def screenshot(html_path: Path, png_path: Path, width: int = 1200, height: int = 4000) -> Path:
+    """Render the report in headless Chromium (Debian package `chromium`) to a PNG, to see what a reader sees."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise PrismError("no Chromium found for --screenshot: install it (Debian: apt-get install chromium)")
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--screenshot={png_path}", f"--window-size={width},{height}", html_path.resolve().as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 or not png_path.is_file():
+        raise PrismError(f"Chromium could not render {html_path}: {result.stderr.strip()[-300:]}")
+    return png_path
 
 
 def _html(markdown: str, plots: list[tuple[str, Path]]) -> str:
