@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -215,6 +216,7 @@ class Evaluation:
             pending = [it for it in items if it["id"] in todo_ids]
             batches = length_sorted_batches([len(choice_prompt(it["question"], it["choices"])) for it in pending],
                                             self.config.batch_size)
+            started = time.perf_counter()
             for batch in tqdm(batches, desc=f"{bench} {system}", leave=False):
                 chunk = [pending[i] for i in batch]
                 scores, decisions = self._choice_scores(system, chunk)
@@ -225,6 +227,10 @@ class Evaluation:
                      "correct": int(torch.tensor(s).argmax()) == it["answer"], "scores": s,
                      "route": d.route, "gate_probability": d.gate_probability}
                     for it, s, d in zip(chunk, scores, decisions)])
+            if pending:
+                seconds = time.perf_counter() - started
+                log.info("%s %s: %d items scored in %.1f s = %.2f items/s", bench, system, len(pending), seconds,
+                         len(pending) / seconds)
 
     def _choice_scores(self, system: str, items: list[dict]) -> tuple[list[list[float]], list]:
         tokenizer = self.model.lm.tokenizer
