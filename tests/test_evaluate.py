@@ -216,3 +216,16 @@ def matplotlib_image(path):
     import matplotlib.image
 
     return matplotlib.image.imread(str(path))
+
+
+def test_limits_per_benchmark():
+    from prism.errors import PrismError
+    from prism.evaluate import parse_limit
+
+    assert parse_limit("8") == 8 and parse_limit(None) is None
+    config = EvalConfig(limit=parse_limit("mmlu=4,arc=100"))
+    assert (config.limit_for("mmlu"), config.limit_for("arc"), config.limit_for("jbb")) == (4, 100, None)
+    with pytest.raises(PrismError, match="name=number"):
+        parse_limit("mmlu=lots")
+    with pytest.raises(PrismError, match="unknown benchmarks hellaswag"):
+        EvalConfig(limit={"hellaswag": 3})

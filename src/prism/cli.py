@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="mmlu,arc,mtbench,jbb, or knowledge (mmlu+arc), or all (default)")
     evaluation.add_argument("--systems", type=_comma_list, default=["base", "persona", "lora", "prism"],
                             help="base,persona,lora,prism (default all four)")
-    evaluation.add_argument("--limit", type=int, help="items per MMLU subject, per ARC split, per MT-Bench "
-                            "category and per JBB kind (default: everything)")
+    evaluation.add_argument("--limit", help="items per MMLU subject, per ARC split, per MT-Bench category and per "
+                            "JBB kind: one number, or per benchmark like mmlu=4,arc=100,mtbench=3,jbb=25 "
+                            "(default: everything)")
     evaluation.add_argument("--data-dir", help="benchmark data (mmlu/, arc/, mt_bench/, jbb/); "
                             "default $PRISM_BENCHMARKS or ../shared/benchmarks")
     evaluation.add_argument("--scoring", choices=("letter", "cloze"), default="letter",
@@ -218,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                                         trust_remote_code=args.trust_remote_code)
             chat(model, params, route=args.route, system=args.system)
         elif args.command == "eval":
-            from prism.evaluate import EvalConfig, evaluate
+            from prism.evaluate import EvalConfig, evaluate, parse_limit
 
-            config = EvalConfig(benches=args.bench, systems=args.systems, limit=args.limit, data_dir=args.data_dir,
-                                scoring=args.scoring, batch_size=args.batch_size,
+            config = EvalConfig(benches=args.bench, systems=args.systems, limit=parse_limit(args.limit),
+                                data_dir=args.data_dir, scoring=args.scoring, batch_size=args.batch_size,
                                 mtbench_max_tokens=args.mtbench_max_tokens, jbb_max_tokens=args.jbb_max_tokens,
                                 judge_base_url=args.judge_base_url, judge_model=args.judge_model,
                                 judge_api_key=args.judge_api_key)

@@ -58,7 +58,9 @@ REFUSAL_JUDGE = (
 class EvalConfig:
     benches: list[str] = field(default_factory=lambda: list(BENCHES))
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
-    limit: int | None = None  # MMLU: per subject; ARC: per split; MT-Bench: per category; JBB: per kind
+    # MMLU: per subject; ARC: per split; MT-Bench: per category; JBB: per kind. One number for all, or
+    # per benchmark as {"mmlu": 4, "arc": 100}.
+    limit: int | dict[str, int] | None = None
     data_dir: str | None = None
     scoring: str = "letter"  # "letter" (answer letter after the prompt) or "cloze" (each choice's text)
     arc_splits: list[str] = field(default_factory=lambda: ["easy", "challenge"])
@@ -68,6 +70,9 @@ class EvalConfig:
     judge_base_url: str | None = None  # an OpenAI-compatible judge; None = the base model judges itself
     judge_model: str | None = None
     judge_api_key: str | None = None
+
+    def limit_for(self, bench: str) -> int | None:
+        return self.limit.get(bench) if isinstance(self.limit, dict) else self.limit
 
     def __post_init__(self) -> None:
         self.benches = [b for name in self.benches for b in BENCH_GROUPS.get(name, (name,))]
@@ -79,8 +84,22 @@ class EvalConfig:
             raise PrismError(f"--scoring must be letter or cloze, got {self.scoring!r}")
         if self.judge_base_url and not self.judge_model:
             raise PrismError("--judge-base-url needs --judge-model (the judge's model name on that server)")
+        if isinstance(self.limit, dict) and set(self.limit) - set(BENCHES):
+            raise PrismError(f"--limit names unknown benchmarks {', '.join(sorted(set(self.limit) - set(BENCHES)))}")
         if "base" not in self.systems:
             self.systems.insert(0, "base")  # every comparison is against base
+
+
+def parse_limit(text: str | None) -> int | dict[str, int] | None:
+    """'8' (every benchmark) or 'mmlu=4,arc=100,mtbench=3,jbb=25' (per benchmark; unnamed ones: no limit)."""
+    if not text:
+        return None
+    try:
+        if "=" not in text:
+            return int(text)
+        return {name.strip(): int(value) for name, value in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise PrismError(f"--limit {text!r}: give a number, or name=number pairs like mmlu=4,arc=100") from None
 
 
 def messages_for(system: str, user: str, persona: str | None, history: list[dict[str, str]] | None = None
@@ -205,11 +224,11 @@ class Evaluation:
     # -- knowledge -------------------------------------------------------------------------------------
     def knowledge(self, bench: str) -> None:
         if bench == "mmlu":
-            items = benchdata.load_mmlu(self.data_dir, self.config.limit)
+            items = benchdata.load_mmlu(self.data_dir, self.config.limit_for("mmlu"))
         else:
             items = [item for split in self.config.arc_splits
                      if (self.data_dir / "arc" / f"{split}_test.jsonl").is_file()
-                     for item in benchdata.load_arc(self.data_dir, self.config.limit, split)]
+                     for item in benchdata.load_arc(self.data_dir, self.config.limit_for("arc"), split)]
         for system in self.config.systems:
             todo = self._pending(bench, (f"{system}:{self.config.scoring}:{it['id']}" for it in items))
             todo_ids = {k.split(":", 2)[2] for k in todo}
@@ -257,7 +276,7 @@ class Evaluation:
 
     # -- MT-Bench --------------------------------------------------------------------------------------
     def mtbench(self) -> None:
-        data = benchdata.load_mtbench(self.data_dir, self.config.limit)
+        data = benchdata.load_mtbench(self.data_dir, self.config.limit_for("mtbench"))
         params = SamplingParams(max_tokens=self.config.mtbench_max_tokens)
         questions = {q["question_id"]: q for q in data["questions"]}
         for turn in (0, 1):
@@ -341,7 +360,7 @@ class Evaluation:
 
     # -- JailbreakBench --------------------------------------------------------------------------------
     def jbb(self) -> None:
-        items = benchdata.load_jbb(self.data_dir, self.config.limit)
+        items = benchdata.load_jbb(self.data_dir, self.config.limit_for("jbb"))
         params = SamplingParams(max_tokens=self.config.jbb_max_tokens)
         persona = self.persona_for(SAFETY_DOMAIN)
         jobs, extra = {}, {}

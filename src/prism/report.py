@@ -201,6 +201,8 @@ def write_report(run_path: str | Path) -> list[Path]:
     held = gate.get("heldout_accuracy")
     calibration = load_calibration(run.path)
     limit = eval_config.get("limit")
+    if isinstance(limit, dict):
+        limit = ",".join(f"{k}={v}" for k, v in limit.items())
     command = (f"prism eval {run.path} --bench {','.join(eval_config.get('benches', []))} "
                f"--systems {','.join(eval_config.get('systems', []))}" + (f" --limit {limit}" if limit else ""))
     summary = [
