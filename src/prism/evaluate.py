@@ -427,6 +427,11 @@ def _proportion(values: list[bool], name: str) -> dict[str, Any]:
     return {name: k / n if n else None, f"{name}_ci": list(wilson_interval(k, n)) if n else None, f"{name}_n": n}
 
 
+def _mean(values: list[float], name: str) -> dict[str, Any]:
+    return {name: sum(values) / len(values) if values else None,
+            f"{name}_ci": list(bootstrap_mean_interval(values)) if values else None}
+
+
 def _routing_rate(records: list[dict]) -> float | None:
     return sum(r["route"] == "persona" for r in records) / len(records) if records else None
 
@@ -459,24 +464,18 @@ def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
         if not mine:
             continue
         valid = [s["score"] for s in mine if s["score"] is not None]
-        entry = {"score": sum(valid) / len(valid) if valid else None,
-                 "score_ci": list(bootstrap_mean_interval(valid)) if valid else None,
-                 "graded": len(valid), "unparseable": len(mine) - len(valid),
-                 "routing_rate": _routing_rate([a for a in answers if a["system"] == system])}
+        entry = _mean(valid, "score") | {"graded": len(valid), "unparseable": len(mine) - len(valid),
+                                         "routing_rate": _routing_rate([a for a in answers if a["system"] == system])}
         entry["categories"] = {}
         for category in sorted({s["category"] for s in mine}):
             cat = [s["score"] for s in mine if s["category"] == category and s["score"] is not None]
-            entry["categories"][category] = {
-                "score": sum(cat) / len(cat) if cat else None,
-                "score_ci": list(bootstrap_mean_interval(cat)) if cat else None,
-                "routing_rate": _routing_rate([a for a in answers if a["system"] == system
-                                               and a["category"] == category])}
+            entry["categories"][category] = _mean(cat, "score") | {"routing_rate": _routing_rate(
+                [a for a in answers if a["system"] == system and a["category"] == category])}
         if system != "base":
             outcomes = _pair_outcomes([p for p in pairs if p["system"] == system])
             if outcomes:
-                points = [1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in outcomes]
-                entry["winrate_vs_base"] = sum(points) / len(points)
-                entry["winrate_vs_base_ci"] = list(bootstrap_mean_interval(points))
+                entry |= _mean([1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in outcomes],
+                               "winrate_vs_base")
                 entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
                 entry["pairs_unparseable"] = sum(p["verdict"] is None for p in pairs if p["system"] == system)
         results[system]["mtbench"] = entry
