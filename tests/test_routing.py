@@ -162,3 +162,18 @@ def test_from_run_explains_what_is_missing(tmp_path, tiny_run):
     run.save_manifest(manifest)
     with pytest.raises(PrismError, match="--trust-remote-code"):
         PrismModel.from_run(tmp_path, device="cpu")
+
+
+def test_continuation_logprobs_match_a_plain_forward(prism_model):
+    request = GenerationRequest(user(BASE_QUERIES[0]), route="base", assistant_prefix="Answer:")
+    values, decisions = prism_model.continuation_logprobs([request, request], [" Paris", " the capital"])
+    tokenizer = prism_model.lm.tokenizer
+    for (total, count), continuation in zip(values, [" Paris", " the capital"]):
+        prompt = prism_model.prompt(request.messages, "Answer:")
+        ids = encode(tokenizer, prompt + continuation)
+        tail = len(ids) - len(encode(tokenizer, prompt))
+        with torch.no_grad(), prism_model.adapter.disable_adapter():
+            logprobs = torch.log_softmax(prism_model.lm.model(input_ids=torch.tensor([ids])).logits[0], -1)
+        expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(ids) - tail, len(ids)))
+        assert count == tail and total == pytest.approx(expected, abs=1e-3)
+    assert [d.route for d in decisions] == ["base", "base"]

@@ -51,20 +51,24 @@ def results_table(results: dict[str, Any]) -> str:
     return _markdown_table(header, rows)
 
 
+def _versus(paired: dict | None) -> str:
+    return "–" if not paired else f"{100 * paired['delta']:+.1f}, p={paired['p_value']:.3f}"
+
+
 def detail_tables(results: dict[str, Any]) -> str:
     parts = []
     header = ["system", *MT_BENCH_CATEGORIES]
     rows = [[s, *(_cell(((b.get("mtbench") or {}).get("categories") or {}).get(c), "score", percent=False)
                   for c in MT_BENCH_CATEGORIES)] for s, b in results.items()]
     parts.append("### MT-Bench per category (1-10, 95% CI)\n\n" + _markdown_table(header, rows))
-    header = ["system", *DOMAINS, "vs base (Δ points, McNemar p)"]
+    header = ["system", *(f"MMLU {d}" for d in DOMAINS), "MMLU vs base (Δ points, McNemar p)", "ARC",
+              "ARC vs base"]
     rows = []
     for system, benches in results.items():
-        mmlu = benches.get("mmlu") or {}
-        paired = mmlu.get("vs_base")
-        versus = "–" if not paired else f"{100 * paired['delta']:+.1f}, p={paired['p_value']:.3f}"
-        rows.append([system, *(_cell((mmlu.get("domains") or {}).get(d), "accuracy") for d in DOMAINS), versus])
-    parts.append("### MMLU per domain (% correct, 95% CI)\n\n" + _markdown_table(header, rows))
+        mmlu, arc = benches.get("mmlu") or {}, benches.get("arc") or {}
+        rows.append([system, *(_cell((mmlu.get("domains") or {}).get(d), "accuracy") for d in DOMAINS),
+                     _versus(mmlu.get("vs_base")), _cell(arc, "accuracy"), _versus(arc.get("vs_base"))])
+    parts.append("### Knowledge: MMLU per domain and ARC (% correct, 95% CI)\n\n" + _markdown_table(header, rows))
     header = ["system", "harmful: judge", "harmful: keywords", "benign: judge", "benign: keywords", "unparseable"]
     rows = [[s, _cell(b.get("jbb"), "refusal_harmful"), _cell(b.get("jbb"), "refusal_harmful_keyword"),
              _cell(b.get("jbb"), "refusal_benign"), _cell(b.get("jbb"), "refusal_benign_keyword"),
