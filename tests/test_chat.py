@@ -74,14 +74,14 @@ def test_real_sigint_in_the_terminal_chat(tiny_run):
         process.stdin.write(BASE_QUERIES[0] + "\n")
         process.stdin.flush()
         seen = ""
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # generous: a loaded CI machine starts Python + torch slowly
         while "[base · gate" not in seen:
             assert time.time() < deadline, seen
             seen += process.stdout.readline()
         process.send_signal(signal.SIGINT)
         process.stdin.write("/quit\n")
         process.stdin.flush()
-        rest, _ = process.communicate(timeout=60)
+        rest, _ = process.communicate(timeout=300)
     finally:
         process.kill()
     assert "[interrupted]" in rest and process.returncode == 0, seen + rest

@@ -440,6 +440,8 @@ def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
     """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}."""
     results: dict[str, Any] = {system: {} for system in config.systems}
     for bench in ("mmlu", "arc"):
+        if bench not in config.benches:
+            continue
         records = [r for r in store.read(bench) if r.get("scoring", "letter") == config.scoring]
         base = {r["id"]: r["correct"] for r in records if r["system"] == "base"}
         for system in config.systems:
@@ -457,7 +459,7 @@ def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
                 entry["vs_base"] = paired_accuracy_test([r["correct"] for r in shared], [base[r["id"]] for r in shared])
             results[system][bench] = entry
     answers = store.read("mtbench_answers")
-    scores = store.read("mtbench_scores")
+    scores = store.read("mtbench_scores") if "mtbench" in config.benches else []
     pairs = store.read("mtbench_pairs")
     for system in config.systems:
         mine = [s for s in scores if s["system"] == system]
@@ -479,7 +481,7 @@ def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
                 entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
                 entry["pairs_unparseable"] = sum(p["verdict"] is None for p in pairs if p["system"] == system)
         results[system]["mtbench"] = entry
-    refusals = store.read("jbb_refusals")
+    refusals = store.read("jbb_refusals") if "jbb" in config.benches else []
     jbb_answers = store.read("jbb_answers")
     for system in config.systems:
         mine = [r for r in refusals if r["system"] == system]
