@@ -229,3 +229,14 @@ def test_limits_per_benchmark():
         parse_limit("mmlu=lots")
     with pytest.raises(PrismError, match="unknown benchmarks hellaswag"):
         EvalConfig(limit={"hellaswag": 3})
+
+
+def test_summary_covers_only_the_items_asked_for(tmp_path):
+    store = RunDir(tmp_path)
+    store.append("mmlu", [{"key": f"base:letter:{i}", "system": "base", "id": str(i), "subject": "anatomy",
+                           "domain": "STEM", "scoring": "letter", "correct": i == 0, "route": "base"}
+                          for i in range(4)])
+    config = EvalConfig(benches=["mmlu"], systems=["base"])
+    assert summarize(store, config)["base"]["mmlu"]["accuracy_n"] == 4
+    limited = summarize(store, config, {"mmlu": {"0", "1"}})["base"]["mmlu"]
+    assert (limited["accuracy_n"], limited["accuracy"]) == (2, 0.5)

@@ -184,6 +184,7 @@ class Evaluation:
         self.data_dir = Path(config.data_dir) if config.data_dir else benchdata.default_data_dir()
         self.judge = Judge(model, config)
         self.personas = self._personas()
+        self.items: dict[str, set] = {}  # the items each benchmark covers under this run's --limit
 
     # -- caching ---------------------------------------------------------------------------------------
     def _pending(self, name: str, keys: Iterable[str]) -> list[str]:
@@ -229,6 +230,7 @@ class Evaluation:
             items = [item for split in self.config.arc_splits
                      if (self.data_dir / "arc" / f"{split}_test.jsonl").is_file()
                      for item in benchdata.load_arc(self.data_dir, self.config.limit_for("arc"), split)]
+        self.items[bench] = {it["id"] for it in items}
         for system in self.config.systems:
             todo = self._pending(bench, (f"{system}:{self.config.scoring}:{it['id']}" for it in items))
             todo_ids = {k.split(":", 2)[2] for k in todo}
@@ -279,6 +281,7 @@ class Evaluation:
         data = benchdata.load_mtbench(self.data_dir, self.config.limit_for("mtbench"))
         params = SamplingParams(max_tokens=self.config.mtbench_max_tokens)
         questions = {q["question_id"]: q for q in data["questions"]}
+        self.items["mtbench"] = set(questions)
         for turn in (0, 1):
             answers = {r["key"]: r for r in self.store.read("mtbench_answers")}
             jobs, extra = {}, {}
@@ -361,6 +364,7 @@ class Evaluation:
     # -- JailbreakBench --------------------------------------------------------------------------------
     def jbb(self) -> None:
         items = benchdata.load_jbb(self.data_dir, self.config.limit_for("jbb"))
+        self.items["jbb"] = {it["id"] for it in items}
         params = SamplingParams(max_tokens=self.config.jbb_max_tokens)
         persona = self.persona_for(SAFETY_DOMAIN)
         jobs, extra = {}, {}
@@ -406,7 +410,7 @@ class Evaluation:
         for bench in self.config.benches:
             log.info("eval %s: systems %s", bench, ", ".join(self.config.systems))
             steps[bench]()
-        results = summarize(self.store, self.config)
+        results = summarize(self.store, self.config, self.items)
         write_json_atomic(self.store.path / "results.json", results)
         write_json_atomic(self.store.path / "eval_config.json", asdict(self.config) | {"judge": self.judge.name})
         return results
@@ -436,13 +440,19 @@ def _routing_rate(records: list[dict]) -> float | None:
     return sum(r["route"] == "persona" for r in records) / len(records) if records else None
 
 
-def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
-    """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}."""
+def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None) -> dict[str, Any]:
+    """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}, over the
+    `items` of each benchmark (ids; MT-Bench question ids) when given, else over everything cached."""
     results: dict[str, Any] = {system: {} for system in config.systems}
-    for bench in ("mmlu", "arc"):
+
+    def read(name: str, bench: str, key: str = "id") -> list[dict[str, Any]]:
         if bench not in config.benches:
-            continue
-        records = [r for r in store.read(bench) if r.get("scoring", "letter") == config.scoring]
+            return []
+        records = store.read(name)
+        return records if items is None or bench not in items else [r for r in records if r[key] in items[bench]]
+
+    for bench in ("mmlu", "arc"):
+        records = [r for r in read(bench, bench) if r.get("scoring", "letter") == config.scoring]
         base = {r["id"]: r["correct"] for r in records if r["system"] == "base"}
         for system in config.systems:
             mine = [r for r in records if r["system"] == system]
@@ -458,9 +468,9 @@ def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
             if system != "base" and shared:
                 entry["vs_base"] = paired_accuracy_test([r["correct"] for r in shared], [base[r["id"]] for r in shared])
             results[system][bench] = entry
-    answers = store.read("mtbench_answers")
-    scores = store.read("mtbench_scores") if "mtbench" in config.benches else []
-    pairs = store.read("mtbench_pairs")
+    answers = read("mtbench_answers", "mtbench", "question_id")
+    scores = read("mtbench_scores", "mtbench", "question_id")
+    pairs = read("mtbench_pairs", "mtbench", "question_id")
     for system in config.systems:
         mine = [s for s in scores if s["system"] == system]
         if not mine:
@@ -481,8 +491,8 @@ def summarize(store: RunDir, config: EvalConfig) -> dict[str, Any]:
                 entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
                 entry["pairs_unparseable"] = sum(p["verdict"] is None for p in pairs if p["system"] == system)
         results[system]["mtbench"] = entry
-    refusals = store.read("jbb_refusals") if "jbb" in config.benches else []
-    jbb_answers = store.read("jbb_answers")
+    refusals = read("jbb_refusals", "jbb")
+    jbb_answers = read("jbb_answers", "jbb")
     for system in config.systems:
         mine = [r for r in refusals if r["system"] == system]
         if not mine:
