@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,7 @@ class Evaluation:
             log.info("writing personas for %d benchmark domains the run lacks", len(missing))
             base_config = self.run.manifest().get("config", {})
             config = BootstrapConfig(**{**base_config, "domains": missing, "personas_file": None})
-            with self.model.adapter.disable_adapter() if self.model.adapter is not None else _nothing():
+            with self.model.adapter.disable_adapter() if self.model.adapter is not None else nullcontext():
                 personas.run(StageContext(run=self.store, config=config, lm=self.model.lm))
             known |= {r["domain"]: r["persona"] for r in self.store.read("personas")}
         return known
@@ -414,14 +415,6 @@ class Evaluation:
         write_json_atomic(self.store.path / "results.json", results)
         write_json_atomic(self.store.path / "eval_config.json", asdict(self.config) | {"judge": self.judge.name})
         return results
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # -- metrics -------------------------------------------------------------------------------------------
