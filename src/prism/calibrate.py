@@ -125,7 +125,7 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
     best = max(allowed, key=lambda t: (objective.score(found, t), t))  # ties: the higher threshold
     gate = run.manifest().get("stages", {}).get("gate", {})
     result = {
-        "threshold": best, "objective": asdict(objective) | {"text": Objective.__doc__.strip()},
+        "threshold": best, "objective": asdict(objective) | {"text": " ".join(Objective.__doc__.split())},
         "objective_value": objective.score(found, best),
         "at_threshold": {m: value_at(o, best) for m, o in found.items()},
         "share_routed": {m: sum(p >= best for p in o.probability) / len(o.probability) for m, o in found.items()},
