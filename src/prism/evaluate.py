@@ -24,6 +24,7 @@ from prism.config import BootstrapConfig
 from prism.decoding import SamplingParams
 from prism.engine import length_sorted_batches
 from prism.errors import PrismError
+from prism.models import first_token_ids
 from prism.routing import GenerationRequest, PrismModel
 from prism.runs import RunDir, StageContext, write_json_atomic
 from prism.stats import bootstrap_mean_interval, paired_accuracy_test, wilson_interval
@@ -263,8 +264,7 @@ class Evaluation:
             requests.append(GenerationRequest(messages, ROUTE[system], assistant_prefix="Answer:"))
         if self.config.scoring == "letter":
             logprobs, decisions = self.model.next_token_logprobs(requests)
-            letter_ids = [sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (L, " " + L)})
-                          for L in benchdata.LETTERS]
+            letter_ids = [first_token_ids(tokenizer, letter) for letter in benchdata.LETTERS]
             scores = [[float(torch.logsumexp(logprobs[row, letter_ids[c]], 0)) for c in range(len(it["choices"]))]
                       for row, it in enumerate(items)]
             return scores, decisions
@@ -396,8 +396,7 @@ class Evaluation:
             return [True if r.strip().lower().startswith("yes") else False if r.strip().lower().startswith("no")
                     else None for r in replies]
         tokenizer = self.model.lm.tokenizer
-        ids = {w: sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (w, " " + w)})
-               for w in ("Yes", "No")}
+        ids = {word: first_token_ids(tokenizer, word) for word in ("Yes", "No")}
         requests = [GenerationRequest([{"role": "system", "content": s}, {"role": "user", "content": u}], "base",
                                       assistant_prefix="Answer:") for s, u in prompts]
         logprobs, _ = self.model.next_token_logprobs(requests)

@@ -193,6 +193,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def first_token_ids(tokenizer: PreTrainedTokenizerBase, word: str) -> list[int]:
+    """The first token of `word` with and without a leading space (tokenizers differ): what a reply
+    starting with that word begins with."""
+    return sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (word, " " + word)})
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):

@@ -181,8 +181,10 @@ class PrismModel:
         """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
         if self.gate.config.constant_route is not None:
             return [_decision(float(self.gate.config.constant_route), self.threshold) for _ in conversations]
-        prompts = [self.gate_prompt(m) for m in conversations]
-        probabilities = self.gate.persona_probability(block0_features(self.lm, prompts)).tolist()
+        return self._gate_decisions([self.gate_prompt(m) for m in conversations])
+
+    def _gate_decisions(self, gate_prompts: list[str]) -> list[RouteDecision]:
+        probabilities = self.gate.persona_probability(block0_features(self.lm, gate_prompts)).tolist()
         return [_decision(p, self.threshold) for p in probabilities]
 
     def _apply_routes(self, persona_rows: list[bool] | None) -> None:
@@ -371,7 +373,7 @@ class PrismModel:
         not the gate's prompt (multi-turn or a custom system message): those get a block-0-only pass over
         the gate prompt. None = decided by the gate during this batch's own prefill."""
         decisions: list[RouteDecision | None] = []
-        separate = []
+        separate: dict[int, str] = {}  # row -> its gate prompt
         for i, (request, prompt) in enumerate(zip(requests, prompts)):
             if request.route != "auto":
                 decisions.append(RouteDecision(request.route, None, forced=True))
@@ -379,10 +381,11 @@ class PrismModel:
                 decisions.append(_decision(float(self.gate.config.constant_route), self.threshold))
             else:
                 decisions.append(None)
-                if prompt != self.gate_prompt(request.messages):  # includes any assistant prefix
-                    separate.append(i)
+                gate_prompt = self.gate_prompt(request.messages)
+                if prompt != gate_prompt:  # includes any assistant prefix
+                    separate[i] = gate_prompt
         if separate:
-            for i, decision in zip(separate, self.decide([requests[i].messages for i in separate])):
+            for i, decision in zip(separate, self._gate_decisions(list(separate.values()))):
                 decisions[i] = decision
         return decisions
 

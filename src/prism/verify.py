@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prism.engine import last_token_logits
 from prism.errors import PrismError
-from prism.models import chat_prompt
+from prism.models import chat_prompt, first_token_ids
 from prism.queries import kept_queries
 from prism.runs import StageContext
 
@@ -34,8 +34,7 @@ def option_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]
     """First token of each verdict, with and without a leading space (tokenizers differ)."""
     ids: dict[str, list[int]] = {}
     for option in OPTIONS:
-        firsts = {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (option, " " + option)}
-        ids[option] = sorted(firsts)
+        ids[option] = first_token_ids(tokenizer, option)
     taken = [t for option in OPTIONS for t in ids[option]]
     if len(taken) != len(set(taken)):
         raise PrismError(f"this tokenizer cannot tell the verdicts A / B / TIE apart by first token: {ids}")
