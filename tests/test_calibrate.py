@@ -57,3 +57,17 @@ def test_calibrate_without_records_says_what_to_run(tmp_path):
     (tmp_path / "eval").mkdir()
     with pytest.raises(PrismError, match="prism eval"):
         calibrate(tmp_path)
+
+
+def test_calibrate_reads_only_the_last_evals_items(tmp_path):
+    store = write_records(tmp_path, [8, 2, 8, 2], [0.9, 0.1, 0.8, 0.2], [0.85, 0.05])
+    assert collect_outcomes(store)["mtbench_score"].base == [5.0] * 4
+    # a later `prism eval --limit` covered questions 0 and 1 and MMLU item 1 only: the rest is older cache
+    (store.path / "eval_config.json").write_text(json.dumps({"scoring": "letter",
+                                                             "items": {"mtbench": [0, 1], "mmlu": ["1"]}}))
+    found = collect_outcomes(store)
+    assert found["mtbench_score"].adapter == [8.0, 2.0] and found["mtbench_score"].probability == [0.9, 0.1]
+    assert found["mmlu_accuracy"].probability == [0.05]
+    # another scoring's records are not this eval's
+    (store.path / "eval_config.json").write_text(json.dumps({"scoring": "cloze"}))
+    assert "mmlu_accuracy" not in collect_outcomes(store)

@@ -13,6 +13,9 @@ from prism.errors import PrismError
 LETTERS = "ABCDEFGHIJ"
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 NEEDS_REFERENCE = ("math", "reasoning", "coding")  # as in FastChat's llm_judge
+JUDGE_PROMPTS = tuple(f"{kind}-{version}{turn}" for kind, version in
+                      (("single", "v1"), ("single", "math-v1"), ("pair", "v2"), ("pair", "math-v1"))
+                      for turn in ("", "-multi-turn"))
 
 # The four MMLU domains of Hendrycks et al. (2021), subject by subject (space-separated).
 MMLU_DOMAINS = {
@@ -97,6 +100,10 @@ def load_mtbench(data_dir: Path, limit: int | None = None) -> dict[str, Any]:
     questions = _per_group(_jsonl(folder / "question.jsonl"), "category", limit)
     references = {r["question_id"]: r["choices"][0]["turns"] for r in _jsonl(folder / "reference_answer_gpt-4.jsonl")}
     prompts = {p["name"]: p for p in _jsonl(folder / "judge_prompts.jsonl")}
+    missing = [name for name in JUDGE_PROMPTS if name not in prompts]
+    if missing:
+        raise PrismError(f"{folder / 'judge_prompts.jsonl'} lacks the judge prompts {', '.join(missing)}: use "
+                         "FastChat's llm_judge/data/judge_prompts.jsonl, which has all eight")
     return {"questions": questions, "references": references, "judge_prompts": prompts}
 
 

@@ -28,33 +28,42 @@ class Outcomes:
 
 
 def collect_outcomes(store: RunDir) -> dict[str, Outcomes]:
-    """MMLU accuracy, MT-Bench turn score, JBB refusal of harmful goals, from eval/*.jsonl."""
+    """MMLU accuracy, MT-Bench turn score, JBB refusal of harmful goals, from eval/*.jsonl: over the items
+    (and the MMLU scoring) of the last `prism eval`, as its eval_config.json records them."""
+    config_path = store.path / "eval_config.json"
+    last_eval = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    covered = {bench: set(ids) for bench, ids in last_eval.get("items", {}).items()}
     found: dict[str, Outcomes] = {}
 
-    def pair_up(metric: str, records: list[dict], key: str, value: str, gate_records: list[dict]) -> None:
+    def pair_up(metric: str, bench: str, records: list[dict], key: str, value: str, gate_records: list[dict]
+                ) -> None:
+        def inside(r: dict) -> bool:
+            return bench not in covered or r[key if bench != "mtbench" else "question_id"] in covered[bench]
+
         by_system: dict[str, dict[Any, Any]] = {"base": {}, "lora": {}}
         for r in records:
-            if r["system"] in by_system and r.get(value) is not None:
+            if r["system"] in by_system and r.get(value) is not None and inside(r):
                 by_system[r["system"]][r[key]] = float(r[value])
         gate = {r[key]: r["gate_probability"] for r in gate_records
-                if r["system"] == "prism" and r.get("gate_probability") is not None}
+                if r["system"] == "prism" and r.get("gate_probability") is not None and inside(r)}
         ids = sorted(set(by_system["base"]) & set(by_system["lora"]) & set(gate), key=str)
         if ids:
             found[metric] = Outcomes(metric, [by_system["base"][i] for i in ids], [by_system["lora"][i] for i in ids],
                                      [gate[i] for i in ids])
 
-    mmlu = store.read("mmlu")
-    pair_up("mmlu_accuracy", mmlu, "id", "correct", mmlu)
+    scoring = last_eval.get("scoring", "letter")
+    mmlu = [r for r in store.read("mmlu") if r.get("scoring", "letter") == scoring]
+    pair_up("mmlu_accuracy", "mmlu", mmlu, "id", "correct", mmlu)
     answers = store.read("mtbench_answers")
     for record in answers:
         record["item"] = f"{record['question_id']}:{record['turn']}"
     scores = store.read("mtbench_scores")
     for record in scores:
         record["item"] = f"{record['question_id']}:{record['turn']}"
-    pair_up("mtbench_score", scores, "item", "score", answers)
+    pair_up("mtbench_score", "mtbench", scores, "item", "score", answers)
     jbb_answers = [r for r in store.read("jbb_answers") if r["kind"] == "harmful"]
     refusals = [r for r in store.read("jbb_refusals") if r["kind"] == "harmful"]
-    pair_up("jbb_refusal_harmful", refusals, "id", "refusal_judge", jbb_answers)
+    pair_up("jbb_refusal_harmful", "jbb", refusals, "id", "refusal_judge", jbb_answers)
     return found
 
 

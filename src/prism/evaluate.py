@@ -331,30 +331,36 @@ class Evaluation:
                 {**m, "score": parse_rating(r, self.judge.prefixed), "raw": r} for m, r in zip(meta[chunk], replies)])
 
     def _mtbench_pairwise(self, data: dict) -> None:
-        """Turn-1 answers of each system against base's, judged in both slot orders."""
+        """Each system's answers against base's, turn by turn (turn 2 judged with both conversations, as
+        FastChat's multi-turn pair prompts do), each pair in both slot orders."""
         answers = {r["key"]: r for r in self.store.read("mtbench_answers")}
         prompts, meta = [], []
         done = {r["key"] for r in self.store.read("mtbench_pairs")}
         for system in self.config.systems:
             if system == "base":
                 continue
-            for q in data["questions"]:
-                ours, base = answers.get(f"{system}:{q['question_id']}:0"), answers.get(f"base:{q['question_id']}:0")
-                if ours is None or base is None:
+            for q, turn in ((q, turn) for q in data["questions"] for turn in (0, 1)):
+                qid = q["question_id"]
+                ours = [answers.get(f"{system}:{qid}:{t}") for t in range(turn + 1)]
+                base = [answers.get(f"base:{qid}:{t}") for t in range(turn + 1)]
+                if None in ours or None in base:
                     continue
-                reference = data["references"].get(q["question_id"]) if q["category"] in benchdata.NEEDS_REFERENCE \
-                    else None
-                template = data["judge_prompts"]["pair-math-v1" if reference else "pair-v2"]
+                reference = data["references"].get(qid) if q["category"] in benchdata.NEEDS_REFERENCE else None
+                name = ("pair-math-v1" if reference else "pair-v2") + ("-multi-turn" if turn == 1 else "")
+                template = data["judge_prompts"][name]
                 for order in ("system_first", "base_first"):
-                    key = f"pair:{system}:{q['question_id']}:{order}"
+                    key = f"pair:{system}:{qid}:{turn}:{order}"
                     if key in done:
                         continue
                     a, b = (ours, base) if order == "system_first" else (base, ours)
-                    fields = {"question": q["turns"][0], "answer_a": a["text"], "answer_b": b["text"],
-                              "ref_answer_1": (reference or [""])[0]}
+                    fields = {"question": q["turns"][0], "question_1": q["turns"][0], "question_2": q["turns"][1],
+                              "answer_a": a[0]["text"], "answer_b": b[0]["text"],
+                              "answer_a_1": a[0]["text"], "answer_b_1": b[0]["text"],
+                              "answer_a_2": a[-1]["text"], "answer_b_2": b[-1]["text"],
+                              "ref_answer_1": (reference or ["", ""])[0], "ref_answer_2": (reference or ["", ""])[1]}
                     prompts.append((template["system_prompt"], template["prompt_template"].format(**fields)))
-                    meta.append({"key": key, "system": system, "question_id": q["question_id"],
-                                 "category": q["category"], "order": order, "judge": self.judge.name})
+                    meta.append({"key": key, "system": system, "question_id": qid, "category": q["category"],
+                                 "turn": turn, "order": order, "judge_prompt": name, "judge": self.judge.name})
         for start in tqdm(range(0, len(prompts), self.config.batch_size), desc="mt-bench pairs", leave=False):
             chunk = slice(start, start + self.config.batch_size)
             replies = self.judge.complete(prompts[chunk], prefix="[[", max_tokens=2)
@@ -412,7 +418,10 @@ class Evaluation:
             steps[bench]()
         results = summarize(self.store, self.config, self.items)
         write_json_atomic(self.store.path / "results.json", results)
-        write_json_atomic(self.store.path / "eval_config.json", asdict(self.config) | {"judge": self.judge.name})
+        # the items this --limit covers: calibrate and report read the same ones, not the whole cache
+        covered = {bench: sorted(ids, key=str) for bench, ids in self.items.items()}
+        write_json_atomic(self.store.path / "eval_config.json",
+                          asdict(self.config) | {"judge": self.judge.name, "items": covered})
         return results
 
 
@@ -476,10 +485,13 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
             entry["categories"][category] = _mean(cat, "score") | {"routing_rate": _routing_rate(
                 [a for a in answers if a["system"] == system and a["category"] == category])}
         if system != "base":
-            outcomes = _pair_outcomes([p for p in pairs if p["system"] == system])
+            mine_pairs = [p for p in pairs if p["system"] == system]
+            outcomes = _pair_outcomes(mine_pairs)
             if outcomes:
-                entry |= _mean([1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in outcomes],
-                               "winrate_vs_base")
+                entry |= _winrate(outcomes, "winrate_vs_base")
+                for turn in (0, 1):
+                    entry |= _winrate(_pair_outcomes([p for p in mine_pairs if p.get("turn", 0) == turn]),
+                                      f"winrate_vs_base_turn{turn + 1}")
                 entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
                 entry["pairs_unparseable"] = sum(p["verdict"] is None for p in pairs if p["system"] == system)
         results[system]["mtbench"] = entry
@@ -501,11 +513,16 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
     return results
 
 
+def _winrate(outcomes: list[str], name: str) -> dict[str, Any]:
+    """Wins count 1, ties 1/2 (FastChat's convention), with a bootstrap interval."""
+    return _mean([1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in outcomes], name) if outcomes else {}
+
+
 def _pair_outcomes(pairs: list[dict]) -> list[str]:
-    """Per question: win if the system won in both slot orders, loss if base did, else tie."""
-    by_question: dict[int, dict[str, str | None]] = {}
-    for p in pairs:
-        by_question.setdefault(p["question_id"], {})[p["order"]] = p["verdict"]
+    """Per question and turn: win if the system won in both slot orders, loss if base did, else tie."""
+    by_question: dict[tuple[int, int], dict[str, str | None]] = {}
+    for p in pairs:  # records from before turn 2 was judged have no "turn": they are turn 1
+        by_question.setdefault((p["question_id"], p.get("turn", 0)), {})[p["order"]] = p["verdict"]
     outcomes = []
     for verdicts in by_question.values():
         if len(verdicts) < 2 or None in verdicts.values():

@@ -11,9 +11,12 @@ from typing import Any
 from prism.benchdata import MMLU_DOMAINS, MT_BENCH_CATEGORIES
 from prism.calibrate import load_calibration
 from prism.errors import PrismError
+from prism.evaluate import EvalConfig
 from prism.runs import RunDir
 
 DOMAINS = tuple(MMLU_DOMAINS)
+# eval settings that change results: the reproduce command names them when they differ from the default
+_REPRODUCED = ("scoring", "mtbench_max_tokens", "jbb_max_tokens", "judge_base_url", "judge_model")
 COLORS = {"base": "tab:blue", "persona": "tab:orange", "lora": "tab:green", "prism": "tab:red"}  # same in every plot
 
 
@@ -61,6 +64,15 @@ def detail_tables(results: dict[str, Any]) -> str:
     rows = [[s, *(_cell(((b.get("mtbench") or {}).get("categories") or {}).get(c), "score", percent=False)
                   for c in MT_BENCH_CATEGORIES)] for s, b in results.items()]
     parts.append("### MT-Bench per category (1-10, 95% CI)\n\n" + _markdown_table(header, rows))
+    header = ["system", "win rate, turn 1", "win rate, turn 2", "win rate, both", "win / tie / loss",
+              "verdicts unparseable"]
+    rows = [[s, *(_cell(b["mtbench"], f"winrate_vs_base{t}") for t in ("_turn1", "_turn2", "")),
+             " / ".join(str((b["mtbench"].get("pairs") or {}).get(o, 0)) for o in ("win", "tie", "loss")),
+             str(b["mtbench"].get("pairs_unparseable", 0))]
+            for s, b in results.items() if (b.get("mtbench") or {}).get("pairs")]
+    if rows:
+        parts.append("### MT-Bench pairwise against base (%, wins count 1 and ties 1/2; a win needs both slot "
+                     "orders)\n\n" + _markdown_table(header, rows))
     header = ["system", *(f"MMLU {d}" for d in DOMAINS), "MMLU vs base (Δ points, McNemar p)", "ARC",
               "ARC vs base"]
     rows = []
@@ -207,8 +219,12 @@ def write_report(run_path: str | Path) -> list[Path]:
     limit = eval_config.get("limit")
     if isinstance(limit, dict):
         limit = ",".join(f"{k}={v}" for k, v in limit.items())
+    # item ids are many: the report shows how many each benchmark had
+    shown_config = eval_config | {"items": {b: len(ids) for b, ids in eval_config.get("items", {}).items()}}
     command = (f"prism eval {run.path} --bench {','.join(eval_config.get('benches', []))} "
-               f"--systems {','.join(eval_config.get('systems', []))}" + (f" --limit {limit}" if limit else ""))
+               f"--systems {','.join(eval_config.get('systems', []))}" + (f" --limit {limit}" if limit else "")
+               + "".join(f" --{name.replace('_', '-')} {eval_config[name]}" for name in _REPRODUCED
+                         if name in eval_config and eval_config[name] != getattr(EvalConfig, name)))
     summary = [
         f"# PRISM evaluation: {run.path}",
         f"Model: {(manifest.get('model') or {}).get('name')}. Judge: {eval_config.get('judge', 'n/a')}. "
@@ -221,7 +237,7 @@ def write_report(run_path: str | Path) -> list[Path]:
         detail_tables(results),
         "## Reproduce\n\n```\n" + f"prism bootstrap --config <config below> --out {run.path}\n{command}\n"
         f"prism report {run.path}\n```",
-        "## Configuration\n\n```json\n" + json.dumps({"bootstrap": manifest.get("config"), "eval": eval_config},
+        "## Configuration\n\n```json\n" + json.dumps({"bootstrap": manifest.get("config"), "eval": shown_config},
                                                       indent=2) + "\n```",
     ]
     markdown = "\n\n".join(summary[:5] + [f"![{title}](plots/{path.name})" for title, path in plots] + summary[5:])
