@@ -53,6 +53,35 @@ def default_data_dir() -> Path:
                      "or set PRISM_BENCHMARKS")
 
 
+# A benchmark's source is either a local data root in the layout of ../shared/benchmarks (mmlu/, arc/,
+# mt_bench/, jbb/) or anything `datasets.load_dataset` reads: a Hugging Face Hub id like cais/mmlu, or a
+# local dataset folder, optionally with ":config". The Hub datasets named in the README have these schemas.
+HUB_CONFIGS = {"mmlu": "all", "arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge", "jbb": "behaviors",
+               "mtbench": None}
+
+
+def _local(source: str | Path, relative: str) -> Path | None:
+    """The file in a local root that has the benchmark's folder (the file may be missing: an error later)."""
+    path = Path(source) / relative
+    return path if path.parent.is_dir() else None
+
+
+def _dataset_rows(source: str | Path, default_config: str | None, split: str) -> list[dict[str, Any]]:
+    """One split of a dataset through the `datasets` library (Hub id or local dataset folder)."""
+    name, _, config = str(source).partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise PrismError(f"{source} is not a local benchmark folder, and reading it as a Hugging Face dataset "
+                         "needs the datasets package: pip install datasets") from None
+    try:
+        return [dict(row) for row in datasets.load_dataset(name, config or default_config, split=split)]
+    except Exception as exc:  # network, unknown id, missing config or split: all end the same way for the user
+        raise PrismError(f"cannot load {name} (config {config or default_config}, split {split}) with "
+                         f"datasets.load_dataset: {type(exc).__name__}: {exc}. Check the id and config (give one "
+                         "as ID:CONFIG), or pass a local folder laid out like ../shared/benchmarks") from None
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PrismError(f"benchmark file {path} is missing: check --data-dir")
@@ -60,6 +89,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise PrismError(f"{path}: not JSON Lines ({exc})") from None
+
+
+def _csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _per_group(items: list[dict[str, Any]], key: str, limit: int | None) -> list[dict[str, Any]]:
@@ -75,18 +109,38 @@ def _per_group(items: list[dict[str, Any]], key: str, limit: int | None) -> list
     return kept
 
 
-def load_mmlu(data_dir: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """MMLU test subset; `limit` = items per subject."""
-    rows = _jsonl(data_dir / "mmlu" / "test_subset.jsonl")
-    items = [{"id": f"{r['subject']}-{i}", "subject": r["subject"], "domain": SUBJECT_DOMAIN.get(r["subject"], "other"),
-              "question": r["question"], "choices": r["choices"], "answer": int(r["answer"])}
+def _field(row: dict[str, Any], names: tuple[str, ...], source: str | Path) -> Any:
+    for name in names:
+        if name in row:
+            return row[name]
+    raise PrismError(f"{source}: rows have no {' or '.join(names)} column (they have {', '.join(row)}); "
+                     "the dataset does not have the schema this benchmark expects")
+
+
+def load_mmlu(source: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """MMLU test items (`limit` = items per subject); columns subject, question, choices, answer (cais/mmlu)."""
+    local = _local(source, "mmlu/test_subset.jsonl")
+    rows = _jsonl(local) if local else _dataset_rows(source, HUB_CONFIGS["mmlu"], "test")
+    items = [{"id": f"{_field(r, ('subject',), source)}-{i}", "subject": r["subject"],
+              "domain": SUBJECT_DOMAIN.get(r["subject"], "other"), "question": _field(r, ("question",), source),
+              "choices": list(_field(r, ("choices",), source)), "answer": int(_field(r, ("answer",), source))}
              for i, r in enumerate(rows)]
     return _per_group(items, "subject", limit)
 
 
-def load_arc(data_dir: Path, limit: int | None = None, split: str = "easy") -> list[dict[str, Any]]:
-    """ARC-Easy or ARC-Challenge test; `limit` = items in all."""
-    rows = _jsonl(data_dir / "arc" / f"{split}_test.jsonl")
+def load_arc(source: str | Path, limit: int | None = None, split: str = "easy") -> list[dict[str, Any]]:
+    """ARC-Easy or ARC-Challenge test; `limit` = items in all. A local root without that split gives none."""
+    local = _local(source, f"arc/{split}_test.jsonl")
+    if local and not local.is_file():
+        return []  # a local root may hold one of the two splits
+    if local:
+        rows = _jsonl(local)
+    else:  # allenai/ai2_arc: choices = {"text": [...], "label": [...]}, answerKey = one of the labels
+        rows = []
+        for r in _dataset_rows(source, HUB_CONFIGS[f"arc-{split}"], "test"):
+            choices = _field(r, ("choices",), source)
+            rows.append({"id": r["id"], "question": r["question"], "choices": list(choices["text"]),
+                         "answer": list(choices["label"]).index(_field(r, ("answerKey",), source))})
     # `answer` is the index of the right choice; the original labels (A-E or 1-5) are not needed, since
     # every benchmark is shown with letters A, B, C, ...
     items = [{"id": r["id"], "subject": f"arc-{split}", "domain": "STEM", "question": r["question"],
@@ -94,29 +148,38 @@ def load_arc(data_dir: Path, limit: int | None = None, split: str = "easy") -> l
     return items[:limit] if limit else items
 
 
-def load_mtbench(data_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """MT-Bench questions (`limit` = questions per category), reference answers and judge prompts."""
-    folder = data_dir / "mt_bench"
-    questions = _per_group(_jsonl(folder / "question.jsonl"), "category", limit)
+def load_mtbench(source: str | Path, limit: int | None = None, support: str | Path | None = None
+                 ) -> dict[str, Any]:
+    """MT-Bench questions (`limit` = questions per category), GPT-4 reference answers and FastChat's judge
+    prompts. Questions may come from a dataset (lighteval/mt-bench, HuggingFaceH4/mt_bench_prompts); the
+    references and judge prompts are not on the Hub, so they come from the local root `support`."""
+    local = _local(source, "mt_bench/question.jsonl")
+    if local:
+        questions = _jsonl(local)
+    else:
+        questions = [{"question_id": int(_field(r, ("question_id", "prompt_id"), source)), "category": r["category"],
+                      "turns": list(_field(r, ("turns", "prompt"), source))}
+                     for r in _dataset_rows(source, HUB_CONFIGS["mtbench"], "train")]
+    folder = Path(source if local else support or default_data_dir()) / "mt_bench"
     references = {r["question_id"]: r["choices"][0]["turns"] for r in _jsonl(folder / "reference_answer_gpt-4.jsonl")}
     prompts = {p["name"]: p for p in _jsonl(folder / "judge_prompts.jsonl")}
     missing = [name for name in JUDGE_PROMPTS if name not in prompts]
     if missing:
         raise PrismError(f"{folder / 'judge_prompts.jsonl'} lacks the judge prompts {', '.join(missing)}: use "
                          "FastChat's llm_judge/data/judge_prompts.jsonl, which has all eight")
-    return {"questions": questions, "references": references, "judge_prompts": prompts}
+    return {"questions": _per_group(questions, "category", limit), "references": references,
+            "judge_prompts": prompts}
 
 
-def load_jbb(data_dir: Path, limit: int | None = None) -> list[dict[str, Any]]:
+def load_jbb(source: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """JBB-Behaviors: 100 harmful and 100 benign goals; `limit` = goals of each kind."""
     items = []
     for kind in ("harmful", "benign"):
-        path = data_dir / "jbb" / f"{kind}.csv"
-        if not path.is_file():
-            raise PrismError(f"benchmark file {path} is missing: check --data-dir")
-        with path.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        local = _local(source, f"jbb/{kind}.csv")
+        if local and not local.is_file():
+            raise PrismError(f"benchmark file {local} is missing: check --data-dir")
+        rows = _csv(local) if local else _dataset_rows(source, HUB_CONFIGS["jbb"], kind)
         rows = rows[:limit] if limit else rows
-        items += [{"id": f"{kind}-{r['Index']}", "kind": kind, "goal": r["Goal"], "category": r["Category"]}
-                  for r in rows]
+        items += [{"id": f"{kind}-{r.get('Index', i + 1)}", "kind": kind, "goal": _field(r, ("Goal",), source),
+                   "category": r.get("Category", "")} for i, r in enumerate(rows)]
     return items

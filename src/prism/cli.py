@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: everything)")
     evaluation.add_argument("--data-dir", help="benchmark data (mmlu/, arc/, mt_bench/, jbb/); "
                             "default $PRISM_BENCHMARKS or ../shared/benchmarks")
+    evaluation.add_argument("--data", help="per benchmark, a Hugging Face dataset id (ID or ID:CONFIG) or a "
+                            "local folder, e.g. mmlu=cais/mmlu,arc=allenai/ai2_arc,jbb=JailbreakBench/JBB-Behaviors,"
+                            "mtbench=lighteval/mt-bench (MT-Bench judge prompts still come from --data-dir)")
     evaluation.add_argument("--scoring", choices=("letter", "cloze"), default="letter",
                             help="multiple choice: the answer letter's log-likelihood, or each choice's "
                             "length-normalized log-likelihood (cloze)")
@@ -219,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                                         trust_remote_code=args.trust_remote_code)
             chat(model, params, route=args.route, system=args.system)
         elif args.command == "eval":
-            from prism.evaluate import EvalConfig, evaluate, parse_limit
+            from prism.evaluate import EvalConfig, evaluate, parse_data, parse_limit
 
             config = EvalConfig(benches=args.bench, systems=args.systems, limit=parse_limit(args.limit),
-                                data_dir=args.data_dir, scoring=args.scoring, batch_size=args.batch_size,
+                                data_dir=args.data_dir, data=parse_data(args.data), scoring=args.scoring,
+                                batch_size=args.batch_size,
                                 mtbench_max_tokens=args.mtbench_max_tokens, jbb_max_tokens=args.jbb_max_tokens,
                                 judge_base_url=args.judge_base_url, judge_model=args.judge_model,
                                 judge_api_key=args.judge_api_key)

@@ -63,7 +63,9 @@ class EvalConfig:
     # MMLU: per subject; ARC: per split; MT-Bench: per category; JBB: per kind. One number for all, or
     # per benchmark as {"mmlu": 4, "arc": 100}.
     limit: int | dict[str, int] | None = None
-    data_dir: str | None = None
+    data_dir: str | None = None  # the default source: a local root like ../shared/benchmarks
+    # per benchmark: a local root, or a Hugging Face dataset id (ID or ID:CONFIG), e.g. {"mmlu": "cais/mmlu"}
+    data: dict[str, str] = field(default_factory=dict)
     scoring: str = "letter"  # "letter" (answer letter after the prompt) or "cloze" (each choice's text)
     arc_splits: list[str] = field(default_factory=lambda: ["easy", "challenge"])
     batch_size: int = 16
@@ -86,6 +88,9 @@ class EvalConfig:
             raise PrismError(f"--scoring must be letter or cloze, got {self.scoring!r}")
         if self.judge_base_url and not self.judge_model:
             raise PrismError("--judge-base-url needs --judge-model (the judge's model name on that server)")
+        if set(self.data) - set(BENCHES):
+            raise PrismError(f"--data names unknown benchmarks {', '.join(sorted(set(self.data) - set(BENCHES)))}: "
+                             f"use {', '.join(BENCHES)}")
         if isinstance(self.limit, dict) and set(self.limit) - set(BENCHES):
             raise PrismError(f"--limit names unknown benchmarks {', '.join(sorted(set(self.limit) - set(BENCHES)))}")
         if "base" not in self.systems:
@@ -102,6 +107,17 @@ def parse_limit(text: str | None) -> int | dict[str, int] | None:
         return {name.strip(): int(value) for name, value in (part.split("=", 1) for part in text.split(","))}
     except ValueError:
         raise PrismError(f"--limit {text!r}: give a number, or name=number pairs like mmlu=4,arc=100") from None
+
+
+def parse_data(text: str | None) -> dict[str, str]:
+    """'mmlu=cais/mmlu,arc=allenai/ai2_arc' (per benchmark: a Hub dataset id or a local folder)."""
+    if not text:
+        return {}
+    pairs = [part.split("=", 1) for part in text.split(",")]
+    if any(len(pair) != 2 or not pair[1].strip() for pair in pairs):
+        raise PrismError(f"--data {text!r}: give benchmark=source pairs like mmlu=cais/mmlu,jbb=./my_jbb "
+                         "(a whole local folder goes to --data-dir)")
+    return {name.strip(): value.strip() for name, value in pairs}
 
 
 def messages_for(system: str, user: str, persona: str | None, history: list[dict[str, str]] | None = None
@@ -183,10 +199,13 @@ class Evaluation:
         self.run = RunDir(run)
         self.store = RunDir(self.run.path / "eval")
         self.store.path.mkdir(parents=True, exist_ok=True)
-        self.data_dir = Path(config.data_dir) if config.data_dir else benchdata.default_data_dir()
+        self.data_dir = Path(config.data_dir) if config.data_dir else None
         self.judge = Judge(model, config)
         self.personas = self._personas()
         self.items: dict[str, set] = {}  # the items each benchmark covers under this run's --limit
+
+    def source(self, bench: str) -> str | Path:
+        return self.config.data.get(bench) or self.data_dir or benchdata.default_data_dir()
 
     # -- caching ---------------------------------------------------------------------------------------
     def _pending(self, name: str, keys: Iterable[str]) -> list[str]:
@@ -227,11 +246,10 @@ class Evaluation:
     # -- knowledge -------------------------------------------------------------------------------------
     def knowledge(self, bench: str) -> None:
         if bench == "mmlu":
-            items = benchdata.load_mmlu(self.data_dir, self.config.limit_for("mmlu"))
+            items = benchdata.load_mmlu(self.source("mmlu"), self.config.limit_for("mmlu"))
         else:
             items = [item for split in self.config.arc_splits
-                     if (self.data_dir / "arc" / f"{split}_test.jsonl").is_file()
-                     for item in benchdata.load_arc(self.data_dir, self.config.limit_for("arc"), split)]
+                     for item in benchdata.load_arc(self.source("arc"), self.config.limit_for("arc"), split)]
         self.items[bench] = {it["id"] for it in items}
         for system in self.config.systems:
             todo = self._pending(bench, (f"{system}:{self.config.scoring}:{it['id']}" for it in items))
@@ -279,7 +297,7 @@ class Evaluation:
 
     # -- MT-Bench --------------------------------------------------------------------------------------
     def mtbench(self) -> None:
-        data = benchdata.load_mtbench(self.data_dir, self.config.limit_for("mtbench"))
+        data = benchdata.load_mtbench(self.source("mtbench"), self.config.limit_for("mtbench"), self.data_dir)
         params = SamplingParams(max_tokens=self.config.mtbench_max_tokens)
         questions = {q["question_id"]: q for q in data["questions"]}
         self.items["mtbench"] = set(questions)
@@ -370,7 +388,7 @@ class Evaluation:
 
     # -- JailbreakBench --------------------------------------------------------------------------------
     def jbb(self) -> None:
-        items = benchdata.load_jbb(self.data_dir, self.config.limit_for("jbb"))
+        items = benchdata.load_jbb(self.source("jbb"), self.config.limit_for("jbb"))
         self.items["jbb"] = {it["id"] for it in items}
         params = SamplingParams(max_tokens=self.config.jbb_max_tokens)
         persona = self.persona_for(SAFETY_DOMAIN)

@@ -219,10 +219,12 @@ def write_report(run_path: str | Path) -> list[Path]:
     limit = eval_config.get("limit")
     if isinstance(limit, dict):
         limit = ",".join(f"{k}={v}" for k, v in limit.items())
+    data = ",".join(f"{k}={v}" for k, v in (eval_config.get("data") or {}).items())
     # item ids are many: the report shows how many each benchmark had
     shown_config = eval_config | {"items": {b: len(ids) for b, ids in eval_config.get("items", {}).items()}}
     command = (f"prism eval {run.path} --bench {','.join(eval_config.get('benches', []))} "
                f"--systems {','.join(eval_config.get('systems', []))}" + (f" --limit {limit}" if limit else "")
+               + (f" --data {data}" if data else "")
                + "".join(f" --{name.replace('_', '-')} {eval_config[name]}" for name in _REPRODUCED
                          if name in eval_config and eval_config[name] != getattr(EvalConfig, name)))
     summary = [
