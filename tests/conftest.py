@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,3 +127,36 @@ def build_tiny_run(directory: Path, model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     return build_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on loopback in a thread: a real server that can be stopped and
+    started again on the same port."""
+
+    def __init__(self, app: Any, port: int | None = None):
+        self.app, self.port = app, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> LiveServer:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,47 +1,30 @@
 """The OpenAI-compatible server, live on loopback, driven by the official openai client and raw HTTP."""
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES
-from prism.routing import PrismModel
+from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, free_port
+from prism.decoding import SamplingParams
+from prism.routing import GenerationRequest, PrismModel
 from prism.serve import create_app, wait_until_healthy
 
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
     model = PrismModel.from_run(tiny_run, device="cpu", max_model_len=256)
     app = create_app(model, api_key=API_KEY, max_batch_size=8, default_max_tokens=16)
-    port = free_port()
-    live = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not live.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "model": model, "app": app}
-    live.should_exit = True
-    thread.join(timeout=30)
+    live = LiveServer(app).start()
+    yield {"url": live.url, "model": model, "app": app}
+    live.stop()
 
 
 @pytest.fixture()
@@ -128,6 +111,11 @@ def post(server, body: bytes | dict, key: str | None = API_KEY) -> tuple[int, di
     ({"model": "prism", "messages": ask("hi"), "max_tokens": 1000}, API_KEY, 400, "maximum context length is 256"),
     ({"model": "prism", "messages": ask("word " * 300)}, API_KEY, 400, "maximum context length is 256"),
     ({"model": "prism", "messages": [{"role": "assistant", "content": "hi"}]}, API_KEY, 400, "end with a user"),
+    ({"model": "prism", "messages": [*ask("hi"), {"role": "assistant", "content": "Sure"}],
+      "continue_final_message": True}, API_KEY, 400, "add_generation_prompt false"),
+    ({"model": "prism", "messages": ask("hi"), "logprobs": True, "stream": True}, API_KEY, 400, "stream false"),
+    ({"model": "prism", "messages": ask("hi"), "top_logprobs": 3}, API_KEY, 400, "needs logprobs"),
+    ({"model": "prism", "messages": ask("hi"), "logprobs": True, "top_logprobs": 21}, API_KEY, 422, "top_logprobs"),
     ({"model": "prism", "messages": ask("hi")}, None, 401, "missing API key"),
     ({"model": "prism", "messages": ask("hi")}, "wrong", 401, "incorrect API key"),
 ])
@@ -146,6 +134,32 @@ def test_openai_client_raises_its_own_error_types(server):
         client.chat.completions.create(model="nope", messages=ask("hi"))
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.chat.completions.create(model="prism", messages=ask("hi"), max_tokens=10_000)
+
+
+def test_a_final_assistant_message_is_continued_like_vllm(server, client):
+    prefix = "Verdict:"
+    reply = client.chat.completions.create(
+        model="prism", messages=[*ask(PERSONA_QUERIES[1]), {"role": "assistant", "content": prefix}],
+        temperature=0, max_tokens=6, extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    request = GenerationRequest(ask(PERSONA_QUERIES[1]), "auto", SamplingParams(max_tokens=6), assistant_prefix=prefix)
+    expected = server["model"].generate_batch([request])[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.model_extra["prism"]["route"] == expected.route
+
+
+def test_logprobs_are_the_models_own(server, client):
+    reply = client.chat.completions.create(model="prism-base", messages=ask(BASE_QUERIES[0]), temperature=0,
+                                           max_tokens=3, logprobs=True, top_logprobs=5)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and len(content[0].top_logprobs) == 5
+    logprobs, _ = server["model"].next_token_logprobs([GenerationRequest(ask(BASE_QUERIES[0]), "base")])
+    top = logprobs[0].topk(5)
+    tokenizer = server["model"].lm.tokenizer
+    assert [t.token for t in content[0].top_logprobs] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert content[0].token == content[0].top_logprobs[0].token  # greedy takes the most likely token
+    plain = client.chat.completions.create(model="prism-base", messages=ask(BASE_QUERIES[0]), max_tokens=2)
+    assert plain.choices[0].logprobs is None
 
 
 def test_health_needs_no_key(server):

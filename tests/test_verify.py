@@ -1,15 +1,9 @@
 import pytest
 import torch
 
-from prism.verify import (
-    OPTIONS,
-    both_orders_label,
-    decide,
-    judge_prompt,
-    option_token_ids,
-    position_prior,
-    verdict_probs,
-)
+from prism.engine import LocalEngine, options_from_logits
+from prism.models import first_token_ids
+from prism.verify import OPTIONS, both_orders_label, decide, judge_prompt, position_prior
 
 
 def test_both_orders_rule():
@@ -21,11 +15,12 @@ def test_both_orders_rule():
 
 
 def test_verdict_probs_read_the_option_tokens(tiny_lm):
-    ids = option_token_ids(tiny_lm.tokenizer)
+    ids = {option: first_token_ids(tiny_lm.tokenizer, option) for option in OPTIONS}
     logits = torch.full((tiny_lm.model.config.vocab_size,), -20.0)
     logits[ids["B"][0]] = 5.0
     logits[ids["A"][0]] = 3.0
-    probs, mass = verdict_probs(logits, ids)
+    verdict = options_from_logits(logits, ids)
+    probs, mass = verdict.probs, verdict.mass
     assert decide(probs) == "B"
     assert probs["B"] > probs["A"] > probs["TIE"]
     assert sum(probs.values()) == pytest.approx(1.0)
@@ -45,6 +40,6 @@ def test_position_calibration_removes_a_constant_slot_bias():
 
 
 def test_judge_prompt_truncates_answers_and_ends_at_the_verdict(tiny_lm):
-    prompt = judge_prompt(tiny_lm.tokenizer, "Q?", "a" * 50, "b" * 50, max_chars=10)
+    prompt = LocalEngine(tiny_lm).render(judge_prompt("Q?", "a" * 50, "b" * 50, max_chars=10))
     assert "a" * 10 in prompt and "a" * 11 not in prompt
     assert prompt.endswith("<|im_start|>assistant\nVerdict:")

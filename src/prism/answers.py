@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prism.engine import derive_seed, generate_batches
-from prism.models import chat_prompt
+from prism.engine import Prompt, derive_seed
 from prism.queries import kept_queries
 from prism.runs import StageContext
 
@@ -21,12 +20,11 @@ def run(ctx: StageContext) -> None:
         if f"{query['id']}:{variant}" not in done
     ]
     prompts = [
-        chat_prompt(ctx.lm.tokenizer, q["query"],
-                    system=personas[q["persona_id"]]["persona"] if variant == "persona" else None)
+        Prompt(q["query"], system=personas[q["persona_id"]]["persona"] if variant == "persona" else None)
         for q, variant in jobs
     ]
-    for indices, outputs in generate_batches(
-        ctx.lm, prompts, max_new_tokens=cfg.answer_max_tokens, temperature=cfg.answer_temperature,
+    for indices, outputs in ctx.generator.generate(
+        prompts, max_new_tokens=cfg.answer_max_tokens, temperature=cfg.answer_temperature,
         seed=derive_seed(cfg.seed, "answers", len(done)), batch_size=cfg.batch_size, desc="answers",
     ):
         run_dir.append("answers", [

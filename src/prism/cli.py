@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--config", help="YAML file of options (same names as the flags)")
     boot.add_argument("--out", help=f"run directory (default {DEFAULT_OUT}); re-running resumes it")
     boot.add_argument("--force", action="store_true", help="start over when --out holds a run with another config")
+    boot.add_argument("--api-key", help="the openai engine's API key (default $PRISM_ENGINE_API_KEY; never saved)")
     add_config_flags(boot)
 
     show = commands.add_parser("inspect", help="what a run directory holds: stages, counts, metrics")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or file_values.pop("out", None) or DEFAULT_OUT
             flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(BootstrapConfig)}
             config = resolve_config(file_values, **flags)
-            summary = bootstrap(config, out, force=args.force)
+            summary = bootstrap(config, out, force=args.force, api_key=args.api_key)
             print(format_summary(summary))
         elif args.command == "inspect":
             from prism.pipeline import inspect_run

@@ -56,8 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "small"
 
-# Fields that change how a run is executed but not what it computes.
-RUNTIME_FIELDS = {"device", "threads"}
+# Fields that change how a run is executed but not what it computes (a run may be resumed with
+# another engine: the manifest records which engine made each stage).
+RUNTIME_FIELDS = {"device", "threads", "engine", "base_url", "engine_model", "engine_concurrency",
+                  "engine_timeout", "engine_max_retries"}
+ENGINES = ("transformers", "openai")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -117,6 +120,17 @@ class BootstrapConfig:
     device: str = _help("'auto', 'cpu', 'cuda', ...", default="auto")
     threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
 
+    engine: str = _help("what runs the personas, queries, answers and verify stages: 'transformers' (this "
+                        "process) or 'openai' (an OpenAI-compatible server at --base-url); gate and distill "
+                        "always load the model here", default="transformers")
+    base_url: str | None = _help("the openai engine's server, e.g. http://localhost:8000/v1", default=None)
+    engine_model: str | None = _help("the model name the openai engine's server knows (serving --model)",
+                                     default=None)
+    engine_concurrency: int = _help("requests in flight at once with the openai engine", default=8)
+    engine_timeout: float = _help("seconds before an openai engine request is retried", default=120.0)
+    engine_max_retries: int = _help("retries (exponential backoff) on 429/5xx/timeouts/dropped connections",
+                                    default=8)
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -128,10 +142,16 @@ class BootstrapConfig:
             raise PrismError("the domain list is empty: pass --domains 'writing,safety,...' or --personas FILE")
         if len({d.lower() for d in self.domains}) != len(self.domains):
             raise PrismError(f"duplicate domain names in {self.domains}: each domain gets one persona")
+        if self.engine not in ENGINES:
+            raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.engine == "openai" and not (self.base_url and self.engine_model):
+            raise PrismError("--engine openai needs --base-url (e.g. http://localhost:8000/v1) and --engine-model "
+                             "(the model name that server serves: the same weights as --model)")
         if self.judge_calibration not in ("position", "none"):
             raise PrismError(f"judge_calibration must be 'position' or 'none', not {self.judge_calibration!r}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
-                     "distill_micro_batch_size", "lora_r", "gate_epochs", "persona_attempts", "query_rounds"):
+                     "distill_micro_batch_size", "lora_r", "gate_epochs", "persona_attempts", "query_rounds",
+                     "engine_concurrency"):
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -24,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past end-of-text (benchmarks that need equal lengths)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely ones
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -32,6 +33,8 @@ class SamplingParams:
             raise PrismError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise PrismError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise PrismError(f"top logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise PrismError("stop strings must not be empty")
 
@@ -51,6 +54,20 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer: PreTrainedTokenizerBase
+                   ) -> dict[str, object]:
+    """One generated token's entry in OpenAI's logprobs format: its log-probability under the model's
+    own distribution (before temperature and top_p, as vLLM reports by default) and the `top` most likely."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+
+    def entry(token_id: int) -> dict[str, object]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": float(logprobs[token_id]), "bytes": list(text.encode("utf-8"))}
+
+    ids = logprobs.topk(top).indices.tolist() if top else []
+    return entry(token) | {"top_logprobs": [entry(i) for i in ids]}
 
 
 class TextStream:

@@ -112,7 +112,7 @@ def distill_loss(model: torch.nn.Module, examples: list[Example], targets: list[
 
 
 def train_adapter(ctx: StageContext, examples: list[Example], targets: list[TeacherTargets]) -> dict:
-    cfg, run_dir, lm = ctx.config, ctx.run, ctx.lm
+    cfg, run_dir, lm = ctx.config, ctx.run, ctx.model
     torch.manual_seed(cfg.seed)
     num_layers = len(decoder_layers(lm.model))
     model = get_peft_model(lm.model, lora_config(cfg, num_layers, layers_pattern(lm.model)))
@@ -190,7 +190,7 @@ def _resume(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, lm = ctx.config, ctx.lm
+    cfg, lm = ctx.config, ctx.model
     records = [r for r in ctx.run.read("labels") if r["label"] == 1]
     if not records:
         log.warning("verify kept no distillation example (the persona never won both orders): "

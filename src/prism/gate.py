@@ -157,7 +157,7 @@ def run(ctx: StageContext) -> dict:
     if not records:
         raise PrismError("the gate has no labelled queries to learn from: the verify stage produced none")
     labels = torch.tensor([r["label"] for r in records])
-    config = GateConfig(input_dim=ctx.lm.model.config.hidden_size, hidden=cfg.gate_hidden, dropout=cfg.gate_dropout)
+    config = GateConfig(input_dim=ctx.model.model.config.hidden_size, hidden=cfg.gate_hidden, dropout=cfg.gate_dropout)
     counts = torch.bincount(labels, minlength=2).tolist()
     majority = max(counts) / len(labels)
     if min(counts) == 0:
@@ -167,8 +167,8 @@ def run(ctx: StageContext) -> dict:
         Gate(config).save(run_dir.path / "gate")
         return {"kind": "constant", "constant_route": config.constant_route, "examples": len(labels),
                 "train_accuracy": 1.0, "heldout_accuracy": None, "majority_baseline": majority}
-    prompts = [chat_prompt(ctx.lm.tokenizer, r["query"]) for r in records]
-    features = block0_features(ctx.lm, prompts, cfg.batch_size)
+    prompts = [chat_prompt(ctx.model.tokenizer, r["query"]) for r in records]
+    features = block0_features(ctx.model, prompts, cfg.batch_size)
     metrics = heldout_accuracy(features, labels, config, epochs=cfg.gate_epochs, lr=cfg.gate_lr,
                                folds=cfg.gate_folds, seed=cfg.seed)
     gate = train_gate(features, labels, config, epochs=cfg.gate_epochs, lr=cfg.gate_lr, seed=cfg.seed)

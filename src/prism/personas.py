@@ -10,9 +10,8 @@ from typing import Any
 
 import yaml
 
-from prism.engine import derive_seed, generate_batches
+from prism.engine import Prompt, derive_seed
 from prism.errors import PrismError
-from prism.models import chat_prompt
 from prism.runs import StageContext
 
 log = logging.getLogger("prism")
@@ -106,11 +105,10 @@ def run(ctx: StageContext) -> None:
     for attempt in range(cfg.persona_attempts):
         if not pending:
             return
-        prompts = [chat_prompt(ctx.lm.tokenizer, PERSONA_REQUEST.format(domain=d), assistant_prefix=PERSONA_PREFIX)
-                   for d in pending]
+        prompts = [Prompt(PERSONA_REQUEST.format(domain=d), assistant_prefix=PERSONA_PREFIX) for d in pending]
         still_pending = set()
-        for indices, outputs in generate_batches(
-            ctx.lm, prompts, max_new_tokens=cfg.persona_max_tokens, temperature=0.7,
+        for indices, outputs in ctx.generator.generate(
+            prompts, max_new_tokens=cfg.persona_max_tokens, temperature=0.7,
             seed=derive_seed(cfg.seed, "personas", attempt), batch_size=cfg.batch_size,
             desc=f"personas (try {attempt + 1})",
         ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import platform
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ import torch
 
 from prism import answers, distill, gate, personas, queries, verify
 from prism.config import BootstrapConfig
+from prism.engine import Engine, LocalEngine
 from prism.errors import PrismError
 from prism.models import load_model
 from prism.runs import FILES, STAGES, RunDir, StageContext, now
@@ -30,6 +32,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict | None]] = {
     "distill": distill.run,
 }
 FINISHED = ("done", "skipped")
+ENGINE_KEY_ENV = "PRISM_ENGINE_API_KEY"
 
 
 def package_versions() -> dict[str, str]:
@@ -77,8 +80,27 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
     })
 
 
-def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False) -> dict[str, Any]:
-    """Run (or resume) every stage of the PRISM bootstrap into `out`; returns `inspect_run(out)`."""
+# Stages that only generate text or judge: an OpenAI-compatible server can run them.
+ENGINE_STAGES = ("personas", "queries", "answers", "verify")
+
+
+def make_engine(config: BootstrapConfig, api_key: str | None = None) -> Engine | None:
+    """The remote engine the config names, or None for the local model."""
+    if config.engine != "openai":
+        return None
+    from prism.remote import OpenAIEngine
+
+    assert config.base_url and config.engine_model  # BootstrapConfig.validate checked both
+    return OpenAIEngine(config.base_url, config.engine_model, api_key=api_key or os.environ.get(ENGINE_KEY_ENV),
+                        concurrency=config.engine_concurrency, timeout_s=config.engine_timeout,
+                        max_retries=config.engine_max_retries)
+
+
+def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api_key: str | None = None
+              ) -> dict[str, Any]:
+    """Run (or resume) every stage of the PRISM bootstrap into `out`; returns `inspect_run(out)`.
+    With `config.engine == "openai"` the generating stages run on that server (`api_key`, default
+    $PRISM_ENGINE_API_KEY) and the model is loaded here only for the gate and distill stages."""
     run = RunDir(out)
     prepare_run_dir(run, config, force)
     for name in FILES:  # a corrupt record is reported before minutes go into loading a model
@@ -89,14 +111,10 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False) -> 
         return inspect_run(run.path)
     if config.threads:
         torch.set_num_threads(config.threads)
-    started = time.time()
-    lm = load_model(config.model, device=config.device, trust_remote_code=config.trust_remote_code)
-    manifest = run.manifest()
-    manifest["model"] = lm.identity
-    manifest["model_load_seconds"] = round(time.time() - started, 2)
-    run.save_manifest(manifest)
-    ctx = StageContext(run=run, config=config, lm=lm)
+    ctx = StageContext(run=run, config=config, engine=make_engine(config, api_key))
     for stage in todo:
+        if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES):
+            _load_local_model(ctx)
         log.info("stage %s", stage)
         previous = run.manifest()["stages"].get(stage, {})
         run.update_stage(stage, status="partial", started=previous.get("started") or now())
@@ -105,8 +123,22 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False) -> 
         _check_stage_output(run, config, stage)
         seconds = previous.get("seconds", 0.0) + time.time() - begun
         status = "skipped" if info.get("skipped") else "done"
-        run.update_stage(stage, status=status, finished=now(), seconds=round(seconds, 2), **info)
+        engine = ctx.generator.describe() if stage in ENGINE_STAGES else {"kind": "transformers",
+                                                                          "model": ctx.model.identity.get("name")}
+        run.update_stage(stage, status=status, finished=now(), seconds=round(seconds, 2), engine=engine, **info)
     return inspect_run(run.path)
+
+
+def _load_local_model(ctx: StageContext) -> None:
+    config, run = ctx.config, ctx.run
+    started = time.time()
+    ctx.lm = load_model(config.model, device=config.device, trust_remote_code=config.trust_remote_code)
+    if ctx.engine is None:
+        ctx.engine = LocalEngine(ctx.lm)
+    manifest = run.manifest()
+    manifest["model"] = ctx.lm.identity
+    manifest["model_load_seconds"] = round(time.time() - started, 2)
+    run.save_manifest(manifest)
 
 
 def _check_stage_output(run: RunDir, config: BootstrapConfig, stage: str) -> None:

@@ -9,8 +9,7 @@ from collections.abc import Iterable
 
 from rouge_score import rouge_scorer
 
-from prism.engine import derive_seed, generate_batches
-from prism.models import chat_prompt
+from prism.engine import Prompt, derive_seed
 from prism.runs import StageContext
 
 QUERY_REQUEST = (
@@ -79,10 +78,9 @@ def run(ctx: StageContext) -> None:
         if not requests:
             break
         pending = [(p, qid) for p, qid in requests if qid not in done_ids]
-        prompts = [chat_prompt(ctx.lm.tokenizer, QUERY_REQUEST.format(persona=p["persona"], domain=p["domain"]))
-                   for p, _ in pending]
-        for indices, outputs in generate_batches(
-            ctx.lm, prompts, max_new_tokens=cfg.query_max_tokens, temperature=cfg.query_temperature,
+        prompts = [Prompt(QUERY_REQUEST.format(persona=p["persona"], domain=p["domain"])) for p, _ in pending]
+        for indices, outputs in ctx.generator.generate(
+            prompts, max_new_tokens=cfg.query_max_tokens, temperature=cfg.query_temperature,
             seed=derive_seed(cfg.seed, "queries", round_), batch_size=cfg.batch_size, desc=f"queries (round {round_})",
             first_line_only=True,
         ):

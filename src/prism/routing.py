@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from prism.decoding import SamplingParams, TextStream, sample_token
+from prism.decoding import SamplingParams, TextStream, sample_token, token_logprobs
 from prism.engine import block0_features, pad_batch
 from prism.errors import PrismError
 from prism.gate import Gate, save_threshold
@@ -72,6 +72,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of text or a stop string), "length" (max_tokens) or "cancelled"
+    logprobs: list[dict[str, Any]] | None = None  # per token, when the request's params ask for them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,6 +321,7 @@ class PrismModel:
             yield StreamEvent(i, decision=decision)
 
         streams = [TextStream(tokenizer, r.params.stop) for r in requests]
+        logprobs: list[list[dict[str, Any]] | None] = [[] if r.params.logprobs is not None else None for r in requests]
         generators = [r.params.generator() for r in requests]
         active = list(range(len(requests)))  # request index of each row still in the batch
         cache, logits = out.past_key_values, out.logits[:, -1]
@@ -335,6 +337,8 @@ class PrismModel:
                 elif token in self.eos_ids and not request.params.ignore_eos:
                     reason = "stop"
                 else:
+                    if logprobs[i] is not None:
+                        logprobs[i].append(token_logprobs(logits[row], token, request.params.logprobs, tokenizer))
                     delta = text.add(token)
                     if delta:
                         yield StreamEvent(i, delta=delta)
@@ -350,7 +354,7 @@ class PrismModel:
                 decision = decisions[i]
                 assert decision is not None
                 completion = Completion(text.text, decision.route, decision.gate_probability, decision.forced,
-                                        len(encoded[i]), len(text.tokens), reason)
+                                        len(encoded[i]), len(text.tokens), reason, logprobs[i])
                 yield StreamEvent(i, delta=rest, completion=completion)
             if not keep:
                 return

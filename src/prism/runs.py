@@ -14,6 +14,7 @@ from prism.errors import PrismError
 
 if TYPE_CHECKING:
     from prism.config import BootstrapConfig
+    from prism.engine import Engine
     from prism.models import LoadedModel
 
 STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
@@ -140,8 +141,29 @@ def now() -> str:
 
 @dataclass
 class StageContext:
-    """What every stage function receives: where to read and write, the config, the loaded model."""
+    """What every stage function receives: where to read and write, the config, the local model (the
+    gate and distill stages need its hidden states and logits) and the engine that generates and judges
+    (by default the local model itself)."""
 
     run: RunDir
     config: BootstrapConfig
-    lm: LoadedModel
+    lm: LoadedModel | None = None
+    engine: Engine | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine is None and self.lm is not None:
+            from prism.engine import LocalEngine
+
+            self.engine = LocalEngine(self.lm)
+
+    @property
+    def generator(self) -> Engine:
+        if self.engine is None:
+            raise PrismError("this stage needs an engine or a loaded model")
+        return self.engine
+
+    @property
+    def model(self) -> LoadedModel:
+        if self.lm is None:
+            raise PrismError("this stage needs the model loaded in this process")
+        return self.lm

@@ -69,6 +69,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extensions for continuing a final assistant message (a reply prefix), honored the same way
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
 
 class ApiError(Exception):
@@ -104,14 +109,17 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0
-        self.thread = threading.Thread(target=self._work, name="prism-batcher", daemon=True)
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # a new thread each time: the same app may be started again after a shutdown
+        self.thread = threading.Thread(target=self._work, name="prism-batcher", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
-        self.waiting.put(None)
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.waiting.put(None)
+            self.thread.join(timeout=30)
 
     def submit(self, request: GenerationRequest) -> Job:
         job = Job(request, asyncio.get_running_loop())
@@ -234,7 +242,8 @@ def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size:
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "logprobs": None, "finish_reason": _finish_reason(done.finish_reason)}],
+                         "logprobs": None if done.logprobs is None else {"content": done.logprobs},
+                         "finish_reason": _finish_reason(done.finish_reason)}],
             "usage": _usage(done), "prism": prism,
         }, headers=headers)
 
@@ -244,6 +253,20 @@ def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size:
 def to_generation_request(model: PrismModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
     """Validate what the schema cannot (context window, stop strings) before the request joins a batch."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prefix = ""
+    if body.continue_final_message:
+        if messages[-1]["role"] != "assistant" or body.add_generation_prompt:
+            raise ApiError(400, "continue_final_message needs the last message to be the assistant's, and "
+                           "add_generation_prompt false", param="messages")
+        prefix = messages.pop()["content"]
+    elif messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last message is from the {messages[-1]['role']}: end with a user message, or "
+                       "send continue_final_message true (and add_generation_prompt false) to continue an "
+                       "assistant message", param="messages")
+    if body.logprobs and body.stream:
+        raise ApiError(400, "logprobs are returned only without streaming: send stream false", param="logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs true", param="top_logprobs")
     try:
         prompt_tokens = model.prompt_tokens(messages)
         requested = body.max_completion_tokens or body.max_tokens
@@ -255,12 +278,14 @@ def to_generation_request(model: PrismModel, body: ChatCompletionRequest, defaul
             max_tokens = min(default_max_tokens, model.max_model_len - prompt_tokens)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed, stop=stop)
+                                seed=body.seed, stop=stop,
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     except ContextLengthError as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except PrismError as exc:
         raise ApiError(400, str(exc)) from None
-    return GenerationRequest(messages, MODEL_ROUTES[body.model], params, cancel=threading.Event())
+    return GenerationRequest(messages, MODEL_ROUTES[body.model], params, cancel=threading.Event(),
+                             assistant_prefix=prefix)
 
 
 def _as_api_error(exc: Exception) -> ApiError:

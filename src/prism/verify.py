@@ -3,12 +3,7 @@ distillation only when it wins both (label 1), everything else is retained as la
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from prism.engine import last_token_logits
-from prism.errors import PrismError
-from prism.models import chat_prompt, first_token_ids
+from prism.engine import Prompt
 from prism.queries import kept_queries
 from prism.runs import StageContext
 
@@ -24,29 +19,9 @@ JUDGE_REQUEST = (
 JUDGE_PREFIX = "Verdict:"
 
 
-def judge_prompt(tokenizer: PreTrainedTokenizerBase, question: str, answer_a: str, answer_b: str,
-                 max_chars: int) -> str:
+def judge_prompt(question: str, answer_a: str, answer_b: str, max_chars: int) -> Prompt:
     request = JUDGE_REQUEST.format(question=question, answer_a=answer_a[:max_chars], answer_b=answer_b[:max_chars])
-    return chat_prompt(tokenizer, request, system=JUDGE_SYSTEM, assistant_prefix=JUDGE_PREFIX)
-
-
-def option_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
-    """First token of each verdict, with and without a leading space (tokenizers differ)."""
-    ids: dict[str, list[int]] = {}
-    for option in OPTIONS:
-        ids[option] = first_token_ids(tokenizer, option)
-    taken = [t for option in OPTIONS for t in ids[option]]
-    if len(taken) != len(set(taken)):
-        raise PrismError(f"this tokenizer cannot tell the verdicts A / B / TIE apart by first token: {ids}")
-    return ids
-
-
-def verdict_probs(logits: torch.Tensor, option_ids: dict[str, list[int]]) -> tuple[dict[str, float], float]:
-    """Probabilities of A / B / TIE renormalized over the three, and the mass they had in the full vocabulary."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    mass = {option: float(probs[ids].sum()) for option, ids in option_ids.items()}
-    total = sum(mass.values())
-    return {option: m / total for option, m in mass.items()}, total
+    return Prompt(request, system=JUDGE_SYSTEM, assistant_prefix=JUDGE_PREFIX)
 
 
 def position_prior(all_probs: list[dict[str, float]]) -> dict[str, float]:
@@ -58,7 +33,8 @@ def position_prior(all_probs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def decide(probs: dict[str, float], prior: dict[str, float] | None = None) -> str:
-    scores = {o: probs[o] / prior[o] if prior else probs[o] for o in OPTIONS}
+    # an option no judgment ever gave probability to has prior 0 (parsed text verdicts are one-hot)
+    scores = {o: probs[o] / max(prior[o], 1e-9) if prior else probs[o] for o in OPTIONS}
     return max(OPTIONS, key=lambda o: scores[o])
 
 
@@ -72,11 +48,10 @@ def both_orders_label(verdicts: dict[str, str]) -> int:
 
 
 def run(ctx: StageContext) -> None:
-    cfg, run_dir, tokenizer = ctx.config, ctx.run, ctx.lm.tokenizer
+    cfg, run_dir = ctx.config, ctx.run
     queries = {q["id"]: q for q in kept_queries(run_dir.read("queries"))}
     answers = {(a["query_id"], a["variant"]): a["answer"] for a in run_dir.read("answers")}
     done = {j["id"] for j in run_dir.read("judgments")}
-    option_ids = option_token_ids(tokenizer)
     jobs = [(qid, order) for qid in queries for order in ORDERS if f"{qid}:{order}" not in done]
     # Scored in chunks so each chunk is saved before the next starts (a kill loses one chunk at most).
     chunk = cfg.batch_size * 4
@@ -86,13 +61,14 @@ def run(ctx: StageContext) -> None:
         for qid, order in part:
             persona, plain = answers[(qid, "persona")], answers[(qid, "plain")]
             a, b = (persona, plain) if order == "persona_first" else (plain, persona)
-            prompts.append(judge_prompt(tokenizer, queries[qid]["query"], a, b, cfg.judge_max_chars))
-        logits = last_token_logits(ctx.lm, prompts, cfg.batch_size, desc=f"verify {start + len(part)}/{len(jobs)}")
+            prompts.append(judge_prompt(queries[qid]["query"], a, b, cfg.judge_max_chars))
+        verdicts = ctx.generator.option_probs(prompts, OPTIONS, batch_size=cfg.batch_size,
+                                              desc=f"verify {start + len(part)}/{len(jobs)}")
         records = []
-        for (qid, order), row in zip(part, logits):
-            probs, mass = verdict_probs(row, option_ids)
-            records.append({"id": f"{qid}:{order}", "query_id": qid, "order": order, "probs": probs,
-                            "option_mass": mass, "raw_verdict": decide(probs)})
+        for (qid, order), verdict in zip(part, verdicts):
+            records.append({"id": f"{qid}:{order}", "query_id": qid, "order": order, "probs": verdict.probs,
+                            "option_mass": verdict.mass, "verdict_source": verdict.source,
+                            "raw_verdict": decide(verdict.probs)})
         run_dir.append("judgments", records)
     write_labels(ctx)
 
