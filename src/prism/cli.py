@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--api-key", help="the openai engine's API key (default $PRISM_ENGINE_API_KEY; never saved)")
     add_config_flags(boot)
 
+    teach = commands.add_parser("distill", help="train (or retrain) a run's adapter; data parallel under "
+                                "`accelerate launch -m prism.cli distill RUN`")
+    teach.add_argument("run", help="a run whose stages before distill are done")
+    teach.add_argument("--force", action="store_true", help="train again (the old adapter is moved aside)")
+
     show = commands.add_parser("inspect", help="what a run directory holds: stages, counts, metrics")
     show.add_argument("run", help="run directory")
     show.add_argument("--json", action="store_true", help="print one JSON object")
@@ -207,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(file_values, **flags)
             summary = bootstrap(config, out, force=args.force, api_key=args.api_key)
             print(format_summary(summary))
+        elif args.command == "distill":
+            from accelerate import PartialState
+
+            from prism.pipeline import distill_run
+
+            summary = distill_run(args.run, force=args.force)
+            if PartialState().is_main_process:  # the state distill_run set up: one summary per launch
+                print(format_summary(summary))
         elif args.command == "inspect":
             from prism.pipeline import inspect_run
 

@@ -3,6 +3,13 @@
 Teacher = base model WITH the persona in context; student = base + LoRA WITHOUT it. The loss is
 KL(teacher || student) over the persona answer's tokens, on the teacher's top-k logits at temperature T,
 times T^2. Block 0 gets no LoRA, so the gate's feature is the same with the adapter on or off.
+
+Data parallel under `accelerate launch` (one process per GPU, or gloo on CPUs): each process takes an
+interleaved share of every global batch, and the processes sum their gradients before the optimizer
+step. The update is the single-process update (the loss is the mean over the global batch's answer
+tokens), so the number of processes changes speed, not the adapter. Summing the flattened gradients
+ourselves rather than wrapping the model in DDP keeps that true when a global batch has fewer examples
+than there are processes (the last batch of an epoch): a process with nothing to do still joins the sum.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, reduce
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -62,19 +71,32 @@ def answer_logits(logits: torch.Tensor, length: int, answer_len: int) -> torch.T
     return logits[start : start + answer_len]
 
 
+def distributed_state(device: str | torch.device = "auto") -> PartialState:
+    """The processes `accelerate launch` started (a single one otherwise), on CPUs when `device` says so."""
+    wanted = str(device)
+    return PartialState(cpu=wanted.startswith("cpu") or (wanted == "auto" and not torch.cuda.is_available()))
+
+
 @torch.no_grad()
 def teacher_targets(lm: LoadedModel, examples: list[Example], top_k: int, micro_batch: int) -> list[TeacherTargets]:
+    """Top-k teacher logits of every example; with several processes each computes a share and all
+    processes end up with all of them."""
     model, pad = lm.model, lm.tokenizer.pad_token_id
-    targets: list[TeacherTargets | None] = [None] * len(examples)
-    batches = length_sorted_batches([len(e.teacher_ids) for e in examples], micro_batch)
-    for batch in tqdm(batches, desc="teacher logits", leave=False):
-        ids, mask = pad_batch([examples[i].teacher_ids for i in batch], pad, side="right")
+    state = distributed_state(lm.device)
+    mine = list(range(state.process_index, len(examples), state.num_processes))
+    targets: dict[int, TeacherTargets] = {}
+    batches = length_sorted_batches([len(examples[i].teacher_ids) for i in mine], micro_batch)
+    for batch in tqdm(batches, desc="teacher logits", leave=False, disable=not state.is_main_process):
+        rows = [mine[j] for j in batch]
+        ids, mask = pad_batch([examples[i].teacher_ids for i in rows], pad, side="right")
         logits = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
-        for row, i in enumerate(batch):
+        for row, i in enumerate(rows):
             part = answer_logits(logits[row], len(examples[i].teacher_ids), examples[i].answer_len)
             top = part.topk(top_k, dim=-1)
             targets[i] = TeacherTargets(top.values.clone(), top.indices.to(torch.int32).clone())
-    return targets  # type: ignore[return-value]
+    if state.num_processes > 1:
+        targets = dict(gather_object(list(targets.items())))
+    return [targets[i] for i in range(len(examples))]
 
 
 def topk_kl(student_logits: torch.Tensor, target: TeacherTargets, temperature: float) -> torch.Tensor:
@@ -111,9 +133,21 @@ def distill_loss(model: torch.nn.Module, examples: list[Example], targets: list[
     return total * temperature**2, tokens
 
 
+def _sum_across_processes(params: list[torch.nn.Parameter]) -> None:
+    """Replace each process's gradients by their sum over all processes (one all-reduce)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    total = reduce(torch.cat([g.flatten() for g in grads]), reduction="sum")
+    offset = 0
+    for p in params:
+        p.grad = total[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 def train_adapter(ctx: StageContext, examples: list[Example], targets: list[TeacherTargets]) -> dict:
     cfg, run_dir, lm = ctx.config, ctx.run, ctx.model
-    torch.manual_seed(cfg.seed)
+    state = distributed_state(lm.device)
+    main = state.is_main_process
+    torch.manual_seed(cfg.seed)  # the same LoRA initialization in every process
     num_layers = len(decoder_layers(lm.model))
     model = get_peft_model(lm.model, lora_config(cfg, num_layers, layers_pattern(lm.model)))
     trainable, total = model.get_nb_trainable_parameters()
@@ -127,9 +161,12 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
     start_epoch, step = _resume(run_dir.path / CHECKPOINT, model, optimizer, scheduler)
     if start_epoch:
         log.info("distill: resuming after epoch %d (step %d)", start_epoch, step)
-    run_dir.rewrite("distill_log", [r for r in run_dir.read("distill_log") if r["step"] <= step])
+    if main:
+        run_dir.rewrite("distill_log", [r for r in run_dir.read("distill_log") if r["step"] <= step])
+    if state.num_processes > 1:
+        log.info("distill: data parallel over %d processes (%s)", state.num_processes, state.distributed_type)
     pad = lm.tokenizer.pad_token_id
-    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", leave=False)
+    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", leave=False, disable=not main)
     model.train()
     for epoch in range(start_epoch, cfg.distill_epochs):
         order = list(range(len(examples)))
@@ -138,28 +175,37 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
             started = time.time()
             group = sorted(order[first : first + batch], key=lambda i: len(examples[i].student_ids))
             group_tokens = sum(examples[i].answer_len for i in group)
+            share = group[state.process_index :: state.num_processes]
             optimizer.zero_grad()
             loss_sum = 0.0
-            for m in range(0, len(group), cfg.distill_micro_batch_size):
-                micro = group[m : m + cfg.distill_micro_batch_size]
+            for m in range(0, len(share), cfg.distill_micro_batch_size):
+                micro = share[m : m + cfg.distill_micro_batch_size]
                 loss, _ = distill_loss(model, [examples[i] for i in micro], [targets[i] for i in micro], pad,
                                        cfg.distill_temperature)
-                (loss / group_tokens).backward()  # mean over the answer tokens of the whole batch
+                (loss / group_tokens).backward()  # mean over the answer tokens of the whole global batch
                 loss_sum += loss.item()
+            if state.num_processes > 1:
+                _sum_across_processes(params)
+                loss_sum = float(reduce(torch.tensor([loss_sum], device=state.device), reduction="sum"))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.distill_grad_clip))
             optimizer.step()
             scheduler.step()
             step += 1
             record = {"step": step, "epoch": epoch, "loss": loss_sum / group_tokens, "grad_norm": grad_norm,
-                      "lr": scheduler.get_last_lr()[0], "tokens": group_tokens, "seconds": time.time() - started}
-            run_dir.append("distill_log", [record])
+                      "lr": scheduler.get_last_lr()[0], "tokens": group_tokens, "seconds": time.time() - started,
+                      "processes": state.num_processes}
+            if main:
+                run_dir.append("distill_log", [record])
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        _save_checkpoint(run_dir.path / CHECKPOINT, model, optimizer, scheduler, epoch + 1, step)
+        if main:
+            _save_checkpoint(run_dir.path / CHECKPOINT, model, optimizer, scheduler, epoch + 1, step)
     bar.close()
     model.eval()
-    model.save_pretrained(str(run_dir.path / "adapter"), safe_serialization=True)
-    shutil.rmtree(run_dir.path / CHECKPOINT, ignore_errors=True)
+    if main:
+        model.save_pretrained(str(run_dir.path / "adapter"), safe_serialization=True)
+        shutil.rmtree(run_dir.path / CHECKPOINT, ignore_errors=True)
+    state.wait_for_everyone()  # the others read the log and the adapter the main process wrote
     losses = [r["loss"] for r in run_dir.read("distill_log")]
     return {"trainable_params": trainable, "share_of_base": trainable / (total - trainable), "steps": step,
             "loss_first": losses[0], "loss_last": losses[-1]}

@@ -6,6 +6,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from prism import answers, distill, gate, personas, queries, verify
 from prism.config import BootstrapConfig
 from prism.engine import Engine, LocalEngine
 from prism.errors import PrismError
-from prism.models import load_model
+from prism.models import LoadedModel, load_model
 from prism.runs import FILES, STAGES, RunDir, StageContext, now
 
 log = logging.getLogger("prism")
@@ -102,6 +103,9 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
     With `config.engine == "openai"` the generating stages run on that server (`api_key`, default
     $PRISM_ENGINE_API_KEY) and the model is loaded here only for the gate and distill stages."""
     run = RunDir(out)
+    state = distill.distributed_state(config.device)
+    if not state.is_main_process:  # under `accelerate launch`: only the distill stage is shared
+        return _join_distill(run, config, state)
     prepare_run_dir(run, config, force)
     for name in FILES:  # a corrupt record is reported before minutes go into loading a model
         run.read(name)
@@ -115,6 +119,9 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
     for stage in todo:
         if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES):
             _load_local_model(ctx)
+        if stage == "distill" and state.num_processes > 1:
+            distill_run(run.path, lm=ctx.lm)  # the same steps the other processes take
+            continue
         log.info("stage %s", stage)
         previous = run.manifest()["stages"].get(stage, {})
         run.update_stage(stage, status="partial", started=previous.get("started") or now())
@@ -129,10 +136,62 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
     return inspect_run(run.path)
 
 
+def _process_device(config: BootstrapConfig) -> str:
+    """Each process of `accelerate launch` gets its own device; a single process uses the config's."""
+    state = distill.distributed_state(config.device)
+    return str(state.device) if state.num_processes > 1 else config.device
+
+
+def _join_distill(run: RunDir, config: BootstrapConfig, state: Any) -> dict[str, Any]:
+    """A non-main process of a launched bootstrap: wait while the main process runs the stages before
+    distill (polling the manifest, since those can take hours and a collective wait would time out),
+    then take its share of the distillation."""
+    log.info("process %d: waiting for the main process to finish the stages before distill", state.process_index)
+    before = STAGES[: STAGES.index("distill")]
+    while not (run.exists() and all(run.stage_status(s) in FINISHED for s in before)):
+        time.sleep(2)
+    return distill_run(run.path)
+
+
+def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = None) -> dict[str, Any]:
+    """Run (or re-run with `force`) the distill stage of a run whose earlier stages are done: the entry
+    point for `accelerate launch -m prism.cli distill RUN`, which trains data parallel. Every process
+    calls it; only the main one writes the manifest, the log and the adapter."""
+    run = RunDir(out)
+    config = BootstrapConfig(**run.manifest()["config"])
+    unfinished = [s for s in STAGES[: STAGES.index("distill")] if run.stage_status(s) not in FINISHED]
+    if unfinished:
+        raise PrismError(f"{run.path}: the stages {', '.join(unfinished)} are not done yet: run "
+                         f"`prism bootstrap --out {run.path}` (with the same options) first")
+    state = distill.distributed_state(config.device)
+    if run.stage_status("distill") in FINISHED and not force:
+        log.info("%s: distill is already done (pass --force to train the adapter again)", run.path)
+        return inspect_run(run.path)
+    if force and state.is_main_process and (run.path / "adapter").exists():
+        aside = run.path / f"adapter.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        (run.path / "adapter").rename(aside)
+        shutil.rmtree(run.path / distill.CHECKPOINT, ignore_errors=True)
+        log.info("moved the previous adapter to %s", aside)
+    state.wait_for_everyone()
+    ctx = StageContext(run=run, config=config)
+    ctx.lm = lm or load_model(config.model, device=_process_device(config), trust_remote_code=config.trust_remote_code)
+    if state.is_main_process:
+        run.update_stage("distill", status="partial", started=now())
+    begun = time.time()
+    info = distill.run(ctx) or {}
+    if state.is_main_process:
+        status = "skipped" if info.get("skipped") else "done"
+        run.update_stage("distill", status=status, finished=now(), seconds=round(time.time() - begun, 2),
+                         engine={"kind": "transformers", "model": ctx.model.identity.get("name"),
+                                 "processes": state.num_processes}, **info)
+    state.wait_for_everyone()
+    return inspect_run(run.path)
+
+
 def _load_local_model(ctx: StageContext) -> None:
     config, run = ctx.config, ctx.run
     started = time.time()
-    ctx.lm = load_model(config.model, device=config.device, trust_remote_code=config.trust_remote_code)
+    ctx.lm = load_model(config.model, device=_process_device(config), trust_remote_code=config.trust_remote_code)
     if ctx.engine is None:
         ctx.engine = LocalEngine(ctx.lm)
     manifest = run.manifest()
