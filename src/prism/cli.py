@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-model-len", type=int, help="context window in tokens (default: the model's)")
     server.add_argument("--default-max-tokens", type=int, default=512,
                         help="completion length when a request gives no max_tokens (default 512)")
+    sidecar = server.add_argument_group("routing sidecar (the model runs upstream, e.g. vLLM with --enable-lora; "
+                                        "`prism export vllm RUN` prints both commands)")
+    sidecar.add_argument("--upstream", help="an OpenAI-compatible server's /v1 URL: load only the gate's inputs "
+                         "here and forward each request there under the route's model name")
+    sidecar.add_argument("--upstream-base-model", help="the base model's name on the upstream server")
+    sidecar.add_argument("--upstream-adapter-model", help="the adapter's name on the upstream server (its LoRA module)")
+    sidecar.add_argument("--upstream-api-key", default=os.environ.get("PRISM_UPSTREAM_API_KEY"),
+                         help="default $PRISM_UPSTREAM_API_KEY")
+
+    export = commands.add_parser("export", help="commands to serve a run elsewhere")
+    export.add_argument("target", choices=("vllm",), help="vllm: the vLLM multi-LoRA server and the PRISM sidecar")
+    export.add_argument("run", help="a finished run directory")
+    export.add_argument("--port", type=int, default=8000, help="the sidecar's port (vLLM gets port + 1)")
 
     evaluation = commands.add_parser("eval", help="MMLU, ARC, MT-Bench and JailbreakBench for base, persona, "
                                      "lora and prism; results in RUN/eval/results.json")
@@ -281,6 +294,17 @@ def main(argv: list[str] | None = None) -> int:
                 written.append(screenshot(written[1], Path(args.run) / "eval" / "report.png"))
             for path in written:
                 print(path)
+        elif args.command == "export":
+            from prism.sidecar import vllm_commands
+
+            print(vllm_commands(args.run, port=args.port))
+        elif args.command == "serve" and args.upstream:
+            from prism.sidecar import serve_sidecar
+
+            serve_sidecar(args.run, upstream=args.upstream, base_model=args.upstream_base_model,
+                          adapter_model=args.upstream_adapter_model, host=args.host, port=args.port,
+                          api_key=args.api_key, upstream_api_key=args.upstream_api_key, threshold=args.threshold,
+                          device=args.device, trust_remote_code=args.trust_remote_code)
         elif args.command == "serve":
             from prism.serve import serve
 

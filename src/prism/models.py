@@ -101,15 +101,7 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
                safetensors_only: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer; bad names end in a PrismError, not a traceback.
     `safetensors_only` refuses pickled (.bin) weights, as a server should."""
-    if name == EMBEDDED:
-        path: str = str(embedded_checkpoint())
-        source = json.loads((Path(path) / "prism_source.json").read_text())
-        identity: dict[str, Any] = {"name": EMBEDDED_NAME, "path": path, **source}
-    else:
-        path = name
-        identity = {"name": name, "path": str(Path(name).resolve()) if Path(name).exists() else name}
-        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise PrismError(f"model path {name!r} does not exist: pass an existing directory or a Hub id")
+    path, identity = _resolve(name)
     hf_logging.disable_progress_bar()  # our own bars cover the long work; loading takes ~1 s
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -137,6 +129,64 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
         dtype=str(dtype).removeprefix("torch."),
         commit=getattr(config, "_commit_hash", None),
     )
+    return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """(path or Hub id to load, identity fields) of a model name."""
+    if name == EMBEDDED:
+        path = str(embedded_checkpoint())
+        source = json.loads((Path(path) / "prism_source.json").read_text())
+        return path, {"name": EMBEDDED_NAME, "path": path, **source}
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise PrismError(f"model path {name!r} does not exist: pass an existing directory or a Hub id")
+    return name, {"name": name, "path": str(Path(name).resolve()) if Path(name).exists() else name}
+
+
+def checkpoint_parameters(path: str) -> int | None:
+    """Parameters in a local safetensors checkpoint, read from the file headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    files = list(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                count = 1
+                for size in handle.get_slice(key).get_shape():
+                    count *= size
+                total += count
+    return total or None
+
+
+def load_block0(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """The tokenizer, embeddings and decoder block 0 of a model, and nothing else: what the gate reads.
+    The config is cut to one layer before loading, so the other layers' weights are never read."""
+    from transformers import AutoModel
+
+    path, identity = _resolve(name)
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        layers = config.num_hidden_layers
+        config.num_hidden_layers = 1
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists every skipped layer: skipping them is the point
+        try:
+            model = AutoModel.from_pretrained(path, config=config, dtype=torch.float32, use_safetensors=True,
+                                              trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrismError(f"cannot load block 0 of {name!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(pick_device(device)).eval()
+    identity.update(model_type=config.model_type, num_layers=layers, hidden_size=config.hidden_size,
+                    loaded_parameters=sum(p.numel() for p in model.parameters()),
+                    checkpoint_parameters=checkpoint_parameters(path))
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
 
 
@@ -201,7 +251,7 @@ def first_token_ids(tokenizer: PreTrainedTokenizerBase, word: str) -> list[int]:
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers", "h"):
         module: Any = base
         for part in path.split("."):
             module = getattr(module, part, None)

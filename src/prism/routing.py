@@ -29,6 +29,7 @@ from prism.models import (
     conversation_prompt,
     decoder_layers,
     encode,
+    load_block0,
     load_model,
     stop_token_ids,
 )
@@ -116,29 +117,14 @@ class PrismModel:
     def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
                  trust_remote_code: bool = False, max_model_len: int | None = None) -> PrismModel:
         """Load the base model, the adapter and the gate of a finished bootstrap run, once."""
-        run = RunDir(run_dir)
-        if not run.exists():
-            raise PrismError(f"{run.path} is not a PRISM run directory (no manifest.json): "
-                             f"run `prism bootstrap --out {run.path}` first")
-        manifest = run.manifest()
-        stages = manifest.get("stages", {})
-        for stage in ("gate", "distill"):
-            if stages.get(stage, {}).get("status") not in ("done", "skipped"):
-                raise PrismError(f"{run.path}: the {stage} stage has not finished; run `prism bootstrap --out "
-                                 f"{run.path}` with the run's settings to complete it")
-        config = manifest["config"]
-        if config.get("trust_remote_code") and not trust_remote_code:
-            raise PrismError(f"{run.path} was made with trust_remote_code: pass --trust-remote-code to load "
-                             "its model code (only if you trust it)")
+        run, manifest, config = open_finished_run(run_dir, trust_remote_code)
         lm = load_model(config["model"], device=device, trust_remote_code=trust_remote_code, safetensors_only=True)
         recorded = manifest.get("model") or {}
         for key in ("num_layers", "hidden_size", "parameters"):
             if recorded.get(key) is not None and recorded[key] != lm.identity.get(key):
                 raise PrismError(f"the model {config['model']!r} now has {key}={lm.identity.get(key)} but the run "
                                  f"was trained on {key}={recorded[key]}: the adapter and gate do not fit it")
-        gate = Gate.load(run.path / "gate")
-        if threshold is not None:
-            gate.config.threshold = _check_threshold(threshold)
+        gate = load_gate(run, threshold)
         adapter = None
         adapter_dir = run.path / "adapter"
         if (adapter_dir / "adapter_config.json").is_file():
@@ -165,8 +151,7 @@ class PrismModel:
         return conversation_prompt(self.lm.tokenizer, messages) + assistant_prefix
 
     def gate_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The gate's input: the last user turn alone in the base chat template, as in training."""
-        return chat_prompt(self.lm.tokenizer, messages[-1]["content"])
+        return gate_prompt(self.lm.tokenizer, messages)
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(encode(self.lm.tokenizer, self.prompt(messages)))
@@ -180,9 +165,7 @@ class PrismModel:
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
-        if self.gate.config.constant_route is not None:
-            return [_decision(float(self.gate.config.constant_route), self.threshold) for _ in conversations]
-        return self._gate_decisions([self.gate_prompt(m) for m in conversations])
+        return gate_decisions(self.lm, self.gate, conversations)
 
     def _gate_decisions(self, gate_prompts: list[str]) -> list[RouteDecision]:
         probabilities = self.gate.persona_probability(block0_features(self.lm, gate_prompts)).tolist()
@@ -392,6 +375,79 @@ class PrismModel:
             for i, decision in zip(separate, self._gate_decisions(list(separate.values()))):
                 decisions[i] = decision
         return decisions
+
+
+def open_finished_run(run_dir: str | Path, trust_remote_code: bool) -> tuple[RunDir, dict[str, Any], dict[str, Any]]:
+    """(run, manifest, bootstrap config) of a run whose gate and distill stages are finished."""
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise PrismError(f"{run.path} is not a PRISM run directory (no manifest.json): "
+                         f"run `prism bootstrap --out {run.path}` first")
+    manifest = run.manifest()
+    stages = manifest.get("stages", {})
+    for stage in ("gate", "distill"):
+        if stages.get(stage, {}).get("status") not in ("done", "skipped"):
+            raise PrismError(f"{run.path}: the {stage} stage has not finished; run `prism bootstrap --out "
+                             f"{run.path}` with the run's settings to complete it")
+    config = manifest["config"]
+    if config.get("trust_remote_code") and not trust_remote_code:
+        raise PrismError(f"{run.path} was made with trust_remote_code: pass --trust-remote-code to load "
+                         "its model code (only if you trust it)")
+    return run, manifest, config
+
+
+def load_gate(run: RunDir, threshold: float | None) -> Gate:
+    gate = Gate.load(run.path / "gate")
+    if threshold is not None:
+        gate.config.threshold = _check_threshold(threshold)
+    return gate
+
+
+def gate_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The gate's input: the last user turn alone in the base chat template, as in training."""
+    return chat_prompt(tokenizer, messages[-1]["content"])
+
+
+def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+    """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
+    if gate.config.constant_route is not None:
+        return [_decision(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
+    features = block0_features(lm, [gate_prompt(lm.tokenizer, m) for m in conversations])
+    return [_decision(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
+
+
+class Router:
+    """The gate alone, for a sidecar in front of another server: the tokenizer, the embeddings and decoder
+    block 0 of the base model (the rest is never loaded) and the gate. Decides exactly as PrismModel does."""
+
+    def __init__(self, lm: LoadedModel, gate: Gate, *, run_path: Path, has_adapter: bool):
+        self.lm, self.gate, self.run_path, self.has_adapter = lm, gate, run_path, has_adapter
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
+                 trust_remote_code: bool = False) -> Router:
+        run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
+        lm = load_block0(config["model"], device=device, trust_remote_code=trust_remote_code)
+        has_adapter = (run.path / "adapter" / "adapter_config.json").is_file()
+        gate = load_gate(run, threshold)
+        if not has_adapter and gate.config.constant_route != 0:
+            raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
+        return cls(lm, gate, run_path=run.path, has_adapter=has_adapter)
+
+    @property
+    def threshold(self) -> float:
+        return self.gate.config.threshold
+
+    @property
+    def loaded_share(self) -> float | None:
+        """Share of the model's parameters this router holds in memory."""
+        total = self.lm.identity.get("checkpoint_parameters")
+        return self.lm.identity["loaded_parameters"] / total if total else None
+
+    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+        with self._lock:  # one forward at a time: torch's CPU threads are shared anyway
+            return gate_decisions(self.lm, self.gate, conversations)
 
 
 def _check_threshold(value: float) -> float:

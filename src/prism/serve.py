@@ -161,20 +161,9 @@ class Batcher:
 
 # -- the app -------------------------------------------------------------------------------------------
 
-def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size: int = 32,
-               default_max_tokens: int = 512) -> FastAPI:
-    batcher = Batcher(model, max_batch_size=max_batch_size)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        yield
-        batcher.stop()
-
-    app = FastAPI(title="PRISM", lifespan=lifespan)
-    app.state.batcher = batcher
-    models = [name for name, route in MODEL_ROUTES.items() if route != "persona" or model.adapter is not None]
-
+def install_openai_edges(app: FastAPI, api_key: str | None) -> None:
+    """OpenAI-format errors for every failure, and the optional bearer key on /v1/ (shared by `prism serve`
+    and the routing sidecar)."""
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
@@ -202,6 +191,23 @@ def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size:
                 return ApiError(401, f"{message}: send 'Authorization: Bearer <key>'",
                                 "authentication_error", code="invalid_api_key").response()
         return await call_next(request)
+
+
+def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size: int = 32,
+               default_max_tokens: int = 512) -> FastAPI:
+    batcher = Batcher(model, max_batch_size=max_batch_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="PRISM", lifespan=lifespan)
+    app.state.batcher = batcher
+    models = [name for name, route in MODEL_ROUTES.items() if route != "persona" or model.adapter is not None]
+
+    install_openai_edges(app, api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -1,0 +1,195 @@
+"""A routing sidecar in front of an OpenAI-compatible server that holds the base model and the adapter
+(vLLM with `--enable-lora --lora-modules NAME=RUN/adapter`).
+
+The sidecar loads only what the gate reads (tokenizer, embeddings, decoder block 0, the gate), decides
+each request's route, and forwards the request, streaming included, to the upstream server under the
+base or the adapter model name. Replies come back as the upstream wrote them, with the model name the
+client asked for, a `prism` object and an `x-prism-route` header, as `prism serve` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from prism.errors import PrismError
+from prism.routing import RouteDecision, Router, open_finished_run
+from prism.serve import MODEL_ROUTES, ApiError, ChatCompletionRequest, install_openai_edges
+
+log = logging.getLogger("prism")
+
+
+def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_model: str, *,
+                       api_key: str | None = None, upstream_api_key: str | None = None,
+                       timeout_s: float = 600.0) -> FastAPI:
+    upstream = upstream.rstrip("/")
+    headers = {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
+    client = httpx2.AsyncClient(base_url=upstream, headers=headers, timeout=timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="PRISM routing sidecar", lifespan=lifespan)
+    install_openai_edges(app, api_key)
+    models = [name for name, route in MODEL_ROUTES.items() if route != "persona" or router.has_adapter]
+    upstream_names = {"base": base_model, "persona": adapter_model}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "run": str(router.run_path), "upstream": upstream, "threshold": router.threshold,
+                "models": upstream_names, "loaded_share_of_model": router.loaded_share}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
+                                           for name in models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        try:  # the same checks as prism serve, and the same 422 when they fail
+            parsed = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        if parsed.model not in models:
+            why = " (this run has no adapter)" if parsed.model == "prism-persona" else ""
+            raise ApiError(404, f"the model {parsed.model!r} does not exist{why}; available: {', '.join(models)}",
+                           param="model", code="model_not_found")
+        decision = await asyncio.to_thread(_route, router, parsed)
+        info = {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
+                "threshold": router.threshold, "upstream_model": upstream_names[decision.route]}
+        forwarded = {**body, "model": upstream_names[decision.route]}
+        route_header = {"x-prism-route": decision.route}
+        try:
+            reply = await client.send(client.build_request("POST", "/chat/completions", json=forwarded),
+                                      stream=bool(parsed.stream))
+        except httpx2.RequestError as exc:
+            raise ApiError(502, f"the upstream server at {upstream} is unreachable: {type(exc).__name__}: {exc}",
+                           "upstream_error", code="upstream_unreachable") from None
+        if reply.status_code >= 400:
+            await reply.aread()
+            await reply.aclose()
+            return _upstream_error(reply, route_header)
+        if parsed.stream:
+            return StreamingResponse(_relay(reply, parsed.model, info), media_type="text/event-stream",
+                                     headers=route_header)
+        data = reply.json()
+        return JSONResponse({**data, "model": parsed.model, "prism": info}, headers=route_header)
+
+    return app
+
+
+def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
+    route = MODEL_ROUTES[body.model]
+    if route != "auto":
+        return RouteDecision(route, None, forced=True)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise ApiError(400, "the conversation has no user message to route on", param="messages")
+    # the gate reads the last user turn (an assistant prefix after it does not change the route)
+    return router.decide([messages[: messages.index(users[-1]) + 1]])[0]
+
+
+def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResponse:
+    """The upstream's error as it sent it when it is in the OpenAI format, else wrapped in it."""
+    try:
+        payload = reply.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return JSONResponse(payload, status_code=reply.status_code, headers=headers)
+    text = reply.text.strip()[:500] or reply.reason_phrase
+    return ApiError(reply.status_code, f"the upstream server answered {reply.status_code}: {text}",
+                    "upstream_error").response(headers)
+
+
+async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> AsyncIterator[str]:
+    """The upstream's server-sent events, each chunk renamed to the client's model; the first carries `prism`."""
+    first = True
+    try:
+        async for line in reply.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[len("data:"):].strip()
+            if payload == "[DONE]":
+                yield "data: [DONE]\n\n"
+                continue
+            try:
+                chunk = json.loads(payload)
+            except json.JSONDecodeError:
+                yield f"data: {payload}\n\n"
+                continue
+            if isinstance(chunk, dict) and "error" not in chunk:
+                chunk["model"] = model
+                if first:
+                    chunk["prism"], first = info, False
+            yield f"data: {json.dumps(chunk)}\n\n"
+    finally:
+        await reply.aclose()
+
+
+def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: str, host: str = "127.0.0.1",
+                  port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
+                  threshold: float | None = None, device: str = "auto", trust_remote_code: bool = False) -> None:
+    import uvicorn
+
+    if not (base_model and adapter_model):
+        raise PrismError("--upstream needs --upstream-base-model and --upstream-adapter-model: the names the "
+                         "upstream server gives the base model and the adapter (`prism export vllm RUN` prints them)")
+    router = Router.from_run(run, device=device, threshold=threshold, trust_remote_code=trust_remote_code)
+    share = router.loaded_share
+    loaded = router.lm.identity["loaded_parameters"]
+    log.info("sidecar holds the gate's inputs only: %s parameters%s of the model", f"{loaded:,}",
+             f" = {100 * share:.1f}%" if share else "")
+    log.info("routing %s on http://%s:%d/v1 to %s (base %r, adapter %r)", run, host, port, upstream, base_model,
+             adapter_model)
+    app = create_sidecar_app(router, upstream, base_model, adapter_model, api_key=api_key,
+                             upstream_api_key=upstream_api_key)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def vllm_commands(run_dir: str, port: int = 8000) -> str:
+    """The vLLM server (base model + the run's adapter as a LoRA module) and the sidecar in front of it."""
+    import shlex
+
+    from prism.models import EMBEDDED, embedded_checkpoint
+
+    run, _manifest, config = open_finished_run(run_dir, trust_remote_code=True)
+    model = str(embedded_checkpoint()) if config["model"] == EMBEDDED else config["model"]
+    adapter = (run.path / "adapter").resolve()
+    upstream = f"http://127.0.0.1:{port + 1}/v1"
+    vllm = ["vllm", "serve", model, "--served-model-name", "prism-base", "--port", str(port + 1)]
+    if (adapter / "adapter_config.json").is_file():
+        vllm += ["--enable-lora", "--lora-modules", f"prism-persona={adapter}",
+                 "--max-lora-rank", str(max(16, int(config.get("lora_r", 16))))]
+    else:
+        log.warning("%s has no adapter (distill skipped): the adapter model name will not exist upstream", run.path)
+    if config.get("trust_remote_code"):
+        vllm.append("--trust-remote-code")
+    sidecar = ["prism", "serve", str(run.path), "--port", str(port), "--upstream", upstream,
+               "--upstream-base-model", "prism-base", "--upstream-adapter-model", "prism-persona"]
+    return "\n".join([
+        "# 1. vLLM: the base model and the run's adapter as one LoRA module (GPU machine)",
+        shlex.join(vllm),
+        "# 2. the PRISM sidecar: loads the gate's inputs only, routes each request to one of the two names",
+        shlex.join(sidecar),
+        f"# clients talk to http://127.0.0.1:{port}/v1 with model prism (gated), prism-base or prism-persona",
+    ])
