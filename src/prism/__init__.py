@@ -4,8 +4,8 @@ from prism.config import DEFAULT_DOMAINS, PRESETS, BootstrapConfig, load_config_
 from prism.decoding import SamplingParams
 from prism.errors import PrismError
 from prism.models import load_model
-from prism.pipeline import bootstrap, inspect_run
-from prism.routing import Completion, GenerationRequest, PrismModel, RouteDecision
+from prism.pipeline import bootstrap, distill_run, inspect_run
+from prism.routing import Completion, GenerationRequest, PrismModel, RouteDecision, Router
 
 __all__ = [
     "DEFAULT_DOMAINS",
@@ -16,8 +16,10 @@ __all__ = [
     "PrismError",
     "PrismModel",
     "RouteDecision",
+    "Router",
     "SamplingParams",
     "bootstrap",
+    "distill_run",
     "inspect_run",
     "load_config_file",
     "load_model",
