@@ -161,9 +161,26 @@ class Batcher:
 
 # -- the app -------------------------------------------------------------------------------------------
 
-def install_openai_edges(app: FastAPI, api_key: str | None) -> None:
-    """OpenAI-format errors for every failure, and the optional bearer key on /v1/ (shared by `prism serve`
-    and the routing sidecar)."""
+def served_models(has_adapter: bool) -> list[str]:
+    return [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
+
+
+def check_model(name: str, models: list[str]) -> None:
+    if name not in models:
+        why = " (this run has no adapter)" if name == "prism-persona" else ""
+        raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
+                       param="model", code="model_not_found")
+
+
+def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -> None:
+    """OpenAI-format errors for every failure, the optional bearer key on /v1/, and /v1/models (shared by
+    `prism serve` and the routing sidecar)."""
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
+                                           for name in models]}
+
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
@@ -205,26 +222,18 @@ def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size:
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.batcher = batcher
-    models = [name for name, route in MODEL_ROUTES.items() if route != "persona" or model.adapter is not None]
+    models = served_models(model.adapter is not None)
 
-    install_openai_edges(app, api_key)
+    install_openai_edges(app, api_key, models)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "run": str(model.run_path), "adapter": model.adapter is not None,
                 "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches}
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
-                                           for name in models]}
-
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
-        if body.model not in models:
-            why = " (this run has no adapter)" if body.model == "prism-persona" else ""
-            raise ApiError(404, f"the model {body.model!r} does not exist{why}; available: {', '.join(models)}",
-                           param="model", code="model_not_found")
+        check_model(body.model, models)
         generation = to_generation_request(model, body, default_max_tokens)
         job = batcher.submit(generation)
         first = await job.events.get()

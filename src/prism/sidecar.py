@@ -24,7 +24,14 @@ from pydantic import ValidationError
 
 from prism.errors import PrismError
 from prism.routing import RouteDecision, Router, open_finished_run
-from prism.serve import MODEL_ROUTES, ApiError, ChatCompletionRequest, install_openai_edges
+from prism.serve import (
+    MODEL_ROUTES,
+    ApiError,
+    ChatCompletionRequest,
+    check_model,
+    install_openai_edges,
+    served_models,
+)
 
 log = logging.getLogger("prism")
 
@@ -42,19 +49,14 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
         await client.aclose()
 
     app = FastAPI(title="PRISM routing sidecar", lifespan=lifespan)
-    install_openai_edges(app, api_key)
-    models = [name for name, route in MODEL_ROUTES.items() if route != "persona" or router.has_adapter]
+    models = served_models(router.has_adapter)
+    install_openai_edges(app, api_key, models)
     upstream_names = {"base": base_model, "persona": adapter_model}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "run": str(router.run_path), "upstream": upstream, "threshold": router.threshold,
                 "models": upstream_names, "loaded_share_of_model": router.loaded_share}
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
-                                           for name in models]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -68,10 +70,7 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
             parsed = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        if parsed.model not in models:
-            why = " (this run has no adapter)" if parsed.model == "prism-persona" else ""
-            raise ApiError(404, f"the model {parsed.model!r} does not exist{why}; available: {', '.join(models)}",
-                           param="model", code="model_not_found")
+        check_model(parsed.model, models)
         decision = await asyncio.to_thread(_route, router, parsed)
         info = {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
                 "threshold": router.threshold, "upstream_model": upstream_names[decision.route]}
