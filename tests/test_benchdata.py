@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from conftest import write_mini_benchmarks
 from prism import benchdata
 from prism.errors import PrismError
 from prism.evaluate import EvalConfig, parse_data
@@ -72,9 +73,10 @@ def test_mtbench_questions_from_a_dataset_and_judge_prompts_from_the_local_root(
                  for i, c in enumerate(["writing", "writing", "math"])]
     folder = hub_folder(tmp_path / "mt", {"default": {"train": "data/train.jsonl"}},
                         {"data/train.jsonl": jsonl(questions)})
-    data = benchdata.load_mtbench(str(folder), limit=1, support=benchdata.default_data_dir())
+    support = write_mini_benchmarks(tmp_path / "local")  # a local root with FastChat-style judge prompts
+    data = benchdata.load_mtbench(str(folder), limit=1, support=support)
     assert [q["question_id"] for q in data["questions"]] == [81, 83]
-    assert set(benchdata.JUDGE_PROMPTS) <= set(data["judge_prompts"]) and 104 in data["references"]
+    assert set(benchdata.JUDGE_PROMPTS) <= set(data["judge_prompts"]) and 82 in data["references"]
 
 
 def test_a_dataset_without_the_expected_columns_or_config_is_named(tmp_path):
