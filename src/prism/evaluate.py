@@ -511,7 +511,7 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
                     entry |= _winrate(_pair_outcomes([p for p in mine_pairs if p.get("turn", 0) == turn]),
                                       f"winrate_vs_base_turn{turn + 1}")
                 entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
-                entry["pairs_unparseable"] = sum(p["verdict"] is None for p in pairs if p["system"] == system)
+                entry["pairs_unparseable"] = sum(p["verdict"] is None for p in mine_pairs)
         results[system]["mtbench"] = entry
     refusals = read("jbb_refusals", "jbb")
     jbb_answers = read("jbb_answers", "jbb")

@@ -111,15 +111,13 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True if safetensors_only else None)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrismError(
-            f"cannot load model {name!r}: {first} (pass a local model directory, a Hub id already in the "
-            "Hugging Face cache, or 'embedded')"
+            f"cannot load model {name!r}: {_first_line(exc)} (pass a local model directory, a Hub id already in "
+            "the Hugging Face cache, or 'embedded')"
         ) from None
     if tokenizer.chat_template is None:
         raise PrismError(f"model {name!r} has no chat template: PRISM needs an instruct (chat) model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_with_eos(tokenizer)
     model.to(torch_device).eval()
     identity.update(
         model_type=config.model_type,
@@ -130,6 +128,16 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
         commit=getattr(config, "_commit_hash", None),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def _resolve(name: str) -> tuple[str, dict[str, Any]]:
@@ -179,10 +187,8 @@ def load_block0(name: str = EMBEDDED, device: str = "auto", trust_remote_code: b
         finally:
             hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PrismError(f"cannot load block 0 of {name!r}: {first}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise PrismError(f"cannot load block 0 of {name!r}: {_first_line(exc)}") from None
+    _pad_with_eos(tokenizer)
     model.to(pick_device(device)).eval()
     identity.update(model_type=config.model_type, num_layers=layers, hidden_size=config.hidden_size,
                     loaded_parameters=sum(p.numel() for p in model.parameters()),

@@ -106,8 +106,7 @@ class PrismModel:
         self._row_adapters: list[str] | None = None  # per-row adapter names, read by every LoRA layer
         self._adapter_enabled = True
         self._lock = threading.Lock()
-        if adapter is None and gate.config.constant_route != 0:
-            raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
+        _check_adapter_for_gate(gate, adapter is not None)
         if adapter is not None:
             for module in lm.model.modules():
                 if isinstance(module, LoraLayer):
@@ -166,10 +165,6 @@ class PrismModel:
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
         return gate_decisions(self.lm, self.gate, conversations)
-
-    def _gate_decisions(self, gate_prompts: list[str]) -> list[RouteDecision]:
-        probabilities = self.gate.persona_probability(block0_features(self.lm, gate_prompts)).tolist()
-        return [_decision(p, self.threshold) for p in probabilities]
 
     def _apply_routes(self, persona_rows: list[bool] | None) -> None:
         """Set how the LoRA layers treat the rows of the next forward pass (None: adapter on, PEFT's
@@ -372,7 +367,7 @@ class PrismModel:
                 if prompt != gate_prompt:  # includes any assistant prefix
                     separate[i] = gate_prompt
         if separate:
-            for i, decision in zip(separate, self._gate_decisions(list(separate.values()))):
+            for i, decision in zip(separate, prompt_decisions(self.lm, self.gate, list(separate.values()))):
                 decisions[i] = decision
         return decisions
 
@@ -412,7 +407,12 @@ def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dic
     """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
     if gate.config.constant_route is not None:
         return [_decision(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
-    features = block0_features(lm, [gate_prompt(lm.tokenizer, m) for m in conversations])
+    return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
+
+
+def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
+    """The gate's route for each already-rendered gate prompt."""
+    features = block0_features(lm, gate_prompts)
     return [_decision(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
 
 
@@ -431,8 +431,7 @@ class Router:
         lm = load_block0(config["model"], device=device, trust_remote_code=trust_remote_code)
         has_adapter = (run.path / "adapter" / "adapter_config.json").is_file()
         gate = load_gate(run, threshold)
-        if not has_adapter and gate.config.constant_route != 0:
-            raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
+        _check_adapter_for_gate(gate, has_adapter)
         return cls(lm, gate, run_path=run.path, has_adapter=has_adapter)
 
     @property
@@ -448,6 +447,11 @@ class Router:
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         with self._lock:  # one forward at a time: torch's CPU threads are shared anyway
             return gate_decisions(self.lm, self.gate, conversations)
+
+
+def _check_adapter_for_gate(gate: Gate, has_adapter: bool) -> None:
+    if not has_adapter and gate.config.constant_route != 0:
+        raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
 
 
 def _check_threshold(value: float) -> float:
