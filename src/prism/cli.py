@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     talk = commands.add_parser("chat", help="chat in the terminal with a run's gated model")
     add_model_flags(talk)
+    add_engine_flags(talk)
     talk.add_argument("--route", choices=ROUTE_CHOICES, default="auto", help="start pinned to a route (default auto)")
     talk.add_argument("--system", help="a system message for the whole conversation")
     talk.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser("serve", help="serve a run's gated model behind an OpenAI-compatible API")
     add_model_flags(server)
+    add_engine_flags(server)
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
     server.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     server.add_argument("--api-key", default=os.environ.get("PRISM_API_KEY"),
@@ -97,10 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--upstream-api-key", default=os.environ.get("PRISM_UPSTREAM_API_KEY"),
                          help="default $PRISM_UPSTREAM_API_KEY")
 
-    export = commands.add_parser("export", help="commands to serve a run elsewhere")
-    export.add_argument("target", choices=("vllm",), help="vllm: the vLLM multi-LoRA server and the PRISM sidecar")
+    export = commands.add_parser("export", help="a run for other engines: its adapter as llama.cpp GGUF, or the "
+                                 "commands to serve it with vLLM")
+    export.add_argument("target", choices=("gguf", "vllm"),
+                        help="gguf: RUN/gguf/adapter.gguf (llama.cpp LoRA) and, with --merged, persona.gguf; "
+                        "vllm: the vLLM multi-LoRA server and the PRISM sidecar commands")
     export.add_argument("run", help="a finished run directory")
-    export.add_argument("--port", type=int, default=8000, help="the sidecar's port (vLLM gets port + 1)")
+    export.add_argument("--gguf", help="gguf: the base model's GGUF (default: the embedded model's own file)")
+    export.add_argument("--merged", action="store_true",
+                        help="gguf: also write the persona model with the adapter merged in (no LoRA cost per token)")
+    export.add_argument("--merged-type", choices=("q8_0", "f16", "f32"), default="q8_0",
+                        help="gguf: the merged tensors' type (default q8_0; the other tensors keep the base's)")
+    export.add_argument("--port", type=int, default=8000, help="vllm: the sidecar's port (vLLM gets port + 1)")
 
     evaluation = commands.add_parser("eval", help="MMLU, ARC, MT-Bench and JailbreakBench for base, persona, "
                                      "lora and prism; results in RUN/eval/results.json")
@@ -165,6 +175,26 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: the run's saved threshold)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the Hub")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("auto", "llamacpp", "transformers"), default="auto",
+                        help="auto (default): llama.cpp when the model is GGUF (the embedded default, or --gguf) and "
+                        "llama-cpp-python is installed, else transformers")
+    parser.add_argument("--gguf", help="llamacpp: the GGUF of the run's base model (default: the embedded model's, "
+                        "or the one `prism export gguf --gguf` recorded)")
+    parser.add_argument("--persona-model", choices=("auto", "merged", "lora"), default="auto",
+                        help="llamacpp: the persona route on the merged persona GGUF (`prism export gguf --merged`) "
+                        "or on the base GGUF with the LoRA; auto takes the merged one when it exists")
+    parser.add_argument("--threads", type=int, help="llamacpp: CPU threads (default: every core this process may use)")
+
+
+def _load_gated(args: argparse.Namespace, max_model_len: int | None = None) -> Any:
+    from prism.routing import load_gated_model
+
+    return load_gated_model(args.run, engine=args.engine, gguf=args.gguf, threshold=args.threshold,
+                            device=args.device, max_model_len=max_model_len, threads=args.threads,
+                            persona_model=args.persona_model, trust_remote_code=args.trust_remote_code)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -241,13 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "chat":
             from prism.chat import chat
             from prism.decoding import SamplingParams
-            from prism.routing import PrismModel
 
             params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                     seed=args.seed)
-            model = PrismModel.from_run(args.run, device=args.device, threshold=args.threshold,
-                                        trust_remote_code=args.trust_remote_code)
-            chat(model, params, route=args.route, system=args.system)
+            chat(_load_gated(args), params, route=args.route, system=args.system)
         elif args.command == "eval":
             from prism.evaluate import EvalConfig, evaluate, parse_data, parse_limit
 
@@ -294,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
                 written.append(screenshot(written[1], Path(args.run) / "eval" / "report.png"))
             for path in written:
                 print(path)
+        elif args.command == "export" and args.target == "gguf":
+            from prism.gguf_export import export_gguf
+
+            exported = export_gguf(args.run, base_gguf=args.gguf, merged=args.merged, merged_type=args.merged_type)
+            for path in (exported.adapter, exported.merged):
+                if path is not None:
+                    print(path)
+            print(f"base model: {exported.base_gguf}  (prism chat/serve {args.run} uses them with --engine llamacpp)")
         elif args.command == "export":
             from prism.sidecar import vllm_commands
 
@@ -308,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from prism.serve import serve
 
-            serve(args.run, host=args.host, port=args.port, api_key=args.api_key, threshold=args.threshold,
-                  device=args.device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                  default_max_tokens=args.default_max_tokens, trust_remote_code=args.trust_remote_code)
+            serve(_load_gated(args, args.max_model_len), run=args.run, host=args.host, port=args.port,
+                  api_key=args.api_key, max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens)
     except PrismError as exc:
         print(f"prism: error: {exc}", file=sys.stderr)
         return 2

@@ -58,9 +58,9 @@ DEFAULT_PRESET = "small"
 
 # Fields that change how a run is executed but not what it computes (a run may be resumed with
 # another engine: the manifest records which engine made each stage).
-RUNTIME_FIELDS = {"device", "threads", "engine", "base_url", "engine_model", "engine_concurrency",
+RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
                   "engine_timeout", "engine_max_retries"}
-ENGINES = ("transformers", "openai")
+ENGINES = ("transformers", "llamacpp", "openai")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -121,8 +121,11 @@ class BootstrapConfig:
     threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
 
     engine: str = _help("what runs the personas, queries, answers and verify stages: 'transformers' (this "
-                        "process) or 'openai' (an OpenAI-compatible server at --base-url); gate and distill "
-                        "always load the model here", default="transformers")
+                        "process, batched), 'llamacpp' (this process, llama.cpp on the model's GGUF, one prompt at "
+                        "a time) or 'openai' (an OpenAI-compatible server at --base-url); gate and distill always "
+                        "load the model here", default="transformers")
+    gguf: str | None = _help("the llamacpp engine's GGUF of --model (default: the embedded model's own file)",
+                             default=None)
     base_url: str | None = _help("the openai engine's server, e.g. http://localhost:8000/v1", default=None)
     engine_model: str | None = _help("the model name the openai engine's server knows (serving --model)",
                                      default=None)

@@ -44,9 +44,12 @@ class FirstLineDone(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
-        done = [any(line.strip() and not line.strip().endswith(":") for line in text.split("\n")[:-1])
-                for text in texts]
+        done = [has_complete_line(text) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def has_complete_line(text: str) -> bool:
+    return any(line.strip() and not line.strip().endswith(":") for line in text.split("\n")[:-1])
 
 
 @dataclass
@@ -114,13 +117,19 @@ class LocalEngine:
 
     def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,
                      desc: str = "score") -> list[OptionProbs]:
-        option_ids = {option: first_token_ids(self.lm.tokenizer, option) for option in options}
-        taken = [t for ids in option_ids.values() for t in ids]
-        if len(taken) != len(set(taken)):
-            raise PrismError(f"this tokenizer cannot tell the options {', '.join(options)} apart by their first "
-                             f"token: {option_ids}")
+        option_ids = option_token_ids(self.lm.tokenizer, options)
         logits = last_token_logits(self.lm, [self.render(p) for p in prompts], batch_size, desc=desc)
         return [options_from_logits(row, option_ids) for row in logits]
+
+
+def option_token_ids(tokenizer: PreTrainedTokenizerBase, options: Sequence[str]) -> dict[str, list[int]]:
+    """Each option's possible first tokens; the options must not share one."""
+    option_ids = {option: first_token_ids(tokenizer, option) for option in options}
+    taken = [t for ids in option_ids.values() for t in ids]
+    if len(taken) != len(set(taken)):
+        raise PrismError(f"this tokenizer cannot tell the options {', '.join(options)} apart by their first "
+                         f"token: {option_ids}")
+    return option_ids
 
 
 def options_from_logits(logits: torch.Tensor, option_ids: dict[str, list[int]]) -> OptionProbs:

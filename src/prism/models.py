@@ -101,7 +101,7 @@ def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bo
                safetensors_only: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer; bad names end in a PrismError, not a traceback.
     `safetensors_only` refuses pickled (.bin) weights, as a server should."""
-    path, identity = _resolve(name)
+    path, identity = resolve_model(name)
     hf_logging.disable_progress_bar()  # our own bars cover the long work; loading takes ~1 s
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -140,7 +140,7 @@ def _pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _resolve(name: str) -> tuple[str, dict[str, Any]]:
+def resolve_model(name: str) -> tuple[str, dict[str, Any]]:
     """(path or Hub id to load, identity fields) of a model name."""
     if name == EMBEDDED:
         path = str(embedded_checkpoint())
@@ -172,7 +172,7 @@ def load_block0(name: str = EMBEDDED, device: str = "auto", trust_remote_code: b
     The config is cut to one layer before loading, so the other layers' weights are never read."""
     from transformers import AutoModel
 
-    path, identity = _resolve(name)
+    path, identity = resolve_model(name)
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -86,7 +86,9 @@ ENGINE_STAGES = ("personas", "queries", "answers", "verify")
 
 
 def make_engine(config: BootstrapConfig, api_key: str | None = None) -> Engine | None:
-    """The remote engine the config names, or None for the local model."""
+    """The engine the config names, or None for the local model with transformers."""
+    if config.engine == "llamacpp":
+        return _llamacpp_engine(config)
     if config.engine != "openai":
         return None
     from prism.remote import OpenAIEngine
@@ -95,6 +97,19 @@ def make_engine(config: BootstrapConfig, api_key: str | None = None) -> Engine |
     return OpenAIEngine(config.base_url, config.engine_model, api_key=api_key or os.environ.get(ENGINE_KEY_ENV),
                         concurrency=config.engine_concurrency, timeout_s=config.engine_timeout,
                         max_retries=config.engine_max_retries)
+
+
+def _llamacpp_engine(config: BootstrapConfig) -> Engine | None:
+    from transformers import AutoTokenizer
+
+    from prism.llamacpp import LlamaCppEngine, resolve_engine
+    from prism.models import resolve_model
+
+    if resolve_engine("llamacpp", config.model, config.gguf) != "llamacpp":
+        return None  # llama-cpp-python is missing: resolve_engine warned, transformers runs the stages
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model)[0],
+                                              trust_remote_code=config.trust_remote_code)
+    return LlamaCppEngine.open(config.model, tokenizer, gguf=config.gguf, n_threads=config.threads or None)
 
 
 def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api_key: str | None = None

@@ -9,6 +9,7 @@ a batch of one route takes PEFT's plain path instead. The adapter weights never 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +36,7 @@ from prism.models import (
 )
 from prism.runs import RunDir
 
+log = logging.getLogger("prism")
 ROUTES = ("auto", "base", "persona")
 ADAPTER = "persona"
 NO_ADAPTER = "__base__"  # PEFT's name for "this row uses no adapter" in a mixed batch
@@ -87,16 +89,90 @@ class StreamEvent:
     completion: Completion | None = None  # once per request, when it is finished
 
 
-def _decision(probability: float, threshold: float) -> RouteDecision:
+def decision_for(probability: float, threshold: float) -> RouteDecision:
     return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
 
 
-class PrismModel:
+class GatedModel:
+    """What both engines share: a gate, a tokenizer for the chat template, and one generate call that
+    routes. Subclasses load the model and implement `stream` and `decide`."""
+
+    engine: str  # "transformers" or "llamacpp"
+    gate: Gate
+    tokenizer: Any
+    run_path: Path | None
+    max_model_len: int
+
+    @property
+    def has_adapter(self) -> bool:
+        raise NotImplementedError
+
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
+        raise NotImplementedError
+
+    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+        raise NotImplementedError
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    @property
+    def threshold(self) -> float:
+        return self.gate.config.threshold
+
+    def set_threshold(self, value: float, save: bool = False) -> None:
+        """Route to the adapter when P(persona) >= value; `save` writes it into the run's gate config."""
+        self.gate.config.threshold = _check_threshold(value)
+        if save:
+            if self.run_path is None:
+                raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
+            save_threshold(self.run_path / "gate", value)
+
+    def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
+        return conversation_prompt(self.tokenizer, messages) + assistant_prefix
+
+    def gate_prompt(self, messages: list[dict[str, str]]) -> str:
+        return gate_prompt(self.tokenizer, messages)
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(encode(self.tokenizer, self.prompt(messages)))
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request has "
+                f"{prompt_tokens} prompt tokens and asks for up to {max_tokens} completion tokens: shorten the "
+                "messages or lower max_tokens")
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def generate(self, messages: list[dict[str, str]] | str, *, route: str = "auto", max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None) -> Completion:
+        """One reply: text, the route taken and the gate probability. `messages` may be a plain string."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=list(stop or []))
+        return self.generate_batch([GenerationRequest(messages, route, params)])[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Replies to many requests in one batch (routes may differ per request)."""
+        completions: list[Completion | None] = [None] * len(requests)
+        for event in self.stream(requests):
+            if event.completion is not None:
+                completions[event.index] = event.completion
+        return completions  # type: ignore[return-value]
+
+
+class PrismModel(GatedModel):
     """A bootstrapped run as one model: `generate(messages)` routes, generates and says which route it took."""
+
+    engine = "transformers"
 
     def __init__(self, lm: LoadedModel, gate: Gate, adapter: PeftModel | None = None, *,
                  run_path: Path | None = None, max_model_len: int | None = None):
         self.lm = lm
+        self.tokenizer = lm.tokenizer
         self.gate = gate
         self.adapter = adapter
         self.run_path = run_path
@@ -132,35 +208,9 @@ class PrismModel:
             adapter = PeftModel.from_pretrained(lm.model, str(adapter_dir), adapter_name=ADAPTER).eval()
         return cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len)
 
-    # -- routing ---------------------------------------------------------------------------------------
-
     @property
-    def threshold(self) -> float:
-        return self.gate.config.threshold
-
-    def set_threshold(self, value: float, save: bool = False) -> None:
-        """Route to the adapter when P(persona) >= value; `save` writes it into the run's gate config."""
-        self.gate.config.threshold = _check_threshold(value)
-        if save:
-            if self.run_path is None:
-                raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
-            save_threshold(self.run_path / "gate", value)
-
-    def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
-        return conversation_prompt(self.lm.tokenizer, messages) + assistant_prefix
-
-    def gate_prompt(self, messages: list[dict[str, str]]) -> str:
-        return gate_prompt(self.lm.tokenizer, messages)
-
-    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(encode(self.lm.tokenizer, self.prompt(messages)))
-
-    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the request has "
-                f"{prompt_tokens} prompt tokens and asks for up to {max_tokens} completion tokens: shorten the "
-                "messages or lower max_tokens")
+    def has_adapter(self) -> bool:
+        return self.adapter is not None
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
@@ -187,26 +237,6 @@ class PrismModel:
             return None
         kwargs["adapter_names"] = self._row_adapters
         return args, kwargs
-
-    # -- generation ------------------------------------------------------------------------------------
-
-    def generate(self, messages: list[dict[str, str]] | str, *, route: str = "auto", max_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> Completion:
-        """One reply: text, the route taken and the gate probability. `messages` may be a plain string."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop=list(stop or []))
-        return self.generate_batch([GenerationRequest(messages, route, params)])[0]
-
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        """Replies to many requests in one batch (routes may differ per request)."""
-        completions: list[Completion | None] = [None] * len(requests)
-        for event in self.stream(requests):
-            if event.completion is not None:
-                completions[event.index] = event.completion
-        return completions  # type: ignore[return-value]
 
     @torch.no_grad()
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
@@ -278,7 +308,7 @@ class PrismModel:
             # left padding puts every prompt's last token at the end
             probabilities = self.gate.persona_probability(hidden[in_prefill, -1].float().cpu()).tolist()
             for i, probability in zip(in_prefill, probabilities):
-                decisions[i] = _decision(probability, self.threshold)
+                decisions[i] = decision_for(probability, self.threshold)
                 persona_rows[i] = decisions[i].route == "persona"
             self._apply_routes(persona_rows)  # before blocks 1..N-1 run
 
@@ -309,31 +339,12 @@ class PrismModel:
             for row, i in enumerate(active):
                 request, text = requests[i], streams[i]
                 token = sample_token(logits[row], request.params, generators[i])
-                reason = None
-                if request.cancel is not None and request.cancel.is_set():
-                    reason = "cancelled"
-                elif token in self.eos_ids and not request.params.ignore_eos:
-                    reason = "stop"
-                else:
-                    if logprobs[i] is not None:
-                        logprobs[i].append(token_logprobs(logits[row], token, request.params.logprobs, tokenizer))
-                    delta = text.add(token)
-                    if delta:
-                        yield StreamEvent(i, delta=delta)
-                    if text.stopped:
-                        reason = "stop"
-                    elif len(text.tokens) >= request.params.max_tokens:
-                        reason = "length"
-                if reason is None:
+                events = decode_step(i, request, decisions[i], text, logprobs[i], token, logits[row], self.eos_ids,
+                                     len(encoded[i]))
+                yield from events
+                if not events or events[-1].completion is None:
                     next_tokens.append(token)
                     keep.append(row)
-                    continue
-                rest = text.flush()
-                decision = decisions[i]
-                assert decision is not None
-                completion = Completion(text.text, decision.route, decision.gate_probability, decision.forced,
-                                        len(encoded[i]), len(text.tokens), reason, logprobs[i])
-                yield StreamEvent(i, delta=rest, completion=completion)
             if not keep:
                 return
             if len(keep) < len(active):
@@ -360,7 +371,7 @@ class PrismModel:
             if request.route != "auto":
                 decisions.append(RouteDecision(request.route, None, forced=True))
             elif self.gate.config.constant_route is not None:
-                decisions.append(_decision(float(self.gate.config.constant_route), self.threshold))
+                decisions.append(decision_for(float(self.gate.config.constant_route), self.threshold))
             else:
                 decisions.append(None)
                 gate_prompt = self.gate_prompt(request.messages)
@@ -370,6 +381,52 @@ class PrismModel:
             for i, decision in zip(separate, prompt_decisions(self.lm, self.gate, list(separate.values()))):
                 decisions[i] = decision
         return decisions
+
+
+def decode_step(index: int, request: GenerationRequest, decision: RouteDecision | None, text: TextStream,
+                logprobs: list[dict[str, Any]] | None, token: int, logits: torch.Tensor, eos_ids: set[int],
+                prompt_tokens: int) -> list[StreamEvent]:
+    """Take one sampled token into a request's reply: its text delta, and its completion when the token
+    ends it (end of text, a stop string, max_tokens, or a cancelled request). Shared by both engines."""
+    events, reason = [], None
+    if request.cancel is not None and request.cancel.is_set():
+        reason = "cancelled"
+    elif token in eos_ids and not request.params.ignore_eos:
+        reason = "stop"
+    else:
+        if logprobs is not None:
+            logprobs.append(token_logprobs(logits, token, request.params.logprobs, text.tokenizer))
+        delta = text.add(token)
+        if delta:
+            events.append(StreamEvent(index, delta=delta))
+        if text.stopped:
+            reason = "stop"
+        elif len(text.tokens) >= request.params.max_tokens:
+            reason = "length"
+    if reason is not None:
+        assert decision is not None
+        completion = Completion(text.text, decision.route, decision.gate_probability, decision.forced, prompt_tokens,
+                                len(text.tokens), reason, logprobs)
+        events.append(StreamEvent(index, delta=text.flush(), completion=completion))
+    return events
+
+
+def load_gated_model(run_dir: str | Path, *, engine: str = "auto", gguf: str | Path | None = None,
+                     threshold: float | None = None, device: str = "auto", max_model_len: int | None = None,
+                     threads: int | None = None, persona_model: str = "auto",
+                     trust_remote_code: bool = False) -> GatedModel:
+    """A finished run on the engine asked for: 'auto' takes llama.cpp when the run's model is GGUF (the
+    embedded default, or `gguf` given) and llama-cpp-python is installed, else transformers (PrismModel)."""
+    from prism.llamacpp import LlamaCppModel, resolve_engine
+
+    _run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
+    if resolve_engine(engine, config["model"], None if gguf is None else str(gguf)) == "llamacpp":
+        if device not in ("auto", "cpu"):
+            log.warning("the llamacpp engine runs on the CPU here; --device %s is ignored", device)
+        return LlamaCppModel.from_run(run_dir, gguf=gguf, threshold=threshold, max_model_len=max_model_len,
+                                      n_threads=threads, persona=persona_model, trust_remote_code=trust_remote_code)
+    return PrismModel.from_run(run_dir, device=device, threshold=threshold, trust_remote_code=trust_remote_code,
+                               max_model_len=max_model_len)
 
 
 def open_finished_run(run_dir: str | Path, trust_remote_code: bool) -> tuple[RunDir, dict[str, Any], dict[str, Any]]:
@@ -406,14 +463,14 @@ def gate_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
     """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
     if gate.config.constant_route is not None:
-        return [_decision(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
+        return [decision_for(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
     return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
 
 
 def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
     """The gate's route for each already-rendered gate prompt."""
     features = block0_features(lm, gate_prompts)
-    return [_decision(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
+    return [decision_for(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
 
 
 class Router:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prism.decoding import SamplingParams
 from prism.errors import PrismError
-from prism.routing import ContextLengthError, GenerationRequest, PrismModel, StreamEvent
+from prism.routing import ContextLengthError, GatedModel, GenerationRequest, StreamEvent
 
 log = logging.getLogger("prism")
 MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
@@ -103,7 +103,7 @@ class Batcher:
     """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
     waiting max_wait_s for more to arrive) and runs them as one batch."""
 
-    def __init__(self, model: PrismModel, max_batch_size: int = 32, max_wait_s: float = 0.01):
+    def __init__(self, model: GatedModel, max_batch_size: int = 32, max_wait_s: float = 0.01):
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -210,7 +210,7 @@ def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -
         return await call_next(request)
 
 
-def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size: int = 32,
+def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size: int = 32,
                default_max_tokens: int = 512) -> FastAPI:
     batcher = Batcher(model, max_batch_size=max_batch_size)
 
@@ -222,13 +222,13 @@ def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size:
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.batcher = batcher
-    models = served_models(model.adapter is not None)
+    models = served_models(model.has_adapter)
 
     install_openai_edges(app, api_key, models)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "run": str(model.run_path), "adapter": model.adapter is not None,
+        return {"status": "ok", "run": str(model.run_path), "engine": model.engine, "adapter": model.has_adapter,
                 "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches}
 
     @app.post("/v1/chat/completions")
@@ -265,7 +265,7 @@ def create_app(model: PrismModel, *, api_key: str | None = None, max_batch_size:
     return app
 
 
-def to_generation_request(model: PrismModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
+def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
     """Validate what the schema cannot (context window, stop strings) before the request joins a batch."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prefix = ""
@@ -371,15 +371,12 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subproc
             time.sleep(0.2)
 
 
-def serve(run: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          threshold: float | None = None, device: str = "auto", max_batch_size: int = 32,
-          max_model_len: int | None = None, default_max_tokens: int = 512, trust_remote_code: bool = False) -> None:
-    """Load a run and serve it until interrupted."""
+def serve(model: GatedModel, *, run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch_size: int = 32, default_max_tokens: int = 512) -> None:
+    """Serve a loaded run (`routing.load_gated_model`) until interrupted."""
     import uvicorn
 
-    model = PrismModel.from_run(run, device=device, threshold=threshold, trust_remote_code=trust_remote_code,
-                                max_model_len=max_model_len)
     app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens)
-    log.info("serving %s on http://%s:%d/v1 (models: prism, prism-base%s)", run, host, port,
-             ", prism-persona" if model.adapter is not None else "")
+    log.info("serving %s on http://%s:%d/v1 with %s (models: prism, prism-base%s)", run, host, port, model.engine,
+             ", prism-persona" if model.has_adapter else "")
     uvicorn.run(app, host=host, port=port, log_level="warning")

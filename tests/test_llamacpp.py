@@ -1,0 +1,251 @@
+"""The llama.cpp engine against the PyTorch model, on the tiny random Llama written as an F32 GGUF."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
+from prism import llamacpp
+from prism.decoding import SamplingParams
+from prism.engine import LocalEngine, Prompt
+from prism.errors import PrismError
+from prism.gguf_export import export_gguf
+from prism.models import encode
+from prism.routing import GenerationRequest, PrismModel
+from tiny_gguf import write_tiny_gguf
+
+if llamacpp.llama_cpp_missing():
+    if os.environ.get("CI"):  # the project installs it: a CI without it has a broken install step
+        pytest.fail(f"llama-cpp-python is not importable in CI: {llamacpp.llama_cpp_missing()}", pytrace=False)
+    pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
+
+QUERIES = PERSONA_QUERIES + BASE_QUERIES
+POSITIONS = 32
+# At least 95% of teacher-forced positions must pick the same greedy token. Both engines run the same F32
+# weights here, but llama.cpp keeps its KV cache in F16 and sums matrix products in another order, so a
+# position whose two best logits are within that rounding of each other may flip. The logits themselves
+# must agree to within 1% of their range (measured: 0.3-0.5%), which rules out any layout mistake.
+MIN_AGREEMENT = 0.95
+MAX_RELATIVE_DIFF = 0.01
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tiny_run: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("gguf-run") / "run"
+    shutil.copytree(tiny_run, run)
+    export_gguf(run, base_gguf=tiny_gguf, merged=True, merged_type="f32")
+    return run
+
+
+@pytest.fixture(scope="module")
+def torch_model(gguf_run: Path) -> PrismModel:
+    return PrismModel.from_run(gguf_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cpp_model(gguf_run: Path, tiny_gguf: Path) -> llamacpp.LlamaCppModel:
+    return llamacpp.LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="lora", max_model_len=512)
+
+
+def test_adapter_gguf_has_llama_cpp_names_shapes_and_alpha(gguf_run: Path, tiny_model_dir: Path):
+    reader = gguf.GGUFReader(str(gguf_run / "gguf" / "adapter.gguf"))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(8.0)  # the fixture's lora_alpha
+    names = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
+    # 7 projections in blocks 1 and 2 of the 3-layer model; block 0 carries no LoRA (the gate reads it)
+    assert len(names) == 2 * 7 * 2
+    assert not any(name.startswith("blk.0.") for name in names)
+    assert names["blk.1.attn_q.weight.lora_a"] == (64, 4)  # ggml order: (in, rank)
+    assert names["blk.1.attn_k.weight.lora_b"] == (4, 32)  # (rank, out): 2 kv heads of 16
+    assert names["blk.2.ffn_down.weight.lora_a"] == (128, 4)
+
+
+def _teacher_forced_agreement(torch_model: PrismModel, cpp_model: llamacpp.LlamaCppModel, route: str
+                              ) -> tuple[float, float]:
+    """(share of positions with the same greedy token, largest |logit difference| / logit range) over QUERIES."""
+    same = total = 0
+    worst = scale = 0.0
+    for query in QUERIES:
+        messages = [{"role": "user", "content": query}]
+        request = GenerationRequest(messages, route, SamplingParams(max_tokens=POSITIONS, ignore_eos=True))
+        continuation = encode(torch_model.tokenizer, torch_model.generate_batch([request])[0].text)[:POSITIONS]
+        prompt = encode(torch_model.tokenizer, torch_model.prompt(messages))
+        ids = torch.tensor([prompt + continuation])
+        with torch.no_grad(), (torch_model.adapter.disable_adapter() if route == "base" else nullcontext()):
+            reference = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        ours = cpp_model.context(route).teacher_forced_logits(prompt, continuation)[:, : reference.shape[1]]
+        same += int((reference.argmax(-1) == ours.argmax(-1)).sum())
+        total += len(continuation)
+        worst = max(worst, float((reference - ours).abs().max()))
+        scale = max(scale, float(reference.max() - reference.min()))
+    return same / total, worst / scale
+
+
+@pytest.mark.parametrize("route", ["persona", "base"])
+def test_greedy_tokens_agree_with_pytorch_teacher_forced(torch_model, cpp_model, route):
+    agreement, worst = _teacher_forced_agreement(torch_model, cpp_model, route)
+    assert agreement >= MIN_AGREEMENT, f"{route}: {agreement:.3f} of positions agree (relative diff {worst:.2e})"
+    assert worst < MAX_RELATIVE_DIFF
+
+
+def test_the_merged_persona_gguf_agrees_with_the_adapter(torch_model, gguf_run, tiny_gguf):
+    merged = llamacpp.LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="merged", max_model_len=512)
+    assert merged.persona_source == "merged"
+    agreement, worst = _teacher_forced_agreement(torch_model, merged, "persona")
+    assert agreement >= MIN_AGREEMENT and worst < MAX_RELATIVE_DIFF
+
+
+def test_routes_and_replies_match_the_pytorch_model(torch_model, cpp_model):
+    conversations = [[{"role": "user", "content": q}] for q in QUERIES]
+    ours, theirs = cpp_model.decide(conversations), torch_model.decide(conversations)
+    assert [d.route for d in ours] == ["persona"] * len(PERSONA_QUERIES) + ["base"] * len(BASE_QUERIES)
+    assert [d.route for d in ours] == [d.route for d in theirs]
+    assert [d.gate_probability for d in ours] == pytest.approx([d.gate_probability for d in theirs], abs=1e-5)
+    for conversation in conversations:
+        expected = torch_model.generate(conversation, max_tokens=12)
+        got = cpp_model.generate(conversation, max_tokens=12)
+        assert (got.route, got.text, got.finish_reason) == (expected.route, expected.text, expected.finish_reason)
+
+
+def test_stream_sampling_stop_strings_and_context_limit(cpp_model):
+    messages = [{"role": "user", "content": QUERIES[0]}]
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    first = cpp_model.generate_batch([GenerationRequest(messages, "base", params)])[0]
+    again = cpp_model.generate_batch([GenerationRequest(messages, "base", params)])[0]
+    assert first.text == again.text and first.completion_tokens == 10 and first.finish_reason == "length"
+    events = list(cpp_model.stream([GenerationRequest(messages, "auto", SamplingParams(max_tokens=6)),
+                                    GenerationRequest(messages, "base", SamplingParams(max_tokens=6))]))
+    assert [e.index for e in events if e.decision] == [0, 1]  # every route before any text
+    assert events[0].decision.route == "persona" and events[1].decision.forced
+    done = [e.completion for e in events if e.completion]
+    assert len(done) == 2
+    stop = done[1].text[2:4]
+    if stop.strip():
+        cut = cpp_model.generate(messages, route="base", max_tokens=6, stop=[stop])
+        assert cut.text == done[1].text[: done[1].text.index(stop)] and cut.finish_reason == "stop"
+    with pytest.raises(PrismError, match="maximum context length is 512"):
+        cpp_model.generate(messages, max_tokens=600)
+
+
+def test_judge_verdicts_and_stage_generation_match_transformers(cpp_model, torch_model, tiny_gguf):
+    engine = llamacpp.LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf),
+                                          n_ctx=512)
+    local = LocalEngine(torch_model.lm)
+    prompts = [Prompt(q, system="Compare two answers.", assistant_prefix="Verdict:") for q in QUERIES]
+    with torch_model.adapter.disable_adapter():
+        expected = local.option_probs(prompts, ["A", "B", "TIE"], batch_size=4)
+        reference = _by_index(local.generate(prompts, max_new_tokens=8, temperature=0.0, seed=0, batch_size=1))
+    got = engine.option_probs(prompts, ["A", "B", "TIE"], batch_size=4)
+    for mine, theirs in zip(got, expected):
+        assert mine.probs == pytest.approx(theirs.probs, abs=1e-3)
+        assert mine.mass == pytest.approx(theirs.mass, abs=1e-3)
+    generated = _by_index(engine.generate(prompts, max_new_tokens=8, temperature=0.0, seed=0, batch_size=1))
+    assert generated == reference
+
+
+def _by_index(batches) -> dict[int, str]:
+    return {i: g.text for indices, generations in batches for i, g in zip(indices, generations)}
+
+
+def test_served_on_llama_cpp(cpp_model):
+    from openai import OpenAI
+
+    from prism.serve import create_app
+
+    live = LiveServer(create_app(cpp_model, default_max_tokens=8)).start()
+    try:
+        client = OpenAI(base_url=live.url + "/v1", api_key="none")
+        reply = client.chat.completions.with_raw_response.create(
+            model="prism", messages=[{"role": "user", "content": PERSONA_QUERIES[0]}], max_tokens=8, temperature=0)
+        body = reply.parse()
+        assert reply.headers["x-prism-route"] == "persona"
+        expected = cpp_model.generate(PERSONA_QUERIES[0], max_tokens=8)
+        assert body.choices[0].message.content == expected.text
+        chunks = list(client.chat.completions.create(model="prism-base", stream=True, max_tokens=8, temperature=0,
+                                                     messages=[{"role": "user", "content": BASE_QUERIES[0]}]))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == cpp_model.generate(BASE_QUERIES[0], route="base", max_tokens=8).text
+    finally:
+        live.stop()
+
+
+def test_missing_llama_cpp_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(llamacpp, "llama_cpp_missing", lambda: "ImportError: No module named 'llama_cpp'")
+    monkeypatch.setattr(llamacpp, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="prism"):
+        assert llamacpp.resolve_engine("auto", "embedded", None) == "transformers"
+        assert llamacpp.resolve_engine("llamacpp", "embedded", None) == "transformers"
+    warnings = [r for r in caplog.records if "llama-cpp-python is unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "pip install llama-cpp-python" in warnings[0].getMessage()
+
+
+def test_engine_choice():
+    assert llamacpp.resolve_engine("auto", "embedded", None) == "llamacpp"
+    assert llamacpp.resolve_engine("auto", "org/some-model", None) == "transformers"
+    assert llamacpp.resolve_engine("auto", "org/some-model", "model.gguf") == "llamacpp"
+    assert llamacpp.resolve_engine("transformers", "embedded", None) == "transformers"
+    with pytest.raises(PrismError, match="needs a GGUF"):
+        llamacpp.resolve_engine("llamacpp", "org/some-model", None)
+    with pytest.raises(PrismError, match="unknown engine"):
+        llamacpp.resolve_engine("vllm", "embedded", None)
+
+
+def test_export_refuses_a_gguf_of_another_model(tiny_run, tmp_path):
+    other = build_tiny_model(tmp_path / "two-layers", layers=2)
+    wrong = write_tiny_gguf(other, tmp_path / "two-layers.gguf")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(PrismError, match="has no tensor blk.2"):
+        export_gguf(run, base_gguf=wrong)
+    with pytest.raises(PrismError, match="does not exist"):
+        export_gguf(run, base_gguf=tmp_path / "missing.gguf")
+    assert not (run / "gguf" / "adapter.gguf").exists()
+
+
+def test_a_stale_export_is_redone_when_the_adapter_changes(gguf_run, tiny_gguf, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(gguf_run, run)
+    weights_path = run / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, str(weights_path))
+    before = (run / "gguf" / "adapter.gguf").read_bytes()
+    model = llamacpp.LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=256)
+    assert model.persona_source == "lora"  # the merged model of the old adapter was dropped
+    assert not (run / "gguf" / "persona.gguf").exists()
+    assert (run / "gguf" / "adapter.gguf").read_bytes() != before
+
+
+def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):
+    import json
+
+    from prism.pipeline import bootstrap
+    from prism.runs import STAGES, RunDir
+
+    config = tiny_config(engine="llamacpp", gguf=str(tiny_gguf), domains=["math", "safety"], queries_per_persona=3)
+    summary = bootstrap(config, tmp_path / "run")
+    assert all(summary["stages"][s] == "done" for s in STAGES if s != "distill")
+    assert summary["counts"]["answers"] == 2 * summary["counts"]["queries"] > 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for stage in ("personas", "queries", "answers", "verify"):
+        assert manifest["stages"][stage]["engine"] == {"kind": "llamacpp", "model": str(tiny_gguf),
+                                                       "threads": llamacpp.default_threads()}
+    assert manifest["stages"]["gate"]["engine"]["kind"] == "transformers"
+    judgments = RunDir(tmp_path / "run").read("judgments")
+    assert judgments and all(j["verdict_source"] == "logits" for j in judgments)
+    assert all(abs(sum(j["probs"].values()) - 1) < 1e-6 for j in judgments)

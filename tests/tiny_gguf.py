@@ -1,0 +1,77 @@
+"""The tiny random Llama of conftest written as an F32 GGUF, laid out as llama.cpp's convert_hf_to_gguf.py
+lays out a Llama (q/k rows permuted per head), so llama.cpp can run the same weights as PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    weights = load_file(str(model_dir / "model.safetensors"))
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
+    added = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    tokens = [token for token, _ in vocab]
+    for content, index in added.items():
+        while len(tokens) <= index:
+            tokens.append(f"[PAD{len(tokens)}]")
+        tokens[index] = content
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens])
+    merges = tokenizer["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(added[tokenizer_config["bos_token"]])
+    writer.add_eos_token_id(added[tokenizer_config["eos_token"]])
+    writer.add_pad_token_id(added[tokenizer_config["pad_token"]])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer_config.get("chat_template") or
+                             (model_dir / "chat_template.jinja").read_text())
+
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    for layer in range(config["num_hidden_layers"]):
+        for hf, name in PROJECTIONS.items():
+            weight = weights[f"model.layers.{layer}.{hf}.weight"]
+            if name == "attn_q":
+                weight = _permute(weight, n_head)
+            elif name == "attn_k":
+                weight = _permute(weight, n_kv)
+            writer.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(weight, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
