@@ -1,16 +1,20 @@
 """The one test that runs the real embedded model: `prism bootstrap --preset tiny` (a few minutes)."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from gguf_helpers import teacher_forced_agreement
+from prism import llamacpp
 from prism.distill import load_adapter
 from prism.engine import block0_features
 from prism.gate import Gate
 from prism.models import chat_prompt, encode, load_model
 from prism.pipeline import inspect_run
+from prism.routing import PrismModel
 from prism.runs import STAGES, RunDir
 
 pytestmark = pytest.mark.e2e
@@ -44,3 +48,23 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
     shift = torch.nn.functional.kl_div(adapted_logits.log_softmax(-1), base_logits.log_softmax(-1),
                                        log_target=True, reduction="sum")
     assert float(shift) > 1e-3
+
+    # The issue's parity check on the real model: the shipped Q4_1 GGUF in llama.cpp with the exported
+    # adapter vs PyTorch (fp32 weights dequantized from that same file) with the PEFT adapter. llama.cpp
+    # multiplies Q4_1 weights with activations quantized to 8 bits, so near-ties may flip: 95% of the
+    # first 32 teacher-forced positions must agree (measured 97-98% over 16 queries of two runs; over 4
+    # queries one run gave 94.5%, so the test uses 16 for a steadier share).
+    if llamacpp.llama_cpp_missing():
+        assert not os.environ.get("CI"), "the project installs llama-cpp-python; CI must have it"
+        return
+    queries = [r["query"] for r in RunDir(run).read("labels")][:16]
+    torch_model = PrismModel.from_run(run, device="cpu")
+    for persona in ("lora", "merged"):
+        if persona == "merged":
+            assert subprocess.run([sys.executable, "-m", "prism.cli", "export", "gguf", str(run), "--merged"],
+                                  capture_output=True, timeout=300).returncode == 0
+        cpp_model = llamacpp.LlamaCppModel.from_run(run, persona=persona, max_model_len=1024)
+        assert cpp_model.persona_source == persona
+        for route in ("persona", "base"):
+            agreement, _ = teacher_forced_agreement(torch_model, cpp_model, route, queries, 32)
+            assert agreement >= 0.95, f"{persona}/{route}: {agreement:.3f}"

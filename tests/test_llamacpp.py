@@ -5,22 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import gguf
 import pytest
-import torch
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
+from gguf_helpers import teacher_forced_agreement, write_tiny_gguf
 from prism import llamacpp
 from prism.decoding import SamplingParams
 from prism.engine import LocalEngine, Prompt
 from prism.errors import PrismError
 from prism.gguf_export import export_gguf
-from prism.models import encode
 from prism.routing import GenerationRequest, PrismModel
-from tiny_gguf import write_tiny_gguf
 
 if llamacpp.llama_cpp_missing():
     if os.environ.get("CI"):  # the project installs it: a CI without it has a broken install step
@@ -74,30 +71,9 @@ def test_adapter_gguf_has_llama_cpp_names_shapes_and_alpha(gguf_run: Path, tiny_
     assert names["blk.2.ffn_down.weight.lora_a"] == (128, 4)
 
 
-def _teacher_forced_agreement(torch_model: PrismModel, cpp_model: llamacpp.LlamaCppModel, route: str
-                              ) -> tuple[float, float]:
-    """(share of positions with the same greedy token, largest |logit difference| / logit range) over QUERIES."""
-    same = total = 0
-    worst = scale = 0.0
-    for query in QUERIES:
-        messages = [{"role": "user", "content": query}]
-        request = GenerationRequest(messages, route, SamplingParams(max_tokens=POSITIONS, ignore_eos=True))
-        continuation = encode(torch_model.tokenizer, torch_model.generate_batch([request])[0].text)[:POSITIONS]
-        prompt = encode(torch_model.tokenizer, torch_model.prompt(messages))
-        ids = torch.tensor([prompt + continuation])
-        with torch.no_grad(), (torch_model.adapter.disable_adapter() if route == "base" else nullcontext()):
-            reference = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        ours = cpp_model.context(route).teacher_forced_logits(prompt, continuation)[:, : reference.shape[1]]
-        same += int((reference.argmax(-1) == ours.argmax(-1)).sum())
-        total += len(continuation)
-        worst = max(worst, float((reference - ours).abs().max()))
-        scale = max(scale, float(reference.max() - reference.min()))
-    return same / total, worst / scale
-
-
 @pytest.mark.parametrize("route", ["persona", "base"])
 def test_greedy_tokens_agree_with_pytorch_teacher_forced(torch_model, cpp_model, route):
-    agreement, worst = _teacher_forced_agreement(torch_model, cpp_model, route)
+    agreement, worst = teacher_forced_agreement(torch_model, cpp_model, route, QUERIES, POSITIONS)
     assert agreement >= MIN_AGREEMENT, f"{route}: {agreement:.3f} of positions agree (relative diff {worst:.2e})"
     assert worst < MAX_RELATIVE_DIFF
 
@@ -105,7 +81,7 @@ def test_greedy_tokens_agree_with_pytorch_teacher_forced(torch_model, cpp_model,
 def test_the_merged_persona_gguf_agrees_with_the_adapter(torch_model, gguf_run, tiny_gguf):
     merged = llamacpp.LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="merged", max_model_len=512)
     assert merged.persona_source == "merged"
-    agreement, worst = _teacher_forced_agreement(torch_model, merged, "persona")
+    agreement, worst = teacher_forced_agreement(torch_model, merged, "persona", QUERIES, POSITIONS)
     assert agreement >= MIN_AGREEMENT and worst < MAX_RELATIVE_DIFF
 
 

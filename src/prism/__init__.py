@@ -3,15 +3,17 @@
 from prism.config import DEFAULT_DOMAINS, PRESETS, BootstrapConfig, load_config_file, resolve_config
 from prism.decoding import SamplingParams
 from prism.errors import PrismError
+from prism.gguf_export import export_gguf
 from prism.models import load_model
 from prism.pipeline import bootstrap, distill_run, inspect_run
-from prism.routing import Completion, GenerationRequest, PrismModel, RouteDecision, Router
+from prism.routing import Completion, GatedModel, GenerationRequest, PrismModel, RouteDecision, Router, load_gated_model
 
 __all__ = [
     "DEFAULT_DOMAINS",
     "PRESETS",
     "BootstrapConfig",
     "Completion",
+    "GatedModel",
     "GenerationRequest",
     "PrismError",
     "PrismModel",
@@ -20,8 +22,10 @@ __all__ = [
     "SamplingParams",
     "bootstrap",
     "distill_run",
+    "export_gguf",
     "inspect_run",
     "load_config_file",
+    "load_gated_model",
     "load_model",
     "resolve_config",
 ]

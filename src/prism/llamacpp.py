@@ -11,9 +11,11 @@ same token ids. Requests run one at a time: batches of many requests are the tra
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,16 +100,33 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+_open_models: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_models() -> None:
+    # llama-cpp-python frees its models in __del__, which at interpreter exit runs after its own module
+    # globals are gone and prints a traceback; closing them first keeps the exit quiet.
+    for llm in list(_open_models):
+        llm.close()
+
+
 def open_llama(path: Path, *, lora: Path | None = None, n_ctx: int, n_threads: int | None = None) -> Any:
+    import llama_cpp
     from llama_cpp import Llama
 
     threads = n_threads or default_threads()
     try:
-        return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_batch=512,
-                     n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        # An F32 KV cache (llama.cpp defaults to F16) keeps the engine closer to PyTorch: on the embedded
+        # model teacher-forced greedy agreement went from 96-97% to 97.5-98% (16 queries x 32 positions).
+        llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_batch=512,
+                    n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
+                    type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     except (ValueError, RuntimeError) as exc:
         what = f"{path} with the LoRA {lora}" if lora else str(path)
         raise PrismError(f"llama.cpp cannot load {what}: {exc}") from None
+    _open_models.add(llm)
+    return llm
 
 
 class LlamaContext:

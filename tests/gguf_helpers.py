@@ -1,14 +1,21 @@
-"""The tiny random Llama of conftest written as an F32 GGUF, laid out as llama.cpp's convert_hf_to_gguf.py
-lays out a Llama (q/k rows permuted per head), so llama.cpp can run the same weights as PyTorch."""
+"""llama.cpp test helpers: the tiny random Llama of conftest written as an F32 GGUF (laid out as llama.cpp's
+convert_hf_to_gguf.py lays out a Llama: q/k rows permuted per head), and the teacher-forced parity measure."""
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
+import torch
 from safetensors.numpy import load_file
+
+from prism.decoding import SamplingParams
+from prism.models import encode
+from prism.routing import GenerationRequest
 
 PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -75,3 +82,26 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queries: list[str], positions: int
+                             ) -> tuple[float, float]:
+    """(share of positions with the same greedy token, largest |logit difference| / logit range) over the
+    queries, teacher-forced: both models read PyTorch's own greedy reply token by token."""
+    same = total = 0
+    worst = scale = 0.0
+    conversations = [[{"role": "user", "content": query}] for query in queries]
+    params = SamplingParams(max_tokens=positions, ignore_eos=True)
+    replies = torch_model.generate_batch([GenerationRequest(m, route, params) for m in conversations])
+    for messages, reply in zip(conversations, replies):
+        continuation = encode(torch_model.tokenizer, reply.text)[:positions]
+        prompt = encode(torch_model.tokenizer, torch_model.prompt(messages))
+        ids = torch.tensor([prompt + continuation])
+        with torch.no_grad(), (torch_model.adapter.disable_adapter() if route == "base" else nullcontext()):
+            reference = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        ours = cpp_model.context(route).teacher_forced_logits(prompt, continuation)[:, : reference.shape[1]]
+        same += int((reference.argmax(-1) == ours.argmax(-1)).sum())
+        total += len(continuation)
+        worst = max(worst, float((reference - ours).abs().max()))
+        scale = max(scale, float(reference.max() - reference.min()))
+    return same / total, worst / scale
