@@ -5,7 +5,9 @@ Every ratio compares systems measured side by side in this one run (interleaved,
    where T(n) is a request's wall time for n new tokens (end-of-text ignored). Systems: transformers
    (PrismModel, base route and adapter route), the llama.cpp engine (base route, adapter route on the
    LoRA GGUF, adapter route on the merged persona GGUF, and gated), plain llama-cpp-python on the same
-   GGUF (with and without the LoRA), and one llama.cpp context that switches the adapter per request;
+   GGUF (with and without the LoRA, its own generate loop and C sampler), and one llama.cpp context that
+   switches the adapter on or off per request (the engine's decode loop; systems alternate, so it
+   switches before every request);
 2. time to first token of `prism serve` on each engine (streaming requests over loopback);
 3. the bootstrap's generating stages: answers (batched transformers vs llama.cpp one prompt at a time)
    and judge verdicts.
@@ -32,7 +34,7 @@ from pathlib import Path
 from prism.decoding import SamplingParams
 from prism.engine import LocalEngine, Prompt
 from prism.gguf_export import ADAPTER_FILE, EXPORT_DIR, MERGED_FILE, export_gguf
-from prism.llamacpp import LlamaCppEngine, LlamaCppModel, default_threads, open_llama
+from prism.llamacpp import LlamaContext, LlamaCppEngine, LlamaCppModel, default_threads, open_llama
 from prism.models import embedded_gguf_path, encode
 from prism.routing import GenerationRequest, PrismModel
 from prism.serve import wait_until_healthy
@@ -64,34 +66,36 @@ def plain_time(llm, prompt_ids: list[int], tokens: int) -> float:
 
 
 class SwitchingContext:
-    """One llama.cpp context whose LoRA is set or cleared per request (llama_set_adapters_lora). The KV
-    cache of a prompt made under the other setting is stale, so each switch drops the prompt cache."""
+    """One llama.cpp context whose LoRA is set or cleared per request (llama_set_adapters_lora), decoded by
+    the engine's own loop. The KV cache of a prompt made under the other setting is stale, so a switch
+    drops the prompt cache."""
 
     def __init__(self, base_gguf: Path, lora: Path, n_ctx: int):
         import llama_cpp
 
         self.api = llama_cpp
-        self.llm = open_llama(base_gguf, n_ctx=n_ctx)
-        self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(lora).encode())
+        self.context = LlamaContext(open_llama(base_gguf, n_ctx=n_ctx))
+        self.adapter = llama_cpp.llama_adapter_lora_init(self.context.llm.model, str(lora).encode())
         self.on: bool | None = None
 
     def use(self, adapter_on: bool) -> None:
         if adapter_on == self.on:
             return
+        ctx = self.context.llm.ctx
         if adapter_on:
             adapters = (self.api.llama_adapter_lora_p_ctypes * 1)(self.adapter)
-            self.api.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+            self.api.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         else:
-            self.api.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
-        self.llm.reset()
+            self.api.llama_set_adapters_lora(ctx, None, 0, None)
+        self.context.forget()
         self.on = adapter_on
 
     def time(self, prompt_ids: list[int], tokens: int, adapter_on: bool) -> float:
         started = time.perf_counter()
         self.use(adapter_on)
-        for count, _token in enumerate(self.llm.generate(prompt_ids, temp=0.0, reset=True), start=1):
-            if count == tokens:
-                break
+        logits = self.context.prefill(prompt_ids)
+        for _ in range(tokens - 1):
+            logits = self.context.step(int(logits.argmax()))
         return time.perf_counter() - started
 
 

@@ -225,3 +225,32 @@ def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):
     judgments = RunDir(tmp_path / "run").read("judgments")
     assert judgments and all(j["verdict_source"] == "logits" for j in judgments)
     assert all(abs(sum(j["probs"].values()) - 1) < 1e-6 for j in judgments)
+
+
+def test_cli_export_and_chat_on_llama_cpp(tiny_run, tiny_gguf, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    exported = subprocess.run([sys.executable, "-m", "prism.cli", "export", "gguf", str(run), "--gguf", str(tiny_gguf),
+                               "--merged", "--merged-type", "f16"], capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    assert f"{run}/gguf/adapter.gguf" in exported.stdout and f"{run}/gguf/persona.gguf" in exported.stdout
+    merged = gguf.GGUFReader(str(run / "gguf" / "persona.gguf"))
+    assert merged.fields["general.finetune"].contents() == "prism-persona"
+    types = {t.name: t.tensor_type.name for t in merged.tensors}
+    assert types["blk.1.attn_q.weight"] == "F16" and types["blk.0.attn_q.weight"] == "F32"  # block 0 untouched
+
+    # no --gguf: the base GGUF recorded by the export is used, and auto picks llama.cpp for it
+    chat = subprocess.run([sys.executable, "-m", "prism.cli", "chat", str(run), "--max-tokens", "4",
+                           "--temperature", "0"],
+                          input=f"{PERSONA_QUERIES[0]}\n/route base\n{PERSONA_QUERIES[0]}\n/quit\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert "on llamacpp" in chat.stdout
+    assert "[persona · gate p(persona)=" in chat.stdout and "[base · pinned]" in chat.stdout
+
+    refused = subprocess.run([sys.executable, "-m", "prism.cli", "chat", str(tiny_run), "--engine", "llamacpp"],
+                             input="", capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "needs a GGUF" in refused.stderr and "Traceback" not in refused.stderr

@@ -71,6 +71,12 @@ def read_export_info(run_path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def recorded_base_gguf(run_path: Path) -> str | None:
+    """The base GGUF the run's last export named, if that file is still there."""
+    recorded = (read_export_info(run_path) or {}).get("base_gguf")
+    return recorded if recorded and Path(recorded).is_file() else None
+
+
 def export_is_current(run_path: Path, base_gguf: Path) -> bool:
     """Whether RUN/gguf/adapter.gguf was made from the run's present adapter for this base GGUF."""
     info = read_export_info(run_path)

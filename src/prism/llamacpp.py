@@ -42,7 +42,7 @@ from prism.gguf_export import (
     base_gguf_for,
     export_gguf,
     export_is_current,
-    read_export_info,
+    recorded_base_gguf,
 )
 from prism.models import EMBEDDED, chat_prompt, encode
 from prism.routing import (
@@ -52,7 +52,6 @@ from prism.routing import (
     RouteDecision,
     Router,
     StreamEvent,
-    decision_for,
     decode_step,
     open_finished_run,
 )
@@ -207,7 +206,7 @@ class LlamaCppModel(GatedModel):
         file is missing or older than the run's adapter. `persona`: 'auto' (the merged GGUF when exported,
         else the LoRA), 'merged' or 'lora'."""
         run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
-        base_path = base_gguf_for(config, gguf or (read_export_info(run.path) or {}).get("base_gguf"))
+        base_path = base_gguf_for(config, gguf or recorded_base_gguf(run.path))
         router = Router.from_run(run.path, device="cpu", threshold=threshold, trust_remote_code=trust_remote_code)
         context_size = max_model_len or getattr(router.lm.model.config, "max_position_embeddings", None) or 4096
         base = LlamaContext(open_llama(base_path, n_ctx=context_size, n_threads=n_threads))
@@ -267,11 +266,7 @@ class LlamaCppModel(GatedModel):
             RouteDecision(r.route, None, forced=True) if r.route != "auto" else None for r in requests]
         gated = [i for i, d in enumerate(decisions) if d is None]
         if gated:
-            if self.gate.config.constant_route is not None:
-                found = [decision_for(float(self.gate.config.constant_route), self.threshold) for _ in gated]
-            else:
-                found = self.router.decide([requests[i].messages for i in gated])
-            for i, decision in zip(gated, found):
+            for i, decision in zip(gated, self.router.decide([requests[i].messages for i in gated])):
                 decisions[i] = decision
         return decisions  # type: ignore[return-value]
 

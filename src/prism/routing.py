@@ -89,7 +89,7 @@ class StreamEvent:
     completion: Completion | None = None  # once per request, when it is finished
 
 
-def decision_for(probability: float, threshold: float) -> RouteDecision:
+def _decision(probability: float, threshold: float) -> RouteDecision:
     return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
 
 
@@ -308,7 +308,7 @@ class PrismModel(GatedModel):
             # left padding puts every prompt's last token at the end
             probabilities = self.gate.persona_probability(hidden[in_prefill, -1].float().cpu()).tolist()
             for i, probability in zip(in_prefill, probabilities):
-                decisions[i] = decision_for(probability, self.threshold)
+                decisions[i] = _decision(probability, self.threshold)
                 persona_rows[i] = decisions[i].route == "persona"
             self._apply_routes(persona_rows)  # before blocks 1..N-1 run
 
@@ -371,7 +371,7 @@ class PrismModel(GatedModel):
             if request.route != "auto":
                 decisions.append(RouteDecision(request.route, None, forced=True))
             elif self.gate.config.constant_route is not None:
-                decisions.append(decision_for(float(self.gate.config.constant_route), self.threshold))
+                decisions.append(_decision(float(self.gate.config.constant_route), self.threshold))
             else:
                 decisions.append(None)
                 gate_prompt = self.gate_prompt(request.messages)
@@ -416,10 +416,13 @@ def load_gated_model(run_dir: str | Path, *, engine: str = "auto", gguf: str | P
                      threads: int | None = None, persona_model: str = "auto",
                      trust_remote_code: bool = False) -> GatedModel:
     """A finished run on the engine asked for: 'auto' takes llama.cpp when the run's model is GGUF (the
-    embedded default, or `gguf` given) and llama-cpp-python is installed, else transformers (PrismModel)."""
+    embedded default, `gguf` given, or a base GGUF recorded by `prism export gguf`) and llama-cpp-python is
+    installed, else transformers (PrismModel)."""
+    from prism.gguf_export import recorded_base_gguf
     from prism.llamacpp import LlamaCppModel, resolve_engine
 
-    _run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
+    run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
+    gguf = gguf or recorded_base_gguf(run.path)
     if resolve_engine(engine, config["model"], None if gguf is None else str(gguf)) == "llamacpp":
         if device not in ("auto", "cpu"):
             log.warning("the llamacpp engine runs on the CPU here; --device %s is ignored", device)
@@ -463,14 +466,14 @@ def gate_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
     """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
     if gate.config.constant_route is not None:
-        return [decision_for(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
+        return [_decision(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
     return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
 
 
 def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
     """The gate's route for each already-rendered gate prompt."""
     features = block0_features(lm, gate_prompts)
-    return [decision_for(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
+    return [_decision(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
 
 
 class Router:
