@@ -2,12 +2,11 @@
 Every ratio compares systems measured side by side in this one run (interleaved, so drift hits all alike):
 
 1. decode speed at batch 1, greedy: tokens per second after the first token, from (N - 1) / (T(N) - T(1)),
-   where T(n) is a request's wall time for n new tokens (end-of-text ignored). Systems: transformers
-   (PrismModel, base route and adapter route), the llama.cpp engine (base route, adapter route on the
-   LoRA GGUF, adapter route on the merged persona GGUF, and gated), plain llama-cpp-python on the same
-   GGUF (with and without the LoRA, its own generate loop and C sampler), and one llama.cpp context that
-   switches the adapter on or off per request (the engine's decode loop; systems alternate, so it
-   switches before every request);
+   where T(n) is a request's wall time for n new tokens (end-of-text ignored), each from a cold prompt.
+   Systems: transformers (PrismModel, base and adapter route), the llama.cpp engine (base route, adapter
+   route on the LoRA GGUF, adapter route on the merged persona GGUF, and gated), plain llama-cpp-python
+   on the same GGUF (with and without the LoRA; its own generate loop and C sampler), and one llama.cpp
+   context that switches the adapter on or off per request (the engine's decode loop);
 2. time to first token of `prism serve` on each engine (streaming requests over loopback);
 3. the bootstrap's generating stages: answers (batched transformers vs llama.cpp one prompt at a time)
    and judge verdicts.
@@ -48,6 +47,11 @@ QUERIES = [
 
 
 def request_time(model, query: str, route: str, tokens: int) -> float:
+    # Every timed request starts from an empty prompt cache, as plain llama-cpp-python's reset does: with
+    # the cache kept, T(N) would follow T(1) of the same prompt and skip its prefill, inflating the rate.
+    for context in getattr(model, "contexts", {}).values():
+        if context is not None:
+            context.forget()
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     started = time.perf_counter()
     done = model.generate_batch([GenerationRequest([{"role": "user", "content": query}], route, params)])[0]
@@ -93,6 +97,7 @@ class SwitchingContext:
     def time(self, prompt_ids: list[int], tokens: int, adapter_on: bool) -> float:
         started = time.perf_counter()
         self.use(adapter_on)
+        self.context.forget()  # a cold prompt every time, like every other system here
         logits = self.context.prefill(prompt_ids)
         for _ in range(tokens - 1):
             logits = self.context.step(int(logits.argmax()))
