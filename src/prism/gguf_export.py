@@ -11,7 +11,6 @@ the base GGUF and the adapter's hash, so an engine can tell whether the export i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from prism.errors import PrismError
-from prism.models import EMBEDDED, embedded_gguf_path
+from prism.models import EMBEDDED, embedded_gguf_path, file_sha256
 from prism.runs import RunDir, write_json_atomic
 
 log = logging.getLogger("prism")
@@ -56,14 +55,6 @@ def base_gguf_for(config: dict[str, Any], base_gguf: str | Path | None) -> Path:
         return embedded_gguf_path()
     raise PrismError(f"the run's model {config.get('model')!r} is not a GGUF model: convert it with llama.cpp's "
                      "convert_hf_to_gguf.py and pass the file with --gguf")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_export_info(run_path: Path) -> dict[str, Any] | None:

@@ -58,7 +58,7 @@ from prism.routing import (
 
 log = logging.getLogger("prism")
 ENGINES = ("auto", "llamacpp", "transformers")
-INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: a few minutes)"
+INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: about 10 minutes on 2 cores)"
 _warned: set[str] = set()
 
 
@@ -205,6 +205,8 @@ class LlamaCppModel(GatedModel):
         """Load a finished run on llama.cpp. The adapter is exported to RUN/gguf/adapter.gguf first when that
         file is missing or older than the run's adapter. `persona`: 'auto' (the merged GGUF when exported,
         else the LoRA), 'merged' or 'lora'."""
+        if persona not in ("auto", "merged", "lora"):
+            raise PrismError(f"persona must be 'auto', 'merged' or 'lora', got {persona!r}")
         run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
         base_path = base_gguf_for(config, gguf or recorded_base_gguf(run.path))
         router = Router.from_run(run.path, device="cpu", threshold=threshold, trust_remote_code=trust_remote_code)
@@ -232,9 +234,6 @@ class LlamaCppModel(GatedModel):
     @property
     def has_adapter(self) -> bool:
         return self.contexts["persona"] is not None
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "llamacpp", "persona": self.persona_source, "context": self.max_model_len}
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         return self.router.decide(conversations)

@@ -45,7 +45,7 @@ def embedded_gguf_path() -> Path:
     return Path(str(dist.locate_file(ggufs[0])))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -73,7 +73,7 @@ def embedded_checkpoint() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "prism_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": _sha256(gguf)}, indent=2))
+    (tmp / "prism_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": file_sha256(gguf)}, indent=2))
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
