@@ -1,4 +1,4 @@
-"""`prism chat`: an interactive terminal chat with a PrismModel that shows each answer's route."""
+"""`prism chat`: a terminal chat with a run's gated model (either engine) that shows each answer's route."""
 
 from __future__ import annotations
 
