@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from prism.serve import serve
 
-            serve(_load_gated(args, args.max_model_len), run=args.run, host=args.host, port=args.port,
+            serve(_load_gated(args, args.max_model_len), host=args.host, port=args.port,
                   api_key=args.api_key, max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens)
     except PrismError as exc:
         print(f"prism: error: {exc}", file=sys.stderr)

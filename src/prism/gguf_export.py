@@ -82,8 +82,9 @@ def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def lora_tensors(run_path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
-    """({gguf base tensor name: (lora_a, lora_b)}, alpha for llama.cpp, rank, architecture) of a run's adapter."""
+def lora_tensors(run_path: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
+    """({gguf base tensor name: (lora_a, lora_b)}, alpha for llama.cpp, rank, architecture) of a run's adapter
+    on `model`, the run's base model."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -94,7 +95,7 @@ def lora_tensors(run_path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray
     except FileNotFoundError:
         raise PrismError(f"{run_path} has no adapter (adapter/adapter_config.json and adapter_model.safetensors): "
                          "finish the distill stage first") from None
-    model_config = _model_config_of(run_path)
+    model_config = _model_config(model)
     model_type = model_config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise PrismError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this run's model is "
@@ -128,18 +129,16 @@ def lora_tensors(run_path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray
     return tensors, gguf_alpha, rank, arch
 
 
-def _model_config_of(run_path: Path) -> dict[str, Any]:
-    """The config of the run's base model."""
+def _model_config(model: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from prism.models import resolve_model
 
-    config = json.loads((run_path / "manifest.json").read_text())["config"]
-    path, _ = resolve_model(config["model"])
+    path, _ = resolve_model(model)
     try:
         return AutoConfig.from_pretrained(path).to_dict()
     except OSError as exc:
-        raise PrismError(f"cannot read the config of the run's model {config['model']!r}: {exc}") from None
+        raise PrismError(f"cannot read the config of the run's model {model!r}: {exc}") from None
 
 
 def _check_against_base(reader: Any, tensors: dict[str, tuple[np.ndarray, np.ndarray]], arch: str,
@@ -218,7 +217,7 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
         raise PrismError(f"--merged-type must be one of {', '.join(MERGED_TYPES)}, got {merged_type!r}")
     config = run.manifest()["config"]
     base = base_gguf_for(config, base_gguf)
-    tensors, alpha, rank, arch = lora_tensors(run.path)
+    tensors, alpha, rank, arch = lora_tensors(run.path, config["model"])
     reader = gguf.GGUFReader(str(base))
     _check_against_base(reader, tensors, arch, base)
     out = run.path / EXPORT_DIR

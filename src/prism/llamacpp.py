@@ -161,6 +161,10 @@ class LlamaContext:
         self.llm.eval([token])
         return self.logits()
 
+    def stop_ids(self, tokenizer: Any) -> set[int]:
+        """The tokens that end a reply: the run's tokenizer's EOS and the GGUF's own."""
+        return {tokenizer.eos_token_id, self.llm.token_eos()} - {None, -1}
+
     def forget(self) -> None:
         self.llm.n_tokens = 0
 
@@ -195,7 +199,7 @@ class LlamaCppModel(GatedModel):
         self.contexts = {"base": base, "persona": persona}
         self.persona_source = persona_source  # "merged", "lora" or "none"
         self.max_model_len = min(max_model_len or base.n_ctx, base.n_ctx)
-        self.eos_ids = {self.tokenizer.eos_token_id, base.llm.token_eos()} - {None, -1}
+        self.eos_ids = base.stop_ids(self.tokenizer)
         self._lock = threading.Lock()
 
     @classmethod
@@ -290,7 +294,7 @@ class LlamaCppEngine:
 
     def __init__(self, context: LlamaContext, tokenizer: Any, source: Path):
         self.context, self.tokenizer, self.source = context, tokenizer, source
-        self.eos_ids = {tokenizer.eos_token_id, context.llm.token_eos()} - {None, -1}
+        self.eos_ids = context.stop_ids(tokenizer)
 
     @classmethod
     def open(cls, model: str, tokenizer: Any, gguf: str | None = None, n_ctx: int = 4096,

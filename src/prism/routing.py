@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -93,9 +94,9 @@ def _decision(probability: float, threshold: float) -> RouteDecision:
     return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
 
 
-class GatedModel:
+class GatedModel(ABC):
     """What both engines share: a gate, a tokenizer for the chat template, and one generate call that
-    routes. Subclasses load the model and implement `stream` and `decide`."""
+    routes. Subclasses load the model and implement `has_adapter`, `stream` and `decide`."""
 
     engine: str  # "transformers" or "llamacpp"
     gate: Gate
@@ -104,14 +105,14 @@ class GatedModel:
     max_model_len: int
 
     @property
-    def has_adapter(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def has_adapter(self) -> bool: ...
 
-    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
-        raise NotImplementedError
+    @abstractmethod
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]: ...
 
-    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
-        raise NotImplementedError
+    @abstractmethod
+    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]: ...
 
     # -- routing ---------------------------------------------------------------------------------------
 

@@ -371,12 +371,13 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subproc
             time.sleep(0.2)
 
 
-def serve(model: GatedModel, *, run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch_size: int = 32, default_max_tokens: int = 512) -> None:
     """Serve a loaded run (`routing.load_gated_model`) until interrupted."""
     import uvicorn
 
     app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens)
-    log.info("serving %s on http://%s:%d/v1 with %s (models: prism, prism-base%s)", run, host, port, model.engine,
+    log.info("serving %s on http://%s:%d/v1 with %s (models: prism, prism-base%s)", model.run_path, host, port,
+             model.engine,
              ", prism-persona" if model.has_adapter else "")
     uvicorn.run(app, host=host, port=port, log_level="warning")
