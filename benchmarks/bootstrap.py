@@ -20,7 +20,7 @@ from prism.runs import STAGES, RunDir
 def timed_generation(lm, prompts: list[str], batch_size: int, tokens: int) -> tuple[float, int]:
     started = time.perf_counter()
     produced = 0
-    for _, outputs in generate_batches(lm, prompts, max_new_tokens=tokens, temperature=0.0, seed=0,
+    for _, outputs in generate_batches(lm, prompts, max_new_tokens=tokens, temperature=0.0, seeds=[0] * len(prompts),
                                        batch_size=batch_size, desc=f"batch {batch_size}"):
         produced += sum(o.new_tokens for o in outputs)
     return time.perf_counter() - started, produced

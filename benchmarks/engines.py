@@ -209,7 +209,8 @@ def stage_speeds(run: Path, prompts_count: int, tokens: int) -> None:
     def answers(engine, batch_size: int) -> tuple[float, int]:
         started = time.perf_counter()
         made = sum(g.new_tokens for _, batch in engine.generate(prompts, max_new_tokens=tokens, temperature=0.7,
-                                                                  seed=0, batch_size=batch_size) for g in batch)
+                                                                  seeds=range(len(prompts)), batch_size=batch_size)
+                   for g in batch)
         return time.perf_counter() - started, made
 
     judge = [Prompt(f"Question: {q}\nAnswer A: yes.\nAnswer B: no.\nWhich answer is better? Reply A, B or TIE.",

@@ -34,7 +34,7 @@ def test_prism_ab_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "code" in printed and "writing" in printed and "overall" in printed
     results = json.loads((out / "ab_results.json").read_text())
-    assert results["overall"]["n"] == 3 and (out / "ab_results.png").stat().st_size > 1000
+    assert results["categories"]["overall"]["n"] == 3 and (out / "ab_results.png").stat().st_size > 1000
     answers_before = (out / "answers.jsonl").read_text()
     assert main(args) == 0 and (out / "answers.jsonl").read_text() == answers_before  # resumed, not redone
 

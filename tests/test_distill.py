@@ -4,10 +4,12 @@ from peft import get_peft_model
 
 from prism.config import resolve_config
 from prism.distill import (
+    Example,
     TeacherTargets,
     build_example,
     distill_loss,
     lora_config,
+    persona_signal,
     teacher_targets,
     topk_kl,
 )
@@ -22,11 +24,12 @@ DATA = [
 
 
 def test_topk_kl_is_zero_for_identical_distributions_and_positive_otherwise():
-    logits = torch.randn(5, 50)
-    top = logits.topk(50, dim=-1)
-    same = TeacherTargets(top.values, top.indices.int())
-    assert float(topk_kl(logits, same, 2.0)) == pytest.approx(0.0, abs=1e-5)
-    assert float(topk_kl(torch.randn(5, 50), same, 2.0)) > 0.01
+    logits = torch.randn(5, 50) * 3
+    for k in (8, 50):  # k below the vocabulary too: no floor from the student's mass outside the top-k
+        top = logits.topk(k, dim=-1)
+        same = TeacherTargets(top.values, top.indices.int())
+        assert float(topk_kl(logits, same, 2.0)) == pytest.approx(0.0, abs=1e-6)
+        assert float(topk_kl(torch.randn(5, 50) * 3, same, 2.0)) > 0.01
 
 
 def test_answer_tokens_are_shared_and_prompts_differ(tiny_lm):
@@ -55,6 +58,30 @@ def test_teacher_sees_the_persona_kl_starts_positive_and_falls(tiny_lm):
         losses.append(loss.item() / tokens)
     assert losses[0] > 1e-3  # at step 0 (LoRA B = 0) the student is the base model without the persona
     assert losses[-1] < 0.6 * losses[0]
+
+
+def without_persona(example: Example) -> Example:
+    """The authors' bug, planted: the teacher prompt built without the persona."""
+    return Example(list(example.student_ids), list(example.student_ids), example.answer_len)
+
+
+def test_step0_loss_is_zero_without_the_persona_and_positive_with_it(tiny_lm):
+    """The negative control: a teacher that does not see the persona is the student at step 0 (LoRA B = 0),
+    so the loss must be zero; with the persona it must be clearly above that."""
+    config = resolve_config(model="x", lora_dropout=0.0)
+    pad = tiny_lm.tokenizer.pad_token_id
+    with_persona = [build_example(tiny_lm.tokenizer, q, PERSONA, a, 1024) for q, a in DATA]
+    planted = [without_persona(e) for e in with_persona]
+    model = get_peft_model(tiny_lm.model, lora_config(config, len(decoder_layers(tiny_lm.model)),
+                                                     layers_pattern(tiny_lm.model)))
+    signals = {}
+    for name, examples in (("persona", with_persona), ("planted", planted)):
+        targets = teacher_targets(tiny_lm, examples, top_k=64, micro_batch=2)
+        signals[name] = persona_signal(model, examples, targets, pad, temperature=2.0, micro_batch=1)
+        loss, tokens = distill_loss(model, examples, targets, pad, temperature=2.0)
+        assert loss.item() / tokens == pytest.approx(signals[name], rel=1e-4, abs=1e-7)
+    assert signals["planted"] < 1e-6
+    assert signals["persona"] > 1e-3
 
 
 def test_no_lora_in_block0_and_block0_output_identical_with_adapter_on_and_off(tiny_lm):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import gguf
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
 from gguf_helpers import teacher_forced_agreement, write_tiny_gguf
-from prism import llamacpp
+from prism import llamacpp, llamacpp_probe
 from prism.decoding import SamplingParams
 from prism.engine import LocalEngine, Prompt
 from prism.errors import PrismError
@@ -124,12 +125,14 @@ def test_judge_verdicts_and_stage_generation_match_transformers(cpp_model, torch
     prompts = [Prompt(q, system="Compare two answers.", assistant_prefix="Verdict:") for q in QUERIES]
     with torch_model.adapter.disable_adapter():
         expected = local.option_probs(prompts, ["A", "B", "TIE"], batch_size=4)
-        reference = _by_index(local.generate(prompts, max_new_tokens=8, temperature=0.0, seed=0, batch_size=1))
+        reference = _by_index(local.generate(prompts, max_new_tokens=8, temperature=0.0, seeds=[0] * len(prompts),
+                                                   batch_size=1))
     got = engine.option_probs(prompts, ["A", "B", "TIE"], batch_size=4)
     for mine, theirs in zip(got, expected):
         assert mine.probs == pytest.approx(theirs.probs, abs=1e-3)
         assert mine.mass == pytest.approx(theirs.mass, abs=1e-3)
-    generated = _by_index(engine.generate(prompts, max_new_tokens=8, temperature=0.0, seed=0, batch_size=1))
+    generated = _by_index(engine.generate(prompts, max_new_tokens=8, temperature=0.0, seeds=[0] * len(prompts),
+                                                   batch_size=1))
     assert generated == reference
 
 
@@ -167,6 +170,36 @@ def test_missing_llama_cpp_falls_back_with_one_warning(monkeypatch, caplog):
         assert llamacpp.resolve_engine("llamacpp", "embedded", None) == "transformers"
     warnings = [r for r in caplog.records if "llama-cpp-python is unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "pip install llama-cpp-python" in warnings[0].getMessage()
+
+
+def test_a_build_that_dies_in_its_probe_falls_back_once_and_is_never_loaded(monkeypatch, caplog, tmp_path,
+                                                                               tiny_gguf: Path):
+    """A llama.cpp build that kills its process (SIGILL, as a -march=native build does on a CPU that advertises
+    AMX it cannot run) must cost a probe subprocess, not this process: auto falls back to transformers with one
+    line saying why and how to rebuild, --engine llamacpp is a clear error, open_llama refuses, and the verdict
+    is cached so the probe runs once per build and GGUF."""
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(llamacpp, "_warned", set())
+    runs = tmp_path / "probe-runs"
+    dies = f"open({str(runs)!r}, 'a').write('x'); import os, signal; os.kill(os.getpid(), signal.SIGILL)"
+    monkeypatch.setattr(llamacpp_probe, "probe_command", lambda gguf: [sys.executable, "-c", dies])
+    with caplog.at_level(logging.WARNING, logger="prism"):
+        assert llamacpp.resolve_engine("auto", "org/model", str(tiny_gguf)) == "transformers"
+        assert llamacpp.resolve_engine("auto", "org/model", str(tiny_gguf)) == "transformers"
+    warnings = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "SIGILL" in warnings[0] and "make llamacpp" in warnings[0] and "transformers" in warnings[0]
+    with pytest.raises(PrismError, match="SIGILL"):
+        llamacpp.resolve_engine("llamacpp", "org/model", str(tiny_gguf))
+    with pytest.raises(PrismError, match="cannot run tiny-f32.gguf"):
+        llamacpp.open_llama(tiny_gguf, n_ctx=64)
+    assert runs.read_text() == "x", "the verdict is cached: one probe for four uses"
+
+
+def test_a_build_that_runs_passes_its_probe(monkeypatch, tmp_path, tiny_gguf: Path):
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
+    assert llamacpp_probe.probe_failure(tiny_gguf) is None  # the real probe, in a subprocess
+    assert llamacpp.resolve_engine("llamacpp", "org/model", str(tiny_gguf)) == "llamacpp"
 
 
 def test_engine_choice():

@@ -37,7 +37,8 @@ def test_generation_matches_the_served_model(served):
     engine = OpenAIEngine(served.url, SERVED, concurrency=3, max_retries=0)
     prompts = [Prompt(q) for q in PERSONA_QUERIES + BASE_QUERIES] + [Prompt(BASE_QUERIES[0], system="Be brief.")]
     results = {}
-    for indices, generations in engine.generate(prompts, max_new_tokens=8, temperature=0.0, seed=0, batch_size=4):
+    for indices, generations in engine.generate(prompts, max_new_tokens=8, temperature=0.0, seeds=[0] * len(prompts),
+                                                     batch_size=4):
         assert len(indices) == 1  # handed back one by one, as each finishes
         results[indices[0]] = generations[0]
     assert sorted(results) == list(range(len(prompts)))
@@ -163,4 +164,4 @@ def test_remote_engine_errors_are_clear(served, tiny_config):
         tiny_config(engine="openai")
     engine = OpenAIEngine(served.url, "no-such-model", max_retries=0)
     with pytest.raises(PrismError, match="answered 404: the model 'no-such-model' does not exist"):
-        list(engine.generate([Prompt("hi")], max_new_tokens=2, temperature=0.0, seed=0, batch_size=1))
+        list(engine.generate([Prompt("hi")], max_new_tokens=2, temperature=0.0, seeds=[0], batch_size=1))

@@ -177,3 +177,44 @@ def test_continuation_logprobs_match_a_plain_forward(prism_model):
         expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(ids) - tail, len(ids)))
         assert count == tail and total == pytest.approx(expected, abs=1e-3)
     assert [d.route for d in decisions] == ["base", "base"]
+
+
+def test_one_gate_feature_on_every_path_and_dtype(tiny_run, tiny_model_dir, tmp_path):
+    """The gate's probability of one single-turn prompt is the same from PrismModel's prefill hook, from the
+    gate stage's training path (block0_features) and from the sidecar's Router; and a model run in bf16
+    routes on the float32 block 0 it was trained on, not on its own bf16 block 0. The gate is an untrained
+    one with probabilities near 0.5 (the fixture's trained gate saturates at 1.0, where anything agrees)."""
+    import shutil
+
+    from prism.engine import block0_features
+    from prism.gate import Gate, GateConfig
+    from prism.models import gate_feature_model
+    from prism.routing import Router
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    torch.manual_seed(0)
+    fresh = Gate(GateConfig(input_dim=json.loads((tiny_run / "gate" / "config.json").read_text())["input_dim"],
+                            hidden=32))
+    fresh.std.fill_(4.0)
+    fresh.save(run / "gate")
+    query = PERSONA_QUERIES[0]
+    model = PrismModel.from_run(run, device="cpu")
+    assert model.gate_lm is model.lm  # float32: the decision comes from the shared prefill
+    hooked = model.generate(query, max_tokens=1).gate_probability
+    features = block0_features(model.lm, [chat_prompt(model.tokenizer, query)])
+    trained = float(fresh.persona_probability(features)[0])
+    assert 0.05 < trained < 0.95
+    routed = Router.from_run(run, device="cpu").decide([user(query)])[0].gate_probability
+    assert hooked == pytest.approx(trained, abs=1e-5) and routed == pytest.approx(trained, abs=1e-5)
+
+    half = load_model(str(tiny_model_dir), device="cpu")
+    half.model.to(torch.bfloat16)
+    adapter = PeftModel.from_pretrained(half.model, str(run / "adapter"), adapter_name="persona")
+    bf16 = PrismModel(half, Gate.load(run / "gate"), adapter, gate_lm=gate_feature_model(half, str(tiny_model_dir)))
+    assert bf16.gate_lm is not bf16.lm
+    assert bf16.generate(query, max_tokens=1).gate_probability == pytest.approx(trained, abs=1e-5)
+    # the negative control: the bf16 model's own block 0 is another feature, and moves the probability
+    own = block0_features(half, [chat_prompt(half.tokenizer, query)])
+    assert not torch.allclose(own, features, atol=1e-3)
+    assert abs(float(fresh.persona_probability(own)[0]) - trained) > 1e-5

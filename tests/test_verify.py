@@ -3,7 +3,16 @@ import torch
 
 from prism.engine import LocalEngine, options_from_logits
 from prism.models import first_token_ids
-from prism.verify import OPTIONS, both_orders_label, decide, judge_prompt, position_prior
+from prism.verify import (
+    OPTIONS,
+    ORDERS,
+    both_orders_label,
+    decide,
+    judge_prompt,
+    judge_quality,
+    judge_warning,
+    position_prior,
+)
 
 
 def test_both_orders_rule():
@@ -43,3 +52,38 @@ def test_judge_prompt_truncates_answers_and_ends_at_the_verdict(tiny_lm):
     prompt = LocalEngine(tiny_lm).render(judge_prompt("Q?", "a" * 50, "b" * 50, max_chars=10))
     assert "a" * 10 in prompt and "a" * 11 not in prompt
     assert prompt.endswith("<|im_start|>assistant\nVerdict:")
+
+
+def test_position_calibration_leaves_tie_alone():
+    """A judge that rarely says TIE: dividing TIE by its small run mean would turn a verdict with TIE at
+    p=0.009 (mean 0.002) into TIE. Only the A/B split may move; TIE keeps its raw probability."""
+    judgments = [{"A": 0.89, "B": 0.101, "TIE": 0.009}, {"A": 0.90, "B": 0.099, "TIE": 0.001},
+                 {"A": 0.85, "B": 0.149, "TIE": 0.001}, {"A": 0.88, "B": 0.119, "TIE": 0.001}]
+    prior = position_prior(judgments)
+    assert prior["TIE"] < 0.005
+    assert all(decide(j, prior) != "TIE" for j in judgments)
+    # a verdict where TIE really is the most probable stays TIE
+    assert decide({"A": 0.3, "B": 0.2, "TIE": 0.5}, prior) == "TIE"
+
+
+def judgment(query_id: str, order: str, probs: dict[str, float], mass: float = 0.4) -> dict:
+    return {"query_id": query_id, "order": order, "probs": probs, "option_mass": mass}
+
+
+def test_judge_quality_flags_a_position_bound_judge():
+    always_a = {"A": 0.85, "B": 0.1, "TIE": 0.05}
+    bound = [judgment(f"q{i}", order, always_a) for i in range(4) for order in ORDERS]
+    quality = judge_quality(bound, "position")
+    assert quality["pairs"] == 4 and quality["order_consistency"] == 0.0 and quality["slot_a_share"] == 1.0
+    assert quality["option_mass_mean"] == pytest.approx(0.4)
+    assert quality["distill_raw_rule"] == 0 and quality["position_bound"]
+    assert "position-bound" in judge_warning(quality) and "--engine openai" in judge_warning(quality)
+    # a judge that follows the content: persona wins q0 in both orders, plain wins q1 in both
+    fair = [judgment("q0", "persona_first", {"A": 0.8, "B": 0.1, "TIE": 0.1}),
+            judgment("q0", "persona_second", {"A": 0.1, "B": 0.8, "TIE": 0.1}),
+            judgment("q1", "persona_first", {"A": 0.1, "B": 0.8, "TIE": 0.1}),
+            judgment("q1", "persona_second", {"A": 0.8, "B": 0.1, "TIE": 0.1})]
+    quality = judge_quality(fair, "none")
+    assert quality["order_consistency"] == 1.0 and quality["slot_a_share"] == 0.5
+    assert quality["distill_raw_rule"] == 1 == quality["distill_calibrated_rule"]
+    assert not quality["position_bound"] and judge_warning(quality) is None

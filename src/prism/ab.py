@@ -60,9 +60,10 @@ def persona_ab(persona: str, queries: list[dict[str, str]], out: str | Path, con
     ctx = StageContext(run=run, config=config, lm=lm)
     answers.run(ctx)
     verify.run(ctx)
-    results = summarize_ab(run.read("labels"))
+    results = {"categories": summarize_ab(run.read("labels")),
+               "judge": verify.judge_quality(run.read("judgments"), config.judge_calibration)}
     write_json_atomic(run.path / "ab_results.json", results)
-    plot_ab(results, run.path / "ab_results.png")
+    plot_ab(results["categories"], run.path / "ab_results.png")
     return results
 
 
@@ -92,11 +93,17 @@ def summarize_ab(labels: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_ab(results: dict[str, Any]) -> str:
+    """The per-category table, then the judge's quality, and a plain warning when it is position-bound
+    (then "tie 100%" means the judge could not judge, not that the persona changes nothing)."""
     lines = [f"{'category':<24} {'n':>4}  {'persona wins':>22}  {'persona loses':>22}  {'tie':>22}"]
-    for category, row in results.items():
+    for category, row in results["categories"].items():
         cells = [f"{100 * row[f'{k}_rate']:5.1f}% [{100 * row[f'{k}_rate_ci'][0]:4.1f}, "
                  f"{100 * row[f'{k}_rate_ci'][1]:5.1f}]" for k in ("win", "loss", "tie")]
         lines.append(f"{category:<24} {row['n']:>4}  " + "  ".join(f"{c:>22}" for c in cells))
+    lines.append(verify.format_judge_quality(results["judge"]))
+    warning = verify.judge_warning(results["judge"])
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)
 
 

@@ -25,7 +25,8 @@ def run(ctx: StageContext) -> None:
     ]
     for indices, outputs in ctx.generator.generate(
         prompts, max_new_tokens=cfg.answer_max_tokens, temperature=cfg.answer_temperature,
-        seed=derive_seed(cfg.seed, "answers", len(done)), batch_size=cfg.batch_size, desc="answers",
+        seeds=[derive_seed(cfg.seed, "answers", q["id"], variant) for q, variant in jobs], batch_size=cfg.batch_size,
+        desc="answers",
     ):
         run_dir.append("answers", [
             {"id": f"{jobs[i][0]['id']}:{jobs[i][1]}", "query_id": jobs[i][0]["id"], "variant": jobs[i][1],

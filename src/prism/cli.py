@@ -198,6 +198,8 @@ def _load_gated(args: argparse.Namespace, max_model_len: int | None = None) -> A
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from prism import verify
+
     stages = "  ".join(f"{name}={status}" for name, status in summary["stages"].items())
     c = summary["counts"]
     lines = [
@@ -223,7 +225,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     if dist.get("skipped"):
         lines.append(f"distill  skipped: {dist['skipped']}")
     elif "loss_first" in dist:
-        lines.append(f"distill  KL loss {dist['loss_first']:.4f} -> {dist['loss_last']:.4f} over {dist['steps']} steps")
+        signal = dist.get("persona_signal")
+        lines.append(f"distill  persona signal (KL at step 0) {'n/a' if signal is None else f'{signal:.4f}'}; "
+                     f"KL loss {dist['loss_first']:.4f} -> {dist['loss_last']:.4f} over {dist['steps']} steps")
+    judge = summary.get("verify") or {}
+    if judge.get("pairs"):
+        lines.insert(3, verify.format_judge_quality(judge))
+    warning = verify.judge_warning(judge)
+    if warning:
+        lines.append(warning)  # the last line a bootstrap prints
     return "\n".join(lines)
 
 

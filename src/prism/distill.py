@@ -100,13 +100,32 @@ def teacher_targets(lm: LoadedModel, examples: list[Example], top_k: int, micro_
 
 
 def topk_kl(student_logits: torch.Tensor, target: TeacherTargets, temperature: float) -> torch.Tensor:
-    """Summed over positions: KL between the teacher's renormalized top-k distribution and the student's
-    full-vocabulary distribution read at those k tokens, both at temperature T (without the T^2 factor)."""
+    """Summed over positions: KL(teacher || student) with BOTH distributions renormalized over the teacher's
+    top-k tokens, at temperature T (without the T^2 factor). Exactly zero when the student's logits equal the
+    teacher's, whatever k: reading the student's full-vocabulary log-probabilities at those k tokens instead
+    would add -log(student mass on the top-k) > 0, a floor that does not depend on the persona."""
     teacher_logp = torch.log_softmax(target.values.float() / temperature, dim=-1)
-    student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    student_logp = student_logp.gather(-1, target.indices.long().to(student_logp.device))
-    teacher_p = teacher_logp.exp().to(student_logp.device)
-    return (teacher_p * (teacher_logp.to(student_logp.device) - student_logp)).sum()
+    picked = student_logits.float().gather(-1, target.indices.long().to(student_logits.device))
+    student_logp = torch.log_softmax(picked / temperature, dim=-1)
+    teacher_logp = teacher_logp.to(student_logp.device)
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+
+
+@torch.no_grad()
+def persona_signal(model: torch.nn.Module, examples: list[Example], targets: list[TeacherTargets], pad_id: int,
+                   temperature: float, micro_batch: int) -> float:
+    """The loss before any update, per answer token over the whole distill set: how far the persona in the
+    teacher's context moves the model's next-token distributions. Zero means the teacher did not see a
+    persona (or the persona changes nothing), and then there is nothing to distill."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in length_sorted_batches([len(e.student_ids) for e in examples], micro_batch):
+        loss, count = distill_loss(model, [examples[i] for i in batch], [targets[i] for i in batch], pad_id,
+                                   temperature)
+        total, tokens = total + loss.item(), tokens + count
+    model.train(was_training)
+    return total / max(tokens, 1)
 
 
 def lora_config(cfg: BootstrapConfig, num_layers: int, pattern: str) -> LoraConfig:
@@ -158,6 +177,9 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
     total_steps = steps_per_epoch * cfg.distill_epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.distill_warmup_ratio * total_steps),
                                                 total_steps)
+    signal = persona_signal(model, examples, targets, lm.tokenizer.pad_token_id, cfg.distill_temperature,
+                            cfg.distill_micro_batch_size)  # LoRA B = 0: the student is still the base model
+    log.info("distill: persona signal (KL at step 0, per answer token) %.6f", signal)
     start_epoch, step = _resume(run_dir.path / CHECKPOINT, model, optimizer, scheduler)
     if start_epoch:
         log.info("distill: resuming after epoch %d (step %d)", start_epoch, step)
@@ -208,7 +230,7 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
     state.wait_for_everyone()  # the others read the log and the adapter the main process wrote
     losses = [r["loss"] for r in run_dir.read("distill_log")]
     return {"trainable_params": trainable, "share_of_base": trainable / (total - trainable), "steps": step,
-            "loss_first": losses[0], "loss_last": losses[-1]}
+            "loss_first": losses[0], "loss_last": losses[-1], "persona_signal": signal}
 
 
 def _save_checkpoint(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,

@@ -16,14 +16,23 @@ from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
+from prism.decoding import SamplingParams, sample_token
 from prism.errors import PrismError
 from prism.models import LoadedModel, chat_prompt, decoder_layers, encode, first_token_ids, stop_token_ids
 
 
 def derive_seed(seed: int, *tags: object) -> int:
-    """A stable per-batch seed, so a run re-made with the same seed samples the same batches."""
+    """A stable seed from the run seed and a record's identity (stage, record id): each record is sampled
+    from its own random stream, so what it gets does not depend on which batch it landed in, and a run
+    killed anywhere and resumed writes the records an uninterrupted run writes."""
     text = ":".join(str(t) for t in (seed, *tags))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
@@ -85,10 +94,11 @@ class Engine(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seed: int,
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
                  batch_size: int, desc: str = "generate", first_line_only: bool = False
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
-        """Yields (prompt indices, generations) as they finish, so the caller can save them at once."""
+        """Yields (prompt indices, generations) as they finish, so the caller can save them at once.
+        `seeds`: one per prompt, the seed of that prompt's own sampling."""
         ...
 
     def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,
@@ -108,11 +118,11 @@ class LocalEngine:
         return chat_prompt(self.lm.tokenizer, prompt.user, system=prompt.system,
                            assistant_prefix=prompt.assistant_prefix)
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seed: int,
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
                  batch_size: int, desc: str = "generate", first_line_only: bool = False
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         return generate_batches(self.lm, [self.render(p) for p in prompts], max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed, batch_size=batch_size, desc=desc,
+                                temperature=temperature, seeds=seeds, batch_size=batch_size, desc=desc,
                                 first_line_only=first_line_only)
 
     def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,
@@ -151,6 +161,22 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tens
     return ids, mask
 
 
+class RowSampler(LogitsProcessor):
+    """Samples every row of a batch from its own seeded generator and leaves only that token possible, so
+    greedy decoding then takes it: a row's sample depends on its seed and its own logits, not on the
+    other rows of its batch (transformers' own sampling draws the whole batch from one random stream)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float):
+        self.params = SamplingParams(temperature=temperature)
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = [sample_token(row, self.params, generator) for row, generator in zip(scores, self.generators)]
+        only = torch.full_like(scores, float("-inf"))
+        only[torch.arange(len(chosen)), chosen] = 0.0
+        return only
+
+
 @torch.no_grad()
 def generate_batches(
     lm: LoadedModel,
@@ -158,31 +184,34 @@ def generate_batches(
     *,
     max_new_tokens: int,
     temperature: float,
-    seed: int,
+    seeds: Sequence[int],
     batch_size: int,
     desc: str = "generate",
     first_line_only: bool = False,
 ) -> Iterator[tuple[list[int], list[Generation]]]:
-    """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once."""
+    """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once.
+    Prompt i samples from its own stream seeded with seeds[i]."""
+    if len(seeds) != len(prompts):
+        raise PrismError(f"generate_batches needs one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     tokenizer = lm.tokenizer
     encoded = [encode(tokenizer, p) for p in prompts]
     eos_ids = stop_token_ids(lm)
     batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
-    for number, batch in enumerate(batches):
+    for batch in batches:
         ids, mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, side="left")
-        torch.manual_seed(derive_seed(seed, number))
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {
-            "do_sample": False}
-        if first_line_only:
-            sampling["stopping_criteria"] = StoppingCriteriaList([FirstLineDone(tokenizer, ids.shape[1])])
+        processors = LogitsProcessorList([RowSampler([seeds[i] for i in batch], temperature)] if temperature > 0
+                                         else [])
+        stopping = StoppingCriteriaList([FirstLineDone(tokenizer, ids.shape[1])] if first_line_only else [])
         out = lm.model.generate(
             input_ids=ids.to(lm.device),
             attention_mask=mask.to(lm.device),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=sorted(eos_ids),
-            **sampling,
+            do_sample=False,  # greedy over RowSampler's one-hot scores when sampling
+            logits_processor=processors,
+            stopping_criteria=stopping,
         )
         results = []
         for row in out[:, ids.shape[1] :].tolist():

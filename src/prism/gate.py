@@ -14,11 +14,12 @@ from torch import nn
 
 from prism.engine import block0_features
 from prism.errors import PrismError
-from prism.models import chat_prompt
+from prism.models import chat_prompt, gate_feature_model
 from prism.runs import StageContext, write_json_atomic
 
 log = logging.getLogger("prism")
-FEATURE = "hidden state after decoder block 0 (hidden_states[1]) at the last token of the base chat prompt"
+FEATURE = ("hidden state after decoder block 0 (hidden_states[1]) at the last token of the base chat prompt, "
+           "embeddings and block 0 computed in float32")
 SINGLE_SPLIT_MIN = 200  # below this many examples, held-out accuracy comes from k-fold
 
 
@@ -168,7 +169,8 @@ def run(ctx: StageContext) -> dict:
         return {"kind": "constant", "constant_route": config.constant_route, "examples": len(labels),
                 "train_accuracy": 1.0, "heldout_accuracy": None, "majority_baseline": majority}
     prompts = [chat_prompt(ctx.model.tokenizer, r["query"]) for r in records]
-    features = block0_features(ctx.model, prompts, cfg.batch_size)
+    feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code)
+    features = block0_features(feature_model, prompts, cfg.batch_size)
     metrics = heldout_accuracy(features, labels, config, epochs=cfg.gate_epochs, lr=cfg.gate_lr,
                                folds=cfg.gate_folds, seed=cfg.seed)
     gate = train_gate(features, labels, config, epochs=cfg.gate_epochs, lr=cfg.gate_lr, seed=cfg.seed)

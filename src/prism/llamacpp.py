@@ -29,7 +29,6 @@ from prism.engine import (
     Generation,
     OptionProbs,
     Prompt,
-    derive_seed,
     has_complete_line,
     option_token_ids,
     options_from_logits,
@@ -44,7 +43,8 @@ from prism.gguf_export import (
     export_is_current,
     recorded_base_gguf,
 )
-from prism.models import EMBEDDED, chat_prompt, encode
+from prism.llamacpp_probe import REBUILD_HINT, probe_failure
+from prism.models import EMBEDDED, chat_prompt, embedded_gguf_path, encode
 from prism.routing import (
     ContextLengthError,
     GatedModel,
@@ -73,8 +73,9 @@ def llama_cpp_missing() -> str | None:
 
 def resolve_engine(requested: str, model: str, gguf: str | None) -> str:
     """'llamacpp' or 'transformers' for a run's model. 'auto' takes llama.cpp when the model is GGUF (the
-    embedded default, or --gguf given) and llama-cpp-python loads; a missing llama-cpp-python falls back
-    to transformers with one warning, whichever was asked for."""
+    embedded default, or --gguf given) and the llama.cpp build loads and passes its start-up probe; otherwise
+    transformers, with one warning saying why. A missing llama-cpp-python falls back whichever was asked for;
+    an installed build that fails its probe is an error when llama.cpp was asked for by name."""
     if requested not in ENGINES:
         raise PrismError(f"unknown engine {requested!r}: choose one of {', '.join(ENGINES)}")
     if requested == "transformers":
@@ -87,12 +88,30 @@ def resolve_engine(requested: str, model: str, gguf: str | None) -> str:
         return "transformers"
     missing = llama_cpp_missing()
     if missing:
-        if missing not in _warned:
-            _warned.add(missing)
-            log.warning("llama-cpp-python is unavailable (%s): using transformers, several times slower on a CPU. "
-                        "To get the fast engine: %s", missing, INSTALL_HINT)
+        _warn_once(f"llama-cpp-python is unavailable ({missing}): using transformers, several times slower on a "
+                   f"CPU. To get the fast engine: {INSTALL_HINT}")
+        return "transformers"
+    broken = build_failure(Path(gguf) if gguf is not None else embedded_gguf_path())
+    if broken:
+        if requested == "llamacpp":
+            raise PrismError(broken + "; or pass --engine transformers")
+        _warn_once(f"{broken}. Using transformers meanwhile, several times slower on a CPU.")
         return "transformers"
     return "llamacpp"
+
+
+def build_failure(gguf: Path) -> str | None:
+    """Why this llama.cpp build cannot run `gguf` here (its start-up probe failed), with how to rebuild it."""
+    failure = probe_failure(gguf)
+    if failure is None:
+        return None
+    return f"this llama.cpp build cannot run {gguf.name} on this machine ({failure}): {REBUILD_HINT}"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def default_threads() -> int:
@@ -114,6 +133,9 @@ def open_llama(path: Path, *, lora: Path | None = None, n_ctx: int, n_threads: i
     import llama_cpp
     from llama_cpp import Llama
 
+    broken = build_failure(path)  # a build that dies on this model must not take this process down
+    if broken:
+        raise PrismError(broken)
     threads = n_threads or default_threads()
     try:
         # An F32 KV cache (llama.cpp defaults to F16) keeps the engine closer to PyTorch: on the embedded
@@ -315,12 +337,12 @@ class LlamaCppEngine:
                                      f"{self.context.n_ctx} tokens")
         return ids
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seed: int,
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
                  batch_size: int, desc: str = "generate", first_line_only: bool = False
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         for index, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt", leave=False)):
             ids = self._ids(prompt)
-            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=derive_seed(seed, index))
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seeds[index])
             generator = params.generator()
             budget = min(max_new_tokens, self.context.n_ctx - len(ids))
             logits, tokens, finished = self.context.prefill(ids), [], False

@@ -196,6 +196,15 @@ def load_block0(name: str = EMBEDDED, device: str = "auto", trust_remote_code: b
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
 
 
+def gate_feature_model(lm: LoadedModel, name: str, trust_remote_code: bool = False) -> LoadedModel:
+    """What the gate's feature is computed on: embeddings and block 0 in float32, on every device and engine.
+    A float32 model serves itself; a model run in bf16 (on CUDA) gets a float32 copy of its embeddings and
+    block 0 beside it (a small share of its weights), so training and routing read the same numbers."""
+    if next(lm.model.parameters()).dtype == torch.float32:
+        return lm
+    return load_block0(name, device=str(lm.device), trust_remote_code=trust_remote_code)
+
+
 def stop_token_ids(lm: LoadedModel) -> set[int]:
     """Every token that ends a reply: the tokenizer's EOS and the generation config's."""
     configured = lm.model.generation_config.eos_token_id

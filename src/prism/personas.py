@@ -109,7 +109,7 @@ def run(ctx: StageContext) -> None:
         still_pending = set()
         for indices, outputs in ctx.generator.generate(
             prompts, max_new_tokens=cfg.persona_max_tokens, temperature=0.7,
-            seed=derive_seed(cfg.seed, "personas", attempt), batch_size=cfg.batch_size,
+            seeds=[derive_seed(cfg.seed, "personas", domain, attempt) for domain in pending], batch_size=cfg.batch_size,
             desc=f"personas (try {attempt + 1})",
         ):
             records = []

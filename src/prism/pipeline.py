@@ -251,14 +251,16 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
         "model": (manifest.get("model") or {}).get("name", manifest.get("config", {}).get("model")),
         "config_fingerprint": manifest.get("config_fingerprint"),
     }
+    summary["verify"] = verify.judge_quality(run.read("judgments"),
+                                             manifest.get("config", {}).get("judge_calibration", "position"))
     gate_info = stages.get("gate", {})
     summary["gate"] = {k: gate_info.get(k) for k in (
         "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",
         "majority_baseline", "examples", "positives", "constant_route") if k in gate_info}
     distill_info = stages.get("distill", {})
     summary["adapter"] = {k: distill_info.get(k) for k in ("trainable_params", "share_of_base") if k in distill_info}
-    summary["distill"] = {k: distill_info.get(k) for k in ("loss_first", "loss_last", "steps", "examples", "skipped")
-                          if k in distill_info}
+    summary["distill"] = {k: distill_info.get(k) for k in ("persona_signal", "loss_first", "loss_last", "steps",
+                                                           "examples", "skipped") if k in distill_info}
     summary["files"] = {name: (run.path / file).is_file() for name, file in FILES.items()}
     summary["files"].update(adapter=(run.path / "adapter" / "adapter_model.safetensors").is_file(),
                             gate=(run.path / "gate" / "gate.safetensors").is_file())

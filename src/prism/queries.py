@@ -81,7 +81,8 @@ def run(ctx: StageContext) -> None:
         prompts = [Prompt(QUERY_REQUEST.format(persona=p["persona"], domain=p["domain"])) for p, _ in pending]
         for indices, outputs in ctx.generator.generate(
             prompts, max_new_tokens=cfg.query_max_tokens, temperature=cfg.query_temperature,
-            seed=derive_seed(cfg.seed, "queries", round_), batch_size=cfg.batch_size, desc=f"queries (round {round_})",
+            seeds=[derive_seed(cfg.seed, "queries", qid) for _, qid in pending], batch_size=cfg.batch_size,
+            desc=f"queries (round {round_})",
             first_line_only=True,
         ):
             new = []

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from prism.engine import Generation, OptionProbs, Prompt, derive_seed
+from prism.engine import Generation, OptionProbs, Prompt
 from prism.errors import PrismError
 
 log = logging.getLogger("prism")
@@ -96,14 +96,14 @@ class OpenAIEngine:
         if error is not None:
             raise PrismError(f"{error}. What finished is saved: re-run the same command to resume") from None
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seed: int,
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
                  batch_size: int, desc: str = "generate", first_line_only: bool = False
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         # batch_size and first_line_only are local batching details: the server batches on its own, and
         # the stages keep the first line themselves.
         def call(index: int, prompt: Prompt) -> Generation:
             response = self._request(prompt, max_tokens=max_new_tokens, temperature=temperature,
-                                     seed=derive_seed(seed, index))
+                                     seed=seeds[index])
             choice = response.choices[0]
             tokens = response.usage.completion_tokens if response.usage else 0
             return Generation(choice.message.content or "", tokens, choice.finish_reason != "length")

@@ -31,6 +31,7 @@ from prism.models import (
     conversation_prompt,
     decoder_layers,
     encode,
+    gate_feature_model,
     load_block0,
     load_model,
     stop_token_ids,
@@ -171,8 +172,12 @@ class PrismModel(GatedModel):
     engine = "transformers"
 
     def __init__(self, lm: LoadedModel, gate: Gate, adapter: PeftModel | None = None, *,
-                 run_path: Path | None = None, max_model_len: int | None = None):
+                 run_path: Path | None = None, max_model_len: int | None = None,
+                 gate_lm: LoadedModel | None = None):
         self.lm = lm
+        # the gate's float32 block 0: `lm` itself when it runs in float32 (then routing shares the prefill),
+        # else a float32 copy of its embeddings and block 0 (see gate_feature_model)
+        self.gate_lm = gate_lm or lm
         self.tokenizer = lm.tokenizer
         self.gate = gate
         self.adapter = adapter
@@ -207,7 +212,8 @@ class PrismModel(GatedModel):
             if not (adapter_dir / "adapter_model.safetensors").is_file():
                 raise PrismError(f"{adapter_dir} holds no adapter_model.safetensors; PRISM loads no pickled weights")
             adapter = PeftModel.from_pretrained(lm.model, str(adapter_dir), adapter_name=ADAPTER).eval()
-        return cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len)
+        return cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len,
+                   gate_lm=gate_feature_model(lm, config["model"], trust_remote_code))
 
     @property
     def has_adapter(self) -> bool:
@@ -215,7 +221,7 @@ class PrismModel(GatedModel):
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
-        return gate_decisions(self.lm, self.gate, conversations)
+        return gate_decisions(self.gate_lm, self.gate, conversations)
 
     def _apply_routes(self, persona_rows: list[bool] | None) -> None:
         """Set how the LoRA layers treat the rows of the next forward pass (None: adapter on, PEFT's
@@ -364,8 +370,9 @@ class PrismModel(GatedModel):
 
     def _early_decisions(self, requests: list[GenerationRequest], prompts: list[str]) -> list[RouteDecision | None]:
         """Routes known before the prefill: forced ones, a constant gate, and conversations whose prompt is
-        not the gate's prompt (multi-turn or a custom system message): those get a block-0-only pass over
-        the gate prompt. None = decided by the gate during this batch's own prefill."""
+        not the gate's prompt (multi-turn or a custom system message), or every one when the model is not
+        float32: those get a float32 block-0-only pass over the gate prompt. None = decided by the gate
+        during this batch's own prefill."""
         decisions: list[RouteDecision | None] = []
         separate: dict[int, str] = {}  # row -> its gate prompt
         for i, (request, prompt) in enumerate(zip(requests, prompts)):
@@ -376,10 +383,10 @@ class PrismModel(GatedModel):
             else:
                 decisions.append(None)
                 gate_prompt = self.gate_prompt(request.messages)
-                if prompt != gate_prompt:  # includes any assistant prefix
+                if prompt != gate_prompt or self.gate_lm is not self.lm:  # includes any assistant prefix
                     separate[i] = gate_prompt
         if separate:
-            for i, decision in zip(separate, prompt_decisions(self.lm, self.gate, list(separate.values()))):
+            for i, decision in zip(separate, prompt_decisions(self.gate_lm, self.gate, list(separate.values()))):
                 decisions[i] = decision
         return decisions
 

@@ -24,6 +24,11 @@ def judge_prompt(question: str, answer_a: str, answer_b: str, max_chars: int) ->
     return Prompt(request, system=JUDGE_SYSTEM, assistant_prefix=JUDGE_PREFIX)
 
 
+JUDGE_MIN_CONSISTENCY = 0.5  # below this, the judge's winner follows the slot more than the answers
+STRONGER_JUDGE_HINT = ("its labels carry no signal about the persona: judge with a stronger model through the "
+                       "OpenAI-compatible engine (prism bootstrap --engine openai --base-url ... --engine-model ...)")
+
+
 def position_prior(all_probs: list[dict[str, float]]) -> dict[str, float]:
     """The judge's average preference per slot. Every pair is judged in both orders, so the content
     balances out and what remains is position bias (contextual calibration, Zhao et al. 2021)."""
@@ -33,9 +38,73 @@ def position_prior(all_probs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def decide(probs: dict[str, float], prior: dict[str, float] | None = None) -> str:
+    """The verdict: the raw argmax (the paper's rule), or with `prior` the A/B split corrected for the
+    judge's average slot preference. Only the split between A and B moves: the mass the judge put on
+    "A or B" and TIE's own probability stay as they were, since TIE is not a slot and how often a judge
+    says it is no position bias."""
+    if prior is None:
+        return max(OPTIONS, key=lambda o: probs[o])
     # an option no judgment ever gave probability to has prior 0 (parsed text verdicts are one-hot)
-    scores = {o: probs[o] / max(prior[o], 1e-9) if prior else probs[o] for o in OPTIONS}
+    a, b = probs["A"] / max(prior["A"], 1e-9), probs["B"] / max(prior["B"], 1e-9)
+    either = probs["A"] + probs["B"]
+    scores = {"A": either * a / (a + b) if a + b else 0.0, "B": either * b / (a + b) if a + b else 0.0,
+              "TIE": probs["TIE"]}
     return max(OPTIONS, key=lambda o: scores[o])
+
+
+def winner(order: str, verdict: str) -> str:
+    """'persona', 'plain' or 'tie': what a slot verdict says about the answers themselves."""
+    if verdict == "TIE":
+        return "tie"
+    return "persona" if persona_won(order, verdict) else "plain"
+
+
+def judge_quality(judgments: list[dict], calibration: str) -> dict:
+    """How far the run's judge can be trusted, from its verdicts in both orders: the share of pairs whose
+    winner is the same in both orders, the share of raw verdicts naming slot A, the probability mass the
+    judge put on the option tokens, and the distill count under the paper's raw rule and under the
+    position-calibrated one."""
+    by_query: dict[str, dict[str, dict]] = {}
+    for j in judgments:
+        by_query.setdefault(j["query_id"], {})[j["order"]] = j
+    pairs = [orders for orders in by_query.values() if set(orders) == set(ORDERS)]
+    if not pairs:
+        return {"pairs": 0}
+    prior = position_prior([j["probs"] for orders in pairs for j in orders.values()])
+    raw = [{o: decide(orders[o]["probs"]) for o in ORDERS} for orders in pairs]
+    calibrated = [{o: decide(orders[o]["probs"], prior) for o in ORDERS} for orders in pairs]
+    masses = [j["option_mass"] for orders in pairs for j in orders.values() if j.get("option_mass") is not None]
+    consistency = sum(winner(ORDERS[0], v[ORDERS[0]]) == winner(ORDERS[1], v[ORDERS[1]]) for v in raw) / len(raw)
+    return {
+        "pairs": len(pairs),
+        "order_consistency": consistency,
+        "slot_a_share": sum(v[o] == "A" for v in raw for o in ORDERS) / (2 * len(raw)),
+        "option_mass_mean": sum(masses) / len(masses) if masses else None,
+        "distill_raw_rule": sum(both_orders_label(v) for v in raw),
+        "distill_calibrated_rule": sum(both_orders_label(v) for v in calibrated),
+        "rule_in_force": calibration,
+        "position_bound": consistency < JUDGE_MIN_CONSISTENCY,
+    }
+
+
+def format_judge_quality(quality: dict) -> str:
+    if not quality.get("pairs"):
+        return "judge    no pair judged in both orders yet"
+    mass = quality["option_mass_mean"]
+    return (f"judge    same winner in both orders {100 * quality['order_consistency']:.0f}% of {quality['pairs']} "
+            f"pairs, slot A {100 * quality['slot_a_share']:.0f}% of verdicts, option tokens hold "
+            f"{'n/a' if mass is None else f'{100 * mass:.0f}%'} of its probability; persona wins both orders: "
+            f"{quality['distill_raw_rule']} (raw rule), {quality['distill_calibrated_rule']} (position-calibrated), "
+            f"rule in force: {'raw' if quality['rule_in_force'] == 'none' else 'position-calibrated'}")
+
+
+def judge_warning(quality: dict) -> str | None:
+    """One plain sentence when the judge is position-bound, else None."""
+    if not quality.get("position_bound"):
+        return None
+    return (f"warning: the judge is position-bound (the same winner in both orders for only "
+            f"{100 * quality['order_consistency']:.0f}% of pairs, below {100 * JUDGE_MIN_CONSISTENCY:.0f}%; "
+            f"{100 * quality['slot_a_share']:.0f}% of its verdicts name slot A): {STRONGER_JUDGE_HINT}")
 
 
 def persona_won(order: str, verdict: str) -> bool:
