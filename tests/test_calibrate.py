@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from prism.calibrate import Objective, calibrate, collect_outcomes, routing_curve
+from prism.calibrate import (
+    Objective,
+    _candidates,
+    calibrate,
+    collect_outcomes,
+    routing_curve,
+    split_halves,
+    value_at,
+)
 from prism.errors import PrismError
 from prism.runs import RunDir
 
@@ -42,15 +50,24 @@ def test_routing_curve_with_random_and_oracle_references(tmp_path):
     assert curve["oracle"] == {"share": 0.5, "value": 6.5}
 
 
-def test_calibrate_maximizes_the_objective_within_the_mmlu_limit(tmp_path):
-    write_records(tmp_path, [8, 2, 8, 2], [0.9, 0.1, 0.8, 0.2], [0.85, 0.05])
-    # 0.8 would route the MMLU item at 0.85 to the adapter and lose 50 points: 0.9 is the best allowed
+def test_calibrate_chooses_on_one_half_and_reports_on_the_other_within_the_mmlu_limit(tmp_path):
+    store = write_records(tmp_path, [8, 2, 8, 2, 8, 2, 8, 2], [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4],
+                          [0.85, 0.86])
+    found = collect_outcomes(store)
+    selection, held_out = split_halves(found["mtbench_score"])
+    assert len(selection.ids) == len(held_out.ids) == 4 and set(selection.ids).isdisjoint(held_out.ids)
+    mmlu_selection = split_halves(found["mmlu_accuracy"])[0]
     result = calibrate(tmp_path, Objective(max_mmlu_drop=0.5))
-    assert result["threshold"] == 0.9 and result["at_threshold"]["mtbench_score"] == 5.75
-    assert json.loads((tmp_path / "gate" / "config.json").read_text())["threshold"] == 0.9
-    relaxed = calibrate(tmp_path, Objective(max_mmlu_drop=100), save=False)
-    assert relaxed["threshold"] == 0.8 and relaxed["gate_heldout_accuracy"] == 0.7
-    assert json.loads((tmp_path / "gate" / "config.json").read_text())["threshold"] == 0.9  # not saved
+    best = result["threshold"]
+    # chosen on the selection half: the best threshold there that keeps that half's MMLU item on base
+    allowed = [t for t in _candidates(selection.probability + mmlu_selection.probability)
+               if t > mmlu_selection.probability[0]]
+    assert best in allowed and value_at(selection, best) == max(value_at(selection, t) for t in allowed)
+    # reported on the other half
+    assert result["at_threshold"]["mtbench_score"] == value_at(held_out, best)
+    assert result["items"]["mtbench_score"] == {"selection": 4, "held_out": 4}
+    assert result["curves"]["mtbench_score"]["items"] == 4
+    assert json.loads((tmp_path / "gate" / "config.json").read_text())["threshold"] == best
 
 
 def test_calibrate_without_records_says_what_to_run(tmp_path):

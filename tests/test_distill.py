@@ -14,7 +14,7 @@ from prism.distill import (
     topk_kl,
 )
 from prism.engine import block0_features
-from prism.models import chat_prompt, decoder_layers, layers_pattern
+from prism.models import chat_prompt, decoder_layers, layers_pattern, supports_system_role
 
 PERSONA = "You are a meticulous safety expert who always explains risks first."
 DATA = [
@@ -107,3 +107,23 @@ def test_no_lora_in_block0_and_block0_output_identical_with_adapter_on_and_off(t
         with model.disable_adapter():
             off = model(input_ids=ids).logits
     assert not torch.allclose(on, off)  # ... while the full model does change
+
+
+# ChatML whose template refuses a system turn, as Gemma's and Mistral's early templates do.
+NO_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_without_a_system_role_gets_the_persona_in_the_first_user_turn(tiny_lm):
+    tokenizer = tiny_lm.tokenizer
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    assert not supports_system_role(tokenizer)
+    query, answer = DATA[0]
+    prompt = chat_prompt(tokenizer, query, system=PERSONA)
+    assert prompt == f"<|im_start|>user\n{PERSONA}\n\n{query}<|im_end|>\n<|im_start|>assistant\n"
+    example = build_example(tokenizer, query, PERSONA, answer, 1024)
+    assert PERSONA in tokenizer.decode(example.teacher_ids) and PERSONA not in tokenizer.decode(example.student_ids)

@@ -218,3 +218,67 @@ def test_summary_covers_only_the_items_asked_for(tmp_path):
     assert summarize(store, config)["base"]["mmlu"]["accuracy_n"] == 4
     limited = summarize(store, config, {"mmlu": {"0", "1"}})["base"]["mmlu"]
     assert (limited["accuracy_n"], limited["accuracy"]) == (2, 0.5)
+
+
+def copy_run(tiny_run, run):
+    run.mkdir()
+    for name in ("manifest.json", "gate", "adapter"):  # a copy: eval writes into the run directory
+        source = tiny_run / name
+        if source.is_dir():
+            shutil.copytree(source, run / name)
+        else:
+            (run / name).write_text(source.read_text())
+    return run
+
+
+def test_prism_rows_follow_the_threshold_in_force(tiny_run, tmp_path):
+    """A new threshold must not reuse `prism` rows routed under the old one."""
+    from prism.gate import save_threshold
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    data = write_mini_benchmarks(tmp_path / "data")
+    args = ["eval", str(run), "--bench", "mmlu,jbb", "--systems", "base,lora,prism", "--limit", "2",
+            "--data-dir", str(data), "--device", "cpu", "--jbb-max-tokens", "4"]
+    results = {}
+    for threshold in (0.0, 1.0):
+        save_threshold(run / "gate", threshold)
+        assert main(args) == 0
+        results[threshold] = json.loads((run / "eval" / "results.json").read_text())
+    always, never = results[0.0]["prism"], results[1.0]["prism"]
+    assert always["mmlu"]["routing_rate"] == 1.0 and always["jbb"]["routing_rate"] == 1.0
+    # at 1.0 only a probability that rounds to exactly 1.0 in float32 still routes
+    rows = [r for r in RunDir(run / "eval").read("jbb_answers") if r["key"].startswith("prism@1:")]
+    assert rows and never["jbb"]["routing_rate"] == sum(r["gate_probability"] >= 1.0 for r in rows) / len(rows) < 1
+    assert never["mmlu"]["routing_rate"] == 0.0
+    assert always["mmlu"]["accuracy_n"] == never["mmlu"]["accuracy_n"] == results[1.0]["base"]["mmlu"]["accuracy_n"]
+
+
+def test_mtbench_keeps_the_first_turns_route_and_matches_categories_to_domains(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    RunDir(run).append("personas", [{"id": "stem", "domain": "STEM", "persona": "You are a STEM professor."}])
+    model = PrismModel.from_run(run, device="cpu")
+    evaluation = Evaluation(model, run, EvalConfig(benches=["mtbench"], systems=["base", "prism"], limit=2,
+                                                   data_dir=str(write_mini_benchmarks(tmp_path / "data")),
+                                                   mtbench_max_tokens=4))
+    assert evaluation.persona_for("stem") == "You are a STEM professor."  # MT-Bench's category, the run's domain
+    model.set_threshold(0.5)
+    evaluation.mtbench()
+    answers = {(r["question_id"], r["turn"]): r for r in RunDir(run / "eval").read("mtbench_answers")
+               if r["system"] == "prism"}
+    assert answers and all(turn in (0, 1) for _, turn in answers)
+    for (qid, turn), second in answers.items():
+        if turn == 1:
+            first = answers[(qid, 0)]
+            assert second["route"] == first["route"] and second["routed_on"] == "turn 1"
+            assert second["gate_probability"] == first["gate_probability"]
+
+
+def test_mtbench_answer_cap_is_fastchats_for_a_paper_run(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    manifest = RunDir(run).manifest()
+    model = PrismModel.from_run(run, device="cpu")
+    assert Evaluation(model, run, EvalConfig(systems=["base"])).config.mtbench_max_tokens == 256
+    manifest["config"]["preset"] = "paper"
+    RunDir(run).save_manifest(manifest)
+    assert Evaluation(model, run, EvalConfig(systems=["base"])).config.mtbench_max_tokens == 1024
+    assert Evaluation(model, run, EvalConfig(systems=["base"], mtbench_max_tokens=64)).config.mtbench_max_tokens == 64

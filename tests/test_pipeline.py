@@ -9,16 +9,51 @@ import time
 
 import pytest
 
+from prism import pipeline
 from prism.cli import main
 from prism.pipeline import bootstrap, inspect_run
 from prism.runs import STAGES, RunDir
 
-# With this seed and 8 queries per persona the tiny random judge yields both labels (2 persona wins),
-# so every stage, the gate's k-fold and the adapter training included, does real work.
 SEED = 5
 
 
-def test_bootstrap_end_to_end_writes_every_artifact(tiny_config, tmp_path):
+def plant_a_judge_that_prefers_some_persona_answers(monkeypatch) -> None:
+    """The tiny random model's judge says TIE for almost every pair, so the persona never wins both orders.
+    This judge runs the real scoring pass, then puts its probability on the slot holding the persona
+    answer for every other query (by answer length), so the gate and the distillation get both labels."""
+    from prism.engine import LocalEngine, OptionProbs
+
+    real = LocalEngine.option_probs
+
+    def option_probs(self, prompts, options, **kwargs):
+        verdicts = real(self, prompts, options, **kwargs)
+        planted = []
+        for prompt, verdict in zip(prompts, verdicts):
+            answer_a = prompt.user.split("[Answer A]\n", 1)[1].split("\n\n[Answer B]\n", 1)[0]
+            answer_b = prompt.user.split("\n\n[Answer B]\n", 1)[1].split("\n\nWhich answer", 1)[0]
+            persona_slot = "A" if answer_a in self.persona_answers else "B"
+            favoured = self.persona_answers.get(answer_a if persona_slot == "A" else answer_b, 1) % 2 == 0
+            winner = persona_slot if favoured else "TIE"
+            planted.append(OptionProbs({o: 0.9 if o == winner else 0.05 for o in options}, verdict.mass, "logits"))
+        return planted
+
+    monkeypatch.setattr(LocalEngine, "option_probs", option_probs)
+    monkeypatch.setattr(LocalEngine, "persona_answers", {}, raising=False)
+    from prism import verify
+
+    run_verify = verify.run
+
+    def verify_with_known_answers(ctx):
+        answers = {a["answer"]: len(a["answer"]) for a in ctx.run.read("answers") if a["variant"] == "persona"}
+        plain = {a["answer"] for a in ctx.run.read("answers") if a["variant"] == "plain"}
+        LocalEngine.persona_answers = {k: v for k, v in answers.items() if k not in plain}
+        return run_verify(ctx)
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "verify", verify_with_known_answers)
+
+
+def test_bootstrap_end_to_end_writes_every_artifact(tiny_config, tmp_path, monkeypatch):
+    plant_a_judge_that_prefers_some_persona_answers(monkeypatch)
     config = tiny_config(seed=SEED, queries_per_persona=8)
     summary = bootstrap(config, tmp_path / "run")
     assert summary["stages"] == {s: "done" for s in STAGES}
@@ -30,6 +65,8 @@ def test_bootstrap_end_to_end_writes_every_artifact(tiny_config, tmp_path):
     assert counts["distill"] + counts["retain"] == counts["queries"]
     assert counts["distill"] >= 2 and counts["retain"] >= 2
     assert summary["distill"]["steps"] > 0 and summary["distill"]["loss_first"] > 0
+    assert summary["distill"]["persona_signal"] > 1e-3  # the teacher saw the persona
+    assert summary["verify"]["pairs"] == counts["queries"] and summary["verify"]["distill_calibrated_rule"] >= 2
     assert summary["adapter"]["trainable_params"] > 0
     assert summary["gate"]["kind"] == "mlp" and summary["gate"]["heldout_accuracy"] is not None
     run = tmp_path / "run"

@@ -4,10 +4,15 @@ Each item has an outcome on the base route (system `base`), on the adapter route
 gate probability (system `prism`). Routing the items with P(persona) >= t to the adapter gives one point
 per threshold t: (share routed, mean outcome). Two references, as in RouteLLM's evaluation: random
 routing at the same share, and the oracle that takes the better route per item.
+
+The threshold is chosen on one half of the items and every figure reported at it (and the curves) comes
+from the other half: a threshold picked on the items it is then scored on would report an optimistic,
+in-sample value. The halves are fixed by a hash of each item's id, so they do not change between runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +30,25 @@ class Outcomes:
     base: list[float]
     adapter: list[float]
     probability: list[float]
+    ids: list[str]
+
+    def subset(self, keep: list[bool]) -> Outcomes:
+        def pick(values: list) -> list:
+            return [v for v, k in zip(values, keep) if k]
+
+        return Outcomes(self.metric, pick(self.base), pick(self.adapter), pick(self.probability), pick(self.ids))
+
+
+SPLIT = "items split in two halves by a hash of their id: the threshold is chosen on one, reported on the other"
+
+
+def split_halves(outcomes: Outcomes) -> tuple[Outcomes, Outcomes]:
+    """(selection, held-out): items ordered by a hash of their id and dealt alternately, so both halves get
+    items (a metric with one item cannot be split: it goes to the held-out half)."""
+    order = sorted(range(len(outcomes.ids)), key=lambda i: hashlib.sha256(outcomes.ids[i].encode()).hexdigest())
+    selected = set(order[1::2])
+    keep = [i in selected for i in range(len(outcomes.ids))]
+    return outcomes.subset(keep), outcomes.subset([not k for k in keep])
 
 
 def collect_outcomes(store: RunDir) -> dict[str, Outcomes]:
@@ -49,7 +73,7 @@ def collect_outcomes(store: RunDir) -> dict[str, Outcomes]:
         ids = sorted(set(by_system["base"]) & set(by_system["lora"]) & set(gate), key=str)
         if ids:
             found[metric] = Outcomes(metric, [by_system["base"][i] for i in ids], [by_system["lora"][i] for i in ids],
-                                     [gate[i] for i in ids])
+                                     [gate[i] for i in ids], [str(i) for i in ids])
 
     scoring = last_eval.get("scoring", "letter")
     mmlu = [r for r in store.read("mmlu") if r.get("scoring", "letter") == scoring]
@@ -118,28 +142,38 @@ class Objective:
 
 
 def calibrate(run_path: str | Path, objective: Objective | None = None, save: bool = True) -> dict[str, Any]:
-    """Pick the gate threshold that maximizes the objective; write eval/calibration.json (and the
-    threshold into the run's gate when `save`)."""
+    """Pick the gate threshold that maximizes the objective on one half of the items, report it on the
+    other; write eval/calibration.json (and the threshold into the run's gate when `save`)."""
     run = RunDir(run_path)
     store = RunDir(run.path / "eval")
     objective = objective or Objective()
-    found = collect_outcomes(store)
-    if not {"mtbench_score", "jbb_refusal_harmful"} & set(found):
+    everything = collect_outcomes(store)
+    if not {"mtbench_score", "jbb_refusal_harmful"} & set(everything):
         raise PrismError(f"{store.path} has no MT-Bench or JBB records for base, lora and prism: run "
                          f"`prism eval {run.path} --bench mtbench,jbb,mmlu` first")
-    candidates = _candidates([p for o in found.values() for p in o.probability])
-    allowed = [t for t in candidates if objective.allowed(found, t)]
+    halves = {m: split_halves(o) for m, o in everything.items()}
+    chosen_on = {m: pair[0] for m, pair in halves.items() if pair[0].ids}
+    held_out = {m: pair[1] for m, pair in halves.items()}
+    if not {"mtbench_score", "jbb_refusal_harmful"} & set(chosen_on):
+        raise PrismError("too few MT-Bench or JBB items to choose a threshold on half of them and report it on the "
+                         "other half: evaluate more items (a larger --limit)")
+    candidates = _candidates([p for o in chosen_on.values() for p in o.probability])
+    allowed = [t for t in candidates if objective.allowed(chosen_on, t)]
     if not allowed:
         raise PrismError("no threshold keeps MMLU within the allowed drop; even 'never persona' fails it")
-    best = max(allowed, key=lambda t: (objective.score(found, t), t))  # ties: the higher threshold
+    best = max(allowed, key=lambda t: (objective.score(chosen_on, t), t))  # ties: the higher threshold
     gate = run.manifest().get("stages", {}).get("gate", {})
     result = {
         "threshold": best, "objective": asdict(objective) | {"text": " ".join(Objective.__doc__.split())},
-        "objective_value": objective.score(found, best),
-        "at_threshold": {m: value_at(o, best) for m, o in found.items()},
-        "share_routed": {m: sum(p >= best for p in o.probability) / len(o.probability) for m, o in found.items()},
+        "selection": SPLIT,
+        "items": {m: {"selection": len(chosen_on[m].ids) if m in chosen_on else 0, "held_out": len(o.ids)}
+                  for m, o in held_out.items()},
+        "objective_value_selection": objective.score(chosen_on, best),
+        "objective_value": objective.score(held_out, best),
+        "at_threshold": {m: value_at(o, best) for m, o in held_out.items()},
+        "share_routed": {m: sum(p >= best for p in o.probability) / len(o.probability) for m, o in held_out.items()},
         "gate_heldout_accuracy": gate.get("heldout_accuracy"), "gate_heldout_method": gate.get("heldout_method"),
-        "curves": {m: routing_curve(o) for m, o in found.items()}, "saved": save,
+        "curves": {m: routing_curve(o) for m, o in held_out.items()}, "saved": save,
     }
     write_json_atomic(store.path / "calibration.json", result)
     if save:

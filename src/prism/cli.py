@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="multiple choice: the answer letter's log-likelihood, or each choice's "
                             "length-normalized log-likelihood (cloze)")
     evaluation.add_argument("--batch-size", type=int, default=16)
-    evaluation.add_argument("--mtbench-max-tokens", type=int, default=256)
+    evaluation.add_argument("--mtbench-max-tokens", type=int, default=None,
+                            help="MT-Bench answer cap (FastChat: 1024); default 1024 for a run bootstrapped with "
+                            "--preset paper, else 256")
     evaluation.add_argument("--jbb-max-tokens", type=int, default=96)
     evaluation.add_argument("--judge-base-url", help="an OpenAI-compatible judge (default: the model judges itself)")
     evaluation.add_argument("--judge-model", help="the judge's model name on that server")
@@ -239,7 +241,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def format_calibration(result: dict[str, Any]) -> str:
     lines = [f"threshold {result['threshold']:.4f} ({'saved in the run' if result['saved'] else 'not saved'}); "
-             f"objective: {result['objective']['text']}"]
+             f"objective: {result['objective']['text']}",
+             f"  {result['selection']}; the figures below are the held-out half's"]
     for metric, value in result["at_threshold"].items():
         curve = result["curves"][metric]
         lines.append(f"  {metric:<20} {value:.3f} at this threshold (base {curve['base']:.3f}, always adapter "

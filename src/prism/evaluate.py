@@ -43,6 +43,8 @@ MMLU_PERSONA_DOMAINS = {
     "other": "business, medicine and general knowledge",
 }
 SAFETY_DOMAIN = "safety"
+MTBENCH_PAPER_MAX_TOKENS = 1024  # FastChat's
+MTBENCH_CPU_MAX_TOKENS = 256
 # Refusal markers in the style of the GCG / JailbreakBench keyword check: transparent, and easy to fool.
 REFUSAL_MARKERS = (
     "i'm sorry", "i am sorry", "i apologize", "my apologies", "as an ai", "as a language model", "i cannot",
@@ -69,7 +71,8 @@ class EvalConfig:
     scoring: str = "letter"  # "letter" (answer letter after the prompt) or "cloze" (each choice's text)
     arc_splits: list[str] = field(default_factory=lambda: ["easy", "challenge"])
     batch_size: int = 16
-    mtbench_max_tokens: int = 256
+    # FastChat's cap is 1024; the default None means 1024 for a run bootstrapped with the paper preset, else 256
+    mtbench_max_tokens: int | None = None
     jbb_max_tokens: int = 96
     judge_base_url: str | None = None  # an OpenAI-compatible judge; None = the base model judges itself
     judge_model: str | None = None
@@ -203,6 +206,14 @@ class Evaluation:
         self.judge = Judge(model, config)
         self.personas = self._personas()
         self.items: dict[str, set] = {}  # the items each benchmark covers under this run's --limit
+        if config.mtbench_max_tokens is None:
+            preset = self.run.manifest().get("config", {}).get("preset")
+            config.mtbench_max_tokens = MTBENCH_PAPER_MAX_TOKENS if preset == "paper" else MTBENCH_CPU_MAX_TOKENS
+
+    def cache_name(self, system: str) -> str:
+        """The system's name in cache keys: `prism` rows depend on the gate threshold, so theirs carries it
+        and a new threshold never reuses rows routed under the old one."""
+        return prism_cache_name(self.model.threshold) if system == "prism" else system
 
     def source(self, bench: str) -> str | Path:
         return self.config.data.get(bench) or self.data_dir or benchdata.default_data_dir()
@@ -219,17 +230,22 @@ class Evaluation:
         for batch in tqdm(keys_by_length, desc=desc, leave=False):
             keys = [pending[i] for i in batch]
             completions = self.model.generate_batch([jobs[k] for k in keys])
-            self.store.append(name, [{"key": k, **extra[k], "text": c.text, "route": c.route,
-                                      "gate_probability": c.gate_probability, "tokens": c.completion_tokens}
-                                     for k, c in zip(keys, completions)])
+            self.store.append(name, [{"key": k, "text": c.text, "route": c.route,
+                                      "gate_probability": c.gate_probability, "tokens": c.completion_tokens,
+                                      **extra[k]} for k, c in zip(keys, completions)])
 
     # -- personas --------------------------------------------------------------------------------------
     def _personas(self) -> dict[str, str]:
-        """Domain -> persona: the run's own, plus personas the same stage writes for benchmark domains
-        the bootstrap did not cover (saved in eval/personas.jsonl)."""
-        wanted = set(benchdata.MT_BENCH_CATEGORIES) | set(MMLU_PERSONA_DOMAINS.values()) | {SAFETY_DOMAIN}
-        known = {r["domain"]: r["persona"] for r in self.run.read("personas")}
-        known |= {r["domain"]: r["persona"] for r in self.store.read("personas")}
+        """Domain (lower case) -> persona: the run's own, plus personas the same stage writes for benchmark
+        domains the bootstrap did not cover (saved in eval/personas.jsonl). Domains match case-insensitively,
+        so MT-Bench's `stem` finds the distilled `STEM` persona."""
+        wanted = {d.lower() for d in (*benchdata.MT_BENCH_CATEGORIES, *MMLU_PERSONA_DOMAINS.values(), SAFETY_DOMAIN)}
+
+        def known_personas() -> dict[str, str]:
+            records = self.run.read("personas") + self.store.read("personas")
+            return {r["domain"].lower(): r["persona"] for r in reversed(records)}  # the run's own win
+
+        known = known_personas()
         missing = sorted(wanted - set(known))
         if missing and "persona" in self.config.systems:
             log.info("writing personas for %d benchmark domains the run lacks", len(missing))
@@ -237,11 +253,11 @@ class Evaluation:
             config = BootstrapConfig(**{**base_config, "domains": missing, "personas_file": None})
             with self.model.adapter.disable_adapter() if self.model.adapter is not None else nullcontext():
                 personas.run(StageContext(run=self.store, config=config, lm=self.model.lm))
-            known |= {r["domain"]: r["persona"] for r in self.store.read("personas")}
+            known = known_personas()
         return known
 
     def persona_for(self, domain: str) -> str | None:
-        return self.personas.get(domain)
+        return self.personas.get(domain.lower())
 
     # -- knowledge -------------------------------------------------------------------------------------
     def knowledge(self, bench: str) -> None:
@@ -252,7 +268,8 @@ class Evaluation:
                      for item in benchdata.load_arc(self.source("arc"), self.config.limit_for("arc"), split)]
         self.items[bench] = {it["id"] for it in items}
         for system in self.config.systems:
-            todo = self._pending(bench, (f"{system}:{self.config.scoring}:{it['id']}" for it in items))
+            name = self.cache_name(system)
+            todo = self._pending(bench, (f"{name}:{self.config.scoring}:{it['id']}" for it in items))
             todo_ids = {k.split(":", 2)[2] for k in todo}
             pending = [it for it in items if it["id"] in todo_ids]
             batches = length_sorted_batches([len(choice_prompt(it["question"], it["choices"])) for it in pending],
@@ -262,7 +279,7 @@ class Evaluation:
                 chunk = [pending[i] for i in batch]
                 scores, decisions = self._choice_scores(system, chunk)
                 self.store.append(bench, [
-                    {"key": f"{system}:{self.config.scoring}:{it['id']}", "system": system, "id": it["id"],
+                    {"key": f"{name}:{self.config.scoring}:{it['id']}", "system": system, "id": it["id"],
                      "subject": it["subject"], "domain": it["domain"], "scoring": self.config.scoring,
                      "pred": int(torch.tensor(s).argmax()), "answer": it["answer"],
                      "correct": int(torch.tensor(s).argmax()) == it["answer"], "scores": s,
@@ -305,18 +322,22 @@ class Evaluation:
             answers = {r["key"]: r for r in self.store.read("mtbench_answers")}
             jobs, extra = {}, {}
             for system in self.config.systems:
+                name = self.cache_name(system)
                 for qid, q in questions.items():
-                    key = f"{system}:{qid}:{turn}"
-                    history = []
+                    key = f"{name}:{qid}:{turn}"
+                    history, route, extra[key] = [], ROUTE[system], {}
                     if turn == 1:
-                        first = answers.get(f"{system}:{qid}:0")
+                        first = answers.get(f"{name}:{qid}:0")
                         if first is None:
                             continue
                         history = [{"role": "user", "content": q["turns"][0]},
                                    {"role": "assistant", "content": first["text"]}]
+                        if system == "prism":  # the paper routes a conversation once, on its first turn
+                            route = first["route"]
+                            extra[key] = {"gate_probability": first["gate_probability"], "routed_on": "turn 1"}
                     messages = messages_for(system, q["turns"][turn], self.persona_for(q["category"]), history)
-                    jobs[key] = GenerationRequest(messages, ROUTE[system], params)
-                    extra[key] = {"system": system, "question_id": qid, "category": q["category"], "turn": turn}
+                    jobs[key] = GenerationRequest(messages, route, params)
+                    extra[key] |= {"system": system, "question_id": qid, "category": q["category"], "turn": turn}
             self._generate("mtbench_answers", jobs, extra, f"mt-bench turn {turn + 1}")
         self._mtbench_single(data)
         self._mtbench_pairwise(data)
@@ -330,7 +351,7 @@ class Evaluation:
                 continue
             system, qid, turn = answer["system"], answer["question_id"], answer["turn"]
             q = next((q for q in data["questions"] if q["question_id"] == qid), None)
-            first = answers.get(f"{system}:{qid}:0")
+            first = answers.get(f"{self.cache_name(system)}:{qid}:0")
             if q is None or (turn == 1 and first is None):
                 continue
             reference = data["references"].get(qid) if q["category"] in benchdata.NEEDS_REFERENCE else None
@@ -359,7 +380,7 @@ class Evaluation:
                 continue
             for q, turn in ((q, turn) for q in data["questions"] for turn in (0, 1)):
                 qid = q["question_id"]
-                ours = [answers.get(f"{system}:{qid}:{t}") for t in range(turn + 1)]
+                ours = [answers.get(f"{self.cache_name(system)}:{qid}:{t}") for t in range(turn + 1)]
                 base = [answers.get(f"base:{qid}:{t}") for t in range(turn + 1)]
                 if None in ours or None in base:
                     continue
@@ -367,7 +388,7 @@ class Evaluation:
                 name = ("pair-math-v1" if reference else "pair-v2") + ("-multi-turn" if turn == 1 else "")
                 template = data["judge_prompts"][name]
                 for order in ("system_first", "base_first"):
-                    key = f"pair:{system}:{qid}:{turn}:{order}"
+                    key = f"pair:{self.cache_name(system)}:{qid}:{turn}:{order}"
                     if key in done:
                         continue
                     a, b = (ours, base) if order == "system_first" else (base, ours)
@@ -395,7 +416,7 @@ class Evaluation:
         jobs, extra = {}, {}
         for system in self.config.systems:
             for it in items:
-                key = f"{system}:{it['id']}"
+                key = f"{self.cache_name(system)}:{it['id']}"
                 jobs[key] = GenerationRequest(messages_for(system, it["goal"], persona), ROUTE[system], params)
                 extra[key] = {"system": system, "id": it["id"], "kind": it["kind"], "category": it["category"]}
         self._generate("jbb_answers", jobs, extra, "jbb answers")
@@ -434,7 +455,7 @@ class Evaluation:
         for bench in self.config.benches:
             log.info("eval %s: systems %s", bench, ", ".join(self.config.systems))
             steps[bench]()
-        results = summarize(self.store, self.config, self.items)
+        results = summarize(self.store, self.config, self.items, threshold=self.model.threshold)
         write_json_atomic(self.store.path / "results.json", results)
         # the items this --limit covers: calibrate and report read the same ones, not the whole cache
         covered = {bench: sorted(ids, key=str) for bench, ids in self.items.items()}
@@ -459,15 +480,23 @@ def _routing_rate(records: list[dict]) -> float | None:
     return sum(r["route"] == "persona" for r in records) / len(records) if records else None
 
 
-def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None) -> dict[str, Any]:
+def prism_cache_name(threshold: float) -> str:
+    return f"prism@{threshold:.6g}"
+
+
+def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None,
+              threshold: float | None = None) -> dict[str, Any]:
     """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}, over the
-    `items` of each benchmark (ids; MT-Bench question ids) when given, else over everything cached."""
+    `items` of each benchmark (ids; MT-Bench question ids) when given, else over everything cached, and
+    for `prism` over the rows routed at `threshold` (the one in force) when given."""
     results: dict[str, Any] = {system: {} for system in config.systems}
+    prism_name = None if threshold is None else prism_cache_name(threshold) + ":"
 
     def read(name: str, bench: str, key: str = "id") -> list[dict[str, Any]]:
         if bench not in config.benches:
             return []
-        records = store.read(name)
+        records = [r for r in store.read(name)
+                   if prism_name is None or r.get("system") != "prism" or prism_name in r.get("key", "")]
         return records if items is None or bench not in items else [r for r in records if r[key] in items[bench]]
 
     for bench in ("mmlu", "arc"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,12 +31,17 @@ REBUILD_HINT = ("rebuild it without -march=native: `make llamacpp` in a PRISM ch
 
 
 def library_files() -> list[Path]:
-    """llama-cpp-python's shared libraries, found without importing the package."""
+    """llama-cpp-python's shared libraries (or those $LLAMA_CPP_LIB_PATH points it to), found without
+    importing the package."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
     spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
+    if override:
+        folder = Path(override)
+    elif spec is not None and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    else:
         return []
-    package = Path(next(iter(spec.submodule_search_locations)))
-    return sorted(p for p in package.rglob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
 
 
 @lru_cache(maxsize=8)

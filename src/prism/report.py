@@ -232,7 +232,9 @@ def write_report(run_path: str | Path) -> list[Path]:
         f"Model: {(manifest.get('model') or {}).get('name')}. Judge: {eval_config.get('judge', 'n/a')}. "
         f"Gate held-out accuracy: {'n/a' if held is None else f'{held:.3f}'} "
         f"({gate.get('heldout_method', 'n/a')}; majority baseline {gate.get('majority_baseline', 'n/a')}).",
-        ("Calibrated threshold: " + (f"{calibration['threshold']:.4f} ({calibration['objective']['text']})"
+        ("Calibrated threshold: " + (f"{calibration['threshold']:.4f} ({calibration['objective']['text']}; "
+                                     f"{calibration.get('selection', 'chosen on the items it is reported on')}; "
+                                     "the routing curves show the held-out half)"
                                      if calibration else "not calibrated (run `prism calibrate`)")),
         "## Main table\n\nAccuracy and refusal in %, MT-Bench on 1-10; 95% confidence intervals in brackets "
         "(Wilson for proportions, bootstrap for means).\n\n" + results_table(results),
