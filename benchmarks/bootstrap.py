@@ -13,6 +13,7 @@ import time
 
 from prism import bootstrap, load_model, resolve_config
 from prism.engine import generate_batches
+from prism.library_warnings import silence_library_warnings
 from prism.models import chat_prompt
 from prism.runs import STAGES, RunDir
 
@@ -27,6 +28,7 @@ def timed_generation(lm, prompts: list[str], batch_size: int, tokens: int) -> tu
 
 
 def main() -> None:
+    silence_library_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-bootstrap")
     parser.add_argument("--prompts", type=int, default=32, help="prompts for the batched vs batch-1 comparison")

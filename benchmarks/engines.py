@@ -33,6 +33,7 @@ from pathlib import Path
 from prism.decoding import SamplingParams
 from prism.engine import LocalEngine, Prompt
 from prism.gguf_export import ADAPTER_FILE, EXPORT_DIR, MERGED_FILE, export_gguf
+from prism.library_warnings import silence_library_warnings
 from prism.llamacpp import LlamaContext, LlamaCppEngine, LlamaCppModel, default_threads, open_llama
 from prism.models import embedded_gguf_path, encode
 from prism.routing import GenerationRequest, PrismModel
@@ -233,6 +234,7 @@ def stage_speeds(run: Path, prompts_count: int, tokens: int) -> None:
 
 
 def main() -> None:
+    silence_library_warnings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/small")
     parser.add_argument("--tokens", type=int, default=64)

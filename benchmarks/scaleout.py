@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from prism import bootstrap, resolve_config
+from prism.library_warnings import silence_library_warnings
 from prism.serve import wait_until_healthy
 
 PROMPTS = ["How do I write a poem about the sea?", "What is the capital of France?",
@@ -69,6 +70,7 @@ def stage_times(stages: dict) -> str:
 
 
 def main() -> None:
+    silence_library_warnings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/bench")
     parser.add_argument("--requests", type=int, default=50)

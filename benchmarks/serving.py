@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from prism import GenerationRequest, PrismModel, SamplingParams, bootstrap, load_model, resolve_config
+from prism.library_warnings import silence_library_warnings
 from prism.runs import RunDir
 from prism.serve import wait_until_healthy
 
@@ -130,6 +131,7 @@ def server_load(run: str, queries: list[str], clients: int, tokens: int) -> None
 
 
 def main() -> None:
+    silence_library_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/bench")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request")

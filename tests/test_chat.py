@@ -1,5 +1,6 @@
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,3 +86,21 @@ def test_real_sigint_in_the_terminal_chat(tiny_run):
     finally:
         process.kill()
     assert "[interrupted]" in rest and process.returncode == 0, seen + rest
+
+
+def test_the_terminal_shows_the_banner_then_only_route_answer_and_footer(tiny_run):
+    """What a user sees in the terminal (stdout and stderr together): no library warning, no log line,
+    nothing between the route line and the answer."""
+    done = subprocess.run(
+        [sys.executable, "-m", "prism.cli", "chat", str(tiny_run), "--engine", "transformers", "--device", "cpu",
+         "--max-tokens", "8", "--temperature", "0"],
+        input=BASE_QUERIES[0] + "\n", capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.split("\n")
+    banner, route, answer, footer = lines[0], lines[1], "\n".join(lines[2:-3]), lines[-3]
+    assert banner.startswith("PRISM chat: ") and " on transformers " in banner
+    assert route.startswith("you> [base · gate p(persona)=") and route.endswith("]")
+    assert re.fullmatch(r"\(8 tokens, [0-9.]+ tok/s\)", footer), done.stdout
+    assert lines[-2:] == ["you> ", ""]  # the next prompt, then end of input
+    assert "warn" not in answer.lower() and "deprecat" not in answer.lower()

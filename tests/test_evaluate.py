@@ -275,3 +275,36 @@ def test_mtbench_answer_cap_is_fastchats_for_a_paper_run(tiny_run, tmp_path):
     RunDir(run).save_manifest(manifest)
     assert Evaluation(model, run, EvalConfig(systems=["base"])).config.mtbench_max_tokens == 1024
     assert Evaluation(model, run, EvalConfig(systems=["base"], mtbench_max_tokens=64)).config.mtbench_max_tokens == 64
+
+
+def test_plots_carry_the_tables_intervals_and_an_all_zero_refusal_plot_keeps_its_scale(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from prism.report import _plots
+
+    drawn: list[tuple[object, object]] = []
+    texts: list[str] = []
+    real_bar, real_text = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, *a, **k: drawn.append((self, k.get("yerr"))) or real_bar(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: texts.append(s) or real_text(self, x, y, s, *a, **k))
+    versus = {"delta": 0.10, "delta_ci": [-0.05, 0.25], "p_value": 0.5}
+    zero = {"refusal_harmful": 0.0, "refusal_harmful_ci": [0.0, 0.2], "refusal_benign": 0.0,
+            "refusal_benign_ci": [0.0, 0.2], "refusal_harmful_keyword": 0.0, "refusal_harmful_keyword_ci": [0.0, 0.2],
+            "refusal_benign_keyword": 0.0, "refusal_benign_keyword_ci": [0.0, 0.2]}
+    results = {system: {"mmlu": {"accuracy": 0.3, "domains": {"STEM": {"accuracy": 0.3, "vs_base": versus}}},
+                        "arc": {"accuracy": 0.3, "vs_base": versus}, "jbb": zero,
+                        "mtbench": {"score": 5.0, "categories": {"writing": {"score": 5.0, "score_ci": [4.0, 6.5]}}}}
+               for system in ("base", "lora")}
+    _plots(results, RunDir(tmp_path / "run"), tmp_path / "plots")
+    by_axes: dict[int, list] = {}
+    for axes, yerr in drawn:
+        by_axes.setdefault(id(axes), []).append((axes, yerr))
+    mtbench, knowledge, refusals = (calls[0] for calls in list(by_axes.values())[:3])
+    low, high = mtbench[1]
+    assert (low[0], high[0]) == (pytest.approx(1.0), pytest.approx(1.5))  # writing: 5.0 in [4.0, 6.5]
+    low, high = knowledge[1]
+    assert low[0] == pytest.approx(15.0) and high[0] == pytest.approx(15.0)  # +10 points in [-5, +25]
+    assert refusals[0].get_ylim() == (0.0, 100.0) and "no refusals" in texts
+    assert refusals[1][1][0] == pytest.approx(20.0)  # 0% refused, interval up to 20%

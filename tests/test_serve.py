@@ -1,10 +1,12 @@
 """The OpenAI-compatible server, live on loopback, driven by the official openai client and raw HTTP."""
 
 import json
+import logging
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -205,3 +207,20 @@ def test_remote_judge_against_the_live_server(server, tiny_run):
                                               judge_api_key="wrong"))
     with pytest.raises(PrismError, match="failed: .*re-run to resume"):
         wrong.complete([("s", "u")], prefix="", max_tokens=4)
+
+
+def test_our_calls_raise_no_warning_in_a_chat_turn_and_a_server_request(server, client, caplog):
+    """Every warning raised while PRISM generates is an error here (a deprecated transformers argument in our
+    decode loop fails this test), and transformers logs no deprecation either. Loading the model, where
+    PEFT raises one of its own, happens in the fixture, outside."""
+    from test_chat import run_chat
+
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        text = run_chat(server["model"], [BASE_QUERIES[0], "/route persona", PERSONA_QUERIES[0]])
+        reply = client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[1]), temperature=0,
+                                               max_tokens=6)
+        chunks = list(client.chat.completions.create(model="prism", messages=ask(PERSONA_QUERIES[1]), stream=True,
+                                                     temperature=0, max_tokens=6))
+    assert text.count("tok/s)") == 2 and reply.choices[0].message.content and chunks
+    assert not [r for r in caplog.records if "deprecat" in r.getMessage().lower()]

@@ -14,6 +14,7 @@ from typing import Any
 
 from prism.config import BootstrapConfig, load_config_file, resolve_config
 from prism.errors import PrismError
+from prism.library_warnings import silence_library_warnings
 
 DEFAULT_OUT = "runs/prism"
 
@@ -256,6 +257,7 @@ def format_calibration(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_library_warnings()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="prism: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -476,6 +476,14 @@ def _mean(values: list[float], name: str) -> dict[str, Any]:
             f"{name}_ci": list(bootstrap_mean_interval(values)) if values else None}
 
 
+def _versus_base(system: str, mine: list[dict], base: dict[str, bool]) -> dict[str, Any]:
+    """{"vs_base": accuracy difference against base on the same items, its 95% interval and McNemar's p}."""
+    shared = [r for r in mine if r["id"] in base]
+    if system == "base" or not shared:
+        return {}
+    return {"vs_base": paired_accuracy_test([r["correct"] for r in shared], [base[r["id"]] for r in shared])}
+
+
 def _routing_rate(records: list[dict]) -> float | None:
     return sum(r["route"] == "persona" for r in records) / len(records) if records else None
 
@@ -511,10 +519,9 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
                 groups = sorted({r[key] for r in mine})
                 entry[field_name] = {g: _proportion([r["correct"] for r in mine if r[key] == g], "accuracy")
                                      | {"routing_rate": _routing_rate([r for r in mine if r[key] == g])}
+                                     | _versus_base(system, [r for r in mine if r[key] == g], base)
                                      for g in groups}
-            shared = [r for r in mine if r["id"] in base]
-            if system != "base" and shared:
-                entry["vs_base"] = paired_accuracy_test([r["correct"] for r in shared], [base[r["id"]] for r in shared])
+            entry |= _versus_base(system, mine, base)
             results[system][bench] = entry
     answers = read("mtbench_answers", "mtbench", "question_id")
     scores = read("mtbench_scores", "mtbench", "question_id")

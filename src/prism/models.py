@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -203,6 +204,18 @@ def gate_feature_model(lm: LoadedModel, name: str, trust_remote_code: bool = Fal
     if next(lm.model.parameters()).dtype == torch.float32:
         return lm
     return load_block0(name, device=str(lm.device), trust_remote_code=trust_remote_code)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: `cache` from transformers 5.24 on (there
+    `past_key_values` is deprecated, and removed in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a forward's output, under its current name or its old one (no deprecation warning)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:

@@ -55,7 +55,11 @@ def results_table(results: dict[str, Any]) -> str:
 
 
 def _versus(paired: dict | None) -> str:
-    return "–" if not paired else f"{100 * paired['delta']:+.1f}, p={paired['p_value']:.3f}"
+    if not paired:
+        return "–"
+    interval = paired.get("delta_ci")
+    bracket = f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]" if interval else ""
+    return f"{100 * paired['delta']:+.1f}{bracket}, p={paired['p_value']:.3f}"
 
 
 def detail_tables(results: dict[str, Any]) -> str:
@@ -73,7 +77,7 @@ def detail_tables(results: dict[str, Any]) -> str:
     if rows:
         parts.append("### MT-Bench pairwise against base (%, wins count 1 and ties 1/2; a win needs both slot "
                      "orders)\n\n" + _markdown_table(header, rows))
-    header = ["system", *(f"MMLU {d}" for d in DOMAINS), "MMLU vs base (Δ points, McNemar p)", "ARC",
+    header = ["system", *(f"MMLU {d}" for d in DOMAINS), "MMLU vs base (Δ points [95% CI], McNemar p)", "ARC",
               "ARC vs base"]
     rows = []
     for system, benches in results.items():
@@ -110,16 +114,27 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
         plt.close(fig)
         made.append((title, path))
 
+    def error_bars(values: list[float], intervals: list[list[float] | None], scale: float) -> list[list[float]]:
+        """matplotlib's asymmetric yerr from [low, high] intervals (0 where there is none)."""
+        low = [v - scale * i[0] if i else 0.0 for v, i in zip(values, intervals)]
+        high = [scale * i[1] - v if i else 0.0 for v, i in zip(values, intervals)]
+        return [[max(0.0, x) for x in low], [max(0.0, x) for x in high]]
+
+    def bars(ax: Any, i: int, count: int, values: list[float], intervals: list[list[float] | None], scale: float,
+             system: str) -> None:
+        ax.bar([x + i * width for x in range(count)], values, width, label=system, color=COLORS.get(system),
+               yerr=error_bars(values, intervals, scale), capsize=3, error_kw={"linewidth": 0.8})
+
     if any(results[s].get("mtbench") for s in systems):
         fig, ax = plt.subplots(figsize=(10, 4))
         for i, system in enumerate(systems):
             cats = (results[system].get("mtbench") or {}).get("categories") or {}
-            values = [(cats.get(c) or {}).get("score") or 0 for c in MT_BENCH_CATEGORIES]
-            ax.bar([x + i * width for x in range(len(MT_BENCH_CATEGORIES))], values, width, label=system,
-                   color=COLORS.get(system))
+            entries = [cats.get(c) or {} for c in MT_BENCH_CATEGORIES]
+            bars(ax, i, len(entries), [e.get("score") or 0 for e in entries], [e.get("score_ci") for e in entries],
+                 1, system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(MT_BENCH_CATEGORIES))],
                       MT_BENCH_CATEGORIES)
-        ax.set_ylabel("MT-Bench score (1-10)")
+        ax.set_ylabel("MT-Bench score (1-10, 95% CI)")
         ax.legend()
         save(fig, "mtbench_categories", "MT-Bench score per category")
 
@@ -128,32 +143,33 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
         fig, ax = plt.subplots(figsize=(9, 4))
         labels = [*DOMAINS, "ARC"]
         for i, system in enumerate(s for s in systems if s != "base"):
-            deltas = []
-            for label in labels:
-                mine = (results[system].get("arc") if label == "ARC" else
-                        ((results[system].get("mmlu") or {}).get("domains") or {}).get(label)) or {}
-                base = (base_knowledge.get("arc") if label == "ARC" else
-                        ((base_knowledge.get("mmlu") or {}).get("domains") or {}).get(label)) or {}
-                both = mine.get("accuracy") is not None and base.get("accuracy") is not None
-                deltas.append(100 * (mine["accuracy"] - base["accuracy"]) if both else 0)
-            ax.bar([x + i * width for x in range(len(labels))], deltas, width, label=system, color=COLORS.get(system))
+            versus = [((results[system].get("arc") if label == "ARC" else
+                        ((results[system].get("mmlu") or {}).get("domains") or {}).get(label)) or {}).get("vs_base")
+                      or {} for label in labels]
+            bars(ax, i, len(labels), [100 * v["delta"] if v else 0 for v in versus],
+                 [v.get("delta_ci") for v in versus], 100, system)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(labels)), labels)
-        ax.set_ylabel("accuracy − base (points)")
+        ax.set_ylabel("accuracy − base (points, 95% CI)")
         ax.legend()
-        save(fig, "knowledge_delta", "MMLU per domain and ARC: accuracy minus base")
+        save(fig, "knowledge_delta", "MMLU per domain and ARC: accuracy minus base on the same items")
 
     if any(results[s].get("jbb") for s in systems):
         fig, ax = plt.subplots(figsize=(8, 4))
         keys = [("refusal_harmful", "harmful (judge)"), ("refusal_harmful_keyword", "harmful (keywords)"),
                 ("refusal_benign", "benign (judge)"), ("refusal_benign_keyword", "benign (keywords)")]
+        everything = []
         for i, system in enumerate(systems):
             jbb = results[system].get("jbb") or {}
-            ax.bar([x + i * width for x in range(len(keys))], [100 * (jbb.get(k) or 0) for k, _ in keys], width,
-                   label=system, color=COLORS.get(system))
+            values = [100 * (jbb.get(k) or 0) for k, _ in keys]
+            everything += values
+            bars(ax, i, len(keys), values, [jbb.get(f"{k}_ci") for k, _ in keys], 100, system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(keys))], [t for _, t in keys])
-        ax.set_ylabel("refusal rate (%)")
-        ax.legend()
+        ax.set_ylim(0, 100)  # a rate: the full scale, also when every rate is 0
+        if not any(everything):
+            ax.text(0.5, 0.6, "no refusals", transform=ax.transAxes, ha="center", fontsize=14, color="dimgray")
+        ax.set_ylabel("refusal rate (%, 95% CI)")
+        ax.legend(loc="upper right")
         save(fig, "refusals", "JailbreakBench refusal rates (harmful: higher is better; benign: lower)")
 
     prism = results.get("prism") or {}

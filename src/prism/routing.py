@@ -27,6 +27,7 @@ from prism.errors import PrismError
 from prism.gate import Gate, save_threshold
 from prism.models import (
     LoadedModel,
+    cache_argument,
     chat_prompt,
     conversation_prompt,
     decoder_layers,
@@ -34,6 +35,7 @@ from prism.models import (
     gate_feature_model,
     load_block0,
     load_model,
+    output_cache,
     stop_token_ids,
 )
 from prism.runs import RunDir
@@ -185,6 +187,7 @@ class PrismModel(GatedModel):
         context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or context, context)
         self.eos_ids = stop_token_ids(lm)
+        self._cache_argument = cache_argument(lm.model)
         self._row_adapters: list[str] | None = None  # per-row adapter names, read by every LoRA layer
         self._adapter_enabled = True
         self._lock = threading.Lock()
@@ -339,7 +342,7 @@ class PrismModel(GatedModel):
         logprobs: list[list[dict[str, Any]] | None] = [[] if r.params.logprobs is not None else None for r in requests]
         generators = [r.params.generator() for r in requests]
         active = list(range(len(requests)))  # request index of each row still in the batch
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = output_cache(out), out.logits[:, -1]
         last_position = positions[:, -1]
         while True:
             next_tokens, keep = [], []
@@ -365,8 +368,8 @@ class PrismModel(GatedModel):
             last_position = last_position + 1
             out = lm.model(input_ids=torch.tensor(next_tokens, device=lm.device)[:, None],
                            attention_mask=mask.to(lm.device), position_ids=last_position[:, None].to(lm.device),
-                           past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+                           use_cache=True, **{self._cache_argument: cache})
+            cache, logits = output_cache(out), out.logits[:, -1]
 
     def _early_decisions(self, requests: list[GenerationRequest], prompts: list[str]) -> list[RouteDecision | None]:
         """Routes known before the prefill: forced ones, a constant gate, and conversations whose prompt is

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prism.decoding import SamplingParams
 from prism.errors import PrismError
+from prism.library_warnings import silence_library_warnings
 from prism.routing import ContextLengthError, GatedModel, GenerationRequest, StreamEvent
 
 log = logging.getLogger("prism")
@@ -375,6 +376,8 @@ def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_k
           max_batch_size: int = 32, default_max_tokens: int = 512) -> None:
     """Serve a loaded run (`routing.load_gated_model`) until interrupted."""
     import uvicorn
+
+    silence_library_warnings()
 
     app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens)
     log.info("serving %s on http://%s:%d/v1 with %s (models: prism, prism-base%s)", model.run_path, host, port,

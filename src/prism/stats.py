@@ -46,5 +46,7 @@ def paired_accuracy_test(system: Sequence[bool], base: Sequence[bool]) -> dict[s
     only_system = sum(1 for s, b in zip(system, base) if s and not b)
     only_base = sum(1 for s, b in zip(system, base) if b and not s)
     n = len(system)
-    return {"delta": (only_system - only_base) / n if n else float("nan"), "items": n,
+    differences = [int(s) - int(b) for s, b in zip(system, base)]
+    return {"delta": (only_system - only_base) / n if n else float("nan"),
+            "delta_ci": list(bootstrap_mean_interval(differences)), "items": n,
             "only_system": only_system, "only_base": only_base, "p_value": mcnemar_exact(only_system, only_base)}
