@@ -134,6 +134,7 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
                  1, system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(MT_BENCH_CATEGORIES))],
                       MT_BENCH_CATEGORIES)
+        ax.set_ylim(0, 10)  # the grading scale, whatever the scores
         ax.set_ylabel("MT-Bench score (1-10, 95% CI)")
         ax.legend()
         save(fig, "mtbench_categories", "MT-Bench score per category")
