@@ -13,8 +13,9 @@ LIBRARY_WARNINGS: list[tuple[type[Warning], str]] = [
 ]
 
 
-# rouge-score logs "Using default tokenizer." through absl at INFO each time the queries stage starts
-LIBRARY_LOGGERS = ("absl",)
+# rouge-score logs "Using default tokenizer." through absl at INFO each time the queries stage starts; the
+# gguf writer logs its endianness and file list at INFO during `prism export gguf`
+LIBRARY_LOGGERS = ("absl", "gguf")
 
 
 def silence_library_warnings() -> None:
