@@ -68,13 +68,11 @@ def persona_ab(persona: str, queries: list[dict[str, str]], out: str | Path, con
 
 
 def outcome(label: dict[str, Any]) -> str:
-    verdicts = {order: label["verdicts"][order]["calibrated"] for order in verify.ORDERS}
-    if all(verify.persona_won(order, v) for order, v in verdicts.items()):
+    """'win' or 'loss' when the same answer won both orders, else 'tie'."""
+    winners = {verify.winner(order, label["verdicts"][order]["calibrated"]) for order in verify.ORDERS}
+    if winners == {"persona"}:
         return "win"
-    plain_won = {"persona_first": "B", "persona_second": "A"}
-    if all(v == plain_won[order] for order, v in verdicts.items()):
-        return "loss"
-    return "tie"
+    return "loss" if winners == {"plain"} else "tie"
 
 
 def summarize_ab(labels: list[dict[str, Any]]) -> dict[str, Any]:
