@@ -325,7 +325,7 @@ class Evaluation:
                 name = self.cache_name(system)
                 for qid, q in questions.items():
                     key = f"{name}:{qid}:{turn}"
-                    history, route, extra[key] = [], ROUTE[system], {}
+                    history, route, routed = [], ROUTE[system], {}
                     if turn == 1:
                         first = answers.get(f"{name}:{qid}:0")
                         if first is None:
@@ -334,10 +334,11 @@ class Evaluation:
                                    {"role": "assistant", "content": first["text"]}]
                         if system == "prism":  # the paper routes a conversation once, on its first turn
                             route = first["route"]
-                            extra[key] = {"gate_probability": first["gate_probability"], "routed_on": "turn 1"}
+                            routed = {"gate_probability": first["gate_probability"], "routed_on": "turn 1"}
                     messages = messages_for(system, q["turns"][turn], self.persona_for(q["category"]), history)
                     jobs[key] = GenerationRequest(messages, route, params)
-                    extra[key] |= {"system": system, "question_id": qid, "category": q["category"], "turn": turn}
+                    extra[key] = {**routed, "system": system, "question_id": qid, "category": q["category"],
+                                  "turn": turn}
             self._generate("mtbench_answers", jobs, extra, f"mt-bench turn {turn + 1}")
         self._mtbench_single(data)
         self._mtbench_pairwise(data)

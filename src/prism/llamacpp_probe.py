@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from prism.models import cache_dir
+from prism.runs import write_json_atomic
 
 PROBE_TIMEOUT_S = 300
 REBUILD_HINT = ("rebuild it without -march=native: `make llamacpp` in a PRISM checkout, or "
@@ -71,10 +72,11 @@ def _cache_path(gguf: Path) -> Path:
 
 def _describe_failure(returncode: int, stderr: str) -> str:
     if returncode < 0:
-        number = -returncode
-        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
-        what = signal.strsignal(number) or name
-        return f"the probe process was killed by {name} ({what})"
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the probe process was killed by {name} ({signal.strsignal(-returncode) or 'unknown signal'})"
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message")
     return f"the probe process failed with exit code {returncode}: {last[:300]}"
 
@@ -96,9 +98,7 @@ def probe_failure(gguf: str | Path) -> str | None:
         return f"the probe did not finish within {PROBE_TIMEOUT_S} s"  # not cached: a busy machine may be why
     failure = None if done.returncode == 0 else _describe_failure(done.returncode, done.stderr)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    tmp.write_text(json.dumps({"gguf": str(gguf), "failure": failure}) + "\n")
-    tmp.replace(cached)
+    write_json_atomic(cached, {"gguf": str(gguf), "failure": failure})
     return failure
 
 
