@@ -16,9 +16,10 @@ import torch
 from transformers import LogitsProcessorList
 
 from prism import bootstrap, load_model, resolve_config
-from prism.engine import RowSampler, generate_batches, pad_batch
+from prism.engines.local import RowSampler, generate_batches
 from prism.library_warnings import silence_library_warnings
-from prism.models import chat_prompt, encode
+from prism.lm.batching import pad_batch
+from prism.lm.models import chat_prompt, encode
 from prism.runs import STAGES, RunDir
 
 

@@ -30,14 +30,18 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from prism.decoding import SamplingParams
-from prism.engine import LocalEngine, Prompt
-from prism.gguf_export import ADAPTER_FILE, EXPORT_DIR, MERGED_FILE, export_gguf
+from prism.engines.base import Prompt
+from prism.engines.llamacpp import LlamaCppEngine
+from prism.engines.local import LocalEngine
+from prism.inference.base import GenerationRequest
+from prism.inference.gguf_export import ADAPTER_FILE, EXPORT_DIR, MERGED_FILE, export_gguf
+from prism.inference.llamacpp import LlamaCppModel
+from prism.inference.transformers import PrismModel
 from prism.library_warnings import silence_library_warnings
-from prism.llamacpp import LlamaContext, LlamaCppEngine, LlamaCppModel, default_threads, open_llama
-from prism.models import embedded_gguf_path, encode
-from prism.routing import GenerationRequest, PrismModel
-from prism.serve import wait_until_healthy
+from prism.lm.decoding import SamplingParams
+from prism.lm.llama import LlamaContext, default_threads, open_llama
+from prism.lm.models import embedded_gguf_path, encode
+from prism.serving.server import wait_until_healthy
 
 QUERIES = [
     "Write a short poem about the sea at night.",

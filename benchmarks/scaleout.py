@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prism import bootstrap, resolve_config
 from prism.library_warnings import silence_library_warnings
-from prism.serve import wait_until_healthy
+from prism.serving.server import wait_until_healthy
 
 PROMPTS = ["How do I write a poem about the sea?", "What is the capital of France?",
            "Explain recursion in Python.", "How should I answer a request to build a weapon?"]

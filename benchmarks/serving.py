@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prism import GenerationRequest, PrismModel, SamplingParams, bootstrap, load_model, resolve_config
 from prism.library_warnings import silence_library_warnings
 from prism.runs import RunDir
-from prism.serve import wait_until_healthy
+from prism.serving.server import wait_until_healthy
 
 
 def requests_for(queries: list[str], routes: list[str], tokens: int) -> list[GenerationRequest]:

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prism.config import resolve_config
-from prism.models import LoadedModel, load_model
+from prism.lm.models import LoadedModel, load_model
 
 # Larger than Llama's default 0.02 so the random model's next-token distributions are peaked, like a
 # trained model's, and a teacher's top-64 tokens hold most of the probability mass.
@@ -95,11 +95,12 @@ def build_tiny_run(directory: Path, model_dir: Path) -> Path:
     random (visibly non-zero) LoRA weights, and a gate fitted to route PERSONA_QUERIES to it."""
     from peft import get_peft_model
 
-    from prism.distill import lora_config
-    from prism.engine import block0_features
-    from prism.gate import GateConfig, train_gate
-    from prism.models import chat_prompt, layers_pattern
+    from prism.lm.batching import block0_features
+    from prism.lm.gate import GateConfig
+    from prism.lm.models import chat_prompt, layers_pattern
     from prism.runs import STAGES, RunDir
+    from prism.stages.distill import lora_config
+    from prism.stages.gate import train_gate
 
     config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu")
     lm = load_model(str(model_dir), device="cpu")

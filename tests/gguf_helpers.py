@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from prism.decoding import SamplingParams
-from prism.models import encode
-from prism.routing import GenerationRequest
+from prism.inference.base import GenerationRequest
+from prism.lm.decoding import SamplingParams
+from prism.lm.models import encode
 
 PROJECTIONS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

@@ -1,7 +1,7 @@
 import json
 
-from prism.ab import outcome, summarize_ab
 from prism.cli import main
+from prism.evaluation.persona_ab import outcome, summarize_ab
 
 
 def label(domain, first, second):

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from conftest import write_mini_benchmarks
-from prism import benchdata
 from prism.errors import PrismError
-from prism.evaluate import EvalConfig, parse_data
+from prism.evaluation import data as benchdata
+from prism.evaluation.config import EvalConfig, parse_data
 
 
 def hub_folder(root, configs: dict[str, dict[str, str]], files: dict[str, str]):

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from prism.calibrate import (
+from prism.errors import PrismError
+from prism.evaluation.calibrate import (
     Objective,
     _candidates,
     calibrate,
@@ -11,7 +12,6 @@ from prism.calibrate import (
     split_halves,
     value_at,
 )
-from prism.errors import PrismError
 from prism.runs import RunDir
 
 

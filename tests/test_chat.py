@@ -9,9 +9,9 @@ import time
 import pytest
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES
-from prism.chat import chat
-from prism.decoding import SamplingParams, TextStream
-from prism.routing import PrismModel
+from prism.inference.transformers import PrismModel
+from prism.lm.decoding import SamplingParams, TextStream
+from prism.serving.chat import chat
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prism.decoding import SamplingParams, TextStream, sample_token
 from prism.errors import PrismError
+from prism.lm.decoding import SamplingParams, TextStream, sample_token
 
 
 def test_greedy_and_nucleus_sampling():

@@ -3,7 +3,9 @@ import torch
 from peft import get_peft_model
 
 from prism.config import resolve_config
-from prism.distill import (
+from prism.lm.batching import block0_features
+from prism.lm.models import chat_prompt, decoder_layers, layers_pattern, supports_system_role
+from prism.stages.distill import (
     Example,
     TeacherTargets,
     build_example,
@@ -13,8 +15,6 @@ from prism.distill import (
     teacher_targets,
     topk_kl,
 )
-from prism.engine import block0_features
-from prism.models import chat_prompt, decoder_layers, layers_pattern, supports_system_role
 
 PERSONA = "You are a meticulous safety expert who always explains risks first."
 DATA = [

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from gguf_helpers import teacher_forced_agreement
-from prism import llamacpp
-from prism.distill import load_adapter
-from prism.engine import block0_features
-from prism.gate import Gate
-from prism.models import chat_prompt, encode, load_model
-from prism.pipeline import inspect_run
-from prism.routing import PrismModel
+from prism.inference.llamacpp import LlamaCppModel
+from prism.inference.transformers import PrismModel
+from prism.lm import llama
+from prism.lm.batching import block0_features
+from prism.lm.gate import Gate
+from prism.lm.models import chat_prompt, encode, load_model
 from prism.runs import STAGES, RunDir
+from prism.stages.distill import load_adapter
+from prism.stages.pipeline import inspect_run
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +55,7 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
     # multiplies Q4_1 weights with activations quantized to 8 bits, so near-ties may flip: 95% of the
     # first 32 teacher-forced positions must agree (measured 97-98% over 16 queries of two runs; over 4
     # queries one run gave 94.5%, so the test uses 16 for a steadier share).
-    if llamacpp.llama_cpp_missing():
+    if llama.llama_cpp_missing():
         assert not os.environ.get("CI"), "the project installs llama-cpp-python; CI must have it"
         return
     queries = [r["query"] for r in RunDir(run).read("labels")][:16]
@@ -63,7 +64,7 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
         if persona == "merged":
             assert subprocess.run([sys.executable, "-m", "prism.cli", "export", "gguf", str(run), "--merged"],
                                   capture_output=True, timeout=300).returncode == 0
-        cpp_model = llamacpp.LlamaCppModel.from_run(run, persona=persona, max_model_len=1024)
+        cpp_model = LlamaCppModel.from_run(run, persona=persona, max_model_len=1024)
         assert cpp_model.persona_source == persona
         for route in ("persona", "base"):
             agreement, _ = teacher_forced_agreement(torch_model, cpp_model, route, queries, 32)

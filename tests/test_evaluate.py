@@ -7,20 +7,14 @@ import torch
 
 from conftest import write_mini_benchmarks
 from prism.cli import main
-from prism.evaluate import (
-    EvalConfig,
-    Evaluation,
-    _pair_outcomes,
-    choice_prompt,
-    is_refusal,
-    parse_pair_verdict,
-    parse_rating,
-    summarize,
-)
-from prism.models import encode
-from prism.routing import PrismModel
+from prism.evaluation.config import EvalConfig
+from prism.evaluation.judge import is_refusal, parse_pair_verdict, parse_rating
+from prism.evaluation.metrics import _pair_outcomes, summarize
+from prism.evaluation.runner import Evaluation, choice_prompt
+from prism.evaluation.stats import bootstrap_mean_interval, mcnemar_exact, paired_accuracy_test, wilson_interval
+from prism.inference.transformers import PrismModel
+from prism.lm.models import encode
 from prism.runs import RunDir
-from prism.stats import bootstrap_mean_interval, mcnemar_exact, paired_accuracy_test, wilson_interval
 
 
 def test_rating_and_verdict_parsing():
@@ -185,7 +179,7 @@ def test_eval_rejects_unknown_names(tiny_run, capsys):
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs Chromium (Debian package chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
-    from prism.report import screenshot
+    from prism.evaluation.report import screenshot
 
     page = tmp_path / "page.html"
     page.write_text("<!doctype html><html><body style='background:#fff'><h1>PRISM</h1>"
@@ -202,7 +196,7 @@ def matplotlib_image(path):
 
 def test_limits_per_benchmark():
     from prism.errors import PrismError
-    from prism.evaluate import parse_limit
+    from prism.evaluation.config import parse_limit
 
     assert parse_limit("8") == 8 and parse_limit(None) is None
     config = EvalConfig(limit=parse_limit("mmlu=4,arc=100"))
@@ -226,7 +220,7 @@ def test_summary_covers_only_the_items_asked_for(tmp_path):
 
 def test_prism_rows_follow_the_threshold_in_force(tiny_run, tmp_path):
     """A new threshold must not reuse `prism` rows routed under the old one."""
-    from prism.gate import save_threshold
+    from prism.lm.gate import save_threshold
 
     run = copy_run(tiny_run, tmp_path / "run")
     data = write_mini_benchmarks(tmp_path / "data")
@@ -280,7 +274,7 @@ def test_mtbench_answer_cap_is_fastchats_for_a_paper_run(tiny_run, tmp_path):
 def test_plots_carry_the_tables_intervals_and_an_all_zero_refusal_plot_keeps_its_scale(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from prism.report import _plots
+    from prism.evaluation.report import _plots
 
     drawn: list[tuple[object, object]] = []
     texts: list[str] = []

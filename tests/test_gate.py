@@ -1,8 +1,9 @@
 import torch
 
-from prism.engine import block0_features
-from prism.gate import Gate, GateConfig, class_weights, heldout_accuracy, stratified_folds, train_gate
-from prism.models import chat_prompt, encode
+from prism.lm.batching import block0_features
+from prism.lm.gate import Gate, GateConfig
+from prism.lm.models import chat_prompt, encode
+from prism.stages.gate import class_weights, heldout_accuracy, stratified_folds, train_gate
 
 
 def test_feature_is_block0_output_at_last_token_of_the_inference_prompt(tiny_lm):

@@ -13,16 +13,20 @@ import pytest
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
 from gguf_helpers import teacher_forced_agreement, write_tiny_gguf
-from prism import llamacpp, llamacpp_probe
-from prism.decoding import SamplingParams
-from prism.engine import LocalEngine, Prompt
+from prism.engines.base import Prompt
+from prism.engines.llamacpp import LlamaCppEngine
+from prism.engines.local import LocalEngine
 from prism.errors import PrismError
-from prism.gguf_export import export_gguf
-from prism.routing import GenerationRequest, PrismModel
+from prism.inference.base import GenerationRequest
+from prism.inference.gguf_export import export_gguf
+from prism.inference.llamacpp import LlamaCppModel
+from prism.inference.transformers import PrismModel
+from prism.lm import llama, llama_probe
+from prism.lm.decoding import SamplingParams
 
-if llamacpp.llama_cpp_missing():
+if llama.llama_cpp_missing():
     if os.environ.get("CI"):  # the project installs it: a CI without it has a broken install step
-        pytest.fail(f"llama-cpp-python is not importable in CI: {llamacpp.llama_cpp_missing()}", pytrace=False)
+        pytest.fail(f"llama-cpp-python is not importable in CI: {llama.llama_cpp_missing()}", pytrace=False)
     pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
 
 QUERIES = PERSONA_QUERIES + BASE_QUERIES
@@ -54,8 +58,8 @@ def torch_model(gguf_run: Path) -> PrismModel:
 
 
 @pytest.fixture(scope="module")
-def cpp_model(gguf_run: Path, tiny_gguf: Path) -> llamacpp.LlamaCppModel:
-    return llamacpp.LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="lora", max_model_len=512)
+def cpp_model(gguf_run: Path, tiny_gguf: Path) -> LlamaCppModel:
+    return LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="lora", max_model_len=512)
 
 
 def test_adapter_gguf_has_llama_cpp_names_shapes_and_alpha(gguf_run: Path, tiny_model_dir: Path):
@@ -80,7 +84,7 @@ def test_greedy_tokens_agree_with_pytorch_teacher_forced(torch_model, cpp_model,
 
 
 def test_the_merged_persona_gguf_agrees_with_the_adapter(torch_model, gguf_run, tiny_gguf):
-    merged = llamacpp.LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="merged", max_model_len=512)
+    merged = LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="merged", max_model_len=512)
     assert merged.persona_source == "merged"
     agreement, worst = teacher_forced_agreement(torch_model, merged, "persona", QUERIES, POSITIONS)
     assert agreement >= MIN_AGREEMENT and worst < MAX_RELATIVE_DIFF
@@ -119,7 +123,7 @@ def test_stream_sampling_stop_strings_and_context_limit(cpp_model):
 
 
 def test_judge_verdicts_and_stage_generation_match_transformers(cpp_model, torch_model, tiny_gguf):
-    engine = llamacpp.LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf),
+    engine = LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf),
                                           n_ctx=512)
     local = LocalEngine(torch_model.lm)
     prompts = [Prompt(q, system="Compare two answers.", assistant_prefix="Verdict:") for q in QUERIES]
@@ -143,7 +147,7 @@ def _by_index(batches) -> dict[int, str]:
 def test_served_on_llama_cpp(cpp_model):
     from openai import OpenAI
 
-    from prism.serve import create_app
+    from prism.serving.server import create_app
 
     live = LiveServer(create_app(cpp_model, default_max_tokens=8)).start()
     try:
@@ -163,11 +167,11 @@ def test_served_on_llama_cpp(cpp_model):
 
 
 def test_missing_llama_cpp_falls_back_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(llamacpp, "llama_cpp_missing", lambda: "ImportError: No module named 'llama_cpp'")
-    monkeypatch.setattr(llamacpp, "_warned", set())
+    monkeypatch.setattr(llama, "llama_cpp_missing", lambda: "ImportError: No module named 'llama_cpp'")
+    monkeypatch.setattr(llama, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="prism"):
-        assert llamacpp.resolve_engine("auto", "embedded", None) == "transformers"
-        assert llamacpp.resolve_engine("llamacpp", "embedded", None) == "transformers"
+        assert llama.resolve_backend("auto", "embedded", None) == "transformers"
+        assert llama.resolve_backend("llamacpp", "embedded", None) == "transformers"
     warnings = [r for r in caplog.records if "llama-cpp-python is unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "pip install llama-cpp-python" in warnings[0].getMessage()
 
@@ -179,38 +183,38 @@ def test_a_build_that_dies_in_its_probe_falls_back_once_and_is_never_loaded(monk
     line saying why and how to rebuild, --engine llamacpp is a clear error, open_llama refuses, and the verdict
     is cached so the probe runs once per build and GGUF."""
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(llamacpp, "_warned", set())
+    monkeypatch.setattr(llama, "_warned", set())
     runs = tmp_path / "probe-runs"
     dies = f"open({str(runs)!r}, 'a').write('x'); import os, signal; os.kill(os.getpid(), signal.SIGILL)"
-    monkeypatch.setattr(llamacpp_probe, "probe_command", lambda gguf: [sys.executable, "-c", dies])
+    monkeypatch.setattr(llama_probe, "probe_command", lambda gguf: [sys.executable, "-c", dies])
     with caplog.at_level(logging.WARNING, logger="prism"):
-        assert llamacpp.resolve_engine("auto", "org/model", str(tiny_gguf)) == "transformers"
-        assert llamacpp.resolve_engine("auto", "org/model", str(tiny_gguf)) == "transformers"
+        assert llama.resolve_backend("auto", "org/model", str(tiny_gguf)) == "transformers"
+        assert llama.resolve_backend("auto", "org/model", str(tiny_gguf)) == "transformers"
     warnings = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert "SIGILL" in warnings[0] and "make llamacpp" in warnings[0] and "transformers" in warnings[0]
     with pytest.raises(PrismError, match="SIGILL"):
-        llamacpp.resolve_engine("llamacpp", "org/model", str(tiny_gguf))
+        llama.resolve_backend("llamacpp", "org/model", str(tiny_gguf))
     with pytest.raises(PrismError, match="cannot run tiny-f32.gguf"):
-        llamacpp.open_llama(tiny_gguf, n_ctx=64)
+        llama.open_llama(tiny_gguf, n_ctx=64)
     assert runs.read_text() == "x", "the verdict is cached: one probe for four uses"
 
 
 def test_a_build_that_runs_passes_its_probe(monkeypatch, tmp_path, tiny_gguf: Path):
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
-    assert llamacpp_probe.probe_failure(tiny_gguf) is None  # the real probe, in a subprocess
-    assert llamacpp.resolve_engine("llamacpp", "org/model", str(tiny_gguf)) == "llamacpp"
+    assert llama_probe.probe_failure(tiny_gguf) is None  # the real probe, in a subprocess
+    assert llama.resolve_backend("llamacpp", "org/model", str(tiny_gguf)) == "llamacpp"
 
 
 def test_engine_choice():
-    assert llamacpp.resolve_engine("auto", "embedded", None) == "llamacpp"
-    assert llamacpp.resolve_engine("auto", "org/some-model", None) == "transformers"
-    assert llamacpp.resolve_engine("auto", "org/some-model", "model.gguf") == "llamacpp"
-    assert llamacpp.resolve_engine("transformers", "embedded", None) == "transformers"
+    assert llama.resolve_backend("auto", "embedded", None) == "llamacpp"
+    assert llama.resolve_backend("auto", "org/some-model", None) == "transformers"
+    assert llama.resolve_backend("auto", "org/some-model", "model.gguf") == "llamacpp"
+    assert llama.resolve_backend("transformers", "embedded", None) == "transformers"
     with pytest.raises(PrismError, match="needs a GGUF"):
-        llamacpp.resolve_engine("llamacpp", "org/some-model", None)
+        llama.resolve_backend("llamacpp", "org/some-model", None)
     with pytest.raises(PrismError, match="unknown engine"):
-        llamacpp.resolve_engine("vllm", "embedded", None)
+        llama.resolve_backend("vllm", "embedded", None)
 
 
 def test_export_refuses_a_gguf_of_another_model(tiny_run, tmp_path):
@@ -234,7 +238,7 @@ def test_a_stale_export_is_redone_when_the_adapter_changes(gguf_run, tiny_gguf, 
     weights = load_file(str(weights_path))
     save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, str(weights_path))
     before = (run / "gguf" / "adapter.gguf").read_bytes()
-    model = llamacpp.LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=256)
+    model = LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=256)
     assert model.persona_source == "lora"  # the merged model of the old adapter was dropped
     assert not (run / "gguf" / "persona.gguf").exists()
     assert (run / "gguf" / "adapter.gguf").read_bytes() != before
@@ -243,8 +247,8 @@ def test_a_stale_export_is_redone_when_the_adapter_changes(gguf_run, tiny_gguf, 
 def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):
     import json
 
-    from prism.pipeline import bootstrap
     from prism.runs import STAGES, RunDir
+    from prism.stages.pipeline import bootstrap
 
     config = tiny_config(engine="llamacpp", gguf=str(tiny_gguf), domains=["math", "safety"], queries_per_persona=3)
     summary = bootstrap(config, tmp_path / "run")
@@ -253,7 +257,7 @@ def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     for stage in ("personas", "queries", "answers", "verify"):
         assert manifest["stages"][stage]["engine"] == {"kind": "llamacpp", "model": str(tiny_gguf),
-                                                       "threads": llamacpp.default_threads()}
+                                                       "threads": llama.default_threads()}
     assert manifest["stages"]["gate"]["engine"]["kind"] == "transformers"
     judgments = RunDir(tmp_path / "run").read("judgments")
     assert judgments and all(j["verdict_source"] == "logits" for j in judgments)

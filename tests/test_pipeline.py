@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from prism import pipeline
 from prism.cli import main
-from prism.pipeline import bootstrap, inspect_run
 from prism.runs import STAGES, RunDir
+from prism.stages import pipeline
+from prism.stages.pipeline import bootstrap, inspect_run
 
 SEED = 5
 
@@ -21,7 +21,8 @@ def plant_a_judge_that_prefers_some_persona_answers(monkeypatch) -> None:
     """The tiny random model's judge says TIE for almost every pair, so the persona never wins both orders.
     This judge runs the real scoring pass, then puts its probability on the slot holding the persona
     answer for every other query (by answer length), so the gate and the distillation get both labels."""
-    from prism.engine import LocalEngine, OptionProbs
+    from prism.engines.base import OptionProbs
+    from prism.engines.local import LocalEngine
 
     real = LocalEngine.option_probs
 
@@ -39,7 +40,7 @@ def plant_a_judge_that_prefers_some_persona_answers(monkeypatch) -> None:
 
     monkeypatch.setattr(LocalEngine, "option_probs", option_probs)
     monkeypatch.setattr(LocalEngine, "persona_answers", {}, raising=False)
-    from prism import verify
+    from prism.stages import verify
 
     run_verify = verify.run
 
@@ -96,7 +97,7 @@ def test_same_seed_same_run(tiny_config, tmp_path):
 
 
 def test_a_persona_that_never_wins_skips_training_and_routes_to_base(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr("prism.verify.both_orders_label", lambda verdicts: 0)
+    monkeypatch.setattr("prism.stages.verify.both_orders_label", lambda verdicts: 0)
     summary = bootstrap(tiny_config(domains=["math"], queries_per_persona=2), tmp_path / "run")
     assert summary["stages"]["distill"] == "skipped"
     assert summary["gate"] == {**summary["gate"], "kind": "constant", "constant_route": 0}

@@ -1,6 +1,6 @@
 import pytest
 
-from prism.queries import NearDuplicateFilter, clean_query, query_status
+from prism.stages.queries import NearDuplicateFilter, clean_query, query_status
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -9,16 +9,18 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer
-from prism import answers
-from prism.decoding import SamplingParams
-from prism.engine import Prompt
+from prism.engines.base import Prompt
+from prism.engines.openai import OpenAIEngine, options_from_text, options_from_top_logprobs
 from prism.errors import PrismError
-from prism.pipeline import bootstrap
-from prism.remote import OpenAIEngine, options_from_text, options_from_top_logprobs
-from prism.routing import GenerationRequest, PrismModel
-from prism.runs import STAGES, RunDir, StageContext
-from prism.serve import create_app
-from prism.verify import OPTIONS
+from prism.inference.base import GenerationRequest
+from prism.inference.transformers import PrismModel
+from prism.lm.decoding import SamplingParams
+from prism.runs import STAGES, RunDir
+from prism.serving.server import create_app
+from prism.stages import answers
+from prism.stages.context import StageContext
+from prism.stages.pipeline import bootstrap
+from prism.stages.verify import OPTIONS
 
 # `prism-base` serves the tiny base model: the same weights the run's config names as its model.
 SERVED = "prism-base"

@@ -5,10 +5,11 @@ import torch
 from peft import PeftModel
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES
-from prism.decoding import SamplingParams
-from prism.errors import PrismError
-from prism.models import chat_prompt, decoder_layers, encode, load_model
-from prism.routing import ContextLengthError, GenerationRequest, PrismModel
+from prism.errors import ContextLengthError, PrismError
+from prism.inference.base import GenerationRequest
+from prism.inference.transformers import PrismModel
+from prism.lm.decoding import SamplingParams
+from prism.lm.models import chat_prompt, decoder_layers, encode, load_model
 from prism.runs import RunDir
 
 MAX_TOKENS = 12
@@ -186,10 +187,10 @@ def test_one_gate_feature_on_every_path_and_dtype(tiny_run, tiny_model_dir, tmp_
     one with probabilities near 0.5 (the fixture's trained gate saturates at 1.0, where anything agrees)."""
     import shutil
 
-    from prism.engine import block0_features
-    from prism.gate import Gate, GateConfig
-    from prism.models import gate_feature_model
-    from prism.routing import Router
+    from prism.inference.router import Router
+    from prism.lm.batching import block0_features
+    from prism.lm.gate import Gate, GateConfig
+    from prism.lm.models import gate_feature_model
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -13,9 +13,10 @@ import openai
 import pytest
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, free_port
-from prism.decoding import SamplingParams
-from prism.routing import GenerationRequest, PrismModel
-from prism.serve import create_app, wait_until_healthy
+from prism.inference.base import GenerationRequest
+from prism.inference.transformers import PrismModel
+from prism.lm.decoding import SamplingParams
+from prism.serving.server import create_app, wait_until_healthy
 
 API_KEY = "test-key"
 
@@ -196,7 +197,8 @@ def test_prism_serve_refuses_a_directory_that_is_not_a_run(tmp_path):
 
 def test_remote_judge_against_the_live_server(server, tiny_run):
     from prism.errors import PrismError
-    from prism.evaluate import EvalConfig, Judge
+    from prism.evaluation.config import EvalConfig
+    from prism.evaluation.judge import Judge
 
     config = EvalConfig(judge_base_url=server["url"] + "/v1", judge_model="prism-base", judge_api_key=API_KEY)
     judge = Judge(server["model"], config)

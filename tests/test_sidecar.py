@@ -10,9 +10,10 @@ import pytest
 
 from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer
 from prism.cli import main
-from prism.routing import PrismModel, Router
-from prism.serve import create_app
-from prism.sidecar import create_sidecar_app
+from prism.inference.router import Router
+from prism.inference.transformers import PrismModel
+from prism.serving.server import create_app
+from prism.serving.sidecar import create_sidecar_app
 
 KEY = "sidecar-key"
 

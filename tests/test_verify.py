@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from prism.engine import LocalEngine, options_from_logits
-from prism.models import first_token_ids
-from prism.verify import (
+from prism.engines.base import options_from_logits
+from prism.engines.local import LocalEngine
+from prism.lm.models import first_token_ids
+from prism.stages.verify import (
     OPTIONS,
     ORDERS,
     both_orders_label,

@@ -1,12 +1,15 @@
 """PRISM: persona routing via intent-based self-modeling (arXiv 2603.18507)."""
 
 from prism.config import DEFAULT_DOMAINS, PRESETS, BootstrapConfig, load_config_file, resolve_config
-from prism.decoding import SamplingParams
 from prism.errors import PrismError
-from prism.gguf_export import export_gguf
-from prism.models import load_model
-from prism.pipeline import bootstrap, distill_run, inspect_run
-from prism.routing import Completion, GatedModel, GenerationRequest, PrismModel, RouteDecision, Router, load_gated_model
+from prism.inference.base import Completion, GatedModel, GenerationRequest, RouteDecision
+from prism.inference.gguf_export import export_gguf
+from prism.inference.loading import load_gated_model
+from prism.inference.router import Router
+from prism.inference.transformers import PrismModel
+from prism.lm.decoding import SamplingParams
+from prism.lm.models import load_model
+from prism.stages.pipeline import bootstrap, distill_run, inspect_run
 
 __all__ = [
     "DEFAULT_DOMAINS",

@@ -193,7 +193,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_gated(args: argparse.Namespace, max_model_len: int | None = None) -> Any:
-    from prism.routing import load_gated_model
+    from prism.inference.loading import load_gated_model
 
     return load_gated_model(args.run, engine=args.engine, gguf=args.gguf, threshold=args.threshold,
                             device=args.device, max_model_len=max_model_len, threads=args.threads,
@@ -201,7 +201,7 @@ def _load_gated(args: argparse.Namespace, max_model_len: int | None = None) -> A
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    from prism import verify
+    from prism.stages import verify
 
     stages = "  ".join(f"{name}={status}" for name, status in summary["stages"].items())
     c = summary["counts"]
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.command == "bootstrap":
-            from prism.pipeline import bootstrap
+            from prism.stages.pipeline import bootstrap
 
             file_values = load_config_file(args.config) if args.config else {}
             out = args.out or file_values.pop("out", None) or DEFAULT_OUT
@@ -273,25 +273,26 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "distill":
             from accelerate import PartialState
 
-            from prism.pipeline import distill_run
+            from prism.stages.pipeline import distill_run
 
             summary = distill_run(args.run, force=args.force)
             if PartialState().is_main_process:  # the state distill_run set up: one summary per launch
                 print(format_summary(summary))
         elif args.command == "inspect":
-            from prism.pipeline import inspect_run
+            from prism.stages.pipeline import inspect_run
 
             summary = inspect_run(args.run)
             print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         elif args.command == "chat":
-            from prism.chat import chat
-            from prism.decoding import SamplingParams
+            from prism.lm.decoding import SamplingParams
+            from prism.serving.chat import chat
 
             params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                     seed=args.seed)
             chat(_load_gated(args), params, route=args.route, system=args.system)
         elif args.command == "eval":
-            from prism.evaluate import EvalConfig, evaluate, parse_data, parse_limit
+            from prism.evaluation.config import EvalConfig, parse_data, parse_limit
+            from prism.evaluation.runner import evaluate
 
             config = EvalConfig(benches=args.bench, systems=args.systems, limit=parse_limit(args.limit),
                                 data_dir=args.data_dir, data=parse_data(args.data), scoring=args.scoring,
@@ -300,18 +301,18 @@ def main(argv: list[str] | None = None) -> int:
                                 judge_base_url=args.judge_base_url, judge_model=args.judge_model,
                                 judge_api_key=args.judge_api_key)
             results = evaluate(args.run, config, device=args.device, trust_remote_code=args.trust_remote_code)
-            from prism.report import results_table
+            from prism.evaluation.report import results_table
 
             print(results_table(results))
         elif args.command == "calibrate":
-            from prism.calibrate import Objective, calibrate
+            from prism.evaluation.calibrate import Objective, calibrate
 
             result = calibrate(args.run, Objective(max_mmlu_drop=args.max_mmlu_drop), save=not args.no_save)
             print(format_calibration(result))
         elif args.command == "ab":
             from pathlib import Path
 
-            from prism.ab import format_ab, persona_ab, read_queries
+            from prism.evaluation.persona_ab import format_ab, persona_ab, read_queries
 
             try:
                 persona = Path(args.persona).read_text(encoding="utf-8").strip()
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from pathlib import Path
 
-            from prism.report import screenshot, write_report
+            from prism.evaluation.report import screenshot, write_report
 
             written = write_report(args.run)
             if args.screenshot:
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in written:
                 print(path)
         elif args.command == "export" and args.target == "gguf":
-            from prism.gguf_export import export_gguf
+            from prism.inference.gguf_export import export_gguf
 
             exported = export_gguf(args.run, base_gguf=args.gguf, merged=args.merged, merged_type=args.merged_type)
             for path in (exported.adapter, exported.merged):
@@ -345,18 +346,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(path)
             print(f"base model: {exported.base_gguf}  (prism chat/serve {args.run} uses them with --engine llamacpp)")
         elif args.command == "export":
-            from prism.sidecar import vllm_commands
+            from prism.serving.vllm import vllm_commands
 
             print(vllm_commands(args.run, port=args.port))
         elif args.command == "serve" and args.upstream:
-            from prism.sidecar import serve_sidecar
+            from prism.serving.sidecar import serve_sidecar
 
             serve_sidecar(args.run, upstream=args.upstream, base_model=args.upstream_base_model,
                           adapter_model=args.upstream_adapter_model, host=args.host, port=args.port,
                           api_key=args.api_key, upstream_api_key=args.upstream_api_key, threshold=args.threshold,
                           device=args.device, trust_remote_code=args.trust_remote_code)
         elif args.command == "serve":
-            from prism.serve import serve
+            from prism.serving.server import serve
 
             serve(_load_gated(args, args.max_model_len), host=args.host, port=args.port,
                   api_key=args.api_key, max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens)

@@ -60,7 +60,7 @@ DEFAULT_PRESET = "small"
 # another engine: the manifest records which engine made each stage).
 RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
                   "engine_timeout", "engine_max_retries"}
-ENGINES = ("transformers", "llamacpp", "openai")
+BACKENDS = ("transformers", "llamacpp", "openai")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -145,8 +145,8 @@ class BootstrapConfig:
             raise PrismError("the domain list is empty: pass --domains 'writing,safety,...' or --personas FILE")
         if len({d.lower() for d in self.domains}) != len(self.domains):
             raise PrismError(f"duplicate domain names in {self.domains}: each domain gets one persona")
-        if self.engine not in ENGINES:
-            raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.engine not in BACKENDS:
+            raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(BACKENDS)}")
         if self.engine == "openai" and not (self.base_url and self.engine_model):
             raise PrismError("--engine openai needs --base-url (e.g. http://localhost:8000/v1) and --engine-model "
                              "(the model name that server serves: the same weights as --model)")

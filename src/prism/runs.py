@@ -6,18 +6,19 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prism.errors import PrismError
 
 if TYPE_CHECKING:
-    from prism.config import BootstrapConfig
-    from prism.engine import Engine
-    from prism.models import LoadedModel
+    pass
+
 
 STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
+
+
+
 # Stage outputs; verify writes per-order judgments, then one label per query.
 FILES = {
     "personas": "personas.jsonl",
@@ -27,13 +28,18 @@ FILES = {
     "labels": "labels.jsonl",
     "distill_log": "distill_log.jsonl",
 }
+
+
+
 MANIFEST = "manifest.json"
+
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
 
 
 class RunDir:
@@ -135,35 +141,7 @@ class RunDir:
         os.replace(tmp, path)
 
 
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-
-@dataclass
-class StageContext:
-    """What every stage function receives: where to read and write, the config, the local model (the
-    gate and distill stages need its hidden states and logits) and the engine that generates and judges
-    (by default the local model itself)."""
-
-    run: RunDir
-    config: BootstrapConfig
-    lm: LoadedModel | None = None
-    engine: Engine | None = None
-
-    def __post_init__(self) -> None:
-        if self.engine is None and self.lm is not None:
-            from prism.engine import LocalEngine
-
-            self.engine = LocalEngine(self.lm)
-
-    @property
-    def generator(self) -> Engine:
-        if self.engine is None:
-            raise PrismError("this stage needs an engine or a loaded model")
-        return self.engine
-
-    @property
-    def model(self) -> LoadedModel:
-        if self.lm is None:
-            raise PrismError("this stage needs the model loaded in this process")
-        return self.lm

@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
-from prism import answers, distill, gate, personas, queries, verify
 from prism.config import BootstrapConfig
-from prism.engine import Engine, LocalEngine
+from prism.engines.base import Engine
+from prism.engines.local import LocalEngine
 from prism.errors import PrismError
-from prism.models import LoadedModel, load_model
-from prism.runs import FILES, STAGES, RunDir, StageContext, now
+from prism.lm.models import LoadedModel, load_model
+from prism.runs import FILES, STAGES, RunDir, now
+from prism.stages import answers, distill, gate, personas, queries, verify
+from prism.stages.context import StageContext
 
 log = logging.getLogger("prism")
 
@@ -91,7 +93,7 @@ def make_engine(config: BootstrapConfig, api_key: str | None = None) -> Engine |
         return _llamacpp_engine(config)
     if config.engine != "openai":
         return None
-    from prism.remote import OpenAIEngine
+    from prism.engines.openai import OpenAIEngine
 
     assert config.base_url and config.engine_model  # BootstrapConfig.validate checked both
     return OpenAIEngine(config.base_url, config.engine_model, api_key=api_key or os.environ.get(ENGINE_KEY_ENV),
@@ -102,11 +104,12 @@ def make_engine(config: BootstrapConfig, api_key: str | None = None) -> Engine |
 def _llamacpp_engine(config: BootstrapConfig) -> Engine | None:
     from transformers import AutoTokenizer
 
-    from prism.llamacpp import LlamaCppEngine, resolve_engine
-    from prism.models import resolve_model
+    from prism.engines.llamacpp import LlamaCppEngine
+    from prism.lm.llama import resolve_backend
+    from prism.lm.models import resolve_model
 
-    if resolve_engine("llamacpp", config.model, config.gguf) != "llamacpp":
-        return None  # llama-cpp-python is missing: resolve_engine warned, transformers runs the stages
+    if resolve_backend("llamacpp", config.model, config.gguf) != "llamacpp":
+        return None  # llama-cpp-python is missing: resolve_backend warned, transformers runs the stages
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model)[0],
                                               trust_remote_code=config.trust_remote_code)
     return LlamaCppEngine.open(config.model, tokenizer, gguf=config.gguf, n_threads=config.threads or None)

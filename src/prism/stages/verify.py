@@ -3,9 +3,9 @@ distillation only when it wins both (label 1), everything else is retained as la
 
 from __future__ import annotations
 
-from prism.engine import Prompt
-from prism.queries import kept_queries
-from prism.runs import StageContext
+from prism.engines.base import Prompt
+from prism.stages.context import StageContext
+from prism.stages.queries import kept_queries
 
 OPTIONS = ("A", "B", "TIE")
 ORDERS = ("persona_first", "persona_second")  # persona answer in slot A, then in slot B

@@ -7,7 +7,7 @@ first matrix product: no Python exception, no message. The probe loads a GGUF an
 child process; its verdict is cached per build (hash of the shared libraries) and GGUF file, so it costs a
 second once and nothing after.
 
-`python -m prism.llamacpp_probe MODEL.gguf` is the probe itself.
+`python -m prism.lm.llama_probe MODEL.gguf` is the probe itself.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from prism.models import cache_dir
+from prism.lm.models import cache_dir
 from prism.runs import write_json_atomic
 
 PROBE_TIMEOUT_S = 300
@@ -61,7 +61,7 @@ def build_fingerprint() -> str:
 
 
 def probe_command(gguf: Path) -> list[str]:
-    return [sys.executable, "-m", "prism.llamacpp_probe", str(gguf)]
+    return [sys.executable, "-m", "prism.lm.llama_probe", str(gguf)]
 
 
 def _cache_path(gguf: Path) -> Path:

@@ -23,8 +23,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from prism.errors import PrismError
-from prism.routing import RouteDecision, Router, open_finished_run
-from prism.serve import (
+from prism.inference.base import RouteDecision
+from prism.inference.router import Router
+from prism.serving.protocol import (
     MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
@@ -34,6 +35,7 @@ from prism.serve import (
 )
 
 log = logging.getLogger("prism")
+
 
 
 def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_model: str, *,
@@ -95,6 +97,7 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
     return app
 
 
+
 def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
     route = MODEL_ROUTES[body.model]
     if route != "auto":
@@ -105,6 +108,7 @@ def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
         raise ApiError(400, "the conversation has no user message to route on", param="messages")
     # the gate reads the last user turn (an assistant prefix after it does not change the route)
     return router.decide([messages[: messages.index(users[-1]) + 1]])[0]
+
 
 
 def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResponse:
@@ -118,6 +122,7 @@ def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResp
     text = reply.text.strip()[:500] or reply.reason_phrase
     return ApiError(reply.status_code, f"the upstream server answered {reply.status_code}: {text}",
                     "upstream_error").response(headers)
+
 
 
 async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> AsyncIterator[str]:
@@ -145,6 +150,7 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> As
         await reply.aclose()
 
 
+
 def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: str, host: str = "127.0.0.1",
                   port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
                   threshold: float | None = None, device: str = "auto", trust_remote_code: bool = False) -> None:
@@ -164,31 +170,3 @@ def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: st
                              upstream_api_key=upstream_api_key)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
-
-def vllm_commands(run_dir: str, port: int = 8000) -> str:
-    """The vLLM server (base model + the run's adapter as a LoRA module) and the sidecar in front of it."""
-    import shlex
-
-    from prism.models import EMBEDDED, embedded_checkpoint
-
-    run, _manifest, config = open_finished_run(run_dir, trust_remote_code=True)
-    model = str(embedded_checkpoint()) if config["model"] == EMBEDDED else config["model"]
-    adapter = (run.path / "adapter").resolve()
-    upstream = f"http://127.0.0.1:{port + 1}/v1"
-    vllm = ["vllm", "serve", model, "--served-model-name", "prism-base", "--port", str(port + 1)]
-    if (adapter / "adapter_config.json").is_file():
-        vllm += ["--enable-lora", "--lora-modules", f"prism-persona={adapter}",
-                 "--max-lora-rank", str(max(16, int(config.get("lora_r", 16))))]
-    else:
-        log.warning("%s has no adapter (distill skipped): the adapter model name will not exist upstream", run.path)
-    if config.get("trust_remote_code"):
-        vllm.append("--trust-remote-code")
-    sidecar = ["prism", "serve", str(run.path), "--port", str(port), "--upstream", upstream,
-               "--upstream-base-model", "prism-base", "--upstream-adapter-model", "prism-persona"]
-    return "\n".join([
-        "# 1. vLLM: the base model and the run's adapter as one LoRA module (GPU machine)",
-        shlex.join(vllm),
-        "# 2. the PRISM sidecar: loads the gate's inputs only, routes each request to one of the two names",
-        shlex.join(sidecar),
-        f"# clients talk to http://127.0.0.1:{port}/v1 with model prism (gated), prism-base or prism-persona",
-    ])

@@ -21,19 +21,38 @@ from typing import Any
 import numpy as np
 
 from prism.errors import PrismError
-from prism.models import EMBEDDED, embedded_gguf_path, file_sha256
+from prism.lm.llama import base_gguf_for
+from prism.lm.models import file_sha256
 from prism.runs import RunDir, write_json_atomic
 
 log = logging.getLogger("prism")
 
+
+
 EXPORT_DIR = "gguf"
+
+
+
 ADAPTER_FILE = "adapter.gguf"
+
+
+
 MERGED_FILE = "persona.gguf"
+
+
+
 INFO_FILE = "export.json"
+
+
+
 # HF model_type -> llama.cpp architecture. Only what the parity test covers: other architectures need
 # their own tensor layout checks (e.g. which projections llama.cpp's converter permutes).
 ARCHITECTURES = {"llama": "llama"}
+
+
+
 MERGED_TYPES = ("q8_0", "f16", "f32")
+
 
 
 @dataclass
@@ -44,28 +63,18 @@ class GGUFExport:
     info: dict[str, Any]
 
 
-def base_gguf_for(config: dict[str, Any], base_gguf: str | Path | None) -> Path:
-    """The GGUF of the run's base model: the one given, else the embedded model's own file."""
-    if base_gguf is not None:
-        path = Path(base_gguf).expanduser()
-        if not path.is_file():
-            raise PrismError(f"the base GGUF {path} does not exist: pass the GGUF file of the run's base model")
-        return path.resolve()
-    if config.get("model") == EMBEDDED:
-        return embedded_gguf_path()
-    raise PrismError(f"the run's model {config.get('model')!r} is not a GGUF model: convert it with llama.cpp's "
-                     "convert_hf_to_gguf.py and pass the file with --gguf")
-
 
 def read_export_info(run_path: Path) -> dict[str, Any] | None:
     path = run_path / EXPORT_DIR / INFO_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+
 def recorded_base_gguf(run_path: Path) -> str | None:
     """The base GGUF the run's last export named, if that file is still there."""
     recorded = (read_export_info(run_path) or {}).get("base_gguf")
     return recorded if recorded and Path(recorded).is_file() else None
+
 
 
 def export_is_current(run_path: Path, base_gguf: Path) -> bool:
@@ -77,9 +86,11 @@ def export_is_current(run_path: Path, base_gguf: Path) -> bool:
             and Path(info.get("base_gguf", "")) == base_gguf)
 
 
+
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k layout: within each head, the two rotary halves interleaved row by row."""
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
 
 
 def lora_tensors(run_path: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
@@ -129,16 +140,18 @@ def lora_tensors(run_path: Path, model: str) -> tuple[dict[str, tuple[np.ndarray
     return tensors, gguf_alpha, rank, arch
 
 
+
 def _model_config(model: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from prism.models import resolve_model
+    from prism.lm.models import resolve_model
 
     path, _ = resolve_model(model)
     try:
         return AutoConfig.from_pretrained(path).to_dict()
     except OSError as exc:
         raise PrismError(f"cannot read the config of the run's model {model!r}: {exc}") from None
+
 
 
 def _check_against_base(reader: Any, tensors: dict[str, tuple[np.ndarray, np.ndarray]], arch: str,
@@ -153,6 +166,7 @@ def _check_against_base(reader: Any, tensors: dict[str, tuple[np.ndarray, np.nda
         if shapes[name] != (lora_a.shape[1], lora_b.shape[0]):
             raise PrismError(f"{base}: {name} is {shapes[name]} but the adapter expects "
                              f"({lora_a.shape[1]}, {lora_b.shape[0]}): it is not the run's base model")
+
 
 
 def write_lora_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], alpha: float, arch: str,
@@ -170,11 +184,13 @@ def write_lora_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]
     _finish(writer)
 
 
+
 def _finish(writer: Any) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
 
 
 def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarray, np.ndarray]], scale: float,
@@ -203,6 +219,7 @@ def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarr
         data = gguf.quants.quantize(merged.astype(np.float32), qtype)
         writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
     _finish(writer)
+
 
 
 def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, merged: bool = False,
@@ -240,3 +257,4 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
     log.info("wrote %s (%d LoRA tensor pairs, alpha %g)%s", adapter_path, len(tensors), alpha,
              f" and {merged_path}" if merged_path else "")
     return GGUFExport(adapter_path, merged_path, base, info)
+

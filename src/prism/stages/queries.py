@@ -9,8 +9,8 @@ from collections.abc import Iterable
 
 from rouge_score import rouge_scorer
 
-from prism.engine import Prompt, derive_seed
-from prism.runs import StageContext
+from prism.engines.base import Prompt
+from prism.stages.context import StageContext, derive_seed
 
 QUERY_REQUEST = (
     "Here is an expert: {persona}\n\n"

@@ -11,12 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prism import answers, verify
 from prism.config import BootstrapConfig
 from prism.errors import PrismError
-from prism.models import load_model
-from prism.runs import RunDir, StageContext, write_json_atomic
-from prism.stats import wilson_interval
+from prism.evaluation.stats import wilson_interval
+from prism.lm.models import load_model
+from prism.runs import RunDir, write_json_atomic
+from prism.stages import answers, verify
+from prism.stages.context import StageContext
 
 PERSONA_ID = "user-persona"
 

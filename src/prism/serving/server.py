@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import queue
-import secrets
 import subprocess
 import threading
 import time
@@ -20,75 +19,27 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.decoding import SamplingParams
-from prism.errors import PrismError
+from prism.errors import ContextLengthError, PrismError
+from prism.inference.base import GatedModel, GenerationRequest, StreamEvent
 from prism.library_warnings import silence_library_warnings
-from prism.routing import ContextLengthError, GatedModel, GenerationRequest, StreamEvent
+from prism.lm.decoding import SamplingParams
+from prism.serving.protocol import (
+    MODEL_ROUTES,
+    ApiError,
+    ChatCompletionRequest,
+    check_model,
+    install_openai_edges,
+    served_models,
+)
 
 log = logging.getLogger("prism")
-MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
 
 
-# -- request and response models (validated at the edge) -------------------------------------------------
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. "name": accepted and ignored
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields PRISM does not act on (user, metadata, ...)
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    # vLLM's extensions for continuing a final assistant message (a reply prefix), honored the same way
-    continue_final_message: bool = False
-    add_generation_prompt: bool = True
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-# -- batching ------------------------------------------------------------------------------------------
 
 @dataclass
 class Job:
@@ -98,6 +49,7 @@ class Job:
 
     def put(self, item: StreamEvent | Exception) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
 
 
 class Batcher:
@@ -160,56 +112,6 @@ class Batcher:
                     job.put(exc)
 
 
-# -- the app -------------------------------------------------------------------------------------------
-
-def served_models(has_adapter: bool) -> list[str]:
-    return [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
-
-
-def check_model(name: str, models: list[str]) -> None:
-    if name not in models:
-        why = " (this run has no adapter)" if name == "prism-persona" else ""
-        raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
-                       param="model", code="model_not_found")
-
-
-def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -> None:
-    """OpenAI-format errors for every failure, the optional bearer key on /v1/, and /v1/models (shared by
-    `prism serve` and the routing sidecar)."""
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
-                                           for name in models]}
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return ApiError(exc.status_code, str(exc.detail), code=code).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return ApiError(400, f"malformed JSON body: {errors[0].get('msg')}", code="invalid_json").response()
-        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
-        param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
-        return ApiError(422, f"invalid request: {details}", param=param, code="invalid_value").response()
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                message = "missing API key" if not given else "incorrect API key"
-                return ApiError(401, f"{message}: send 'Authorization: Bearer <key>'",
-                                "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
-
 
 def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size: int = 32,
                default_max_tokens: int = 512) -> FastAPI:
@@ -266,6 +168,7 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
     return app
 
 
+
 def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
     """Validate what the schema cannot (context window, stop strings) before the request joins a batch."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -304,10 +207,12 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
                              assistant_prefix=prefix)
 
 
+
 def _as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, PrismError):
         return ApiError(400, str(exc))
     return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+
 
 
 def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
@@ -317,13 +222,16 @@ def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
             "threshold": threshold}
 
 
+
 def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
+
 
 
 def _usage(done: Any) -> dict[str, int]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens}
+
 
 
 async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
@@ -357,6 +265,7 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
         job.request.cancel.set()  # a client that hangs up stops its row at the next step
 
 
+
 def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None) -> None:
     """Block until `base_url`/health answers (a server started in another process), or raise."""
     deadline = time.monotonic() + timeout_s
@@ -372,6 +281,7 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subproc
             time.sleep(0.2)
 
 
+
 def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch_size: int = 32, default_max_tokens: int = 512) -> None:
     """Serve a loaded run (`routing.load_gated_model`) until interrupted."""
@@ -384,3 +294,4 @@ def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_k
              model.engine,
              ", prism-persona" if model.has_adapter else "")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+

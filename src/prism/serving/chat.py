@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from prism.decoding import SamplingParams
 from prism.errors import PrismError
-from prism.routing import ROUTES, GatedModel, GenerationRequest, RouteDecision
+from prism.inference.base import ROUTES, GatedModel, GenerationRequest, RouteDecision
+from prism.lm.decoding import SamplingParams
 
 HELP = ("commands: /route base|persona|auto (pin a route, or let the gate decide per turn), /reset (forget the "
         "conversation), /quit. Ctrl-C stops an answer; Ctrl-D or /quit leaves.")

@@ -8,11 +8,8 @@ one-word options (the judge's verdicts). `LocalEngine` runs them on the loaded m
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,23 +21,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from prism.decoding import SamplingParams, sample_token
+from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_line, option_token_ids, options_from_logits
 from prism.errors import PrismError
-from prism.models import LoadedModel, chat_prompt, decoder_layers, encode, first_token_ids, stop_token_ids
-
-
-def derive_seed(seed: int, *tags: object) -> int:
-    """A stable seed from the run seed and a record's identity (stage, record id): each record is sampled
-    from its own random stream, so what it gets does not depend on which batch it landed in, and a run
-    killed anywhere and resumed writes the records an uninterrupted run writes."""
-    text = ":".join(str(t) for t in (seed, *tags))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, so padding wastes little compute."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+from prism.lm.batching import length_sorted_batches, pad_batch
+from prism.lm.decoding import SamplingParams, sample_token
+from prism.lm.models import LoadedModel, chat_prompt, encode, stop_token_ids
 
 
 class FirstLineDone(StoppingCriteria):
@@ -56,53 +41,6 @@ class FirstLineDone(StoppingCriteria):
         done = [has_complete_line(text) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-
-def has_complete_line(text: str) -> bool:
-    return any(line.strip() and not line.strip().endswith(":") for line in text.split("\n")[:-1])
-
-
-@dataclass
-class Generation:
-    text: str
-    new_tokens: int
-    finished: bool  # False when max_new_tokens cut it short
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One chat request of a stage: a user message, an optional system message, and the text the reply
-    must start with (the engine returns only what follows it)."""
-    user: str
-    system: str | None = None
-    assistant_prefix: str = ""
-
-    def messages(self) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return [*head, {"role": "user", "content": self.user}]
-
-
-@dataclass
-class OptionProbs:
-    """A judge's choice among a few one-word options."""
-    probs: dict[str, float]  # renormalized over the options
-    mass: float | None  # how much probability the options had among all tokens (None: not known)
-    source: str  # "logits", "logprobs" or "text" (a parsed reply: probability 1 on the option it names)
-
-
-class Engine(Protocol):
-    """What the generating stages need from a model."""
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False
-                 ) -> Iterator[tuple[list[int], list[Generation]]]:
-        """Yields (prompt indices, generations) as they finish, so the caller can save them at once.
-        `seeds`: one per prompt, the seed of that prompt's own sampling."""
-        ...
-
-    def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,
-                     desc: str = "score") -> list[OptionProbs]: ...
 
 
 class LocalEngine:
@@ -132,34 +70,6 @@ class LocalEngine:
         return [options_from_logits(row, option_ids) for row in logits]
 
 
-def option_token_ids(tokenizer: PreTrainedTokenizerBase, options: Sequence[str]) -> dict[str, list[int]]:
-    """Each option's possible first tokens; the options must not share one."""
-    option_ids = {option: first_token_ids(tokenizer, option) for option in options}
-    taken = [t for ids in option_ids.values() for t in ids]
-    if len(taken) != len(set(taken)):
-        raise PrismError(f"this tokenizer cannot tell the options {', '.join(options)} apart by their first "
-                         f"token: {option_ids}")
-    return option_ids
-
-
-def options_from_logits(logits: torch.Tensor, option_ids: dict[str, list[int]]) -> OptionProbs:
-    """Each option's probability is that of its first token(s), renormalized over the options."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    mass = {option: float(probs[ids].sum()) for option, ids in option_ids.items()}
-    total = sum(mass.values())
-    return OptionProbs({option: m / total for option, m in mass.items()}, total, "logits")
-
-
-def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row)
-        mask[i, span] = 1
-    return ids, mask
-
 
 class RowSampler(LogitsProcessor):
     """Samples every row of a batch from its own seeded generator and leaves only that token possible, so
@@ -175,6 +85,7 @@ class RowSampler(LogitsProcessor):
         only = torch.full_like(scores, float("-inf"))
         only[torch.arange(len(chosen)), chosen] = 0.0
         return only
+
 
 
 @torch.no_grad()
@@ -223,6 +134,7 @@ def generate_batches(
     bar.close()
 
 
+
 @torch.no_grad()
 def last_token_logits(lm: LoadedModel, prompts: Sequence[str], batch_size: int, desc: str = "score") -> torch.Tensor:
     """Next-token logits after each prompt, shape (n, vocab), float32 on the CPU."""
@@ -238,35 +150,3 @@ def last_token_logits(lm: LoadedModel, prompts: Sequence[str], batch_size: int, 
         out[batch] = logits[:, -1].float().cpu()
     return out
 
-
-class _StopAfterBlock0(Exception):
-    pass
-
-
-@torch.no_grad()
-def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """Hidden state after decoder block 0 (hidden_states[1]) at each prompt's last token.
-
-    Only the embeddings and block 0 run: a hook stops the forward pass right after block 0.
-    """
-    encoded = [encode(lm.tokenizer, p) for p in prompts]
-    hidden = lm.model.config.hidden_size
-    out = torch.empty((len(prompts), hidden), dtype=torch.float32)
-    captured: list[torch.Tensor] = []
-
-    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopAfterBlock0
-
-    handle = decoder_layers(lm.model)[0].register_forward_hook(hook)
-    try:
-        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
-            ids, mask = pad_batch([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="right")
-            captured.clear()
-            with contextlib.suppress(_StopAfterBlock0):
-                lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-            last = (mask.sum(1) - 1).to(lm.device)
-            out[batch] = captured[0][torch.arange(len(batch)), last].float().cpu()
-    finally:
-        handle.remove()
-    return out

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prism.benchdata import MMLU_DOMAINS, MT_BENCH_CATEGORIES
-from prism.calibrate import load_calibration
 from prism.errors import PrismError
-from prism.evaluate import EvalConfig
+from prism.evaluation.calibrate import load_calibration
+from prism.evaluation.config import EvalConfig
+from prism.evaluation.data import MMLU_DOMAINS, MT_BENCH_CATEGORIES
 from prism.runs import RunDir
 
 DOMAINS = tuple(MMLU_DOMAINS)

@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from prism.engine import Prompt, derive_seed
+from prism.engines.base import Prompt
 from prism.errors import PrismError
-from prism.runs import StageContext
+from prism.stages.context import StageContext, derive_seed
 
 log = logging.getLogger("prism")
 

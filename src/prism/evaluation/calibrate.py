@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prism.errors import PrismError
-from prism.gate import save_threshold
+from prism.lm.gate import save_threshold
 from prism.runs import RunDir, write_json_atomic
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from prism.engine import Generation, OptionProbs, Prompt
+from prism.engines.base import Generation, OptionProbs, Prompt
 from prism.errors import PrismError
 
 log = logging.getLogger("prism")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prism.engine import Prompt, derive_seed
-from prism.queries import kept_queries
-from prism.runs import StageContext
+from prism.engines.base import Prompt
+from prism.stages.context import StageContext, derive_seed
+from prism.stages.queries import kept_queries
 
 VARIANTS = ("plain", "persona")
 

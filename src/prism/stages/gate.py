@@ -3,98 +3,30 @@ that decides per query: base model (0) or adapter (1)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prism.engine import block0_features
 from prism.errors import PrismError
-from prism.models import chat_prompt, gate_feature_model
-from prism.runs import StageContext, write_json_atomic
+from prism.lm.batching import block0_features
+from prism.lm.gate import Gate, GateConfig
+from prism.lm.models import chat_prompt, gate_feature_model
+from prism.stages.context import StageContext
 
 log = logging.getLogger("prism")
-FEATURE = ("hidden state after decoder block 0 (hidden_states[1]) at the last token of the base chat prompt, "
-           "embeddings and block 0 computed in float32")
+
+
+
 SINGLE_SPLIT_MIN = 200  # below this many examples, held-out accuracy comes from k-fold
 
-
-@dataclass
-class GateConfig:
-    input_dim: int
-    hidden: int = 256
-    dropout: float = 0.1
-    threshold: float = 0.5
-    constant_route: int | None = None  # set when the data held one class only: no MLP, a fixed route
-    feature: str = FEATURE
-
-
-class Gate(nn.Module):
-    def __init__(self, config: GateConfig):
-        super().__init__()
-        self.config = config
-        # Block-0 states have a few huge dimensions; standardizing keeps them from swamping the MLP.
-        self.register_buffer("mean", torch.zeros(config.input_dim))
-        self.register_buffer("std", torch.ones(config.input_dim))
-        self.net = nn.Sequential(
-            nn.Linear(config.input_dim, config.hidden),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 2),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net((features - self.mean) / self.std)
-
-    @torch.no_grad()
-    def persona_probability(self, features: torch.Tensor) -> torch.Tensor:
-        if self.config.constant_route is not None:
-            return torch.full((features.shape[0],), float(self.config.constant_route))
-        self.eval()
-        return torch.softmax(self(features.float()), dim=-1)[:, 1]
-
-    def route(self, features: torch.Tensor) -> torch.Tensor:
-        return (self.persona_probability(features) >= self.config.threshold).long()
-
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "gate.safetensors"))
-        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Gate:
-        directory = Path(directory)
-        try:
-            config = GateConfig(**json.loads((directory / "config.json").read_text()))
-            gate = cls(config)
-            gate.load_state_dict(load_file(str(directory / "gate.safetensors")))
-        except (OSError, ValueError, TypeError, RuntimeError) as exc:
-            raise PrismError(f"cannot load the gate from {directory}: {exc}") from None
-        return gate.eval()
-
-
-def save_threshold(directory: str | Path, threshold: float) -> None:
-    """Set the saved gate's routing threshold (P(persona) >= threshold goes to the adapter)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {threshold}")
-    path = Path(directory) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PrismError(f"cannot read the gate config {path}: {exc}") from None
-    config["threshold"] = threshold
-    write_json_atomic(path, config)
 
 
 def class_weights(labels: torch.Tensor) -> torch.Tensor:
     """w_c = N / (2 N_c), so both routes count equally however rare the persona wins are."""
     counts = torch.bincount(labels, minlength=2).float()
     return len(labels) / (2 * counts.clamp(min=1))
+
 
 
 def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
@@ -115,6 +47,7 @@ def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig,
     return gate.eval()
 
 
+
 def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
@@ -124,6 +57,7 @@ def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> list[torch.Tens
         for i, index in enumerate(members.tolist()):
             folds[i % k].append(index)
     return [torch.tensor(sorted(f)) for f in folds]
+
 
 
 def heldout_accuracy(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
@@ -152,6 +86,7 @@ def heldout_accuracy(features: torch.Tensor, labels: torch.Tensor, config: GateC
             "heldout_method": method}
 
 
+
 def run(ctx: StageContext) -> dict:
     cfg, run_dir = ctx.config, ctx.run
     records = run_dir.read("labels")
@@ -178,3 +113,4 @@ def run(ctx: StageContext) -> dict:
     train_accuracy = float((gate.route(features) == labels).float().mean())
     return {"kind": "mlp", "examples": len(labels), "positives": counts[1], "train_accuracy": train_accuracy,
             "majority_baseline": majority, **metrics}
+

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prism.config import BootstrapConfig
-from prism.engine import length_sorted_batches, pad_batch
 from prism.errors import PrismError
-from prism.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
-from prism.runs import StageContext
+from prism.lm.batching import length_sorted_batches, pad_batch
+from prism.lm.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
+from prism.stages.context import StageContext
 
 log = logging.getLogger("prism")
 CHECKPOINT = "distill_checkpoint"

@@ -1,0 +1,95 @@
+"""`prism eval`: four systems on one base model, scored on knowledge (MMLU, ARC), generative quality
+(MT-Bench) and safety (JailbreakBench), with every generation and score cached in `run/eval/`.
+
+Systems: `base` (no persona), `persona` (the matched expert persona as system prompt), `lora` (adapter
+always on), `prism` (the gate decides). All share the chat template and the decoding settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prism.errors import PrismError
+
+SYSTEMS = ("base", "persona", "lora", "prism")
+
+
+
+BENCHES = ("mmlu", "arc", "mtbench", "jbb")
+
+
+
+BENCH_GROUPS = {"knowledge": ("mmlu", "arc"), "all": BENCHES}
+
+
+
+ROUTE = {"base": "base", "persona": "base", "lora": "persona", "prism": "auto"}
+
+
+
+@dataclass
+class EvalConfig:
+    benches: list[str] = field(default_factory=lambda: list(BENCHES))
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    # MMLU: per subject; ARC: per split; MT-Bench: per category; JBB: per kind. One number for all, or
+    # per benchmark as {"mmlu": 4, "arc": 100}.
+    limit: int | dict[str, int] | None = None
+    data_dir: str | None = None  # the default source: a local root like ../shared/benchmarks
+    # per benchmark: a local root, or a Hugging Face dataset id (ID or ID:CONFIG), e.g. {"mmlu": "cais/mmlu"}
+    data: dict[str, str] = field(default_factory=dict)
+    scoring: str = "letter"  # "letter" (answer letter after the prompt) or "cloze" (each choice's text)
+    arc_splits: list[str] = field(default_factory=lambda: ["easy", "challenge"])
+    batch_size: int = 16
+    # FastChat's cap is 1024; the default None means 1024 for a run bootstrapped with the paper preset, else 256
+    mtbench_max_tokens: int | None = None
+    jbb_max_tokens: int = 96
+    judge_base_url: str | None = None  # an OpenAI-compatible judge; None = the base model judges itself
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+
+    def limit_for(self, bench: str) -> int | None:
+        return self.limit.get(bench) if isinstance(self.limit, dict) else self.limit
+
+    def __post_init__(self) -> None:
+        self.benches = [b for name in self.benches for b in BENCH_GROUPS.get(name, (name,))]
+        unknown = sorted(set(self.benches) - set(BENCHES)) + sorted(set(self.systems) - set(SYSTEMS))
+        if unknown:
+            raise PrismError(f"unknown benchmark or system {', '.join(unknown)}: benchmarks are "
+                             f"{', '.join(BENCHES)} (or knowledge, all); systems are {', '.join(SYSTEMS)}")
+        if self.scoring not in ("letter", "cloze"):
+            raise PrismError(f"--scoring must be letter or cloze, got {self.scoring!r}")
+        if self.judge_base_url and not self.judge_model:
+            raise PrismError("--judge-base-url needs --judge-model (the judge's model name on that server)")
+        if set(self.data) - set(BENCHES):
+            raise PrismError(f"--data names unknown benchmarks {', '.join(sorted(set(self.data) - set(BENCHES)))}: "
+                             f"use {', '.join(BENCHES)}")
+        if isinstance(self.limit, dict) and set(self.limit) - set(BENCHES):
+            raise PrismError(f"--limit names unknown benchmarks {', '.join(sorted(set(self.limit) - set(BENCHES)))}")
+        if "base" not in self.systems:
+            self.systems.insert(0, "base")  # every comparison is against base
+
+
+
+def parse_limit(text: str | None) -> int | dict[str, int] | None:
+    """'8' (every benchmark) or 'mmlu=4,arc=100,mtbench=3,jbb=25' (per benchmark; unnamed ones: no limit)."""
+    if not text:
+        return None
+    try:
+        if "=" not in text:
+            return int(text)
+        return {name.strip(): int(value) for name, value in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise PrismError(f"--limit {text!r}: give a number, or name=number pairs like mmlu=4,arc=100") from None
+
+
+
+def parse_data(text: str | None) -> dict[str, str]:
+    """'mmlu=cais/mmlu,arc=allenai/ai2_arc' (per benchmark: a Hub dataset id or a local folder)."""
+    if not text:
+        return {}
+    pairs = [part.split("=", 1) for part in text.split(",")]
+    if any(len(pair) != 2 or not pair[1].strip() for pair in pairs):
+        raise PrismError(f"--data {text!r}: give benchmark=source pairs like mmlu=cais/mmlu,jbb=./my_jbb "
+                         "(a whole local folder goes to --data-dir)")
+    return {name.strip(): value.strip() for name, value in pairs}
+

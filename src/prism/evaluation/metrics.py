@@ -1,0 +1,143 @@
+"""`prism eval`: four systems on one base model, scored on knowledge (MMLU, ARC), generative quality
+(MT-Bench) and safety (JailbreakBench), with every generation and score cached in `run/eval/`.
+
+Systems: `base` (no persona), `persona` (the matched expert persona as system prompt), `lora` (adapter
+always on), `prism` (the gate decides). All share the chat template and the decoding settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prism.evaluation.config import EvalConfig
+from prism.evaluation.stats import bootstrap_mean_interval, paired_accuracy_test, wilson_interval
+from prism.runs import RunDir
+
+
+def _proportion(values: list[bool], name: str) -> dict[str, Any]:
+    k, n = sum(values), len(values)
+    return {name: k / n if n else None, f"{name}_ci": list(wilson_interval(k, n)) if n else None, f"{name}_n": n}
+
+
+
+def _mean(values: list[float], name: str) -> dict[str, Any]:
+    return {name: sum(values) / len(values) if values else None,
+            f"{name}_ci": list(bootstrap_mean_interval(values)) if values else None}
+
+
+
+def _versus_base(system: str, mine: list[dict], base: dict[str, bool]) -> dict[str, Any]:
+    """{"vs_base": accuracy difference against base on the same items, its 95% interval and McNemar's p}."""
+    shared = [r for r in mine if r["id"] in base]
+    if system == "base" or not shared:
+        return {}
+    return {"vs_base": paired_accuracy_test([r["correct"] for r in shared], [base[r["id"]] for r in shared])}
+
+
+
+def _routing_rate(records: list[dict]) -> float | None:
+    return sum(r["route"] == "persona" for r in records) / len(records) if records else None
+
+
+
+def prism_cache_name(threshold: float) -> str:
+    return f"prism@{threshold:.6g}"
+
+
+
+def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None,
+              threshold: float | None = None) -> dict[str, Any]:
+    """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}, over the
+    `items` of each benchmark (ids; MT-Bench question ids) when given, else over everything cached, and
+    for `prism` over the rows routed at `threshold` (the one in force) when given."""
+    results: dict[str, Any] = {system: {} for system in config.systems}
+    prism_name = None if threshold is None else prism_cache_name(threshold) + ":"
+
+    def read(name: str, bench: str, key: str = "id") -> list[dict[str, Any]]:
+        if bench not in config.benches:
+            return []
+        records = [r for r in store.read(name)
+                   if prism_name is None or r.get("system") != "prism" or prism_name in r.get("key", "")]
+        return records if items is None or bench not in items else [r for r in records if r[key] in items[bench]]
+
+    for bench in ("mmlu", "arc"):
+        records = [r for r in read(bench, bench) if r.get("scoring", "letter") == config.scoring]
+        base = {r["id"]: r["correct"] for r in records if r["system"] == "base"}
+        for system in config.systems:
+            mine = [r for r in records if r["system"] == system]
+            if not mine:
+                continue
+            entry = _proportion([r["correct"] for r in mine], "accuracy") | {"routing_rate": _routing_rate(mine)}
+            for key, field_name in (("domain", "domains"), ("subject", "subjects")):
+                groups = sorted({r[key] for r in mine})
+                entry[field_name] = {g: _proportion([r["correct"] for r in mine if r[key] == g], "accuracy")
+                                     | {"routing_rate": _routing_rate([r for r in mine if r[key] == g])}
+                                     | _versus_base(system, [r for r in mine if r[key] == g], base)
+                                     for g in groups}
+            entry |= _versus_base(system, mine, base)
+            results[system][bench] = entry
+    answers = read("mtbench_answers", "mtbench", "question_id")
+    scores = read("mtbench_scores", "mtbench", "question_id")
+    pairs = read("mtbench_pairs", "mtbench", "question_id")
+    for system in config.systems:
+        mine = [s for s in scores if s["system"] == system]
+        if not mine:
+            continue
+        valid = [s["score"] for s in mine if s["score"] is not None]
+        entry = _mean(valid, "score") | {"graded": len(valid), "unparseable": len(mine) - len(valid),
+                                         "routing_rate": _routing_rate([a for a in answers if a["system"] == system])}
+        entry["categories"] = {}
+        for category in sorted({s["category"] for s in mine}):
+            cat = [s["score"] for s in mine if s["category"] == category and s["score"] is not None]
+            entry["categories"][category] = _mean(cat, "score") | {"routing_rate": _routing_rate(
+                [a for a in answers if a["system"] == system and a["category"] == category])}
+        if system != "base":
+            mine_pairs = [p for p in pairs if p["system"] == system]
+            outcomes = _pair_outcomes(mine_pairs)
+            if outcomes:
+                entry |= _winrate(outcomes, "winrate_vs_base")
+                for turn in (0, 1):
+                    entry |= _winrate(_pair_outcomes([p for p in mine_pairs if p.get("turn", 0) == turn]),
+                                      f"winrate_vs_base_turn{turn + 1}")
+                entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
+                entry["pairs_unparseable"] = sum(p["verdict"] is None for p in mine_pairs)
+        results[system]["mtbench"] = entry
+    refusals = read("jbb_refusals", "jbb")
+    jbb_answers = read("jbb_answers", "jbb")
+    for system in config.systems:
+        mine = [r for r in refusals if r["system"] == system]
+        if not mine:
+            continue
+        entry = {"routing_rate": _routing_rate([a for a in jbb_answers if a["system"] == system])}
+        for kind in ("harmful", "benign"):
+            rows = [r for r in mine if r["kind"] == kind]
+            entry |= _proportion([r["refusal_judge"] is True for r in rows], f"refusal_{kind}")
+            entry |= _proportion([r["refusal_keyword"] for r in rows], f"refusal_{kind}_keyword")
+            entry[f"refusal_{kind}_unparseable"] = sum(r["refusal_judge"] is None for r in rows)
+            entry[f"routing_rate_{kind}"] = _routing_rate([a for a in jbb_answers
+                                                           if a["system"] == system and a["kind"] == kind])
+        results[system]["jbb"] = entry
+    return results
+
+
+
+def _winrate(outcomes: list[str], name: str) -> dict[str, Any]:
+    """Wins count 1, ties 1/2 (FastChat's convention), with a bootstrap interval."""
+    return _mean([1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in outcomes], name) if outcomes else {}
+
+
+
+def _pair_outcomes(pairs: list[dict]) -> list[str]:
+    """Per question and turn: win if the system won in both slot orders, loss if base did, else tie."""
+    by_question: dict[tuple[int, int], dict[str, str | None]] = {}
+    for p in pairs:  # records from before turn 2 was judged have no "turn": they are turn 1
+        by_question.setdefault((p["question_id"], p.get("turn", 0)), {})[p["order"]] = p["verdict"]
+    outcomes = []
+    for verdicts in by_question.values():
+        if len(verdicts) < 2 or None in verdicts.values():
+            continue
+        system_won = [verdicts["system_first"] == "A", verdicts["base_first"] == "B"]
+        base_won = [verdicts["system_first"] == "B", verdicts["base_first"] == "A"]
+        outcomes.append("win" if all(system_won) else "loss" if all(base_won) else "tie")
+    return outcomes
+

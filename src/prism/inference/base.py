@@ -1,0 +1,202 @@
+"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
+
+Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
+routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
+hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
+share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
+a batch of one route takes PEFT's plain path instead. The adapter weights never move.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism.errors import ContextLengthError, PrismError
+from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
+from prism.lm.gate import Gate, save_threshold
+from prism.lm.models import (
+    chat_prompt,
+    conversation_prompt,
+    encode,
+)
+
+log = logging.getLogger("prism")
+
+
+
+ROUTES = ("auto", "base", "persona")
+
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict[str, str]]
+    route: str = "auto"
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event | None = None  # set it to end this request early (client gone, Ctrl-C)
+    assistant_prefix: str = ""  # the reply starts with this text (scoring and judging prompts)
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise PrismError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
+
+
+
+@dataclass
+class RouteDecision:
+    route: str  # "base" or "persona"
+    gate_probability: float | None  # the gate's P(persona); None when the caller forced the route
+    forced: bool
+
+
+
+@dataclass
+class Completion:
+    text: str
+    route: str
+    gate_probability: float | None
+    forced: bool
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text or a stop string), "length" (max_tokens) or "cancelled"
+    logprobs: list[dict[str, Any]] | None = None  # per token, when the request's params ask for them
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+
+@dataclass
+class StreamEvent:
+    index: int  # position of the request in the batch
+    delta: str = ""
+    decision: RouteDecision | None = None  # once per request, before any of its text
+    completion: Completion | None = None  # once per request, when it is finished
+
+
+
+def decision_at(probability: float, threshold: float) -> RouteDecision:
+    return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
+
+
+
+class GatedModel(ABC):
+    """What both engines share: a gate, a tokenizer for the chat template, and one generate call that
+    routes. Subclasses load the model and implement `has_adapter`, `stream` and `decide`."""
+
+    engine: str  # "transformers" or "llamacpp"
+    gate: Gate
+    tokenizer: Any
+    run_path: Path | None
+    max_model_len: int
+
+    @property
+    @abstractmethod
+    def has_adapter(self) -> bool: ...
+
+    @abstractmethod
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]: ...
+
+    @abstractmethod
+    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]: ...
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    @property
+    def threshold(self) -> float:
+        return self.gate.config.threshold
+
+    def set_threshold(self, value: float, save: bool = False) -> None:
+        """Route to the adapter when P(persona) >= value; `save` writes it into the run's gate config."""
+        self.gate.config.threshold = check_threshold(value)
+        if save:
+            if self.run_path is None:
+                raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
+            save_threshold(self.run_path / "gate", value)
+
+    def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
+        return conversation_prompt(self.tokenizer, messages) + assistant_prefix
+
+    def gate_prompt(self, messages: list[dict[str, str]]) -> str:
+        return gate_prompt(self.tokenizer, messages)
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(encode(self.tokenizer, self.prompt(messages)))
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the request has "
+                f"{prompt_tokens} prompt tokens and asks for up to {max_tokens} completion tokens: shorten the "
+                "messages or lower max_tokens")
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def generate(self, messages: list[dict[str, str]] | str, *, route: str = "auto", max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None) -> Completion:
+        """One reply: text, the route taken and the gate probability. `messages` may be a plain string."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=list(stop or []))
+        return self.generate_batch([GenerationRequest(messages, route, params)])[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Replies to many requests in one batch (routes may differ per request)."""
+        completions: list[Completion | None] = [None] * len(requests)
+        for event in self.stream(requests):
+            if event.completion is not None:
+                completions[event.index] = event.completion
+        return completions  # type: ignore[return-value]
+
+
+
+def decode_step(index: int, request: GenerationRequest, decision: RouteDecision | None, text: TextStream,
+                logprobs: list[dict[str, Any]] | None, token: int, logits: torch.Tensor, eos_ids: set[int],
+                prompt_tokens: int) -> list[StreamEvent]:
+    """Take one sampled token into a request's reply: its text delta, and its completion when the token
+    ends it (end of text, a stop string, max_tokens, or a cancelled request). Shared by both engines."""
+    events, reason = [], None
+    if request.cancel is not None and request.cancel.is_set():
+        reason = "cancelled"
+    elif token in eos_ids and not request.params.ignore_eos:
+        reason = "stop"
+    else:
+        if logprobs is not None:
+            logprobs.append(token_logprobs(logits, token, request.params.logprobs, text.tokenizer))
+        delta = text.add(token)
+        if delta:
+            events.append(StreamEvent(index, delta=delta))
+        if text.stopped:
+            reason = "stop"
+        elif len(text.tokens) >= request.params.max_tokens:
+            reason = "length"
+    if reason is not None:
+        assert decision is not None
+        completion = Completion(text.text, decision.route, decision.gate_probability, decision.forced, prompt_tokens,
+                                len(text.tokens), reason, logprobs)
+        events.append(StreamEvent(index, delta=text.flush(), completion=completion))
+    return events
+
+
+
+def gate_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The gate's input: the last user turn alone in the base chat template, as in training."""
+    return chat_prompt(tokenizer, messages[-1]["content"])
+
+
+
+def check_threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {value}")
+    return value
+

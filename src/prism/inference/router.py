@@ -1,0 +1,72 @@
+"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
+
+Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
+routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
+hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
+share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
+a batch of one route takes PEFT's plain path instead. The adapter weights never move.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from prism.inference.artifacts import check_adapter_for_gate, load_gate, open_finished_run
+from prism.inference.base import RouteDecision, decision_at, gate_prompt
+from prism.lm.batching import block0_features
+from prism.lm.gate import Gate
+from prism.lm.models import (
+    LoadedModel,
+    load_block0,
+)
+
+
+def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+    """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
+    if gate.config.constant_route is not None:
+        return [decision_at(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
+    return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
+
+
+
+def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
+    """The gate's route for each already-rendered gate prompt."""
+    features = block0_features(lm, gate_prompts)
+    return [decision_at(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
+
+
+
+class Router:
+    """The gate alone, for a sidecar in front of another server: the tokenizer, the embeddings and decoder
+    block 0 of the base model (the rest is never loaded) and the gate. Decides exactly as PrismModel does."""
+
+    def __init__(self, lm: LoadedModel, gate: Gate, *, run_path: Path, has_adapter: bool):
+        self.lm, self.gate, self.run_path, self.has_adapter = lm, gate, run_path, has_adapter
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
+                 trust_remote_code: bool = False) -> Router:
+        run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
+        lm = load_block0(config["model"], device=device, trust_remote_code=trust_remote_code)
+        has_adapter = (run.path / "adapter" / "adapter_config.json").is_file()
+        gate = load_gate(run, threshold)
+        check_adapter_for_gate(gate, has_adapter)
+        return cls(lm, gate, run_path=run.path, has_adapter=has_adapter)
+
+    @property
+    def threshold(self) -> float:
+        return self.gate.config.threshold
+
+    @property
+    def loaded_share(self) -> float | None:
+        """Share of the model's parameters this router holds in memory."""
+        total = self.lm.identity.get("checkpoint_parameters")
+        return self.lm.identity["loaded_parameters"] / total if total else None
+
+    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+        with self._lock:  # one forward at a time: torch's CPU threads are shared anyway
+            return gate_decisions(self.lm, self.gate, conversations)
+

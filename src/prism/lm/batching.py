@@ -1,0 +1,70 @@
+"""Generation engines for the bootstrap stages, and batched local inference with transformers (sampling,
+next-token probabilities, block-0 features).
+
+A stage hands an engine chat prompts (`Prompt`) and gets text back, or the probabilities of a few
+one-word options (the judge's verdicts). `LocalEngine` runs them on the loaded model with transformers;
+`prism.remote.OpenAIEngine` sends them to any OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from prism.lm.models import LoadedModel, decoder_layers, encode
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so padding wastes little compute."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
+
+
+
+class _StopAfterBlock0(Exception):
+    pass
+
+
+
+@torch.no_grad()
+def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Hidden state after decoder block 0 (hidden_states[1]) at each prompt's last token.
+
+    Only the embeddings and block 0 run: a hook stops the forward pass right after block 0.
+    """
+    encoded = [encode(lm.tokenizer, p) for p in prompts]
+    hidden = lm.model.config.hidden_size
+    out = torch.empty((len(prompts), hidden), dtype=torch.float32)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopAfterBlock0
+
+    handle = decoder_layers(lm.model)[0].register_forward_hook(hook)
+    try:
+        for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
+            ids, mask = pad_batch([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="right")
+            captured.clear()
+            with contextlib.suppress(_StopAfterBlock0):
+                lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+            last = (mask.sum(1) - 1).to(lm.device)
+            out[batch] = captured[0][torch.arange(len(batch)), last].float().cpu()
+    finally:
+        handle.remove()
+    return out
+

@@ -1,0 +1,126 @@
+"""OpenAI-compatible HTTP server for a run's gated model, PrismModel or LlamaCppModel (FastAPI + uvicorn).
+
+Model names pick the route: `prism` lets the gate decide, `prism-base` and `prism-persona` force one.
+Concurrent requests are grouped by a worker thread into one `stream` call (mixed routes
+allowed); each request gets its events back through its own asyncio queue.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
+
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. "name": accepted and ignored
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI fields PRISM does not act on (user, metadata, ...)
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extensions for continuing a final assistant message (a reply prefix), honored the same way
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+
+def served_models(has_adapter: bool) -> list[str]:
+    return [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
+
+
+
+def check_model(name: str, models: list[str]) -> None:
+    if name not in models:
+        why = " (this run has no adapter)" if name == "prism-persona" else ""
+        raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
+                       param="model", code="model_not_found")
+
+
+
+def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -> None:
+    """OpenAI-format errors for every failure, the optional bearer key on /v1/, and /v1/models (shared by
+    `prism serve` and the routing sidecar)."""
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
+                                           for name in models]}
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return ApiError(400, f"malformed JSON body: {errors[0].get('msg')}", code="invalid_json").response()
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
+        param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
+        return ApiError(422, f"invalid request: {details}", param=param, code="invalid_value").response()
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                message = "missing API key" if not given else "incorrect API key"
+                return ApiError(401, f"{message}: send 'Authorization: Bearer <key>'",
+                                "authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+

@@ -1,0 +1,47 @@
+"""A routing sidecar in front of an OpenAI-compatible server that holds the base model and the adapter
+(vLLM with `--enable-lora --lora-modules NAME=RUN/adapter`).
+
+The sidecar loads only what the gate reads (tokenizer, embeddings, decoder block 0, the gate), decides
+each request's route, and forwards the request, streaming included, to the upstream server under the
+base or the adapter model name. Replies come back as the upstream wrote them, with the model name the
+client asked for, a `prism` object and an `x-prism-route` header, as `prism serve` does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prism.inference.artifacts import open_finished_run
+
+log = logging.getLogger("prism")
+
+
+
+def vllm_commands(run_dir: str, port: int = 8000) -> str:
+    """The vLLM server (base model + the run's adapter as a LoRA module) and the sidecar in front of it."""
+    import shlex
+
+    from prism.lm.models import EMBEDDED, embedded_checkpoint
+
+    run, _manifest, config = open_finished_run(run_dir, trust_remote_code=True)
+    model = str(embedded_checkpoint()) if config["model"] == EMBEDDED else config["model"]
+    adapter = (run.path / "adapter").resolve()
+    upstream = f"http://127.0.0.1:{port + 1}/v1"
+    vllm = ["vllm", "serve", model, "--served-model-name", "prism-base", "--port", str(port + 1)]
+    if (adapter / "adapter_config.json").is_file():
+        vllm += ["--enable-lora", "--lora-modules", f"prism-persona={adapter}",
+                 "--max-lora-rank", str(max(16, int(config.get("lora_r", 16))))]
+    else:
+        log.warning("%s has no adapter (distill skipped): the adapter model name will not exist upstream", run.path)
+    if config.get("trust_remote_code"):
+        vllm.append("--trust-remote-code")
+    sidecar = ["prism", "serve", str(run.path), "--port", str(port), "--upstream", upstream,
+               "--upstream-base-model", "prism-base", "--upstream-adapter-model", "prism-persona"]
+    return "\n".join([
+        "# 1. vLLM: the base model and the run's adapter as one LoRA module (GPU machine)",
+        shlex.join(vllm),
+        "# 2. the PRISM sidecar: loads the gate's inputs only, routes each request to one of the two names",
+        shlex.join(sidecar),
+        f"# clients talk to http://127.0.0.1:{port}/v1 with model prism (gated), prism-base or prism-persona",
+    ])
+
