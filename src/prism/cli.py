@@ -14,6 +14,7 @@ from typing import Any
 
 from prism.config import BootstrapConfig, load_config_file, resolve_config
 from prism.errors import PrismError
+from prism.inference.base import ROUTES
 from prism.library_warnings import silence_library_warnings
 
 DEFAULT_OUT = "runs/prism"
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk = commands.add_parser("chat", help="chat in the terminal with a run's gated model")
     add_model_flags(talk)
     add_engine_flags(talk)
-    talk.add_argument("--route", choices=ROUTE_CHOICES, default="auto", help="start pinned to a route (default auto)")
+    talk.add_argument("--route", choices=ROUTES, default="auto", help="start pinned to a route (default auto)")
     talk.add_argument("--system", help="a system message for the whole conversation")
     talk.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
     talk.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
@@ -167,9 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--screenshot", action="store_true",
                         help="also render report.html in headless Chromium to eval/report.png")
     return parser
-
-
-ROUTE_CHOICES = ("auto", "base", "persona")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 
 STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
+FINISHED = ("done", "skipped")  # a stage's statuses that need no more work
 
 
 

@@ -1,10 +1,6 @@
-"""Generation engines for the bootstrap stages, and batched local inference with transformers (sampling,
-next-token probabilities, block-0 features).
-
-A stage hands an engine chat prompts (`Prompt`) and gets text back, or the probabilities of a few
-one-word options (the judge's verdicts). `LocalEngine` runs them on the loaded model with transformers;
-`prism.remote.OpenAIEngine` sends them to any OpenAI-compatible server.
-"""
+"""What a bootstrap engine is: the stages hand it chat prompts (`Prompt`) and get text back
+(`Generation`), or the probabilities of a few one-word options (`OptionProbs`, the judge's verdicts).
+Engines: `local` (transformers in this process), `openai` (any OpenAI-compatible server), `llamacpp`."""
 
 from __future__ import annotations
 

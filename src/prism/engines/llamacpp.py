@@ -1,17 +1,10 @@
-"""The llama.cpp engine: generation in llama.cpp (llama-cpp-python) on GGUF weights, routing still PRISM's.
-
-The gate reads block 0 computed in PyTorch (`Router`: tokenizer, embeddings and block 0 only). The reply
-then comes from one of two llama.cpp contexts over the run's GGUF: the base context, or the persona context,
-which holds the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token),
-else the base GGUF with the exported LoRA. Two contexts keep each route's prompt cache warm and never
-switch adapters mid-stream; benchmarks/engines.py compares them with switching the adapter per request
-on one context. Prompts are rendered and tokenized by the run's own tokenizer, so both engines see the
-same token ids. Requests run one at a time: batches of many requests are the transformers engine's job.
-"""
+"""The bootstrap engine on llama.cpp: the generating stages and the judge, one prompt at a time over one
+`LlamaContext` (the run's tokenizer renders and tokenizes)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +12,7 @@ from tqdm.auto import tqdm
 
 from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_line, option_token_ids, options_from_logits
 from prism.errors import ContextLengthError
-from prism.lm.decoding import SamplingParams, sample_token
+from prism.lm.decoding import SamplingParams
 from prism.lm.llama import LlamaContext, base_gguf_for, check_vocabulary, open_llama
 from prism.lm.models import chat_prompt, encode
 
@@ -56,18 +49,15 @@ class LlamaCppEngine:
         for index, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt", leave=False)):
             ids = self._ids(prompt)
             params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seeds[index])
-            generator = params.generator()
             budget = min(max_new_tokens, self.context.n_ctx - len(ids))
-            logits, tokens, finished = self.context.prefill(ids), [], False
-            while len(tokens) < budget:
-                token = sample_token(logits, params, generator)
+            tokens, finished = [], False
+            for token, _logits in islice(self.context.sample(ids, params), budget):
                 if token in self.eos_ids:
                     finished = True
                     break
                 tokens.append(token)
                 if first_line_only and has_complete_line(self.tokenizer.decode(tokens, skip_special_tokens=True)):
                     break
-                logits = self.context.step(token)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             yield [index], [Generation(text, len(tokens), finished)]
 

@@ -1,10 +1,5 @@
-"""Generation engines for the bootstrap stages, and batched local inference with transformers (sampling,
-next-token probabilities, block-0 features).
-
-A stage hands an engine chat prompts (`Prompt`) and gets text back, or the probabilities of a few
-one-word options (the judge's verdicts). `LocalEngine` runs them on the loaded model with transformers;
-`prism.remote.OpenAIEngine` sends them to any OpenAI-compatible server.
-"""
+"""The bootstrap engine on the loaded model with transformers: batched sampling where each prompt draws
+from its own seeded stream, and next-token logits for the judge's verdicts."""
 
 from __future__ import annotations
 

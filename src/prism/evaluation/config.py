@@ -1,5 +1,4 @@
-"""`prism eval`: four systems on one base model, scored on knowledge (MMLU, ARC), generative quality
-(MT-Bench) and safety (JailbreakBench), with every generation and score cached in `run/eval/`.
+"""What `prism eval` runs: the systems, the benchmarks, and `EvalConfig` (its flags are generated from it).
 
 Systems: `base` (no persona), `persona` (the matched expert persona as system prompt), `lora` (adapter
 always on), `prism` (the gate decides). All share the chat template and the decoding settings.

@@ -1,9 +1,5 @@
-"""`prism eval`: four systems on one base model, scored on knowledge (MMLU, ARC), generative quality
-(MT-Bench) and safety (JailbreakBench), with every generation and score cached in `run/eval/`.
-
-Systems: `base` (no persona), `persona` (the matched expert persona as system prompt), `lora` (adapter
-always on), `prism` (the gate decides). All share the chat template and the decoding settings.
-"""
+"""The grader of `prism eval`: the base model itself (reply prefilled up to the verdict) or any
+OpenAI-compatible endpoint, and the parsers of its ratings, pair verdicts and refusal answers."""
 
 from __future__ import annotations
 

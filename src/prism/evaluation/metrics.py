@@ -1,9 +1,5 @@
-"""`prism eval`: four systems on one base model, scored on knowledge (MMLU, ARC), generative quality
-(MT-Bench) and safety (JailbreakBench), with every generation and score cached in `run/eval/`.
-
-Systems: `base` (no persona), `persona` (the matched expert persona as system prompt), `lora` (adapter
-always on), `prism` (the gate decides). All share the chat template and the decoding settings.
-"""
+"""results.json from the eval records: accuracies, scores, win rates and refusal rates with 95% intervals,
+paired tests against base, and the share of each system's items routed to the adapter."""
 
 from __future__ import annotations
 

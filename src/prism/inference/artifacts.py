@@ -1,11 +1,4 @@
-"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
-
-Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
-routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
-hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
-share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
-a batch of one route takes PEFT's plain path instead. The adapter weights never move.
-"""
+"""Reading a finished run for inference: its manifest and config, checked, and its gate."""
 
 from __future__ import annotations
 
@@ -15,7 +8,7 @@ from typing import Any
 from prism.errors import PrismError
 from prism.inference.base import check_threshold
 from prism.lm.gate import Gate
-from prism.runs import RunDir
+from prism.runs import FINISHED, RunDir
 
 
 def open_finished_run(run_dir: str | Path, trust_remote_code: bool) -> tuple[RunDir, dict[str, Any], dict[str, Any]]:
@@ -27,7 +20,7 @@ def open_finished_run(run_dir: str | Path, trust_remote_code: bool) -> tuple[Run
     manifest = run.manifest()
     stages = manifest.get("stages", {})
     for stage in ("gate", "distill"):
-        if stages.get(stage, {}).get("status") not in ("done", "skipped"):
+        if stages.get(stage, {}).get("status") not in FINISHED:
             raise PrismError(f"{run.path}: the {stage} stage has not finished; run `prism bootstrap --out "
                              f"{run.path}` with the run's settings to complete it")
     config = manifest["config"]

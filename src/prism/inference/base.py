@@ -1,11 +1,5 @@
-"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
-
-Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
-routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
-hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
-share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
-a batch of one route takes PEFT's plain path instead. The adapter weights never move.
-"""
+"""What every inference backend shares: requests, route decisions, completions and stream events, and
+`GatedModel`, the one `generate`/`stream`/`decide` interface PrismModel and LlamaCppModel implement."""
 
 from __future__ import annotations
 
@@ -107,6 +101,11 @@ class GatedModel(ABC):
 
     @abstractmethod
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]: ...
+
+    def check_persona_route(self) -> None:
+        if not self.has_adapter:
+            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
+                             "unavailable")
 
     # -- routing ---------------------------------------------------------------------------------------
 

@@ -1,12 +1,11 @@
-"""The llama.cpp engine: generation in llama.cpp (llama-cpp-python) on GGUF weights, routing still PRISM's.
+"""LlamaCppModel: a run on llama.cpp, generation on GGUF weights, routing still PRISM's.
 
 The gate reads block 0 computed in PyTorch (`Router`: tokenizer, embeddings and block 0 only). The reply
 then comes from one of two llama.cpp contexts over the run's GGUF: the base context, or the persona context,
 which holds the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token),
 else the base GGUF with the exported LoRA. Two contexts keep each route's prompt cache warm and never
 switch adapters mid-stream; benchmarks/engines.py compares them with switching the adapter per request
-on one context. Prompts are rendered and tokenized by the run's own tokenizer, so both engines see the
-same token ids. Requests run one at a time: batches of many requests are the transformers engine's job.
+on one context. Requests run one at a time: batches of many requests are the transformers backend's job.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from prism.inference.gguf_export import (
     recorded_base_gguf,
 )
 from prism.inference.router import Router
-from prism.lm.decoding import TextStream, sample_token
+from prism.lm.decoding import TextStream
 from prism.lm.llama import LlamaContext, base_gguf_for, check_vocabulary, open_llama
 from prism.lm.models import encode
 
@@ -96,8 +95,7 @@ class LlamaCppModel(GatedModel):
     def context(self, route: str) -> LlamaContext:
         context = self.contexts[route]
         if context is None:
-            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
-                             "unavailable")
+            self.check_persona_route()
         return context
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
@@ -129,13 +127,9 @@ class LlamaCppModel(GatedModel):
         context = self.context(decision.route)
         text = TextStream(self.tokenizer, request.params.stop)
         logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs is not None else None
-        generator = request.params.generator()
-        logits = context.prefill(ids)
-        while True:
-            token = sample_token(logits, request.params, generator)
+        for token, logits in context.sample(ids, request.params):
             events = decode_step(index, request, decision, text, logprobs, token, logits, self.eos_ids, len(ids))
             yield from events
             if events and events[-1].completion is not None:
                 return
-            logits = context.step(token)
 

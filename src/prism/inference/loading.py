@@ -1,11 +1,4 @@
-"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
-
-Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
-routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
-hidden state, and blocks 1..N-1 then run each row with or without the adapter. Rows of both routes
-share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
-a batch of one route takes PEFT's plain path instead. The adapter weights never move.
-"""
+"""`load_gated_model`: a finished run on the backend asked for (llama.cpp or transformers)."""
 
 from __future__ import annotations
 

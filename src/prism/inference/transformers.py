@@ -1,4 +1,4 @@
-"""Gated inference: the base model, the run's LoRA adapter and its gate behind one generate call.
+"""PrismModel: the base model, the run's LoRA adapter and its gate behind one generate call (transformers).
 
 Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on both
 routes: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
@@ -179,9 +179,8 @@ class PrismModel(GatedModel):
         encoded = [encode(tokenizer, p) for p in prompts]
         for ids, wanted in zip(encoded, max_tokens):
             self.check_length(len(ids), wanted)
-        if self.adapter is None and any(r.route == "persona" for r in requests):
-            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
-                             "unavailable")
+        if any(r.route == "persona" for r in requests):
+            self.check_persona_route()
 
         decisions = self._early_decisions(requests, prompts)
         in_prefill = [i for i, d in enumerate(decisions) if d is None]

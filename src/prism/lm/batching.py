@@ -1,10 +1,5 @@
-"""Generation engines for the bootstrap stages, and batched local inference with transformers (sampling,
-next-token probabilities, block-0 features).
-
-A stage hands an engine chat prompts (`Prompt`) and gets text back, or the probabilities of a few
-one-word options (the judge's verdicts). `LocalEngine` runs them on the loaded model with transformers;
-`prism.remote.OpenAIEngine` sends them to any OpenAI-compatible server.
-"""
+"""Batching helpers over a loaded model: length-sorted batches, padding, and the hidden state after
+decoder block 0 (the gate's feature), computed without running the rest of the model."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 transformers' `generate` takes one sampling config per batch and streams only batch size 1; a server
 that batches requests with their own temperature, top_p, seed, stop strings and max_tokens needs both
-per row, so the decode loop in prism.routing samples and detokenizes row by row with these helpers.
+per row, so the decode loops of prism.inference sample and detokenizes row by row with these helpers.
 """
 
 from __future__ import annotations

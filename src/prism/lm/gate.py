@@ -1,5 +1,6 @@
-"""Stage 5: a small MLP on the base model's hidden state after block 0 (last prompt token, no persona)
-that decides per query: base model (0) or adapter (1)."""
+"""The gate: a small MLP on the base model's hidden state after block 0 (last prompt token, no persona)
+that says per query whether the adapter should answer. Its module, config and saved form live here,
+between the stage that trains it (prism.stages.gate) and the inference that applies it."""
 
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""The llama.cpp engine: generation in llama.cpp (llama-cpp-python) on GGUF weights, routing still PRISM's.
-
-The gate reads block 0 computed in PyTorch (`Router`: tokenizer, embeddings and block 0 only). The reply
-then comes from one of two llama.cpp contexts over the run's GGUF: the base context, or the persona context,
-which holds the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token),
-else the base GGUF with the exported LoRA. Two contexts keep each route's prompt cache warm and never
-switch adapters mid-stream; benchmarks/engines.py compares them with switching the adapter per request
-on one context. Prompts are rendered and tokenized by the run's own tokenizer, so both engines see the
-same token ids. Requests run one at a time: batches of many requests are the transformers engine's job.
-"""
+"""The llama.cpp runtime (llama-cpp-python on GGUF weights): which backend a model gets, opening a build
+that passed its start-up probe, and one context fed token ids. Both the bootstrap's llama.cpp engine and
+the llama.cpp inference backend run on `LlamaContext`; prompts are rendered and tokenized by the run's own
+tokenizer, so llama.cpp and PyTorch see the same token ids."""
 
 from __future__ import annotations
 
@@ -15,7 +9,7 @@ import atexit
 import logging
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +17,7 @@ import numpy as np
 import torch
 
 from prism.errors import PrismError
+from prism.lm.decoding import SamplingParams, sample_token
 from prism.lm.llama_probe import REBUILD_HINT, probe_failure
 from prism.lm.models import EMBEDDED, embedded_gguf_path, encode
 
@@ -170,6 +165,16 @@ class LlamaContext:
     def step(self, token: int) -> torch.Tensor:
         self.llm.eval([token])
         return self.logits()
+
+    def sample(self, ids: Sequence[int], params: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
+        """Tokens sampled after the prompt `ids`, each with the logits it was drawn from. A token is evaluated
+        only when the caller asks for the next one, so stopping costs nothing."""
+        generator = params.generator()
+        logits = self.prefill(ids)
+        while True:
+            token = sample_token(logits, params, generator)
+            yield token, logits
+            logits = self.step(token)
 
     def stop_ids(self, tokenizer: Any) -> set[int]:
         """The tokens that end a reply: the run's tokenizer's EOS and the GGUF's own."""

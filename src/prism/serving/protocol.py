@@ -1,9 +1,6 @@
-"""OpenAI-compatible HTTP server for a run's gated model, PrismModel or LlamaCppModel (FastAPI + uvicorn).
-
-Model names pick the route: `prism` lets the gate decide, `prism-base` and `prism-persona` force one.
-Concurrent requests are grouped by a worker thread into one `stream` call (mixed routes
-allowed); each request gets its events back through its own asyncio queue.
-"""
+"""The OpenAI chat-completions protocol as PRISM serves it, shared by `prism serve` and the sidecar:
+request models validated at the edge, errors in OpenAI's format, the model names that pick a route
+(`prism` lets the gate decide, `prism-base` and `prism-persona` force one), and API-key checks."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""OpenAI-compatible HTTP server for a run's gated model, PrismModel or LlamaCppModel (FastAPI + uvicorn).
-
-Model names pick the route: `prism` lets the gate decide, `prism-base` and `prism-persona` force one.
-Concurrent requests are grouped by a worker thread into one `stream` call (mixed routes
-allowed); each request gets its events back through its own asyncio queue.
-"""
+"""`prism serve`: an OpenAI-compatible HTTP server for a run's gated model, PrismModel or LlamaCppModel
+(FastAPI + uvicorn). Concurrent requests are grouped by a worker thread into one `stream` call (mixed
+routes allowed); each request gets its events back through its own asyncio queue."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""A routing sidecar in front of an OpenAI-compatible server that holds the base model and the adapter
-(vLLM with `--enable-lora --lora-modules NAME=RUN/adapter`).
-
-The sidecar loads only what the gate reads (tokenizer, embeddings, decoder block 0, the gate), decides
-each request's route, and forwards the request, streaming included, to the upstream server under the
-base or the adapter model name. Replies come back as the upstream wrote them, with the model name the
-client asked for, a `prism` object and an `x-prism-route` header, as `prism serve` does.
-"""
+"""`prism export vllm`: the commands that serve a run with vLLM (base model + the adapter as a LoRA
+module) and the PRISM sidecar in front of it."""
 
 from __future__ import annotations
 

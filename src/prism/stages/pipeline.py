@@ -20,7 +20,7 @@ from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
 from prism.lm.models import LoadedModel, load_model
-from prism.runs import FILES, STAGES, RunDir, now
+from prism.runs import FILES, FINISHED, STAGES, RunDir, now
 from prism.stages import answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
 
@@ -34,7 +34,6 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict | None]] = {
     "gate": gate.run,
     "distill": distill.run,
 }
-FINISHED = ("done", "skipped")
 ENGINE_KEY_ENV = "PRISM_ENGINE_API_KEY"
 
 
