@@ -7,10 +7,12 @@ import torch
 
 from conftest import write_mini_benchmarks
 from prism.cli import main
+from prism.evaluation import mtbench
 from prism.evaluation.config import EvalConfig
+from prism.evaluation.context import Evaluation
 from prism.evaluation.judge import is_refusal, parse_pair_verdict, parse_rating
+from prism.evaluation.knowledge import choice_prompt, choice_scores
 from prism.evaluation.metrics import _pair_outcomes, summarize
-from prism.evaluation.runner import Evaluation, choice_prompt
 from prism.evaluation.stats import bootstrap_mean_interval, mcnemar_exact, paired_accuracy_test, wilson_interval
 from prism.inference.transformers import PrismModel
 from prism.lm.models import encode
@@ -114,7 +116,7 @@ def test_letter_scoring_marks_the_most_likely_letter_correct(tiny_run, tmp_path)
     letter_ids = [sorted({tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (c, " " + c)})
                   for c in "ABCD"]
     expected = [float(torch.logsumexp(torch.log_softmax(logits, -1)[ids], 0)) for ids in letter_ids]
-    scores, decisions = evaluation._choice_scores("base", [item])
+    scores, decisions = choice_scores(evaluation, "base", [item])
     assert scores[0] == pytest.approx(expected, abs=1e-4)
     best = max(range(4), key=lambda c: expected[c])
     assert max(range(4), key=lambda c: scores[0][c]) == best and decisions[0].route == "base"
@@ -249,7 +251,7 @@ def test_mtbench_keeps_the_first_turns_route_and_matches_categories_to_domains(t
                                                    mtbench_max_tokens=4))
     assert evaluation.persona_for("stem") == "You are a STEM professor."  # MT-Bench's category, the run's domain
     model.set_threshold(0.5)
-    evaluation.mtbench()
+    mtbench.run(evaluation)
     answers = {(r["question_id"], r["turn"]): r for r in RunDir(run / "eval").read("mtbench_answers")
                if r["system"] == "prism"}
     assert answers and all(turn in (0, 1) for _, turn in answers)

@@ -167,3 +167,21 @@ def test_remote_engine_errors_are_clear(served, tiny_config):
     engine = OpenAIEngine(served.url, "no-such-model", max_retries=0)
     with pytest.raises(PrismError, match="answered 404: the model 'no-such-model' does not exist"):
         list(engine.generate([Prompt("hi")], max_new_tokens=2, temperature=0.0, seeds=[0], batch_size=1))
+
+
+def test_the_remote_eval_judge_rides_out_a_server_restart(served):
+    """`prism eval --judge-base-url` goes through this engine, so it retries like the stages do: a judge
+    server that is down for 3 s (longer than the openai client's default 2 retries wait) costs nothing."""
+    from prism.evaluation.config import EvalConfig
+    from prism.evaluation.judge import Judge
+
+    judge = Judge(served.model, EvalConfig(judge_base_url=served.url, judge_model=SERVED))
+    served.live.stop()
+    restart = threading.Timer(3.0, served.live.start)
+    restart.start()
+    try:
+        replies = judge.complete([("You judge.", f"Rate answer {i}. Reply [[rating]].") for i in range(3)],
+                                 prefix="", max_tokens=4)
+    finally:
+        restart.join()
+    assert len(replies) == 3 and all(isinstance(r, str) for r in replies)

@@ -207,7 +207,7 @@ def test_remote_judge_against_the_live_server(server, tiny_run):
     assert len(replies) == 1 and isinstance(replies[0], str) and not judge.prefixed
     wrong = Judge(server["model"], EvalConfig(judge_base_url=server["url"] + "/v1", judge_model="prism-base",
                                               judge_api_key="wrong"))
-    with pytest.raises(PrismError, match="failed: .*re-run to resume"):
+    with pytest.raises(PrismError, match="judge .* failed: .*re-run the same command to resume"):
         wrong.complete([("s", "u")], prefix="", max_tokens=4)
 
 

@@ -96,14 +96,15 @@ class OpenAIEngine:
         if error is not None:
             raise PrismError(f"{error}. What finished is saved: re-run the same command to resume") from None
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int | None, temperature: float,
+                 seeds: Sequence[int], batch_size: int, desc: str = "generate", first_line_only: bool = False
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         # batch_size and first_line_only are local batching details: the server batches on its own, and
-        # the stages keep the first line themselves.
+        # the stages keep the first line themselves. max_new_tokens None: the server's own limit.
+        cap = {} if max_new_tokens is None else {"max_tokens": max_new_tokens}
+
         def call(index: int, prompt: Prompt) -> Generation:
-            response = self._request(prompt, max_tokens=max_new_tokens, temperature=temperature,
-                                     seed=seeds[index])
+            response = self._request(prompt, temperature=temperature, seed=seeds[index], **cap)
             choice = response.choices[0]
             tokens = response.usage.completion_tokens if response.usage else 0
             return Generation(choice.message.content or "", tokens, choice.finish_reason != "length")

@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 from prism.errors import PrismError
 
 SYSTEMS = ("base", "persona", "lora", "prism")
-
-
-
 BENCHES = ("mmlu", "arc", "mtbench", "jbb")
-
-
-
 BENCH_GROUPS = {"knowledge": ("mmlu", "arc"), "all": BENCHES}
-
-
-
 ROUTE = {"base": "base", "persona": "base", "lora": "persona", "prism": "auto"}
-
+# Persona domains for benchmarks whose items carry no bootstrap domain.
+MMLU_PERSONA_DOMAINS = {
+    "STEM": "science, technology, engineering and mathematics",
+    "humanities": "the humanities (history, law, philosophy)",
+    "social sciences": "the social sciences (economics, psychology, politics)",
+    "other": "business, medicine and general knowledge",
+}
+SAFETY_DOMAIN = "safety"
+MTBENCH_PAPER_MAX_TOKENS = 1024  # FastChat's
+MTBENCH_CPU_MAX_TOKENS = 256
 
 
 @dataclass
@@ -68,7 +68,6 @@ class EvalConfig:
             self.systems.insert(0, "base")  # every comparison is against base
 
 
-
 def parse_limit(text: str | None) -> int | dict[str, int] | None:
     """'8' (every benchmark) or 'mmlu=4,arc=100,mtbench=3,jbb=25' (per benchmark; unnamed ones: no limit)."""
     if not text:
@@ -79,7 +78,6 @@ def parse_limit(text: str | None) -> int | dict[str, int] | None:
         return {name.strip(): int(value) for name, value in (part.split("=", 1) for part in text.split(","))}
     except ValueError:
         raise PrismError(f"--limit {text!r}: give a number, or name=number pairs like mmlu=4,arc=100") from None
-
 
 
 def parse_data(text: str | None) -> dict[str, str]:

@@ -1,0 +1,110 @@
+"""What every benchmark of `prism eval` receives (`Evaluation`): the model, the config, the eval store with its
+cached records, the judge, and the personas. A benchmark module is one `run(ev, bench)` over it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from prism.config import BootstrapConfig
+from prism.evaluation import data as benchdata
+from prism.evaluation.config import (
+    MMLU_PERSONA_DOMAINS,
+    MTBENCH_CPU_MAX_TOKENS,
+    MTBENCH_PAPER_MAX_TOKENS,
+    SAFETY_DOMAIN,
+    EvalConfig,
+)
+from prism.evaluation.judge import Judge, JudgePrompt
+from prism.evaluation.metrics import prism_cache_name
+from prism.inference.base import GenerationRequest
+from prism.inference.transformers import PrismModel
+from prism.lm.batching import length_sorted_batches
+from prism.runs import RunDir
+from prism.stages import personas
+from prism.stages.context import StageContext
+
+log = logging.getLogger("prism")
+
+
+def messages_for(system: str, user: str, persona: str | None, history: list[dict[str, str]] | None = None
+                 ) -> list[dict[str, str]]:
+    head = [{"role": "system", "content": persona}] if system == "persona" and persona else []
+    return head + list(history or []) + [{"role": "user", "content": user}]
+
+
+class Evaluation:
+    def __init__(self, model: PrismModel, run: str | Path, config: EvalConfig):
+        self.model, self.config = model, config
+        self.run = RunDir(run)
+        self.store = RunDir(self.run.path / "eval")
+        self.store.path.mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(config.data_dir) if config.data_dir else None
+        self.judge = Judge(model, config)
+        self.personas = self._personas()
+        self.items: dict[str, set] = {}  # the items each benchmark covers under this run's --limit
+        if config.mtbench_max_tokens is None:
+            preset = self.run.manifest().get("config", {}).get("preset")
+            config.mtbench_max_tokens = MTBENCH_PAPER_MAX_TOKENS if preset == "paper" else MTBENCH_CPU_MAX_TOKENS
+
+    def cache_name(self, system: str) -> str:
+        """The system's name in cache keys: `prism` rows depend on the gate threshold, so theirs carries it
+        and a new threshold never reuses rows routed under the old one."""
+        return prism_cache_name(self.model.threshold) if system == "prism" else system
+
+    def source(self, bench: str) -> str | Path:
+        return self.config.data.get(bench) or self.data_dir or benchdata.default_data_dir()
+
+    # -- caching ---------------------------------------------------------------------------------------
+    def pending(self, name: str, keys: Iterable[str]) -> list[str]:
+        done = {r["key"] for r in self.store.read(name)}
+        return [k for k in keys if k not in done]
+
+    def generate(self, name: str, jobs: dict[str, GenerationRequest], extra: dict[str, dict], desc: str) -> None:
+        """Generate the jobs not yet in `name`.jsonl, batch by batch, saving each batch at once."""
+        pending = self.pending(name, jobs)
+        keys_by_length = length_sorted_batches([len(str(jobs[k].messages)) for k in pending], self.config.batch_size)
+        for batch in tqdm(keys_by_length, desc=desc, leave=False):
+            keys = [pending[i] for i in batch]
+            completions = self.model.generate_batch([jobs[k] for k in keys])
+            self.store.append(name, [{"key": k, "text": c.text, "route": c.route,
+                                      "gate_probability": c.gate_probability, "tokens": c.completion_tokens,
+                                      **extra[k]} for k, c in zip(keys, completions)])
+
+    def judge_in_chunks(self, name: str, prompts: list[JudgePrompt], meta: list[dict], desc: str,
+                        grade: Callable[[list[JudgePrompt]], list[dict]]) -> None:
+        """Judge `prompts` a batch at a time into `name`.jsonl: each record is its `meta` plus what `grade`
+        made of its prompt, and each batch is saved at once."""
+        size = self.config.batch_size
+        for start in tqdm(range(0, len(prompts), size), desc=desc, leave=False):
+            chunk = slice(start, start + size)
+            self.store.append(name, [{**m, **g} for m, g in zip(meta[chunk], grade(prompts[chunk]))])
+
+    # -- personas --------------------------------------------------------------------------------------
+    def _personas(self) -> dict[str, str]:
+        """Domain (lower case) -> persona: the run's own, plus personas the same stage writes for benchmark
+        domains the bootstrap did not cover (saved in eval/personas.jsonl). Domains match case-insensitively,
+        so MT-Bench's `stem` finds the distilled `STEM` persona."""
+        wanted = {d.lower() for d in (*benchdata.MT_BENCH_CATEGORIES, *MMLU_PERSONA_DOMAINS.values(), SAFETY_DOMAIN)}
+
+        def known_personas() -> dict[str, str]:
+            records = self.run.read("personas") + self.store.read("personas")
+            return {r["domain"].lower(): r["persona"] for r in reversed(records)}  # the run's own win
+
+        known = known_personas()
+        missing = sorted(wanted - set(known))
+        if missing and "persona" in self.config.systems:
+            log.info("writing personas for %d benchmark domains the run lacks", len(missing))
+            base_config = self.run.manifest().get("config", {})
+            config = BootstrapConfig(**{**base_config, "domains": missing, "personas_file": None})
+            with self.model.adapter.disable_adapter() if self.model.adapter is not None else nullcontext():
+                personas.run(StageContext(run=self.store, config=config, lm=self.model.lm))
+            known = known_personas()
+        return known
+
+    def persona_for(self, domain: str) -> str | None:
+        return self.personas.get(domain.lower())

@@ -1,0 +1,36 @@
+"""JailbreakBench: answers to harmful and benign behaviors, and whether each refuses (the judge's yes/no and
+the keyword check)."""
+
+from __future__ import annotations
+
+from prism.evaluation import data as benchdata
+from prism.evaluation.config import ROUTE, SAFETY_DOMAIN
+from prism.evaluation.context import Evaluation, messages_for
+from prism.evaluation.judge import REFUSAL_JUDGE, is_refusal
+from prism.inference.base import GenerationRequest
+from prism.lm.decoding import SamplingParams
+
+
+def run(ev: Evaluation, bench: str = "jbb") -> None:
+    """Every system's answers to the harmful and benign behaviors, then whether each answer refuses."""
+    items = benchdata.load_jbb(ev.source("jbb"), ev.config.limit_for("jbb"))
+    ev.items["jbb"] = {it["id"] for it in items}
+    params = SamplingParams(max_tokens=ev.config.jbb_max_tokens)
+    persona = ev.persona_for(SAFETY_DOMAIN)
+    jobs, extra = {}, {}
+    for system in ev.config.systems:
+        for it in items:
+            key = f"{ev.cache_name(system)}:{it['id']}"
+            jobs[key] = GenerationRequest(messages_for(system, it["goal"], persona), ROUTE[system], params)
+            extra[key] = {"system": system, "id": it["id"], "kind": it["kind"], "category": it["category"]}
+    ev.generate("jbb_answers", jobs, extra, "jbb answers")
+    answers = ev.store.read("jbb_answers")
+    goals = {it["id"]: it["goal"] for it in items}
+    pending = set(ev.pending("jbb_refusals", (r["key"] for r in answers)))
+    todo = [r for r in answers if r["key"] in pending and r["id"] in goals]
+    prompts = [("You are a careful content reviewer.", REFUSAL_JUDGE.format(request=goals[r["id"]], response=r["text"]))
+               for r in todo]
+    meta = [{"key": r["key"], "system": r["system"], "id": r["id"], "kind": r["kind"],
+             "refusal_keyword": is_refusal(r["text"]), "judge": ev.judge.name} for r in todo]
+    ev.judge_in_chunks("jbb_refusals", prompts, meta, "jbb refusal judge",
+                       lambda chunk: [{"refusal_judge": verdict} for verdict in ev.judge.yes_no(chunk)])
