@@ -16,7 +16,7 @@ from prism.lm.gate import Gate
 from prism.lm.models import chat_prompt, encode, load_model
 from prism.runs import STAGES, RunDir
 from prism.stages.distill import load_adapter
-from prism.stages.pipeline import inspect_run
+from prism.stages.inspect import inspect_run
 
 pytestmark = pytest.mark.e2e
 

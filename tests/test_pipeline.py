@@ -12,7 +12,8 @@ import pytest
 from prism.cli import main
 from prism.runs import STAGES, RunDir
 from prism.stages import pipeline
-from prism.stages.pipeline import bootstrap, inspect_run
+from prism.stages.inspect import inspect_run
+from prism.stages.pipeline import bootstrap
 
 SEED = 5
 

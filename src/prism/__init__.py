@@ -9,7 +9,8 @@ from prism.inference.router import Router
 from prism.inference.transformers import PrismModel
 from prism.lm.decoding import SamplingParams
 from prism.lm.models import load_model
-from prism.stages.pipeline import bootstrap, distill_run, inspect_run
+from prism.stages.inspect import inspect_run
+from prism.stages.pipeline import bootstrap, distill_run
 
 __all__ = [
     "DEFAULT_DOMAINS",

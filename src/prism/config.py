@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,78 +61,84 @@ DEFAULT_PRESET = "small"
 # another engine: the manifest records which engine made each stage).
 RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
                   "engine_timeout", "engine_max_retries"}
-BACKENDS = ("transformers", "llamacpp", "openai")
+ENGINES = ("transformers", "llamacpp", "openai")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def option(help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
+           choices: Sequence[str] | None = None, env: str | None = None, **kwargs: Any) -> Any:
+    """A config field and what its command-line flag needs: the help text and, when they are not the
+    default ones, the flag's name, a parser of its text, its choices, or an environment variable that gives
+    the flag's default. The CLI generates every flag of a config from these, so defaults live here only."""
+    metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "env": env}
+    return field(metadata={k: v for k, v in metadata.items() if v is not None}, **kwargs)
 
 
 @dataclass
 class BootstrapConfig:
-    model: str = _help("Hugging Face model id or local path; 'embedded' = SmolLM2-135M-Instruct", default="embedded")
-    domains: list[str] = _help("domain names, one persona each", default_factory=lambda: list(DEFAULT_DOMAINS))
-    personas_file: str | None = _help("user-written personas (JSON/JSONL/YAML) instead of generated ones", default=None)
-    preset: str = _help("size preset: tiny, small or paper", default=DEFAULT_PRESET)
-    seed: int = _help("seed for every sampled step", default=0)
-    trust_remote_code: bool = _help("allow model code from the Hub (off unless you trust the model)", default=False)
+    model: str = option("Hugging Face model id or local path; 'embedded' = SmolLM2-135M-Instruct", default="embedded")
+    domains: list[str] = option("domain names, one persona each", default_factory=lambda: list(DEFAULT_DOMAINS))
+    personas_file: str | None = option("user-written personas (JSON/JSONL/YAML) instead of generated ones",
+                                       flag="--personas", default=None)
+    preset: str = option("size preset: tiny, small or paper", default=DEFAULT_PRESET)
+    seed: int = option("seed for every sampled step", default=0)
+    trust_remote_code: bool = option("allow model code from the Hub (off unless you trust the model)", default=False)
 
-    persona_max_tokens: int = _help("max new tokens for a generated persona", default=120)
-    persona_attempts: int = _help("tries per domain before a template persona is used", default=3)
-    queries_per_persona: int = _help("queries kept per persona", default=12)
-    query_max_tokens: int = _help("max new tokens per generated query", default=48)
-    query_temperature: float = _help("sampling temperature for queries", default=0.9)
-    query_min_chars: int = _help("queries of this many characters or fewer are dropped", default=15)
-    query_dedup_rouge_l: float = _help("drop a query whose ROUGE-L F1 with a kept one reaches this", default=0.7)
-    query_rounds: int = _help("generation rounds to reach queries_per_persona", default=4)
-    answer_max_tokens: int = _help("max new tokens per answer", default=160)
-    answer_temperature: float = _help("sampling temperature for answers", default=0.7)
-    judge_max_chars: int = _help("answers are truncated to this many characters for the judge", default=1500)
-    judge_calibration: str = _help(
+    persona_max_tokens: int = option("max new tokens for a generated persona", default=120)
+    persona_attempts: int = option("tries per domain before a template persona is used", default=3)
+    queries_per_persona: int = option("queries kept per persona", default=12)
+    query_max_tokens: int = option("max new tokens per generated query", default=48)
+    query_temperature: float = option("sampling temperature for queries", default=0.9)
+    query_min_chars: int = option("queries of this many characters or fewer are dropped", default=15)
+    query_dedup_rouge_l: float = option("drop a query whose ROUGE-L F1 with a kept one reaches this", default=0.7)
+    query_rounds: int = option("generation rounds to reach queries_per_persona", default=4)
+    answer_max_tokens: int = option("max new tokens per answer", default=160)
+    answer_temperature: float = option("sampling temperature for answers", default=0.7)
+    judge_max_chars: int = option("answers are truncated to this many characters for the judge", default=1500)
+    judge_calibration: str = option(
         "'position': divide out the judge's average preference for slot A/B/TIE before deciding; 'none'",
         default="position",
     )
-    batch_size: int = _help("prompts per generation / scoring batch", default=32)
+    batch_size: int = option("prompts per generation / scoring batch", default=32)
 
-    gate_hidden: int = _help("gate MLP hidden size", default=256)
-    gate_dropout: float = _help("gate MLP dropout", default=0.1)
-    gate_lr: float = _help("gate learning rate (AdamW)", default=1e-3)
-    gate_epochs: int = _help("gate training epochs", default=30)
-    gate_folds: int = _help("k for k-fold held-out accuracy when data is small", default=5)
+    gate_hidden: int = option("gate MLP hidden size", default=256)
+    gate_dropout: float = option("gate MLP dropout", default=0.1)
+    gate_lr: float = option("gate learning rate (AdamW)", default=1e-3)
+    gate_epochs: int = option("gate training epochs", default=30)
+    gate_folds: int = option("k for k-fold held-out accuracy when data is small", default=5)
 
-    lora_r: int = _help("LoRA rank", default=16)
-    lora_alpha: int = _help("LoRA alpha", default=32)
-    lora_dropout: float = _help("LoRA dropout", default=0.05)
-    lora_target_modules: list[str] = _help(
+    lora_r: int = option("LoRA rank", default=16)
+    lora_alpha: int = option("LoRA alpha", default=32)
+    lora_dropout: float = option("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] = option(
         "projections that get LoRA (layers 1..N-1 only)",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    distill_top_k: int = _help("teacher logits kept per position", default=64)
-    distill_temperature: float = _help("distillation temperature T (loss is scaled by T^2)", default=2.0)
-    distill_lr: float = _help("adapter learning rate (AdamW)", default=2e-4)
-    distill_weight_decay: float = _help("AdamW weight decay", default=0.01)
-    distill_warmup_ratio: float = _help("share of steps with linear warmup", default=0.1)
-    distill_epochs: int = _help("distillation epochs", default=3)
-    distill_batch_size: int = _help("effective batch size (gradient accumulation)", default=8)
-    distill_micro_batch_size: int = _help("sequences per forward pass", default=4)
-    distill_max_length: int = _help("max tokens per training sequence", default=1024)
-    distill_grad_clip: float = _help("gradient norm clip", default=1.0)
+    distill_top_k: int = option("teacher logits kept per position", default=64)
+    distill_temperature: float = option("distillation temperature T (loss is scaled by T^2)", default=2.0)
+    distill_lr: float = option("adapter learning rate (AdamW)", default=2e-4)
+    distill_weight_decay: float = option("AdamW weight decay", default=0.01)
+    distill_warmup_ratio: float = option("share of steps with linear warmup", default=0.1)
+    distill_epochs: int = option("distillation epochs", default=3)
+    distill_batch_size: int = option("effective batch size (gradient accumulation)", default=8)
+    distill_micro_batch_size: int = option("sequences per forward pass", default=4)
+    distill_max_length: int = option("max tokens per training sequence", default=1024)
+    distill_grad_clip: float = option("gradient norm clip", default=1.0)
 
-    device: str = _help("'auto', 'cpu', 'cuda', ...", default="auto")
-    threads: int = _help("torch CPU threads (0 = torch's default)", default=0)
+    device: str = option("'auto', 'cpu', 'cuda', ...", default="auto")
+    threads: int = option("torch CPU threads (0 = torch's default)", default=0)
 
-    engine: str = _help("what runs the personas, queries, answers and verify stages: 'transformers' (this "
+    engine: str = option("what runs the personas, queries, answers and verify stages: 'transformers' (this "
                         "process, batched), 'llamacpp' (this process, llama.cpp on the model's GGUF, one prompt at "
                         "a time) or 'openai' (an OpenAI-compatible server at --base-url); gate and distill always "
                         "load the model here", default="transformers")
-    gguf: str | None = _help("the llamacpp engine's GGUF of --model (default: the embedded model's own file)",
+    gguf: str | None = option("the llamacpp engine's GGUF of --model (default: the embedded model's own file)",
                              default=None)
-    base_url: str | None = _help("the openai engine's server, e.g. http://localhost:8000/v1", default=None)
-    engine_model: str | None = _help("the model name the openai engine's server knows (serving --model)",
+    base_url: str | None = option("the openai engine's server, e.g. http://localhost:8000/v1", default=None)
+    engine_model: str | None = option("the model name the openai engine's server knows (serving --model)",
                                      default=None)
-    engine_concurrency: int = _help("requests in flight at once with the openai engine", default=8)
-    engine_timeout: float = _help("seconds before an openai engine request is retried", default=120.0)
-    engine_max_retries: int = _help("retries (exponential backoff) on 429/5xx/timeouts/dropped connections",
+    engine_concurrency: int = option("requests in flight at once with the openai engine", default=8)
+    engine_timeout: float = option("seconds before an openai engine request is retried", default=120.0)
+    engine_max_retries: int = option("retries (exponential backoff) on 429/5xx/timeouts/dropped connections",
                                     default=8)
 
     def __post_init__(self) -> None:
@@ -145,8 +152,8 @@ class BootstrapConfig:
             raise PrismError("the domain list is empty: pass --domains 'writing,safety,...' or --personas FILE")
         if len({d.lower() for d in self.domains}) != len(self.domains):
             raise PrismError(f"duplicate domain names in {self.domains}: each domain gets one persona")
-        if self.engine not in BACKENDS:
-            raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(BACKENDS)}")
+        if self.engine not in ENGINES:
+            raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.engine == "openai" and not (self.base_url and self.engine_model):
             raise PrismError("--engine openai needs --base-url (e.g. http://localhost:8000/v1) and --engine-model "
                              "(the model name that server serves: the same weights as --model)")

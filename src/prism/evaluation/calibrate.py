@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from prism.config import option
 from prism.errors import PrismError
 from prism.lm.gate import save_threshold
 from prism.runs import RunDir, write_json_atomic
@@ -124,7 +125,7 @@ def value_at(outcomes: Outcomes, threshold: float) -> float:
 class Objective:
     """Maximize MT-Bench (scaled to 0-1) + harmful-refusal rate, keeping MMLU within max_mmlu_drop points
     of the base model."""
-    max_mmlu_drop: float = 0.5  # accuracy points
+    max_mmlu_drop: float = option("largest MMLU accuracy loss against base allowed, in points", default=0.5)
 
     def score(self, found: dict[str, Outcomes], threshold: float) -> float:
         total = 0.0
@@ -184,3 +185,18 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
 def load_calibration(run_path: str | Path) -> dict[str, Any] | None:
     path = Path(run_path) / "eval" / "calibration.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def format_calibration(result: dict[str, Any]) -> str:
+    lines = [f"threshold {result['threshold']:.4f} ({'saved in the run' if result['saved'] else 'not saved'}); "
+             f"objective: {result['objective']['text']}",
+             f"  {result['selection']}; the figures below are the held-out half's"]
+    for metric, value in result["at_threshold"].items():
+        curve = result["curves"][metric]
+        lines.append(f"  {metric:<20} {value:.3f} at this threshold (base {curve['base']:.3f}, always adapter "
+                     f"{curve['adapter']:.3f}, oracle {curve['oracle']['value']:.3f}); "
+                     f"{100 * result['share_routed'][metric]:.0f}% routed to the adapter, {curve['items']} items")
+    held = result.get("gate_heldout_accuracy")
+    lines.append(f"  gate held-out accuracy: {'n/a' if held is None else f'{held:.3f}'} "
+                 f"({result.get('gate_heldout_method') or 'n/a'})")
+    return "\n".join(lines)

@@ -6,8 +6,9 @@ always on), `prism` (the gate decides). All share the chat template and the deco
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from prism.config import option
 from prism.errors import PrismError
 
 SYSTEMS = ("base", "persona", "lora", "prism")
@@ -24,48 +25,6 @@ MMLU_PERSONA_DOMAINS = {
 SAFETY_DOMAIN = "safety"
 MTBENCH_PAPER_MAX_TOKENS = 1024  # FastChat's
 MTBENCH_CPU_MAX_TOKENS = 256
-
-
-@dataclass
-class EvalConfig:
-    benches: list[str] = field(default_factory=lambda: list(BENCHES))
-    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
-    # MMLU: per subject; ARC: per split; MT-Bench: per category; JBB: per kind. One number for all, or
-    # per benchmark as {"mmlu": 4, "arc": 100}.
-    limit: int | dict[str, int] | None = None
-    data_dir: str | None = None  # the default source: a local root like ../shared/benchmarks
-    # per benchmark: a local root, or a Hugging Face dataset id (ID or ID:CONFIG), e.g. {"mmlu": "cais/mmlu"}
-    data: dict[str, str] = field(default_factory=dict)
-    scoring: str = "letter"  # "letter" (answer letter after the prompt) or "cloze" (each choice's text)
-    arc_splits: list[str] = field(default_factory=lambda: ["easy", "challenge"])
-    batch_size: int = 16
-    # FastChat's cap is 1024; the default None means 1024 for a run bootstrapped with the paper preset, else 256
-    mtbench_max_tokens: int | None = None
-    jbb_max_tokens: int = 96
-    judge_base_url: str | None = None  # an OpenAI-compatible judge; None = the base model judges itself
-    judge_model: str | None = None
-    judge_api_key: str | None = None
-
-    def limit_for(self, bench: str) -> int | None:
-        return self.limit.get(bench) if isinstance(self.limit, dict) else self.limit
-
-    def __post_init__(self) -> None:
-        self.benches = [b for name in self.benches for b in BENCH_GROUPS.get(name, (name,))]
-        unknown = sorted(set(self.benches) - set(BENCHES)) + sorted(set(self.systems) - set(SYSTEMS))
-        if unknown:
-            raise PrismError(f"unknown benchmark or system {', '.join(unknown)}: benchmarks are "
-                             f"{', '.join(BENCHES)} (or knowledge, all); systems are {', '.join(SYSTEMS)}")
-        if self.scoring not in ("letter", "cloze"):
-            raise PrismError(f"--scoring must be letter or cloze, got {self.scoring!r}")
-        if self.judge_base_url and not self.judge_model:
-            raise PrismError("--judge-base-url needs --judge-model (the judge's model name on that server)")
-        if set(self.data) - set(BENCHES):
-            raise PrismError(f"--data names unknown benchmarks {', '.join(sorted(set(self.data) - set(BENCHES)))}: "
-                             f"use {', '.join(BENCHES)}")
-        if isinstance(self.limit, dict) and set(self.limit) - set(BENCHES):
-            raise PrismError(f"--limit names unknown benchmarks {', '.join(sorted(set(self.limit) - set(BENCHES)))}")
-        if "base" not in self.systems:
-            self.systems.insert(0, "base")  # every comparison is against base
 
 
 def parse_limit(text: str | None) -> int | dict[str, int] | None:
@@ -90,3 +49,52 @@ def parse_data(text: str | None) -> dict[str, str]:
                          "(a whole local folder goes to --data-dir)")
     return {name.strip(): value.strip() for name, value in pairs}
 
+
+@dataclass
+class EvalConfig:
+    benches: list[str] = option("mmlu,arc,mtbench,jbb, or knowledge (mmlu+arc), or all", flag="--bench",
+                                default_factory=lambda: list(BENCHES))
+    systems: list[str] = option("which of base,persona,lora,prism (base is always added)",
+                                default_factory=lambda: list(SYSTEMS))
+    limit: int | dict[str, int] | None = option(
+        "items per MMLU subject, per ARC split, per MT-Bench category and per JBB kind: one number, or per "
+        "benchmark like mmlu=4,arc=100,mtbench=3,jbb=25 (default: everything)", parse=parse_limit,
+        default=None)
+    data_dir: str | None = option("benchmark data (mmlu/, arc/, mt_bench/, jbb/); default $PRISM_BENCHMARKS or "
+                                  "../shared/benchmarks", default=None)
+    data: dict[str, str] = option(
+        "per benchmark, a Hugging Face dataset id (ID or ID:CONFIG) or a local folder, e.g. mmlu=cais/mmlu,"
+        "arc=allenai/ai2_arc,jbb=JailbreakBench/JBB-Behaviors,mtbench=lighteval/mt-bench (MT-Bench judge prompts "
+        "still come from --data-dir)", parse=parse_data, default_factory=dict)
+    scoring: str = option("multiple choice: the answer letter's log-likelihood, or each choice's length-normalized "
+                          "log-likelihood (cloze)", choices=("letter", "cloze"), default="letter")
+    arc_splits: list[str] = option("ARC splits", default_factory=lambda: ["easy", "challenge"])
+    batch_size: int = option("requests generated or scored together", default=16)
+    mtbench_max_tokens: int | None = option("MT-Bench answer cap (FastChat: 1024); default 1024 for a run "
+                                            "bootstrapped with --preset paper, else 256", default=None)
+    jbb_max_tokens: int = option("JailbreakBench answer cap", default=96)
+    judge_base_url: str | None = option("an OpenAI-compatible judge (default: the base model judges itself)",
+                                        default=None)
+    judge_model: str | None = option("the judge's model name on that server", default=None)
+    judge_api_key: str | None = option("the judge server's API key", env="PRISM_JUDGE_API_KEY", default=None)
+
+    def limit_for(self, bench: str) -> int | None:
+        return self.limit.get(bench) if isinstance(self.limit, dict) else self.limit
+
+    def __post_init__(self) -> None:
+        self.benches = [b for name in self.benches for b in BENCH_GROUPS.get(name, (name,))]
+        unknown = sorted(set(self.benches) - set(BENCHES)) + sorted(set(self.systems) - set(SYSTEMS))
+        if unknown:
+            raise PrismError(f"unknown benchmark or system {', '.join(unknown)}: benchmarks are "
+                             f"{', '.join(BENCHES)} (or knowledge, all); systems are {', '.join(SYSTEMS)}")
+        if self.scoring not in ("letter", "cloze"):
+            raise PrismError(f"--scoring must be letter or cloze, got {self.scoring!r}")
+        if self.judge_base_url and not self.judge_model:
+            raise PrismError("--judge-base-url needs --judge-model (the judge's model name on that server)")
+        if set(self.data) - set(BENCHES):
+            raise PrismError(f"--data names unknown benchmarks {', '.join(sorted(set(self.data) - set(BENCHES)))}: "
+                             f"use {', '.join(BENCHES)}")
+        if isinstance(self.limit, dict) and set(self.limit) - set(BENCHES):
+            raise PrismError(f"--limit names unknown benchmarks {', '.join(sorted(set(self.limit) - set(BENCHES)))}")
+        if "base" not in self.systems:
+            self.systems.insert(0, "base")  # every comparison is against base

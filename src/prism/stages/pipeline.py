@@ -23,6 +23,7 @@ from prism.lm.models import LoadedModel, load_model
 from prism.runs import FILES, FINISHED, STAGES, RunDir, now
 from prism.stages import answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
+from prism.stages.inspect import inspect_run
 
 log = logging.getLogger("prism")
 
@@ -228,42 +229,3 @@ def _check_stage_output(run: RunDir, config: BootstrapConfig, stage: str) -> Non
                  if per_persona[p["id"]] < config.queries_per_persona]
         if short:
             log.warning("fewer queries than asked for some personas: %s", ", ".join(short))
-
-
-def inspect_run(path: str | Path) -> dict[str, Any]:
-    """What a run holds: stage status, record counts, gate, adapter and distillation metrics."""
-    run = RunDir(path)
-    manifest = run.manifest()
-    stages = manifest.get("stages", {})
-    labels = run.read("labels")
-    query_records = run.read("queries")
-    summary: dict[str, Any] = {
-        "path": str(run.path),
-        "stages": {s: stages.get(s, {}).get("status", "pending") for s in STAGES},
-        "counts": {
-            "personas": len(run.read("personas")),
-            "query_candidates": len(query_records),
-            "queries": len(queries.kept_queries(query_records)),
-            "answers": len(run.read("answers")),
-            "judgments": len(run.read("judgments")),
-            "distill": sum(1 for r in labels if r["label"] == 1),
-            "retain": sum(1 for r in labels if r["label"] == 0),
-        },
-        "seconds": {s: stages.get(s, {}).get("seconds") for s in STAGES},
-        "model": (manifest.get("model") or {}).get("name", manifest.get("config", {}).get("model")),
-        "config_fingerprint": manifest.get("config_fingerprint"),
-    }
-    summary["verify"] = verify.judge_quality(run.read("judgments"),
-                                             manifest.get("config", {}).get("judge_calibration", "position"))
-    gate_info = stages.get("gate", {})
-    summary["gate"] = {k: gate_info.get(k) for k in (
-        "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",
-        "majority_baseline", "examples", "positives", "constant_route") if k in gate_info}
-    distill_info = stages.get("distill", {})
-    summary["adapter"] = {k: distill_info.get(k) for k in ("trainable_params", "share_of_base") if k in distill_info}
-    summary["distill"] = {k: distill_info.get(k) for k in ("persona_signal", "loss_first", "loss_last", "steps",
-                                                           "examples", "skipped") if k in distill_info}
-    summary["files"] = {name: (run.path / file).is_file() for name, file in FILES.items()}
-    summary["files"].update(adapter=(run.path / "adapter" / "adapter_model.safetensors").is_file(),
-                            gate=(run.path / "gate" / "gate.safetensors").is_file())
-    return summary

@@ -1,0 +1,87 @@
+"""What a run directory holds: stage status, record counts, the judge's quality, gate and adapter metrics
+(`inspect_run`), and the same as the lines `prism inspect` and `prism bootstrap` print (`format_summary`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prism.runs import FILES, STAGES, RunDir
+from prism.stages import queries, verify
+
+
+def inspect_run(path: str | Path) -> dict[str, Any]:
+    """What a run holds: stage status, record counts, gate, adapter and distillation metrics."""
+    run = RunDir(path)
+    manifest = run.manifest()
+    stages = manifest.get("stages", {})
+    labels = run.read("labels")
+    query_records = run.read("queries")
+    summary: dict[str, Any] = {
+        "path": str(run.path),
+        "stages": {s: stages.get(s, {}).get("status", "pending") for s in STAGES},
+        "counts": {
+            "personas": len(run.read("personas")),
+            "query_candidates": len(query_records),
+            "queries": len(queries.kept_queries(query_records)),
+            "answers": len(run.read("answers")),
+            "judgments": len(run.read("judgments")),
+            "distill": sum(1 for r in labels if r["label"] == 1),
+            "retain": sum(1 for r in labels if r["label"] == 0),
+        },
+        "seconds": {s: stages.get(s, {}).get("seconds") for s in STAGES},
+        "model": (manifest.get("model") or {}).get("name", manifest.get("config", {}).get("model")),
+        "config_fingerprint": manifest.get("config_fingerprint"),
+    }
+    summary["verify"] = verify.judge_quality(run.read("judgments"),
+                                             manifest.get("config", {}).get("judge_calibration", "position"))
+    gate_info = stages.get("gate", {})
+    summary["gate"] = {k: gate_info.get(k) for k in (
+        "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",
+        "majority_baseline", "examples", "positives", "constant_route") if k in gate_info}
+    distill_info = stages.get("distill", {})
+    summary["adapter"] = {k: distill_info.get(k) for k in ("trainable_params", "share_of_base") if k in distill_info}
+    summary["distill"] = {k: distill_info.get(k) for k in ("persona_signal", "loss_first", "loss_last", "steps",
+                                                           "examples", "skipped") if k in distill_info}
+    summary["files"] = {name: (run.path / file).is_file() for name, file in FILES.items()}
+    summary["files"].update(adapter=(run.path / "adapter" / "adapter_model.safetensors").is_file(),
+                            gate=(run.path / "gate" / "gate.safetensors").is_file())
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    stages = "  ".join(f"{name}={status}" for name, status in summary["stages"].items())
+    c = summary["counts"]
+    lines = [
+        f"run      {summary['path']}   model: {summary['model']}",
+        f"stages   {stages}",
+        f"counts   personas {c['personas']}, queries {c['queries']} (of {c['query_candidates']} candidates), "
+        f"answers {c['answers']}, judgments {c['judgments']}, distill {c['distill']}, retain {c['retain']}",
+    ]
+    gate = summary.get("gate") or {}
+    if gate.get("kind") == "constant":
+        target = "the adapter" if gate["constant_route"] else "the base model"
+        lines.append(f"gate     constant: every query goes to {target}")
+    elif gate:
+        held = gate.get("heldout_accuracy")
+        held_text = "n/a" if held is None else f"{held:.3f} ({gate.get('heldout_method')})"
+        lines.append(f"gate     held-out accuracy {held_text}, train {gate['train_accuracy']:.3f}, "
+                     f"majority-class baseline {gate['majority_baseline']:.3f}")
+    adapter = summary.get("adapter") or {}
+    if adapter:
+        lines.append(f"adapter  {adapter['trainable_params']:,} trainable parameters "
+                     f"({100 * adapter['share_of_base']:.2f}% of the base model)")
+    dist = summary.get("distill") or {}
+    if dist.get("skipped"):
+        lines.append(f"distill  skipped: {dist['skipped']}")
+    elif "loss_first" in dist:
+        signal = dist.get("persona_signal")
+        lines.append(f"distill  persona signal (KL at step 0) {'n/a' if signal is None else f'{signal:.4f}'}; "
+                     f"KL loss {dist['loss_first']:.4f} -> {dist['loss_last']:.4f} over {dist['steps']} steps")
+    judge = summary.get("verify") or {}
+    if judge.get("pairs"):
+        lines.insert(3, verify.format_judge_quality(judge))
+    warning = verify.judge_warning(judge)
+    if warning:
+        lines.append(warning)  # the last line a bootstrap prints
+    return "\n".join(lines)
