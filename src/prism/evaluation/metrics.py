@@ -60,60 +60,64 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
         records = [r for r in read(bench, bench) if r.get("scoring", "letter") == config.scoring]
         base = {r["id"]: r["correct"] for r in records if r["system"] == "base"}
         for system in config.systems:
-            mine = [r for r in records if r["system"] == system]
-            if not mine:
-                continue
-            entry = _proportion([r["correct"] for r in mine], "accuracy") | {"routing_rate": _routing_rate(mine)}
-            for key, field_name in (("domain", "domains"), ("subject", "subjects")):
-                groups = sorted({r[key] for r in mine})
-                entry[field_name] = {g: _proportion([r["correct"] for r in mine if r[key] == g], "accuracy")
-                                     | {"routing_rate": _routing_rate([r for r in mine if r[key] == g])}
-                                     | _versus_base(system, [r for r in mine if r[key] == g], base)
-                                     for g in groups}
-            entry |= _versus_base(system, mine, base)
-            results[system][bench] = entry
+            if mine := [r for r in records if r["system"] == system]:
+                results[system][bench] = knowledge_entry(system, mine, base)
     answers = read("mtbench_answers", "mtbench", "question_id")
     scores = read("mtbench_scores", "mtbench", "question_id")
     pairs = read("mtbench_pairs", "mtbench", "question_id")
+    refusals, jbb_answers = read("jbb_refusals", "jbb"), read("jbb_answers", "jbb")
     for system in config.systems:
-        mine = [s for s in scores if s["system"] == system]
-        if not mine:
-            continue
-        valid = [s["score"] for s in mine if s["score"] is not None]
-        entry = _mean(valid, "score") | {"graded": len(valid), "unparseable": len(mine) - len(valid),
-                                         "routing_rate": _routing_rate([a for a in answers if a["system"] == system])}
-        entry["categories"] = {}
-        for category in sorted({s["category"] for s in mine}):
-            cat = [s["score"] for s in mine if s["category"] == category and s["score"] is not None]
-            entry["categories"][category] = _mean(cat, "score") | {"routing_rate": _routing_rate(
-                [a for a in answers if a["system"] == system and a["category"] == category])}
-        if system != "base":
-            mine_pairs = [p for p in pairs if p["system"] == system]
-            outcomes = _pair_outcomes(mine_pairs)
-            if outcomes:
-                entry |= _winrate(outcomes, "winrate_vs_base")
-                for turn in (0, 1):
-                    entry |= _winrate(_pair_outcomes([p for p in mine_pairs if p.get("turn", 0) == turn]),
-                                      f"winrate_vs_base_turn{turn + 1}")
-                entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
-                entry["pairs_unparseable"] = sum(p["verdict"] is None for p in mine_pairs)
-        results[system]["mtbench"] = entry
-    refusals = read("jbb_refusals", "jbb")
-    jbb_answers = read("jbb_answers", "jbb")
-    for system in config.systems:
-        mine = [r for r in refusals if r["system"] == system]
-        if not mine:
-            continue
-        entry = {"routing_rate": _routing_rate([a for a in jbb_answers if a["system"] == system])}
-        for kind in ("harmful", "benign"):
-            rows = [r for r in mine if r["kind"] == kind]
-            entry |= _proportion([r["refusal_judge"] is True for r in rows], f"refusal_{kind}")
-            entry |= _proportion([r["refusal_keyword"] for r in rows], f"refusal_{kind}_keyword")
-            entry[f"refusal_{kind}_unparseable"] = sum(r["refusal_judge"] is None for r in rows)
-            entry[f"routing_rate_{kind}"] = _routing_rate([a for a in jbb_answers
-                                                           if a["system"] == system and a["kind"] == kind])
-        results[system]["jbb"] = entry
+        if mine := [s for s in scores if s["system"] == system]:
+            results[system]["mtbench"] = mtbench_entry(system, mine, [a for a in answers if a["system"] == system],
+                                                       [p for p in pairs if p["system"] == system])
+        if mine := [r for r in refusals if r["system"] == system]:
+            results[system]["jbb"] = jbb_entry(mine, [a for a in jbb_answers if a["system"] == system])
     return results
+
+
+def knowledge_entry(system: str, mine: list[dict], base: dict[str, bool]) -> dict[str, Any]:
+    """One system's MMLU or ARC accuracy, overall and per domain and subject, with its difference to base."""
+    entry = _proportion([r["correct"] for r in mine], "accuracy") | {"routing_rate": _routing_rate(mine)}
+    for key, field_name in (("domain", "domains"), ("subject", "subjects")):
+        groups = sorted({r[key] for r in mine})
+        entry[field_name] = {g: _proportion([r["correct"] for r in mine if r[key] == g], "accuracy")
+                             | {"routing_rate": _routing_rate([r for r in mine if r[key] == g])}
+                             | _versus_base(system, [r for r in mine if r[key] == g], base)
+                             for g in groups}
+    return entry | _versus_base(system, mine, base)
+
+
+def mtbench_entry(system: str, scores: list[dict], answers: list[dict], pairs: list[dict]) -> dict[str, Any]:
+    """One system's MT-Bench grades, overall and per category, and its pairs against base."""
+    valid = [s["score"] for s in scores if s["score"] is not None]
+    entry = _mean(valid, "score") | {"graded": len(valid), "unparseable": len(scores) - len(valid),
+                                     "routing_rate": _routing_rate(answers)}
+    entry["categories"] = {}
+    for category in sorted({s["category"] for s in scores}):
+        cat = [s["score"] for s in scores if s["category"] == category and s["score"] is not None]
+        entry["categories"][category] = _mean(cat, "score") | {"routing_rate": _routing_rate(
+            [a for a in answers if a["category"] == category])}
+    outcomes = _pair_outcomes(pairs) if system != "base" else []
+    if outcomes:
+        entry |= _winrate(outcomes, "winrate_vs_base")
+        for turn in (0, 1):
+            entry |= _winrate(_pair_outcomes([p for p in pairs if p.get("turn", 0) == turn]),
+                              f"winrate_vs_base_turn{turn + 1}")
+        entry["pairs"] = {o: outcomes.count(o) for o in ("win", "tie", "loss")}
+        entry["pairs_unparseable"] = sum(p["verdict"] is None for p in pairs)
+    return entry
+
+
+def jbb_entry(refusals: list[dict], answers: list[dict]) -> dict[str, Any]:
+    """One system's refusal rates on harmful and benign behaviors (judge and keyword check)."""
+    entry = {"routing_rate": _routing_rate(answers)}
+    for kind in ("harmful", "benign"):
+        rows = [r for r in refusals if r["kind"] == kind]
+        entry |= _proportion([r["refusal_judge"] is True for r in rows], f"refusal_{kind}")
+        entry |= _proportion([r["refusal_keyword"] for r in rows], f"refusal_{kind}_keyword")
+        entry[f"refusal_{kind}_unparseable"] = sum(r["refusal_judge"] is None for r in rows)
+        entry[f"routing_rate_{kind}"] = _routing_rate([a for a in answers if a["kind"] == kind])
+    return entry
 
 
 

@@ -96,128 +96,163 @@ def detail_tables(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str, Path]]:
-    import matplotlib
+class Figures:
+    """The report's plots: where they go, and the grouped-bar layout (one bar per system) they share."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, folder: Path, systems: list[str]):
+        import matplotlib
 
-    folder.mkdir(parents=True, exist_ok=True)
-    systems = list(results)
-    made: list[tuple[str, Path]] = []
-    width = 0.8 / max(1, len(systems))
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    def save(fig: Any, name: str, title: str) -> None:
-        path = folder / f"{name}.png"
+        self.plt, self.folder, self.systems = plt, folder, systems
+        self.width = 0.8 / max(1, len(systems))
+        self.made: list[tuple[str, Path]] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def new(self, width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
+        fig, axes = self.plt.subplots(1, columns, figsize=(width, height), squeeze=False)
+        return fig, axes[0] if columns > 1 else axes[0][0]
+
+    def save(self, fig: Any, name: str, title: str) -> None:
+        path = self.folder / f"{name}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append((title, path))
+        self.plt.close(fig)
+        self.made.append((title, path))
 
-    def error_bars(values: list[float], intervals: list[list[float] | None], scale: float) -> list[list[float]]:
-        """matplotlib's asymmetric yerr from [low, high] intervals (0 where there is none)."""
-        low = [v - scale * i[0] if i else 0.0 for v, i in zip(values, intervals)]
-        high = [scale * i[1] - v if i else 0.0 for v, i in zip(values, intervals)]
-        return [[max(0.0, x) for x in low], [max(0.0, x) for x in high]]
+    def bars(self, ax: Any, i: int, count: int, values: list[float], intervals: list[list[float] | None],
+             scale: float, system: str) -> None:
+        ax.bar([x + i * self.width for x in range(count)], values, self.width, label=system, color=COLORS.get(system),
+               yerr=_error_bars(values, intervals, scale), capsize=3, error_kw={"linewidth": 0.8})
 
-    def bars(ax: Any, i: int, count: int, values: list[float], intervals: list[list[float] | None], scale: float,
-             system: str) -> None:
-        ax.bar([x + i * width for x in range(count)], values, width, label=system, color=COLORS.get(system),
-               yerr=error_bars(values, intervals, scale), capsize=3, error_kw={"linewidth": 0.8})
+    def group_ticks(self, ax: Any, labels: list[str]) -> None:
+        ax.set_xticks([x + self.width * (len(self.systems) - 1) / 2 for x in range(len(labels))], labels)
 
-    if any(results[s].get("mtbench") for s in systems):
-        fig, ax = plt.subplots(figsize=(10, 4))
-        for i, system in enumerate(systems):
-            cats = (results[system].get("mtbench") or {}).get("categories") or {}
-            entries = [cats.get(c) or {} for c in MT_BENCH_CATEGORIES]
-            bars(ax, i, len(entries), [e.get("score") or 0 for e in entries], [e.get("score_ci") for e in entries],
-                 1, system)
-        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(MT_BENCH_CATEGORIES))],
-                      MT_BENCH_CATEGORIES)
-        ax.set_ylim(0, 10)  # the grading scale, whatever the scores
-        ax.set_ylabel("MT-Bench score (1-10, 95% CI)")
-        ax.legend()
-        save(fig, "mtbench_categories", "MT-Bench score per category")
 
+def _error_bars(values: list[float], intervals: list[list[float] | None], scale: float) -> list[list[float]]:
+    """matplotlib's asymmetric yerr from [low, high] intervals (0 where there is none)."""
+    low = [v - scale * i[0] if i else 0.0 for v, i in zip(values, intervals)]
+    high = [scale * i[1] - v if i else 0.0 for v, i in zip(values, intervals)]
+    return [[max(0.0, x) for x in low], [max(0.0, x) for x in high]]
+
+
+def _mtbench_plot(figures: Figures, results: dict[str, Any]) -> None:
+    if not any(results[s].get("mtbench") for s in figures.systems):
+        return
+    fig, ax = figures.new(10, 4)
+    for i, system in enumerate(figures.systems):
+        cats = (results[system].get("mtbench") or {}).get("categories") or {}
+        entries = [cats.get(c) or {} for c in MT_BENCH_CATEGORIES]
+        figures.bars(ax, i, len(entries), [e.get("score") or 0 for e in entries],
+                     [e.get("score_ci") for e in entries], 1, system)
+    figures.group_ticks(ax, list(MT_BENCH_CATEGORIES))
+    ax.set_ylim(0, 10)  # the grading scale, whatever the scores
+    ax.set_ylabel("MT-Bench score (1-10, 95% CI)")
+    ax.legend()
+    figures.save(fig, "mtbench_categories", "MT-Bench score per category")
+
+
+def _knowledge_plot(figures: Figures, results: dict[str, Any]) -> None:
     base_knowledge = results.get("base", {})
-    if base_knowledge.get("mmlu") or base_knowledge.get("arc"):
-        fig, ax = plt.subplots(figsize=(9, 4))
-        labels = [*DOMAINS, "ARC"]
-        for i, system in enumerate(s for s in systems if s != "base"):
-            versus = [((results[system].get("arc") if label == "ARC" else
-                        ((results[system].get("mmlu") or {}).get("domains") or {}).get(label)) or {}).get("vs_base")
-                      or {} for label in labels]
-            bars(ax, i, len(labels), [100 * v["delta"] if v else 0 for v in versus],
-                 [v.get("delta_ci") for v in versus], 100, system)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_ylabel("accuracy − base (points, 95% CI)")
-        ax.legend()
-        save(fig, "knowledge_delta", "MMLU per domain and ARC: accuracy minus base on the same items")
+    if not (base_knowledge.get("mmlu") or base_knowledge.get("arc")):
+        return
+    fig, ax = figures.new(9, 4)
+    labels = [*DOMAINS, "ARC"]
+    for i, system in enumerate(s for s in figures.systems if s != "base"):
+        versus = [((results[system].get("arc") if label == "ARC" else
+                    ((results[system].get("mmlu") or {}).get("domains") or {}).get(label)) or {}).get("vs_base")
+                  or {} for label in labels]
+        figures.bars(ax, i, len(labels), [100 * v["delta"] if v else 0 for v in versus],
+                     [v.get("delta_ci") for v in versus], 100, system)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("accuracy − base (points, 95% CI)")
+    ax.legend()
+    figures.save(fig, "knowledge_delta", "MMLU per domain and ARC: accuracy minus base on the same items")
 
-    if any(results[s].get("jbb") for s in systems):
-        fig, ax = plt.subplots(figsize=(8, 4))
-        keys = [("refusal_harmful", "harmful (judge)"), ("refusal_harmful_keyword", "harmful (keywords)"),
-                ("refusal_benign", "benign (judge)"), ("refusal_benign_keyword", "benign (keywords)")]
-        everything = []
-        for i, system in enumerate(systems):
-            jbb = results[system].get("jbb") or {}
-            values = [100 * (jbb.get(k) or 0) for k, _ in keys]
-            everything += values
-            bars(ax, i, len(keys), values, [jbb.get(f"{k}_ci") for k, _ in keys], 100, system)
-        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(keys))], [t for _, t in keys])
-        ax.set_ylim(0, 100)  # a rate: the full scale, also when every rate is 0
-        if not any(everything):
-            ax.text(0.5, 0.6, "no refusals", transform=ax.transAxes, ha="center", fontsize=14, color="dimgray")
-        ax.set_ylabel("refusal rate (%, 95% CI)")
-        ax.legend(loc="upper right")
-        save(fig, "refusals", "JailbreakBench refusal rates (harmful: higher is better; benign: lower)")
 
+def _refusal_plot(figures: Figures, results: dict[str, Any]) -> None:
+    if not any(results[s].get("jbb") for s in figures.systems):
+        return
+    fig, ax = figures.new(8, 4)
+    keys = [("refusal_harmful", "harmful (judge)"), ("refusal_harmful_keyword", "harmful (keywords)"),
+            ("refusal_benign", "benign (judge)"), ("refusal_benign_keyword", "benign (keywords)")]
+    everything = []
+    for i, system in enumerate(figures.systems):
+        jbb = results[system].get("jbb") or {}
+        values = [100 * (jbb.get(k) or 0) for k, _ in keys]
+        everything += values
+        figures.bars(ax, i, len(keys), values, [jbb.get(f"{k}_ci") for k, _ in keys], 100, system)
+    figures.group_ticks(ax, [t for _, t in keys])
+    ax.set_ylim(0, 100)  # a rate: the full scale, also when every rate is 0
+    if not any(everything):
+        ax.text(0.5, 0.6, "no refusals", transform=ax.transAxes, ha="center", fontsize=14, color="dimgray")
+    ax.set_ylabel("refusal rate (%, 95% CI)")
+    ax.legend(loc="upper right")
+    figures.save(fig, "refusals", "JailbreakBench refusal rates (harmful: higher is better; benign: lower)")
+
+
+def _routing_plot(figures: Figures, results: dict[str, Any]) -> None:
     prism = results.get("prism") or {}
-    if prism:
-        labels, values = [], []
-        for bench in ("mmlu", "arc", "jbb"):
-            if (prism.get(bench) or {}).get("routing_rate") is not None:
-                labels.append(bench)
-                values.append(100 * prism[bench]["routing_rate"])
-        for category, entry in ((prism.get("mtbench") or {}).get("categories") or {}).items():
-            if entry.get("routing_rate") is not None:
-                labels.append(f"mt:{category}")
-                values.append(100 * entry["routing_rate"])
-        if labels:
-            fig, ax = plt.subplots(figsize=(10, 4))
-            ax.bar(labels, values)
-            ax.set_ylabel("% of requests sent to the adapter")
-            ax.tick_params(axis="x", rotation=45)
-            save(fig, "routing", "PRISM gate: share routed to the adapter per benchmark and MT-Bench category")
+    labels, values = [], []
+    for bench in ("mmlu", "arc", "jbb"):
+        if (prism.get(bench) or {}).get("routing_rate") is not None:
+            labels.append(bench)
+            values.append(100 * prism[bench]["routing_rate"])
+    for category, entry in ((prism.get("mtbench") or {}).get("categories") or {}).items():
+        if entry.get("routing_rate") is not None:
+            labels.append(f"mt:{category}")
+            values.append(100 * entry["routing_rate"])
+    if not labels:
+        return
+    fig, ax = figures.new(10, 4)
+    ax.bar(labels, values)
+    ax.set_ylabel("% of requests sent to the adapter")
+    ax.tick_params(axis="x", rotation=45)
+    figures.save(fig, "routing", "PRISM gate: share routed to the adapter per benchmark and MT-Bench category")
 
+
+def _calibration_plot(figures: Figures, run: RunDir) -> None:
     calibration = load_calibration(run.path)
-    if calibration and calibration.get("curves"):
-        curves = list(calibration["curves"].values())
-        fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-        for ax, curve in zip(axes[0], curves):
-            points = sorted(curve["points"], key=lambda p: p["share"])
-            shares = [100 * p["share"] for p in points]
-            ax.plot(shares, [p["value"] for p in points], marker=".", label="PRISM gate")
-            ax.plot(shares, [p["random"] for p in points], linestyle="--", label="random routing")
-            ax.scatter([100 * curve["oracle"]["share"]], [curve["oracle"]["value"]], color="black", label="oracle")
-            chosen = calibration["share_routed"].get(curve["metric"])
-            if chosen is not None:
-                ax.axvline(100 * chosen, color="grey", linewidth=0.8, label="calibrated threshold")
-            ax.set_xlabel("% routed to the adapter")
-            ax.set_title(curve["metric"])
-            ax.legend(fontsize=8)
-        save(fig, "routing_curve", "Routing curves: outcome against the share sent to the adapter, as the "
-                                   "gate threshold sweeps from never to always")
+    if not (calibration and calibration.get("curves")):
+        return
+    curves = list(calibration["curves"].values())
+    fig, axes = figures.new(5 * len(curves), 4, columns=len(curves))
+    for ax, curve in zip(axes if len(curves) > 1 else [axes], curves):
+        points = sorted(curve["points"], key=lambda p: p["share"])
+        shares = [100 * p["share"] for p in points]
+        ax.plot(shares, [p["value"] for p in points], marker=".", label="PRISM gate")
+        ax.plot(shares, [p["random"] for p in points], linestyle="--", label="random routing")
+        ax.scatter([100 * curve["oracle"]["share"]], [curve["oracle"]["value"]], color="black", label="oracle")
+        chosen = calibration["share_routed"].get(curve["metric"])
+        if chosen is not None:
+            ax.axvline(100 * chosen, color="grey", linewidth=0.8, label="calibrated threshold")
+        ax.set_xlabel("% routed to the adapter")
+        ax.set_title(curve["metric"])
+        ax.legend(fontsize=8)
+    figures.save(fig, "routing_curve", "Routing curves: outcome against the share sent to the adapter, as the "
+                                       "gate threshold sweeps from never to always")
 
+
+def _distill_plot(figures: Figures, run: RunDir) -> None:
     log = run.read("distill_log")
-    if log:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker="o")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("KL loss")
-        save(fig, "distill_loss", "Distillation loss")
-    return made
+    if not log:
+        return
+    fig, ax = figures.new(7, 3.5)
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL loss")
+    figures.save(fig, "distill_loss", "Distillation loss")
+
+
+def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str, Path]]:
+    figures = Figures(folder, list(results))
+    for plot in (_mtbench_plot, _knowledge_plot, _refusal_plot, _routing_plot):
+        plot(figures, results)
+    _calibration_plot(figures, run)
+    _distill_plot(figures, run)
+    return figures.made
 
 
 def write_report(run_path: str | Path) -> list[Path]:

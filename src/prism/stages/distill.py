@@ -163,6 +163,8 @@ def _sum_across_processes(params: list[torch.nn.Parameter]) -> None:
 
 
 def train_adapter(ctx: StageContext, examples: list[Example], targets: list[TeacherTargets]) -> dict:
+    """Train the LoRA adapter on the teacher's targets and save it. One training loop, kept in one piece so
+    it reads top to bottom like any PyTorch loop (set-up, steps with accumulation, logging, saving)."""
     cfg, run_dir, lm = ctx.config, ctx.run, ctx.model
     state = distributed_state(lm.device)
     main = state.is_main_process
