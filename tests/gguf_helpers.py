@@ -1,4 +1,4 @@
-"""llama.cpp test helpers: the tiny random Llama of conftest written as an F32 GGUF (laid out as llama.cpp's
+"""llama.cpp test helpers: the tiny random Llama of helpers.py written as an F32 GGUF (laid out as llama.cpp's
 convert_hf_to_gguf.py lays out a Llama: q/k rows permuted per head), and the teacher-forced parity measure."""
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
 from gguf_helpers import teacher_forced_agreement, write_tiny_gguf
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
 from prism.engines.base import Prompt
 from prism.engines.llamacpp import LlamaCppEngine
 from prism.engines.local import LocalEngine

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES
+from helpers import BASE_QUERIES, PERSONA_QUERIES
 from prism.errors import ContextLengthError, PrismError
 from prism.inference.base import GenerationRequest
 from prism.inference.transformers import PrismModel

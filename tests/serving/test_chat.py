@@ -1,4 +1,3 @@
-import io
 import os
 import re
 import signal
@@ -8,29 +7,14 @@ import time
 
 import pytest
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES
+from helpers import BASE_QUERIES, PERSONA_QUERIES, run_chat
 from prism.inference.transformers import PrismModel
-from prism.lm.decoding import SamplingParams, TextStream
-from prism.serving.chat import chat
+from prism.lm.decoding import TextStream
 
 
 @pytest.fixture(scope="module")
 def model(tiny_run):
     return PrismModel.from_run(tiny_run, device="cpu")
-
-
-def run_chat(model, lines, **kwargs) -> str:
-    inputs = iter(lines)
-
-    def read(_prompt: str) -> str:
-        try:
-            return next(inputs)
-        except StopIteration:
-            raise EOFError from None
-
-    out = io.StringIO()
-    chat(model, SamplingParams(max_tokens=6), read=read, out=out, **kwargs)
-    return out.getvalue()
 
 
 def test_each_answer_shows_its_route_and_routes_switch(model):

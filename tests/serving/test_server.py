@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer, free_port
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, free_port
 from prism.inference.base import GenerationRequest
 from prism.inference.transformers import PrismModel
 from prism.lm.decoding import SamplingParams
@@ -215,7 +215,7 @@ def test_our_calls_raise_no_warning_in_a_chat_turn_and_a_server_request(server, 
     """Every warning raised while PRISM generates is an error here (a deprecated transformers argument in our
     decode loop fails this test), and transformers logs no deprecation either. Loading the model, where
     PEFT raises one of its own, happens in the fixture, outside."""
-    from test_chat import run_chat
+    from helpers import run_chat
 
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
         warnings.simplefilter("error")

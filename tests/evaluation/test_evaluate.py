@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import write_mini_benchmarks
+from helpers import write_mini_benchmarks
 from prism.cli import main
 from prism.evaluation import mtbench
 from prism.evaluation.config import EvalConfig

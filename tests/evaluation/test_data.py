@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import write_mini_benchmarks
+from helpers import write_mini_benchmarks
 from prism.errors import PrismError
 from prism.evaluation import data as benchdata
 from prism.evaluation.config import EvalConfig, parse_data

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer
 from prism.engines.base import Prompt
 from prism.engines.openai import OpenAIEngine, options_from_text, options_from_top_logprobs
 from prism.errors import PrismError

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from conftest import BASE_QUERIES, PERSONA_QUERIES, LiveServer
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer
 from prism.cli import main
 from prism.inference.router import Router
 from prism.inference.transformers import PrismModel
