@@ -16,11 +16,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-
 @pytest.fixture()
 def tiny_lm(tiny_model_dir: Path) -> LoadedModel:
     return load_model(str(tiny_model_dir), device="cpu")
-
 
 
 @pytest.fixture()
@@ -36,7 +34,6 @@ def tiny_config(tiny_model_dir: Path):
         return resolve_config(**values)
 
     return make
-
 
 
 @pytest.fixture(scope="session")

@@ -24,11 +24,7 @@ from prism.serving.chat import chat
 # Larger than Llama's default 0.02 so the random model's next-token distributions are peaked, like a
 # trained model's, and a teacher's top-64 tokens hold most of the probability mass.
 INIT_STD = 0.2
-
-
-
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
 
 
 # ChatML with a default system prompt when none is given, as SmolLM2's template does.
@@ -38,16 +34,12 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-
 CORPUS = [
     "You are an expert in writing, safety, math and code review. Answer the question clearly and precisely.",
     "What is the capital of France? How do I write a poem about the sea? Explain recursion in Python.",
     "Compare two answers to the user's question. Which answer is better? Reply with exactly one of: A, B, TIE.",
     "Verdict: A Verdict: B Verdict: TIE. The quick brown fox jumps over the lazy dog 0123456789.",
 ]
-
 
 
 def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0) -> Path:
@@ -73,14 +65,9 @@ def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0) -> Path:
     return directory
 
 
-
 # Queries the tiny run's gate sends to the adapter (PERSONA_QUERIES) and to the base model (BASE_QUERIES).
 PERSONA_QUERIES = ["How do I write a poem about the sea?", "Compare two answers to the question."]
-
-
-
 BASE_QUERIES = ["What is the capital of France?", "Explain recursion in Python."]
-
 
 
 def build_tiny_run(directory: Path, model_dir: Path) -> Path:
@@ -120,12 +107,10 @@ def build_tiny_run(directory: Path, model_dir: Path) -> Path:
     return directory
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
 
 
 class LiveServer:
@@ -153,7 +138,6 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
 
 
 def write_mini_benchmarks(root):

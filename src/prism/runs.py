@@ -19,7 +19,6 @@ STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
 FINISHED = ("done", "skipped")  # a stage's statuses that need no more work
 
 
-
 # Stage outputs; verify writes per-order judgments, then one label per query.
 FILES = {
     "personas": "personas.jsonl",
@@ -29,18 +28,13 @@ FILES = {
     "labels": "labels.jsonl",
     "distill_log": "distill_log.jsonl",
 }
-
-
-
 MANIFEST = "manifest.json"
-
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
-
 
 
 class RunDir:
@@ -140,7 +134,6 @@ class RunDir:
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
-
 
 
 def now() -> str:

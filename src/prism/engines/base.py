@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from transformers import (
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedTokenizerBase
 
 from prism.errors import PrismError
 from prism.lm.models import first_token_ids
@@ -21,13 +19,11 @@ def has_complete_line(text: str) -> bool:
     return any(line.strip() and not line.strip().endswith(":") for line in text.split("\n")[:-1])
 
 
-
 @dataclass
 class Generation:
     text: str
     new_tokens: int
     finished: bool  # False when max_new_tokens cut it short
-
 
 
 @dataclass(frozen=True)
@@ -43,14 +39,12 @@ class Prompt:
         return [*head, {"role": "user", "content": self.user}]
 
 
-
 @dataclass
 class OptionProbs:
     """A judge's choice among a few one-word options."""
     probs: dict[str, float]  # renormalized over the options
     mass: float | None  # how much probability the options had among all tokens (None: not known)
     source: str  # "logits", "logprobs" or "text" (a parsed reply: probability 1 on the option it names)
-
 
 
 class Engine(Protocol):
@@ -69,7 +63,6 @@ class Engine(Protocol):
                      desc: str = "score") -> list[OptionProbs]: ...
 
 
-
 def option_token_ids(tokenizer: PreTrainedTokenizerBase, options: Sequence[str]) -> dict[str, list[int]]:
     """Each option's possible first tokens; the options must not share one."""
     option_ids = {option: first_token_ids(tokenizer, option) for option in options}
@@ -78,7 +71,6 @@ def option_token_ids(tokenizer: PreTrainedTokenizerBase, options: Sequence[str])
         raise PrismError(f"this tokenizer cannot tell the options {', '.join(options)} apart by their first "
                          f"token: {option_ids}")
     return option_ids
-
 
 
 def options_from_logits(logits: torch.Tensor, option_ids: dict[str, list[int]]) -> OptionProbs:

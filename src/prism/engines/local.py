@@ -37,7 +37,6 @@ class FirstLineDone(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-
 class LocalEngine:
     """The loaded model, in this process, with transformers."""
 
@@ -65,7 +64,6 @@ class LocalEngine:
         return [options_from_logits(row, option_ids) for row in logits]
 
 
-
 class RowSampler(LogitsProcessor):
     """Samples every row of a batch from its own seeded generator and leaves only that token possible, so
     greedy decoding then takes it: a row's sample depends on its seed and its own logits, not on the
@@ -80,7 +78,6 @@ class RowSampler(LogitsProcessor):
         only = torch.full_like(scores, float("-inf"))
         only[torch.arange(len(chosen)), chosen] = 0.0
         return only
-
 
 
 @torch.no_grad()
@@ -127,7 +124,6 @@ def generate_batches(
         bar.update(len(batch))
         yield batch, results
     bar.close()
-
 
 
 @torch.no_grad()

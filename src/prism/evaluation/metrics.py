@@ -15,11 +15,9 @@ def _proportion(values: list[bool], name: str) -> dict[str, Any]:
     return {name: k / n if n else None, f"{name}_ci": list(wilson_interval(k, n)) if n else None, f"{name}_n": n}
 
 
-
 def _mean(values: list[float], name: str) -> dict[str, Any]:
     return {name: sum(values) / len(values) if values else None,
             f"{name}_ci": list(bootstrap_mean_interval(values)) if values else None}
-
 
 
 def _versus_base(system: str, mine: list[dict], base: dict[str, bool]) -> dict[str, Any]:
@@ -30,15 +28,12 @@ def _versus_base(system: str, mine: list[dict], base: dict[str, bool]) -> dict[s
     return {"vs_base": paired_accuracy_test([r["correct"] for r in shared], [base[r["id"]] for r in shared])}
 
 
-
 def _routing_rate(records: list[dict]) -> float | None:
     return sum(r["route"] == "persona" for r in records) / len(records) if records else None
 
 
-
 def prism_cache_name(threshold: float) -> str:
     return f"prism@{threshold:.6g}"
-
 
 
 def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None,
@@ -120,11 +115,9 @@ def jbb_entry(refusals: list[dict], answers: list[dict]) -> dict[str, Any]:
     return entry
 
 
-
 def _winrate(outcomes: list[str], name: str) -> dict[str, Any]:
     """Wins count 1, ties 1/2 (FastChat's convention), with a bootstrap interval."""
     return _mean([1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in outcomes], name) if outcomes else {}
-
 
 
 def _pair_outcomes(pairs: list[dict]) -> list[str]:

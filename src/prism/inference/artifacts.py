@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from prism.errors import PrismError
-from prism.inference.base import check_threshold
-from prism.lm.gate import Gate
+from prism.lm.gate import Gate, check_threshold
 from prism.runs import FINISHED, RunDir
 
 
@@ -30,13 +29,11 @@ def open_finished_run(run_dir: str | Path, trust_remote_code: bool) -> tuple[Run
     return run, manifest, config
 
 
-
 def load_gate(run: RunDir, threshold: float | None) -> Gate:
     gate = Gate.load(run.path / "gate")
     if threshold is not None:
         gate.config.threshold = check_threshold(threshold)
     return gate
-
 
 
 def check_adapter_for_gate(gate: Gate, has_adapter: bool) -> None:

@@ -15,19 +15,11 @@ import torch
 
 from prism.errors import ContextLengthError, PrismError
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
-from prism.lm.gate import Gate, save_threshold
-from prism.lm.models import (
-    chat_prompt,
-    conversation_prompt,
-    encode,
-)
+from prism.lm.gate import Gate, check_threshold, save_threshold
+from prism.lm.models import chat_prompt, conversation_prompt, encode
 
 log = logging.getLogger("prism")
-
-
-
 ROUTES = ("auto", "base", "persona")
-
 
 
 @dataclass
@@ -43,13 +35,11 @@ class GenerationRequest:
             raise PrismError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
 
 
-
 @dataclass
 class RouteDecision:
     route: str  # "base" or "persona"
     gate_probability: float | None  # the gate's P(persona); None when the caller forced the route
     forced: bool
-
 
 
 @dataclass
@@ -67,7 +57,6 @@ class Completion:
         return asdict(self)
 
 
-
 @dataclass
 class StreamEvent:
     index: int  # position of the request in the batch
@@ -76,10 +65,8 @@ class StreamEvent:
     completion: Completion | None = None  # once per request, when it is finished
 
 
-
 def decision_at(probability: float, threshold: float) -> RouteDecision:
     return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
-
 
 
 class GatedModel(ABC):
@@ -158,7 +145,6 @@ class GatedModel(ABC):
         return completions  # type: ignore[return-value]
 
 
-
 def decode_step(index: int, request: GenerationRequest, decision: RouteDecision | None, text: TextStream,
                 logprobs: list[dict[str, Any]] | None, token: int, logits: torch.Tensor, eos_ids: set[int],
                 prompt_tokens: int) -> list[StreamEvent]:
@@ -187,15 +173,6 @@ def decode_step(index: int, request: GenerationRequest, decision: RouteDecision 
     return events
 
 
-
 def gate_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The gate's input: the last user turn alone in the base chat template, as in training."""
     return chat_prompt(tokenizer, messages[-1]["content"])
-
-
-
-def check_threshold(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {value}")
-    return value
-

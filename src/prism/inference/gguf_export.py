@@ -26,33 +26,16 @@ from prism.lm.models import file_sha256
 from prism.runs import RunDir, write_json_atomic
 
 log = logging.getLogger("prism")
-
-
-
 EXPORT_DIR = "gguf"
-
-
-
 ADAPTER_FILE = "adapter.gguf"
-
-
-
 MERGED_FILE = "persona.gguf"
-
-
-
 INFO_FILE = "export.json"
-
 
 
 # HF model_type -> llama.cpp architecture. Only what the parity test covers: other architectures need
 # their own tensor layout checks (e.g. which projections llama.cpp's converter permutes).
 ARCHITECTURES = {"llama": "llama"}
-
-
-
 MERGED_TYPES = ("q8_0", "f16", "f32")
-
 
 
 @dataclass
@@ -63,18 +46,15 @@ class GGUFExport:
     info: dict[str, Any]
 
 
-
 def read_export_info(run_path: Path) -> dict[str, Any] | None:
     path = run_path / EXPORT_DIR / INFO_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
 
 
 def recorded_base_gguf(run_path: Path) -> str | None:
     """The base GGUF the run's last export named, if that file is still there."""
     recorded = (read_export_info(run_path) or {}).get("base_gguf")
     return recorded if recorded and Path(recorded).is_file() else None
-
 
 
 def export_is_current(run_path: Path, base_gguf: Path) -> bool:
@@ -86,11 +66,9 @@ def export_is_current(run_path: Path, base_gguf: Path) -> bool:
             and Path(info.get("base_gguf", "")) == base_gguf)
 
 
-
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k layout: within each head, the two rotary halves interleaved row by row."""
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
 
 
 def lora_tensors(run_path: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
@@ -140,7 +118,6 @@ def lora_tensors(run_path: Path, model: str) -> tuple[dict[str, tuple[np.ndarray
     return tensors, gguf_alpha, rank, arch
 
 
-
 def _model_config(model: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
@@ -151,7 +128,6 @@ def _model_config(model: str) -> dict[str, Any]:
         return AutoConfig.from_pretrained(path).to_dict()
     except OSError as exc:
         raise PrismError(f"cannot read the config of the run's model {model!r}: {exc}") from None
-
 
 
 def _check_against_base(reader: Any, tensors: dict[str, tuple[np.ndarray, np.ndarray]], arch: str,
@@ -166,7 +142,6 @@ def _check_against_base(reader: Any, tensors: dict[str, tuple[np.ndarray, np.nda
         if shapes[name] != (lora_a.shape[1], lora_b.shape[0]):
             raise PrismError(f"{base}: {name} is {shapes[name]} but the adapter expects "
                              f"({lora_a.shape[1]}, {lora_b.shape[0]}): it is not the run's base model")
-
 
 
 def write_lora_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], alpha: float, arch: str,
@@ -184,13 +159,11 @@ def write_lora_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]
     _finish(writer)
 
 
-
 def _finish(writer: Any) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
 
 
 def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarray, np.ndarray]], scale: float,
@@ -219,7 +192,6 @@ def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarr
         data = gguf.quants.quantize(merged.astype(np.float32), qtype)
         writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
     _finish(writer)
-
 
 
 def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, merged: bool = False,

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from prism.inference.artifacts import open_finished_run
 from prism.inference.base import GatedModel
+from prism.inference.gguf_export import recorded_base_gguf
+from prism.inference.llamacpp import LlamaCppModel
 from prism.inference.transformers import PrismModel
+from prism.lm.llama import resolve_backend
 
 log = logging.getLogger("prism")
 
@@ -16,13 +19,9 @@ def load_gated_model(run_dir: str | Path, *, engine: str = "auto", gguf: str | P
                      threshold: float | None = None, device: str = "auto", max_model_len: int | None = None,
                      threads: int | None = None, persona_model: str = "auto",
                      trust_remote_code: bool = False) -> GatedModel:
-    """A finished run on the engine asked for: 'auto' takes llama.cpp when the run's model is GGUF (the
-    embedded default, `gguf` given, or a base GGUF recorded by `prism export gguf`) and llama-cpp-python is
-    installed, else transformers (PrismModel)."""
-    from prism.inference.gguf_export import recorded_base_gguf
-    from prism.inference.llamacpp import LlamaCppModel
-    from prism.lm.llama import resolve_backend
-
+    """A finished run on the backend asked for (`engine`, like the CLI's --engine): 'auto' takes llama.cpp
+    when the run's model is GGUF (the embedded default, `gguf` given, or a base GGUF recorded by
+    `prism export gguf`) and llama-cpp-python is installed, else transformers (PrismModel)."""
     run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
     gguf = gguf or recorded_base_gguf(run.path)
     if resolve_backend(engine, config["model"], None if gguf is None else str(gguf)) == "llamacpp":

@@ -11,10 +11,7 @@ from prism.inference.artifacts import check_adapter_for_gate, load_gate, open_fi
 from prism.inference.base import RouteDecision, decision_at, gate_prompt
 from prism.lm.batching import block0_features
 from prism.lm.gate import Gate
-from prism.lm.models import (
-    LoadedModel,
-    load_block0,
-)
+from prism.lm.models import LoadedModel, load_block0
 
 
 def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
@@ -24,12 +21,10 @@ def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dic
     return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
 
 
-
 def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
     """The gate's route for each already-rendered gate prompt."""
     features = block0_features(lm, gate_prompts)
     return [decision_at(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
-
 
 
 class Router:

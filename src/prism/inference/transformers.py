@@ -38,11 +38,7 @@ from prism.lm.models import (
 )
 
 ADAPTER = "persona"
-
-
-
 NO_ADAPTER = "__base__"  # PEFT's name for "this row uses no adapter" in a mixed batch
-
 
 
 class PrismModel(GatedModel):

@@ -17,7 +17,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-
 def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -29,10 +28,8 @@ def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tens
     return ids, mask
 
 
-
 class _StopAfterBlock0(Exception):
     pass
-
 
 
 @torch.no_grad()

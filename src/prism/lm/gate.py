@@ -19,7 +19,6 @@ FEATURE = ("hidden state after decoder block 0 (hidden_states[1]) at the last to
            "embeddings and block 0 computed in float32")
 
 
-
 @dataclass
 class GateConfig:
     input_dim: int
@@ -28,7 +27,6 @@ class GateConfig:
     threshold: float = 0.5
     constant_route: int | None = None  # set when the data held one class only: no MLP, a fixed route
     feature: str = FEATURE
-
 
 
 class Gate(nn.Module):
@@ -76,11 +74,15 @@ class Gate(nn.Module):
         return gate.eval()
 
 
+def check_threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {value}")
+    return value
+
 
 def save_threshold(directory: str | Path, threshold: float) -> None:
     """Set the saved gate's routing threshold (P(persona) >= threshold goes to the adapter)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise PrismError(f"the gate threshold is a probability: pass a value in [0, 1], got {threshold}")
+    check_threshold(threshold)
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text())

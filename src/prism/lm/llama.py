@@ -22,19 +22,9 @@ from prism.lm.llama_probe import REBUILD_HINT, probe_failure
 from prism.lm.models import EMBEDDED, embedded_gguf_path, encode
 
 log = logging.getLogger("prism")
-
-
-
 BACKENDS = ("auto", "llamacpp", "transformers")
-
-
-
 INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: about 10 minutes on 2 cores)"
-
-
-
 _warned: set[str] = set()
-
 
 
 def llama_cpp_missing() -> str | None:
@@ -44,7 +34,6 @@ def llama_cpp_missing() -> str | None:
     except Exception as exc:  # ImportError, or OSError when its shared library failed to build or load
         return f"{type(exc).__name__}: {exc}"
     return None
-
 
 
 def resolve_backend(requested: str, model: str, gguf: str | None) -> str:
@@ -76,7 +65,6 @@ def resolve_backend(requested: str, model: str, gguf: str | None) -> str:
     return "llamacpp"
 
 
-
 def build_failure(gguf: Path) -> str | None:
     """Why this llama.cpp build cannot run `gguf` here (its start-up probe failed), with how to rebuild it."""
     failure = probe_failure(gguf)
@@ -85,21 +73,17 @@ def build_failure(gguf: Path) -> str | None:
     return f"this llama.cpp build cannot run {gguf.name} on this machine ({failure}): {REBUILD_HINT}"
 
 
-
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         log.warning("%s", message)
 
 
-
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-
 _open_models: weakref.WeakSet = weakref.WeakSet()
-
 
 
 @atexit.register
@@ -108,7 +92,6 @@ def _close_open_models() -> None:
     # globals are gone and prints a traceback; closing them first keeps the exit quiet.
     for llm in list(_open_models):
         llm.close()
-
 
 
 def open_llama(path: Path, *, lora: Path | None = None, n_ctx: int, n_threads: int | None = None) -> Any:
@@ -130,7 +113,6 @@ def open_llama(path: Path, *, lora: Path | None = None, n_ctx: int, n_threads: i
         raise PrismError(f"llama.cpp cannot load {what}: {exc}") from None
     _open_models.add(llm)
     return llm
-
 
 
 class LlamaContext:
@@ -188,7 +170,6 @@ class LlamaContext:
         rows = [self.prefill(prompt)]
         rows += [self.step(token) for token in continuation[:-1]]
         return torch.stack(rows)
-
 
 
 def check_vocabulary(context: LlamaContext, tokenizer: Any, source: Path) -> None:

@@ -16,11 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
 
 
-
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
-
 
 
 class ChatMessage(BaseModel):
@@ -32,10 +30,8 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-
 class StreamOptions(BaseModel):
     include_usage: bool = False
-
 
 
 class ChatCompletionRequest(BaseModel):
@@ -58,7 +54,6 @@ class ChatCompletionRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -70,10 +65,8 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-
 def served_models(has_adapter: bool) -> list[str]:
     return [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
-
 
 
 def check_model(name: str, models: list[str]) -> None:
@@ -81,7 +74,6 @@ def check_model(name: str, models: list[str]) -> None:
         why = " (this run has no adapter)" if name == "prism-persona" else ""
         raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
                        param="model", code="model_not_found")
-
 
 
 def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -> None:

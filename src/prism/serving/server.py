@@ -37,7 +37,6 @@ from prism.serving.protocol import (
 log = logging.getLogger("prism")
 
 
-
 @dataclass
 class Job:
     request: GenerationRequest
@@ -46,7 +45,6 @@ class Job:
 
     def put(self, item: StreamEvent | Exception) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
 
 
 class Batcher:
@@ -109,7 +107,6 @@ class Batcher:
                     job.put(exc)
 
 
-
 def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size: int = 32,
                default_max_tokens: int = 512) -> FastAPI:
     batcher = Batcher(model, max_batch_size=max_batch_size)
@@ -165,7 +162,6 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
     return app
 
 
-
 def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
     """Validate what the schema cannot (context window, stop strings) before the request joins a batch."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -204,12 +200,10 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
                              assistant_prefix=prefix)
 
 
-
 def _as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, PrismError):
         return ApiError(400, str(exc))
     return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
-
 
 
 def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
@@ -219,16 +213,13 @@ def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
             "threshold": threshold}
 
 
-
 def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
-
 
 
 def _usage(done: Any) -> dict[str, int]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens}
-
 
 
 async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
@@ -262,7 +253,6 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
         job.request.cancel.set()  # a client that hangs up stops its row at the next step
 
 
-
 def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None) -> None:
     """Block until `base_url`/health answers (a server started in another process), or raise."""
     deadline = time.monotonic() + timeout_s
@@ -276,7 +266,6 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subproc
             if time.monotonic() > deadline:
                 raise PrismError(f"no server answered at {base_url}/health within {timeout_s:.0f} s") from None
             time.sleep(0.2)
-
 
 
 def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -37,7 +37,6 @@ from prism.serving.protocol import (
 log = logging.getLogger("prism")
 
 
-
 def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_model: str, *,
                        api_key: str | None = None, upstream_api_key: str | None = None,
                        timeout_s: float = 600.0) -> FastAPI:
@@ -97,7 +96,6 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
     return app
 
 
-
 def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
     route = MODEL_ROUTES[body.model]
     if route != "auto":
@@ -108,7 +106,6 @@ def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
         raise ApiError(400, "the conversation has no user message to route on", param="messages")
     # the gate reads the last user turn (an assistant prefix after it does not change the route)
     return router.decide([messages[: messages.index(users[-1]) + 1]])[0]
-
 
 
 def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResponse:
@@ -122,7 +119,6 @@ def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResp
     text = reply.text.strip()[:500] or reply.reason_phrase
     return ApiError(reply.status_code, f"the upstream server answered {reply.status_code}: {text}",
                     "upstream_error").response(headers)
-
 
 
 async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> AsyncIterator[str]:
@@ -148,7 +144,6 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> As
             yield f"data: {json.dumps(chunk)}\n\n"
     finally:
         await reply.aclose()
-
 
 
 def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: str, host: str = "127.0.0.1",

@@ -10,7 +10,6 @@ from prism.inference.artifacts import open_finished_run
 log = logging.getLogger("prism")
 
 
-
 def vllm_commands(run_dir: str, port: int = 8000) -> str:
     """The vLLM server (base model + the run's adapter as a LoRA module) and the sidecar in front of it."""
     import shlex

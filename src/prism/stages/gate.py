@@ -15,18 +15,13 @@ from prism.lm.models import chat_prompt, gate_feature_model
 from prism.stages.context import StageContext
 
 log = logging.getLogger("prism")
-
-
-
 SINGLE_SPLIT_MIN = 200  # below this many examples, held-out accuracy comes from k-fold
-
 
 
 def class_weights(labels: torch.Tensor) -> torch.Tensor:
     """w_c = N / (2 N_c), so both routes count equally however rare the persona wins are."""
     counts = torch.bincount(labels, minlength=2).float()
     return len(labels) / (2 * counts.clamp(min=1))
-
 
 
 def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
@@ -47,7 +42,6 @@ def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig,
     return gate.eval()
 
 
-
 def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
@@ -57,7 +51,6 @@ def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> list[torch.Tens
         for i, index in enumerate(members.tolist()):
             folds[i % k].append(index)
     return [torch.tensor(sorted(f)) for f in folds]
-
 
 
 def heldout_accuracy(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
@@ -84,7 +77,6 @@ def heldout_accuracy(features: torch.Tensor, labels: torch.Tensor, config: GateC
     method = "stratified 80/20 split" if len(evaluate) == 1 else f"stratified {k}-fold cross-validation"
     return {"heldout_accuracy": correct / total, "heldout_balanced_accuracy": sum(balanced) / len(balanced),
             "heldout_method": method}
-
 
 
 def run(ctx: StageContext) -> dict:
