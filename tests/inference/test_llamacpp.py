@@ -291,3 +291,30 @@ def test_cli_export_and_chat_on_llama_cpp(tiny_run, tiny_gguf, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "prism.cli", "chat", str(tiny_run), "--engine", "llamacpp"],
                              input="", capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "needs a GGUF" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_reload_on_llama_cpp_re_exports_the_new_adapter_and_keeps_the_old_on_failure(gguf_run, tiny_gguf,
+                                                                                        tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from prism.lm.gate import save_threshold
+
+    run = shutil.copytree(gguf_run, tmp_path / "run")
+    (run / "gguf" / "persona.gguf").unlink()  # the LoRA route, re-exported on reload
+    model = LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=512)
+    request = GenerationRequest([{"role": "user", "content": PERSONA_QUERIES[0]}], "persona",
+                                SamplingParams(max_tokens=10, ignore_eos=True))
+    old_text = model.generate_batch([request])[0].text
+    weights = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * 4.0 if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights))
+    save_threshold(run / "gate", 0.8)
+
+    info = model.reload()
+    fresh = LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=512).generate_batch([request])[0].text
+    assert info["threshold"] == 0.8 == model.threshold == model.router.threshold and info["persona_model"] == "lora"
+    assert model.generate_batch([request])[0].text == fresh != old_text
+
+    (run / "gate" / "gate.safetensors").unlink()
+    with pytest.raises(PrismError, match="cannot load the gate"):
+        model.reload()
+    assert model.threshold == 0.8 and model.generate_batch([request])[0].text == fresh

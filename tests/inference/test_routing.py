@@ -219,3 +219,45 @@ def test_one_gate_feature_on_every_path_and_dtype(tiny_run, tiny_model_dir, tmp_
     own = block0_features(half, [chat_prompt(half.tokenizer, query)])
     assert not torch.allclose(own, features, atol=1e-3)
     assert abs(float(fresh.persona_probability(own)[0]) - trained) > 1e-5
+
+
+def scaled_adapter(run, factor):
+    """A retrained adapter as far as a reload can tell: every LoRA B matrix of the run scaled."""
+    from safetensors.torch import load_file, save_file
+
+    path = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * factor if "lora_B" in k else v for k, v in load_file(str(path)).items()}, str(path))
+
+
+def test_a_reload_waits_for_the_batch_in_flight_then_serves_the_new_run(tiny_run, tmp_path):
+    """The batch being generated finishes on the old adapter (the reload waits for it), the next one runs on
+    the new adapter with the new threshold, and a reload that fails changes nothing."""
+    import shutil
+    import threading
+
+    from prism.lm.gate import save_threshold
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    model = PrismModel.from_run(run, device="cpu")
+    request = GenerationRequest(user(PERSONA_QUERIES[0]), "persona", SamplingParams(max_tokens=12, ignore_eos=True))
+    old_text = model.generate_batch([request])[0].text
+    scaled_adapter(run, 4.0)
+    save_threshold(run / "gate", 0.9)
+    new_text = PrismModel.from_run(run, device="cpu").generate_batch([request])[0].text
+    assert new_text != old_text
+
+    stream = model.stream([request])
+    deltas = [next(stream) for _ in range(4)]  # the route, then a few tokens: this batch is mid-generation
+    reload = threading.Thread(target=model.reload)
+    reload.start()
+    reload.join(timeout=1.0)
+    assert reload.is_alive(), "the reload must wait for the batch in flight"
+    deltas += list(stream)
+    reload.join(timeout=30)
+    assert "".join(e.delta for e in deltas) == old_text  # finished on the old adapter, never on a mix
+    assert model.threshold == 0.9 and model.generate_batch([request])[0].text == new_text
+
+    (run / "gate" / "config.json").write_text("{broken")
+    with pytest.raises(PrismError, match="cannot load the gate"):
+        model.reload()
+    assert model.threshold == 0.9 and model.generate_batch([request])[0].text == new_text

@@ -7,6 +7,7 @@ from typing import Any
 
 from prism.errors import PrismError
 from prism.lm.gate import Gate, check_threshold
+from prism.lm.models import LoadedModel
 from prism.runs import FINISHED, RunDir
 
 
@@ -40,3 +41,28 @@ def check_adapter_for_gate(gate: Gate, has_adapter: bool) -> None:
     if not has_adapter and gate.config.constant_route != 0:
         raise PrismError("the gate can route to the adapter but the run has no adapter: re-run the distill stage")
 
+
+def adapter_file(run_path: Path) -> Path | None:
+    """The run's adapter weights, or None when the distill stage trained none."""
+    adapter_dir = run_path / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return None
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise PrismError(f"{adapter_dir} holds no adapter_model.safetensors; PRISM loads no pickled weights")
+    return weights
+
+
+def check_model_identity(manifest: dict[str, Any], config: dict[str, Any], lm: LoadedModel) -> None:
+    """The loaded base model must be the one the run was trained on."""
+    recorded = manifest.get("model") or {}
+    for key in ("num_layers", "hidden_size", "parameters"):
+        if recorded.get(key) is not None and recorded[key] != lm.identity.get(key):
+            raise PrismError(f"the model {config['model']!r} now has {key}={lm.identity.get(key)} but the run "
+                             f"was trained on {key}={recorded[key]}: the adapter and gate do not fit it")
+
+
+def check_adapter_unchanged(run_path: Path, had_adapter: bool, has_adapter: bool) -> None:
+    if has_adapter != had_adapter:
+        raise PrismError(f"{run_path} {'now has' if has_adapter else 'no longer has'} an adapter: restart the "
+                         "server to serve it (a reload swaps an adapter, it does not add or remove one)")

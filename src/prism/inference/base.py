@@ -78,6 +78,7 @@ class GatedModel(ABC):
     tokenizer: Any
     run_path: Path | None
     max_model_len: int
+    trust_remote_code: bool = False  # as the run was loaded: a reload reads it the same way
 
     @property
     @abstractmethod
@@ -88,6 +89,10 @@ class GatedModel(ABC):
 
     @abstractmethod
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]: ...
+
+    @abstractmethod
+    def reload(self) -> dict[str, Any]:
+        """Read the run's gate, threshold and adapter again without dropping requests in flight."""
 
     def check_persona_route(self) -> None:
         if not self.has_adapter:

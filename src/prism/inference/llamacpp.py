@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ class LlamaCppModel(GatedModel):
     engine = "llamacpp"
 
     def __init__(self, router: Router, base: LlamaContext, persona: LlamaContext | None, *,
-                 run_path: Path | None = None, persona_source: str = "none", max_model_len: int | None = None):
+                 run_path: Path | None = None, persona_source: str = "none", max_model_len: int | None = None,
+                 opener: PersonaOpener | None = None):
         self.router = router
+        self.opener = opener  # how the persona context was opened, to open it again on a reload
         self.gate = router.gate
         self.tokenizer = router.lm.tokenizer
         self.run_path = run_path
@@ -67,23 +70,12 @@ class LlamaCppModel(GatedModel):
         context_size = max_model_len or getattr(router.lm.model.config, "max_position_embeddings", None) or 4096
         base = LlamaContext(open_llama(base_path, n_ctx=context_size, n_threads=n_threads))
         check_vocabulary(base, router.lm.tokenizer, base_path)
-        persona_context, source = None, "none"
-        if router.has_adapter:
-            out = run.path / EXPORT_DIR
-            if not export_is_current(run.path, base_path):
-                log.info("exporting the run's adapter to %s for llama.cpp", out / ADAPTER_FILE)
-                export_gguf(run.path, base_gguf=base_path)
-            merged = out / MERGED_FILE
-            if persona == "merged" and not merged.is_file():
-                raise PrismError(f"{merged} does not exist: run `prism export gguf {run.path} --merged` first")
-            if persona in ("auto", "merged") and merged.is_file():
-                persona_context, source = LlamaContext(open_llama(merged, n_ctx=context_size, n_threads=n_threads)), \
-                    "merged"
-            else:
-                persona_context, source = LlamaContext(open_llama(base_path, lora=out / ADAPTER_FILE,
-                                                                  n_ctx=context_size, n_threads=n_threads)), "lora"
-        return cls(router, base, persona_context, run_path=run.path, persona_source=source,
-                   max_model_len=max_model_len)
+        opener = PersonaOpener(run.path, base_path, persona, context_size, n_threads)
+        persona_context, source = opener.open() if router.has_adapter else (None, "none")
+        model = cls(router, base, persona_context, run_path=run.path, persona_source=source,
+                    max_model_len=max_model_len, opener=opener)
+        model.trust_remote_code = trust_remote_code
+        return model
 
     @property
     def has_adapter(self) -> bool:
@@ -91,6 +83,22 @@ class LlamaCppModel(GatedModel):
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         return self.router.decide(conversations)
+
+    def reload(self) -> dict[str, Any]:
+        """Read the run's gate, threshold and adapter again (re-exporting the adapter when it changed) between
+        requests: the one being generated finishes on the old persona context. A failed reload changes nothing."""
+        if self.run_path is None or self.opener is None:
+            raise PrismError("this model was not loaded from a run directory: there is nothing to reload")
+        with self._lock:
+            gate = self.router.read_run()
+            persona, source = self.opener.open() if self.has_adapter else (None, "none")
+            old = self.contexts["persona"]
+            self.router.use_gate(gate)
+            self.gate = gate
+            self.contexts["persona"], self.persona_source = persona, source
+            if old is not None:
+                old.llm.close()
+        return {"threshold": self.threshold, "adapter": self.has_adapter, "persona_model": source}
 
     def context(self, route: str) -> LlamaContext:
         context = self.contexts[route]
@@ -133,3 +141,27 @@ class LlamaCppModel(GatedModel):
             if events and events[-1].completion is not None:
                 return
 
+
+@dataclass
+class PersonaOpener:
+    """Opens the persona route's llama.cpp context of a run: the merged persona GGUF when one is exported
+    (and `persona` allows it), else the base GGUF with the run's LoRA, exported first when it is stale."""
+
+    run_path: Path
+    base_path: Path
+    persona: str  # "auto", "merged" or "lora"
+    context_size: int
+    n_threads: int | None
+
+    def open(self) -> tuple[LlamaContext, str]:
+        out = self.run_path / EXPORT_DIR
+        if not export_is_current(self.run_path, self.base_path):
+            log.info("exporting the run's adapter to %s for llama.cpp", out / ADAPTER_FILE)
+            export_gguf(self.run_path, base_gguf=self.base_path)
+        merged = out / MERGED_FILE
+        if self.persona == "merged" and not merged.is_file():
+            raise PrismError(f"{merged} does not exist: run `prism export gguf {self.run_path} --merged` first")
+        if self.persona in ("auto", "merged") and merged.is_file():
+            return LlamaContext(open_llama(merged, n_ctx=self.context_size, n_threads=self.n_threads)), "merged"
+        lora = open_llama(self.base_path, lora=out / ADAPTER_FILE, n_ctx=self.context_size, n_threads=self.n_threads)
+        return LlamaContext(lora), "lora"

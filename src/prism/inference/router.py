@@ -6,8 +6,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from prism.inference.artifacts import check_adapter_for_gate, load_gate, open_finished_run
+from prism.inference.artifacts import (
+    adapter_file,
+    check_adapter_for_gate,
+    check_adapter_unchanged,
+    load_gate,
+    open_finished_run,
+)
 from prism.inference.base import RouteDecision, decision_at, gate_prompt
 from prism.lm.batching import block0_features
 from prism.lm.gate import Gate
@@ -33,6 +40,7 @@ class Router:
 
     def __init__(self, lm: LoadedModel, gate: Gate, *, run_path: Path, has_adapter: bool):
         self.lm, self.gate, self.run_path, self.has_adapter = lm, gate, run_path, has_adapter
+        self.trust_remote_code = False
         self._lock = threading.Lock()
 
     @classmethod
@@ -43,7 +51,28 @@ class Router:
         has_adapter = (run.path / "adapter" / "adapter_config.json").is_file()
         gate = load_gate(run, threshold)
         check_adapter_for_gate(gate, has_adapter)
-        return cls(lm, gate, run_path=run.path, has_adapter=has_adapter)
+        router = cls(lm, gate, run_path=run.path, has_adapter=has_adapter)
+        router.trust_remote_code = trust_remote_code
+        return router
+
+    def read_run(self) -> Gate:
+        """The run's gate (with its saved threshold) as the run directory holds it now, checked against the
+        adapter this router routes to."""
+        run, _manifest, _config = open_finished_run(self.run_path, self.trust_remote_code)
+        gate = load_gate(run, None)
+        has_adapter = adapter_file(run.path) is not None
+        check_adapter_for_gate(gate, has_adapter)
+        check_adapter_unchanged(run.path, self.has_adapter, has_adapter)
+        return gate
+
+    def use_gate(self, gate: Gate) -> None:
+        with self._lock:  # never while a decision is being computed
+            self.gate = gate
+
+    def reload(self) -> dict[str, Any]:
+        """Read the run's gate and threshold again; a reload that fails leaves the old gate deciding."""
+        self.use_gate(self.read_run())
+        return {"threshold": self.threshold, "adapter": self.has_adapter}
 
     @property
     def threshold(self) -> float:

@@ -20,7 +20,14 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from prism.errors import PrismError
-from prism.inference.artifacts import check_adapter_for_gate, load_gate, open_finished_run
+from prism.inference.artifacts import (
+    adapter_file,
+    check_adapter_for_gate,
+    check_adapter_unchanged,
+    check_model_identity,
+    load_gate,
+    open_finished_run,
+)
 from prism.inference.base import GatedModel, GenerationRequest, RouteDecision, StreamEvent, decision_at, decode_step
 from prism.inference.router import gate_decisions, prompt_decisions
 from prism.lm.batching import pad_batch
@@ -56,6 +63,8 @@ class PrismModel(GatedModel):
         self.tokenizer = lm.tokenizer
         self.gate = gate
         self.adapter = adapter
+        self.adapter_name = ADAPTER  # a reload loads the new adapter under a new name, then drops the old one
+        self.reloads = 0
         self.run_path = run_path
         context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or context, context)
@@ -76,28 +85,59 @@ class PrismModel(GatedModel):
         """Load the base model, the adapter and the gate of a finished bootstrap run, once."""
         run, manifest, config = open_finished_run(run_dir, trust_remote_code)
         lm = load_model(config["model"], device=device, trust_remote_code=trust_remote_code, safetensors_only=True)
-        recorded = manifest.get("model") or {}
-        for key in ("num_layers", "hidden_size", "parameters"):
-            if recorded.get(key) is not None and recorded[key] != lm.identity.get(key):
-                raise PrismError(f"the model {config['model']!r} now has {key}={lm.identity.get(key)} but the run "
-                                 f"was trained on {key}={recorded[key]}: the adapter and gate do not fit it")
+        check_model_identity(manifest, config, lm)
         gate = load_gate(run, threshold)
         adapter = None
-        adapter_dir = run.path / "adapter"
-        if (adapter_dir / "adapter_config.json").is_file():
-            if not (adapter_dir / "adapter_model.safetensors").is_file():
-                raise PrismError(f"{adapter_dir} holds no adapter_model.safetensors; PRISM loads no pickled weights")
-            adapter = PeftModel.from_pretrained(lm.model, str(adapter_dir), adapter_name=ADAPTER).eval()
-        return cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len,
-                   gate_lm=gate_feature_model(lm, config["model"], trust_remote_code))
+        if adapter_file(run.path) is not None:
+            adapter = PeftModel.from_pretrained(lm.model, str(run.path / "adapter"), adapter_name=ADAPTER).eval()
+        model = cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len,
+                    gate_lm=gate_feature_model(lm, config["model"], trust_remote_code))
+        model.trust_remote_code = trust_remote_code
+        return model
 
     @property
     def has_adapter(self) -> bool:
         return self.adapter is not None
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
-        """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
-        return gate_decisions(self.gate_lm, self.gate, conversations)
+        """The gate's route for each conversation, without generating (embeddings and block 0 only). It waits
+        for a batch being generated: the prefill's gate hook sits on the same block 0."""
+        with self._lock:
+            return gate_decisions(self.gate_lm, self.gate, conversations)
+
+    def reload(self) -> dict[str, Any]:
+        """Read the run's gate, threshold and adapter again, between batches: a batch being generated
+        finishes on the old adapter, the next one runs on the new. A reload that fails leaves the old run
+        serving. The base model stays as loaded (a run made on another model needs a restart)."""
+        if self.run_path is None:
+            raise PrismError("this model was not loaded from a run directory: there is nothing to reload")
+        with self._lock:
+            run, manifest, config = open_finished_run(self.run_path, self.trust_remote_code)
+            check_model_identity(manifest, config, self.lm)
+            gate = load_gate(run, None)
+            has_adapter = adapter_file(run.path) is not None
+            check_adapter_for_gate(gate, has_adapter)
+            check_adapter_unchanged(run.path, self.adapter is not None, has_adapter)
+            if self.adapter is not None:
+                self._swap_adapter(run.path / "adapter")
+            self.gate = gate
+            self.reloads += 1
+        return {"threshold": self.threshold, "adapter": self.adapter is not None, "reloads": self.reloads}
+
+    def _swap_adapter(self, adapter_dir: Path) -> None:
+        assert self.adapter is not None
+        new_name = f"{ADAPTER}-{self.reloads + 1}"
+        try:
+            self.adapter.load_adapter(str(adapter_dir), adapter_name=new_name)
+        except Exception as exc:  # shapes that do not fit, a corrupt file: PEFT raises several kinds
+            if new_name in self.adapter.peft_config:
+                self.adapter.delete_adapter(new_name)
+            raise PrismError(f"the adapter in {adapter_dir} does not fit the base model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300]}); the old adapter keeps serving") from None
+        old_name, self.adapter_name = self.adapter_name, new_name
+        self.adapter.set_adapter(new_name)
+        self.adapter.delete_adapter(old_name)
+        self.adapter.eval()
 
     def _apply_routes(self, persona_rows: list[bool] | None) -> None:
         """Set how the LoRA layers treat the rows of the next forward pass (None: adapter on, PEFT's
@@ -113,7 +153,7 @@ class PrismModel(GatedModel):
                 self.adapter.base_model.disable_adapter_layers()
             self._adapter_enabled = enable
         mixed = persona_rows is not None and len(set(persona_rows)) > 1
-        self._row_adapters = [ADAPTER if p else NO_ADAPTER for p in persona_rows] if mixed else None
+        self._row_adapters = [self.adapter_name if p else NO_ADAPTER for p in persona_rows] if mixed else None
 
     def _inject_row_adapters(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._row_adapters is None:
