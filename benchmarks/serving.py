@@ -3,9 +3,11 @@
 1. routing overhead: per-request latency of the gated route (auto) against the forced route, batch 1,
    greedy, equal lengths (end-of-text ignored);
 2. mixed-batch throughput: 32 requests, half forced to each route, against 32 base-only requests;
-3. the server under load: `prism serve` in its own process, 64 concurrent openai clients on loopback.
+3. the server under load: `prism serve` in its own process, 64 concurrent openai clients on loopback;
+4. what the Prometheus metrics cost: requests/s of two in-process servers on the same model, one with
+   metrics (and /metrics scraped every second) and one without, in interleaved rounds.
 
-    .venv/bin/python benchmarks/serving.py [--run runs/bench] [--tokens 32]
+    .venv/bin/python benchmarks/serving.py [--run runs/bench] [--tokens 32] [--only metrics]
 
 A run directory with a trained adapter and gate is needed; if --run has none, a tiny-preset bootstrap
 makes one there first (~5 minutes).
@@ -130,6 +132,69 @@ def server_load(run: str, queries: list[str], clients: int, tokens: int) -> None
         print(f"   error: {error}")
 
 
+def start_in_thread(app: object) -> tuple[object, str]:
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def metrics_cost(model: PrismModel, queries: list[str], clients: int, requests: int, tokens: int,
+                 rounds: int) -> None:
+    import threading
+
+    import httpx2
+
+    from prism.serving.server import create_app
+
+    servers = {name: start_in_thread(create_app(model, max_batch_size=32, metrics=name == "metrics"))
+               for name in ("metrics", "plain")}
+    rates: dict[str, list[float]] = {name: [] for name in servers}
+
+    def one_round(url: str, scrape: bool) -> float:
+        stop = threading.Event()
+
+        def scraper() -> None:
+            while not stop.wait(1.0):
+                httpx2.get(url + "/metrics", timeout=30)
+
+        def one(index: int) -> None:
+            reply = httpx2.post(url + "/v1/chat/completions", timeout=600, json={
+                "model": "prism", "messages": [{"role": "user", "content": queries[index % len(queries)]}],
+                "max_tokens": tokens, "temperature": 0})
+            reply.raise_for_status()
+
+        if scrape:
+            threading.Thread(target=scraper, daemon=True).start()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(requests)))
+        stop.set()
+        return requests / (time.perf_counter() - started)
+
+    for _, url in servers.values():
+        one_round(url, scrape=False)  # warm-up
+    for index in range(rounds):
+        order = list(servers) if index % 2 == 0 else list(reversed(servers))
+        for name in order:
+            rates[name].append(one_round(servers[name][1], scrape=name == "metrics"))
+    for server, _ in servers.values():
+        server.should_exit = True
+    best = {name: max(values) for name, values in rates.items()}
+    print(f"4. metrics cost: {rounds} interleaved rounds of {requests} requests from {clients} clients, "
+          f"up to {tokens} tokens, /metrics scraped every second on the metrics server")
+    for name, values in rates.items():
+        print(f"   {name:8} requests/s per round: {', '.join(f'{v:.2f}' for v in values)}")
+    print(f"   with metrics / without, best round: {best['metrics'] / best['plain']:.3f}; median round: "
+          f"{statistics.median(rates['metrics']) / statistics.median(rates['plain']):.3f}")
+
+
 def main() -> None:
     silence_library_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -139,6 +204,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="requests in the mixed-batch comparison")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients in the load test")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the mixed-batch comparison")
+    parser.add_argument("--only", choices=("routing", "mixed", "load", "metrics"), help="run one part only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -152,10 +218,15 @@ def main() -> None:
     if model.adapter is None:
         raise SystemExit(f"{args.run} has no adapter (distill was skipped): the persona route cannot be measured")
     model.generate(queries[0], max_tokens=4)  # warm-up: first-call allocations are not routing cost
-    routing_overhead(model, queries[: args.prompts], args.tokens)
-    mixed_batch(model, (queries * args.batch)[: args.batch], args.tokens, args.repeats)
+    if args.only in (None, "routing"):
+        routing_overhead(model, queries[: args.prompts], args.tokens)
+    if args.only in (None, "mixed"):
+        mixed_batch(model, (queries * args.batch)[: args.batch], args.tokens, args.repeats)
+    if args.only in (None, "metrics"):
+        metrics_cost(model, queries, clients=16, requests=64, tokens=args.tokens, rounds=max(4, args.repeats))
     del model
-    server_load(args.run, queries, args.clients, args.tokens)
+    if args.only in (None, "load"):
+        server_load(args.run, queries, args.clients, args.tokens)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,10 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--max-model-len", type=int, help="context window in tokens (default: the model's)")
     server.add_argument("--default-max-tokens", type=int, default=512,
                         help="completion length when a request gives no max_tokens (default 512)")
+    server.add_argument("--request-log", metavar="FILE", help="append one JSON line per request (route, gate "
+                        "probability, threshold, tokens, latency, status) to FILE, for audits and recalibration")
+    server.add_argument("--log-prompts", action="store_true", help="with --request-log: also log each request's "
+                        "messages (off by default: prompts may hold private data)")
     sidecar = server.add_argument_group("routing sidecar (the model runs upstream, e.g. vLLM with --enable-lora; "
                                         "`prism export vllm RUN` prints both commands)")
     sidecar.add_argument("--upstream", help="an OpenAI-compatible server's /v1 URL: load only the gate's inputs "
@@ -312,12 +316,14 @@ def run_serve(args: argparse.Namespace) -> None:
         serve_sidecar(args.run, upstream=args.upstream, base_model=args.upstream_base_model,
                       adapter_model=args.upstream_adapter_model, host=args.host, port=args.port,
                       api_key=args.api_key, upstream_api_key=args.upstream_api_key, threshold=args.threshold,
-                      device=args.device, trust_remote_code=args.trust_remote_code)
+                      device=args.device, trust_remote_code=args.trust_remote_code,
+                      request_log=args.request_log, log_prompts=args.log_prompts)
         return
     from prism.serving.server import serve
 
     serve(_load_gated(args, args.max_model_len), host=args.host, port=args.port, api_key=args.api_key,
-          max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens)
+          max_batch_size=args.max_batch_size, default_max_tokens=args.default_max_tokens,
+          request_log=args.request_log, log_prompts=args.log_prompts)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {

@@ -110,3 +110,56 @@ def test_export_vllm_prints_both_commands(tiny_run, capsys):
 def test_sidecar_flags_need_both_model_names(tiny_run, capsys):
     assert main(["serve", str(tiny_run), "--upstream", "http://127.0.0.1:1/v1"]) == 2
     assert "--upstream-base-model and --upstream-adapter-model" in capsys.readouterr().err
+
+
+def test_sidecar_route_endpoint_metrics_and_reload(stack, tiny_run, tmp_path):
+    """The sidecar's own /v1/route agrees with the route it forwards under; /metrics counts requests by route
+    and upstream errors by kind (parsed by prometheus_client); a reload picks up the run's new threshold and a
+    bad one keeps the old gate."""
+    import shutil
+
+    import httpx2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from prism.lm.gate import save_threshold
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    router = Router.from_run(run, device="cpu")
+    sidecar = LiveServer(create_sidecar_app(router, stack.upstream.url + "/v1", "prism-base", "prism-persona",
+                                            api_key=KEY)).start()
+    broken = LiveServer(create_sidecar_app(router, "http://127.0.0.1:9/v1", "prism-base", "prism-persona")).start()
+    http = httpx2.Client(base_url=sidecar.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+    def metrics(client):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(client.get("/metrics").text) for s in family.samples}
+
+    try:
+        for query in PERSONA_QUERIES + BASE_QUERIES:
+            decided = http.post("/v1/route", json={"messages": ask(query)}).json()
+            taken = http.post("/v1/chat/completions", json={"model": "prism", "messages": ask(query),
+                                                             "max_tokens": 3}).json()["prism"]
+            assert decided["route"] == taken["route"] and decided["threshold"] == taken["threshold"] == 0.5
+        counts = metrics(http)
+        assert counts[("prism_requests_total", (("endpoint", "chat"), ("model", "prism"), ("route", "persona"),
+                                                ("status", "200")))] == len(PERSONA_QUERIES)
+        assert counts[("prism_requests_total", (("endpoint", "route"), ("model", "prism"), ("route", "base"),
+                                                ("status", "200")))] == len(BASE_QUERIES)
+        assert counts[("prism_completion_tokens_total", (("route", "persona"),))] > 0
+        assert httpx2.get(sidecar.url + "/metrics").status_code == 401
+        with httpx2.Client(base_url=broken.url, timeout=60) as direct:
+            unreachable = direct.post("/v1/chat/completions", json={"model": "prism", "messages": ask("hi")})
+            assert unreachable.status_code == 502
+            assert metrics(direct)[("prism_upstream_errors_total", (("kind", "unreachable"),))] == 1
+
+        save_threshold(run / "gate", 0.97)
+        assert http.post("/admin/reload").json()["threshold"] == 0.97
+        assert http.post("/v1/route", json={"messages": ask(PERSONA_QUERIES[0])}).json()["threshold"] == 0.97
+        (run / "gate" / "config.json").write_text("{broken")
+        failed = http.post("/admin/reload")
+        assert failed.status_code == 409 and "keeps serving" in failed.json()["error"]["message"]
+        assert router.threshold == 0.97
+    finally:
+        http.close()
+        sidecar.stop()
+        broken.stop()

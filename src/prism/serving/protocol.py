@@ -10,10 +10,13 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prism.inference.base import RouteDecision
+
 MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
+PROTECTED = ("/v1/", "/metrics", "/admin/")  # what the API key guards (/health stays open for probes)
 
 
 class TextPart(BaseModel):
@@ -54,6 +57,43 @@ class ChatCompletionRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
+class RouteRequest(BaseModel):
+    """POST /v1/route: one conversation (`messages`) or several (`batch`), routed without generating."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = "prism"
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    batch: list[list[ChatMessage]] | None = Field(None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def one_of_messages_or_batch(self) -> RouteRequest:
+        if (self.messages is None) == (self.batch is None):
+            raise ValueError("send exactly one of messages (one conversation) or batch (a list of them)")
+        if self.batch is not None and any(not conversation for conversation in self.batch):
+            raise ValueError("every conversation of the batch needs at least one message")
+        return self
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        return [as_dicts(c) for c in ([self.messages] if self.messages is not None else self.batch or [])]
+
+
+def as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
+def up_to_last_user_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation the gate reads: everything up to its last user message (a reply prefix after it
+    does not change the route)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ApiError(400, "the conversation has no user message to route on", param="messages")
+    return messages[: users[-1] + 1]
+
+
+def decision_info(decision: RouteDecision, threshold: float) -> dict[str, Any]:
+    return {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
+            "threshold": threshold}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -77,8 +117,8 @@ def check_model(name: str, models: list[str]) -> None:
 
 
 def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -> None:
-    """OpenAI-format errors for every failure, the optional bearer key on /v1/, and /v1/models (shared by
-    `prism serve` and the routing sidecar)."""
+    """OpenAI-format errors for every failure, the optional bearer key on /v1/, /metrics and /admin/, and
+    /v1/models (shared by `prism serve` and the routing sidecar)."""
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -105,7 +145,7 @@ def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(PROTECTED):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 message = "missing API key" if not given else "incorrect API key"

@@ -14,25 +14,31 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from prism.errors import ContextLengthError, PrismError
-from prism.inference.base import GatedModel, GenerationRequest, StreamEvent
+from prism.inference.base import Completion, GatedModel, GenerationRequest, StreamEvent
 from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
+from prism.serving.metrics import ServingMetrics
+from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
     MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
+    RouteRequest,
     check_model,
     install_openai_edges,
     served_models,
 )
+from prism.serving.reload import reload_on_sighup, reload_run
+from prism.serving.request_log import RequestLog
+from prism.serving.route_api import route_conversations
 
 log = logging.getLogger("prism")
 
@@ -51,8 +57,10 @@ class Batcher:
     """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
     waiting max_wait_s for more to arrive) and runs them as one batch."""
 
-    def __init__(self, model: GatedModel, max_batch_size: int = 32, max_wait_s: float = 0.01):
+    def __init__(self, model: GatedModel, max_batch_size: int = 32, max_wait_s: float = 0.01,
+                 on_batch: Callable[[int], None] | None = None):
         self.model = model
+        self.on_batch = on_batch  # told each batch's size (the batch-size histogram)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.waiting: queue.Queue[Job | None] = queue.Queue()
@@ -94,6 +102,8 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
         finished: set[int] = set()
         try:
             for event in self.model.stream([job.request for job in jobs]):
@@ -108,8 +118,10 @@ class Batcher:
 
 
 def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size: int = 32,
-               default_max_tokens: int = 512) -> FastAPI:
-    batcher = Batcher(model, max_batch_size=max_batch_size)
+               default_max_tokens: int = 512, metrics: bool = True, request_log: RequestLog | None = None) -> FastAPI:
+    observed = ServingMetrics() if metrics else None
+    batcher = Batcher(model, max_batch_size=max_batch_size,
+                      on_batch=observed.batch_size.observe if observed is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -119,28 +131,42 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.reload = lambda: reload_run(model, observed)
     models = served_models(model.has_adapter)
-
     install_openai_edges(app, api_key, models)
+    install_observability(app, observed, request_log, lambda: model.threshold)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "run": str(model.run_path), "engine": model.engine, "adapter": model.has_adapter,
                 "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches}
 
+    @app.post("/admin/reload")
+    async def admin_reload() -> dict[str, Any]:
+        return await asyncio.to_thread(app.state.reload)
+
+    @app.post("/v1/route")
+    async def route(body: RouteRequest, request: Request) -> Any:
+        return await route_conversations(body, request, models, model.decide, lambda: model.threshold, observed)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        record = request_record(request)
+        record["model"] = body.model
         check_model(body.model, models)
         generation = to_generation_request(model, body, default_max_tokens)
+        if request_log is not None and request_log.log_prompts:
+            record["messages"] = generation.messages
         job = batcher.submit(generation)
         first = await job.events.get()
         if isinstance(first, Exception):
             raise _as_api_error(first)
         prism = _prism_info(first, model.threshold)
+        note_decision(record, observed, "chat", prism)
         headers = {"x-prism-route": prism["route"]}
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            chunks = _sse_chunks(job, body, completion_id, prism)
+            chunks = _sse_chunks(job, body, completion_id, prism, record, observed)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
         text = []
         while True:
@@ -148,9 +174,11 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
             if isinstance(event, Exception):
                 raise _as_api_error(event)
             text.append(event.delta)
+            note_first_token(record, observed)
             if event.completion is not None:
                 break
         done = event.completion
+        note_usage(record, done)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -213,6 +241,10 @@ def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
             "threshold": threshold}
 
 
+def note_usage(record: dict[str, Any], done: Completion) -> None:
+    record.update(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+
+
 def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
@@ -222,8 +254,8 @@ def _usage(done: Any) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
-                      prism: dict[str, Any]) -> AsyncIterator[str]:
+async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str, prism: dict[str, Any],
+                      record: dict[str, Any], metrics: ServingMetrics | None) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -240,8 +272,10 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
                 yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type}})}\n\n"
                 break
             if event.delta:
+                note_first_token(record, metrics)
                 yield chunk({"content": event.delta})
             if event.completion is not None:
+                note_usage(record, event.completion)
                 yield chunk({}, _finish_reason(event.completion.finish_reason))
                 if body.stream_options and body.stream_options.include_usage:
                     data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -269,15 +303,16 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subproc
 
 
 def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 32, default_max_tokens: int = 512) -> None:
-    """Serve a loaded run (`routing.load_gated_model`) until interrupted."""
+          max_batch_size: int = 32, default_max_tokens: int = 512, request_log: str | None = None,
+          log_prompts: bool = False) -> None:
+    """Serve a loaded run (`prism.load_gated_model`) until interrupted; SIGHUP reloads the run."""
     import uvicorn
 
     silence_library_warnings()
-
-    app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens)
+    requests = RequestLog(request_log, log_prompts=log_prompts) if request_log else None
+    app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens,
+                     request_log=requests)
+    reload_on_sighup(app.state.reload)
     log.info("serving %s on http://%s:%d/v1 with %s (models: prism, prism-base%s)", model.run_path, host, port,
-             model.engine,
-             ", prism-persona" if model.has_adapter else "")
+             model.engine, ", prism-persona" if model.has_adapter else "")
     uvicorn.run(app, host=host, port=port, log_level="warning")
-

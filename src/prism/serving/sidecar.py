@@ -25,21 +25,31 @@ from pydantic import ValidationError
 from prism.errors import PrismError
 from prism.inference.base import RouteDecision
 from prism.inference.router import Router
+from prism.serving.metrics import ServingMetrics
+from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
     MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
+    RouteRequest,
+    as_dicts,
     check_model,
+    decision_info,
     install_openai_edges,
     served_models,
+    up_to_last_user_turn,
 )
+from prism.serving.reload import reload_on_sighup, reload_run
+from prism.serving.request_log import RequestLog
+from prism.serving.route_api import route_conversations
 
 log = logging.getLogger("prism")
 
 
 def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_model: str, *,
                        api_key: str | None = None, upstream_api_key: str | None = None,
-                       timeout_s: float = 600.0) -> FastAPI:
+                       timeout_s: float = 600.0, metrics: bool = True, request_log: RequestLog | None = None
+                       ) -> FastAPI:
     upstream = upstream.rstrip("/")
     headers = {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
     client = httpx2.AsyncClient(base_url=upstream, headers=headers, timeout=timeout_s)
@@ -51,8 +61,23 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
 
     app = FastAPI(title="PRISM routing sidecar", lifespan=lifespan)
     models = served_models(router.has_adapter)
+    observed = ServingMetrics(sidecar=True) if metrics else None
     install_openai_edges(app, api_key, models)
+    install_observability(app, observed, request_log, lambda: router.threshold)
     upstream_names = {"base": base_model, "persona": adapter_model}
+    app.state.reload = lambda: reload_run(router, observed)
+
+    def upstream_failed(kind: str) -> None:
+        if observed is not None:
+            observed.upstream_errors.labels(kind).inc()
+
+    @app.post("/admin/reload")
+    async def admin_reload() -> dict[str, Any]:
+        return await asyncio.to_thread(app.state.reload)
+
+    @app.post("/v1/route")
+    async def route(body: RouteRequest, request: Request) -> Any:
+        return await route_conversations(body, request, models, router.decide, lambda: router.threshold, observed)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -71,26 +96,35 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
             parsed = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
+        record = request_record(request)
+        record["model"] = parsed.model
         check_model(parsed.model, models)
         decision = await asyncio.to_thread(_route, router, parsed)
-        info = {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
-                "threshold": router.threshold, "upstream_model": upstream_names[decision.route]}
+        info = {**decision_info(decision, router.threshold), "upstream_model": upstream_names[decision.route]}
+        note_decision(record, observed, "chat", info)
+        if request_log is not None and request_log.log_prompts:
+            record["messages"] = as_dicts(parsed.messages)
         forwarded = {**body, "model": upstream_names[decision.route]}
         route_header = {"x-prism-route": decision.route}
         try:
             reply = await client.send(client.build_request("POST", "/chat/completions", json=forwarded),
                                       stream=bool(parsed.stream))
         except httpx2.RequestError as exc:
+            upstream_failed("unreachable")
             raise ApiError(502, f"the upstream server at {upstream} is unreachable: {type(exc).__name__}: {exc}",
                            "upstream_error", code="upstream_unreachable") from None
         if reply.status_code >= 400:
+            upstream_failed(str(reply.status_code))
             await reply.aread()
             await reply.aclose()
             return _upstream_error(reply, route_header)
         if parsed.stream:
-            return StreamingResponse(_relay(reply, parsed.model, info), media_type="text/event-stream",
-                                     headers=route_header)
+            return StreamingResponse(_relay(reply, parsed.model, info, record, observed),
+                                     media_type="text/event-stream", headers=route_header)
         data = reply.json()
+        usage = data.get("usage") or {}
+        if usage.get("prompt_tokens") is not None:
+            record.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens", 0))
         return JSONResponse({**data, "model": parsed.model, "prism": info}, headers=route_header)
 
     return app
@@ -100,12 +134,7 @@ def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
     route = MODEL_ROUTES[body.model]
     if route != "auto":
         return RouteDecision(route, None, forced=True)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    users = [m for m in messages if m["role"] == "user"]
-    if not users:
-        raise ApiError(400, "the conversation has no user message to route on", param="messages")
-    # the gate reads the last user turn (an assistant prefix after it does not change the route)
-    return router.decide([messages[: messages.index(users[-1]) + 1]])[0]
+    return router.decide([up_to_last_user_turn(as_dicts(body.messages))])[0]
 
 
 def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResponse:
@@ -121,7 +150,8 @@ def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResp
                     "upstream_error").response(headers)
 
 
-async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> AsyncIterator[str]:
+async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any], record: dict[str, Any],
+                 metrics: ServingMetrics | None) -> AsyncIterator[str]:
     """The upstream's server-sent events, each chunk renamed to the client's model; the first carries `prism`."""
     first = True
     try:
@@ -141,6 +171,8 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> As
                 chunk["model"] = model
                 if first:
                     chunk["prism"], first = info, False
+                if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or []):
+                    note_first_token(record, metrics)
             yield f"data: {json.dumps(chunk)}\n\n"
     finally:
         await reply.aclose()
@@ -148,7 +180,8 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any]) -> As
 
 def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: str, host: str = "127.0.0.1",
                   port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
-                  threshold: float | None = None, device: str = "auto", trust_remote_code: bool = False) -> None:
+                  threshold: float | None = None, device: str = "auto", trust_remote_code: bool = False,
+                  request_log: str | None = None, log_prompts: bool = False) -> None:
     import uvicorn
 
     if not (base_model and adapter_model):
@@ -161,7 +194,9 @@ def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: st
              f" = {100 * share:.1f}%" if share else "")
     log.info("routing %s on http://%s:%d/v1 to %s (base %r, adapter %r)", run, host, port, upstream, base_model,
              adapter_model)
+    requests = RequestLog(request_log, log_prompts=log_prompts) if request_log else None
     app = create_sidecar_app(router, upstream, base_model, adapter_model, api_key=api_key,
-                             upstream_api_key=upstream_api_key)
+                             upstream_api_key=upstream_api_key, request_log=requests)
+    reload_on_sighup(app.state.reload)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
