@@ -149,45 +149,66 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
     async def route(body: RouteRequest, request: Request) -> Any:
         return await route_conversations(body, request, models, model.decide, lambda: model.threshold, observed)
 
+    served = Served(model, batcher, models, default_max_tokens, observed, request_log)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        record = request_record(request)
-        record["model"] = body.model
-        check_model(body.model, models)
-        generation = to_generation_request(model, body, default_max_tokens)
-        if request_log is not None and request_log.log_prompts:
-            record["messages"] = generation.messages
-        job = batcher.submit(generation)
-        first = await job.events.get()
-        if isinstance(first, Exception):
-            raise _as_api_error(first)
-        prism = _prism_info(first, model.threshold)
-        note_decision(record, observed, "chat", prism)
-        headers = {"x-prism-route": prism["route"]}
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            chunks = _sse_chunks(job, body, completion_id, prism, record, observed)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        text = []
-        while True:
-            event = await job.events.get()
-            if isinstance(event, Exception):
-                raise _as_api_error(event)
-            text.append(event.delta)
-            note_first_token(record, observed)
-            if event.completion is not None:
-                break
-        done = event.completion
-        note_usage(record, done)
-        return JSONResponse({
-            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "logprobs": None if done.logprobs is None else {"content": done.logprobs},
-                         "finish_reason": _finish_reason(done.finish_reason)}],
-            "usage": _usage(done), "prism": prism,
-        }, headers=headers)
+        return await complete_chat(served, body, request)
 
     return app
+
+
+@dataclass
+class Served:
+    """What the chat endpoint of `prism serve` works with."""
+
+    model: GatedModel
+    batcher: Batcher
+    models: list[str]
+    default_max_tokens: int
+    metrics: ServingMetrics | None
+    request_log: RequestLog | None
+
+
+async def complete_chat(served: Served, body: ChatCompletionRequest, request: Request) -> Any:
+    """POST /v1/chat/completions: the request joins the next batch; its route comes first, then its text,
+    whole or streamed."""
+    model, observed = served.model, served.metrics
+    record = request_record(request)
+    record["model"] = body.model
+    check_model(body.model, served.models)
+    generation = to_generation_request(model, body, served.default_max_tokens)
+    if served.request_log is not None and served.request_log.log_prompts:
+        record["messages"] = generation.messages
+    job = served.batcher.submit(generation)
+    first = await job.events.get()
+    if isinstance(first, Exception):
+        raise _as_api_error(first)
+    prism = _prism_info(first, model.threshold)
+    note_decision(record, observed, "chat", prism)
+    headers = {"x-prism-route": prism["route"]}
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        chunks = _sse_chunks(job, body, completion_id, prism, record, observed)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+    text = []
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Exception):
+            raise _as_api_error(event)
+        text.append(event.delta)
+        note_first_token(record, observed)
+        if event.completion is not None:
+            break
+    done = event.completion
+    note_usage(record, done)
+    return JSONResponse({
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                     "logprobs": None if done.logprobs is None else {"content": done.logprobs},
+                     "finish_reason": _finish_reason(done.finish_reason)}],
+        "usage": _usage(done), "prism": prism,
+    }, headers=headers)
 
 
 def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
@@ -67,9 +68,8 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
     upstream_names = {"base": base_model, "persona": adapter_model}
     app.state.reload = lambda: reload_run(router, observed)
 
-    def upstream_failed(kind: str) -> None:
-        if observed is not None:
-            observed.upstream_errors.labels(kind).inc()
+    forwarder = Forwarder(router, client, upstream, upstream_names, models,
+                          observed, request_log)
 
     @app.post("/admin/reload")
     async def admin_reload() -> dict[str, Any]:
@@ -86,40 +86,49 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-        try:  # the same checks as prism serve, and the same 422 when they fail
-            parsed = ChatCompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
+        return await forwarder.chat(request)
+
+    return app
+
+
+@dataclass
+class Forwarder:
+    """The sidecar's chat endpoint: route here, generate upstream under the route's model name."""
+
+    router: Router
+    client: httpx2.AsyncClient
+    upstream: str
+    upstream_names: dict[str, str]  # route -> the model name upstream
+    models: list[str]
+    metrics: ServingMetrics | None
+    request_log: RequestLog | None
+
+    async def chat(self, request: Request) -> Any:
+        body, parsed = await _parse_chat(request)
         record = request_record(request)
         record["model"] = parsed.model
-        check_model(parsed.model, models)
-        decision = await asyncio.to_thread(_route, router, parsed)
-        info = {**decision_info(decision, router.threshold), "upstream_model": upstream_names[decision.route]}
-        note_decision(record, observed, "chat", info)
-        if request_log is not None and request_log.log_prompts:
+        check_model(parsed.model, self.models)
+        decision = await asyncio.to_thread(_route, self.router, parsed)
+        info = {**decision_info(decision, self.router.threshold), "upstream_model": self.upstream_names[decision.route]}
+        note_decision(record, self.metrics, "chat", info)
+        if self.request_log is not None and self.request_log.log_prompts:
             record["messages"] = as_dicts(parsed.messages)
-        forwarded = {**body, "model": upstream_names[decision.route]}
+        forwarded = {**body, "model": self.upstream_names[decision.route]}
         route_header = {"x-prism-route": decision.route}
         try:
-            reply = await client.send(client.build_request("POST", "/chat/completions", json=forwarded),
-                                      stream=bool(parsed.stream))
+            reply = await self.client.send(self.client.build_request("POST", "/chat/completions", json=forwarded),
+                                           stream=bool(parsed.stream))
         except httpx2.RequestError as exc:
-            upstream_failed("unreachable")
-            raise ApiError(502, f"the upstream server at {upstream} is unreachable: {type(exc).__name__}: {exc}",
-                           "upstream_error", code="upstream_unreachable") from None
+            self._failed("unreachable")
+            raise ApiError(502, f"the upstream server at {self.upstream} is unreachable: {type(exc).__name__}: "
+                           f"{exc}", "upstream_error", code="upstream_unreachable") from None
         if reply.status_code >= 400:
-            upstream_failed(str(reply.status_code))
+            self._failed(str(reply.status_code))
             await reply.aread()
             await reply.aclose()
             return _upstream_error(reply, route_header)
         if parsed.stream:
-            return StreamingResponse(_relay(reply, parsed.model, info, record, observed),
+            return StreamingResponse(_relay(reply, parsed.model, info, record, self.metrics),
                                      media_type="text/event-stream", headers=route_header)
         data = reply.json()
         usage = data.get("usage") or {}
@@ -127,7 +136,23 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
             record.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens", 0))
         return JSONResponse({**data, "model": parsed.model, "prism": info}, headers=route_header)
 
-    return app
+    def _failed(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_errors.labels(kind).inc()
+
+
+async def _parse_chat(request: Request) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """The body as sent (forwarded as it is) and as validated, with prism serve's checks and errors."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:  # the same checks as prism serve, and the same 422 when they fail
+        return body, ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
 
 
 def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
