@@ -79,10 +79,11 @@ class ObserveRequests:
             nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False) and not finished:
+                # recorded before the last byte leaves: a client that has its reply finds it in the log
                 finished = True
                 self.finish(endpoint, status, time.perf_counter() - started, record)
+            await send(message)
 
         try:
             await self.app(scope, receive, observed_send)

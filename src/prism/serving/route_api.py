@@ -1,5 +1,6 @@
-"""POST /v1/route on `prism serve` and the sidecar: the gate's route for one conversation or a batch,
-without generating, for gateways that pick a backend themselves."""
+"""The run-level endpoints `prism serve` and the sidecar share: POST /v1/route (the gate's route for one
+conversation or a batch, without generating, for gateways that pick a backend themselves) and
+POST /admin/reload (the run read again, as SIGHUP does)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 
-from prism.inference.base import RouteDecision
+from prism.inference.base import GatedModel, RouteDecision
+from prism.inference.router import Router
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import note_decision, request_record
 from prism.serving.protocol import MODEL_ROUTES, RouteRequest, check_model, decision_info, up_to_last_user_turn
+from prism.serving.reload import reload_run
 
 
 async def route_conversations(body: RouteRequest, request: Request, models: list[str],
@@ -36,3 +39,18 @@ async def route_conversations(body: RouteRequest, request: Request, models: list
         return infos[0]
     record.update(route="batch", requests=len(infos), threshold=infos[0]["threshold"])
     return {"object": "list", "data": infos}
+
+
+def install_route_and_reload(app: FastAPI, target: GatedModel | Router, models: list[str],
+                             metrics: ServingMetrics | None) -> None:
+    """/v1/route and /admin/reload for `target` (a served model, or the sidecar's router); app.state.reload
+    is what SIGHUP calls."""
+    app.state.reload = lambda: reload_run(target, metrics)
+
+    @app.post("/admin/reload")
+    async def admin_reload() -> dict[str, Any]:
+        return await asyncio.to_thread(app.state.reload)
+
+    @app.post("/v1/route")
+    async def route(body: RouteRequest, request: Request) -> Any:
+        return await route_conversations(body, request, models, target.decide, lambda: target.threshold, metrics)

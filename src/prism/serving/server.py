@@ -31,14 +31,13 @@ from prism.serving.protocol import (
     MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
-    RouteRequest,
     check_model,
     install_openai_edges,
     served_models,
 )
-from prism.serving.reload import reload_on_sighup, reload_run
+from prism.serving.reload import reload_on_sighup
 from prism.serving.request_log import RequestLog
-from prism.serving.route_api import route_conversations
+from prism.serving.route_api import install_route_and_reload
 
 log = logging.getLogger("prism")
 
@@ -131,7 +130,6 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.batcher = batcher
-    app.state.reload = lambda: reload_run(model, observed)
     models = served_models(model.has_adapter)
     install_openai_edges(app, api_key, models)
     install_observability(app, observed, request_log, lambda: model.threshold)
@@ -141,14 +139,7 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
         return {"status": "ok", "run": str(model.run_path), "engine": model.engine, "adapter": model.has_adapter,
                 "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches}
 
-    @app.post("/admin/reload")
-    async def admin_reload() -> dict[str, Any]:
-        return await asyncio.to_thread(app.state.reload)
-
-    @app.post("/v1/route")
-    async def route(body: RouteRequest, request: Request) -> Any:
-        return await route_conversations(body, request, models, model.decide, lambda: model.threshold, observed)
-
+    install_route_and_reload(app, model, models, observed)
     served = Served(model, batcher, models, default_max_tokens, observed, request_log)
 
     @app.post("/v1/chat/completions")

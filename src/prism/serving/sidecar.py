@@ -32,7 +32,6 @@ from prism.serving.protocol import (
     MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
-    RouteRequest,
     as_dicts,
     check_model,
     decision_info,
@@ -40,9 +39,9 @@ from prism.serving.protocol import (
     served_models,
     up_to_last_user_turn,
 )
-from prism.serving.reload import reload_on_sighup, reload_run
+from prism.serving.reload import reload_on_sighup
 from prism.serving.request_log import RequestLog
-from prism.serving.route_api import route_conversations
+from prism.serving.route_api import install_route_and_reload
 
 log = logging.getLogger("prism")
 
@@ -66,18 +65,10 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
     install_openai_edges(app, api_key, models)
     install_observability(app, observed, request_log, lambda: router.threshold)
     upstream_names = {"base": base_model, "persona": adapter_model}
-    app.state.reload = lambda: reload_run(router, observed)
 
-    forwarder = Forwarder(router, client, upstream, upstream_names, models,
-                          observed, request_log)
+    forwarder = Forwarder(router, client, upstream, upstream_names, models, observed, request_log)
 
-    @app.post("/admin/reload")
-    async def admin_reload() -> dict[str, Any]:
-        return await asyncio.to_thread(app.state.reload)
-
-    @app.post("/v1/route")
-    async def route(body: RouteRequest, request: Request) -> Any:
-        return await route_conversations(body, request, models, router.decide, lambda: router.threshold, observed)
+    install_route_and_reload(app, router, models, observed)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
