@@ -73,16 +73,20 @@ class ObserveRequests:
         started = time.perf_counter()
         record: dict[str, Any] = {"started": started}
         scope.setdefault("state", {})["record"] = record  # what request_record(request) returns
-        status, finished = 500, False
+        status, finished, length, sent = 500, False, None, 0
 
         async def observed_send(message: dict[str, Any]) -> None:
-            nonlocal status, finished
+            nonlocal status, finished, length, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-            if message["type"] == "http.response.body" and not message.get("more_body", False) and not finished:
-                # recorded before the last byte leaves: a client that has its reply finds it in the log
-                finished = True
-                self.finish(endpoint, status, time.perf_counter() - started, record)
+                length = next((int(v) for k, v in message.get("headers", []) if k.lower() == b"content-length"), None)
+            elif message["type"] == "http.response.body" and not finished:
+                sent += len(message.get("body", b""))
+                # recorded before the last byte leaves (a client holding its reply finds it logged); a reply
+                # of known length may end before its final empty message
+                if not message.get("more_body", False) or (length is not None and sent >= length):
+                    finished = True
+                    self.finish(endpoint, status, time.perf_counter() - started, record)
             await send(message)
 
         try:
