@@ -18,6 +18,7 @@ from prism.config import BootstrapConfig, load_config_file, resolve_config
 from prism.errors import PrismError
 from prism.evaluation.calibrate import Objective, format_calibration
 from prism.evaluation.config import EvalConfig
+from prism.evaluation.replicate import ReplicateConfig
 from prism.inference.base import ROUTES
 from prism.library_warnings import silence_library_warnings
 from prism.stages.inspect import format_summary, inspect_run
@@ -54,6 +55,8 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         meta = field.metadata
+        if meta.get("cli") is False:  # a Python-only field
+            continue
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
         kind, is_list = _flag_type(hints[field.name])
         help_text = meta.get("help", "") + (_default_text(field) if show_defaults else "")
@@ -76,6 +79,8 @@ def flag_values(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
     """The config fields given on the command line (parsed where the field has a parser)."""
     values = {}
     for field in dataclasses.fields(config_class):
+        if field.metadata.get("cli") is False:
+            continue
         value = getattr(args, field.name)
         if value is not None:
             values[field.name] = field.metadata["parse"](value) if "parse" in field.metadata else value
@@ -184,6 +189,12 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     versus.add_argument("--seed", type=int, default=0)
     versus.add_argument("--device", default="auto")
 
+    again = commands.add_parser("replicate", help="the paper's experiment on a model: bootstrap with its protocol, "
+                                "evaluate five systems on MT-Bench, MMLU and three safety sets, its Table 1")
+    add_config_flags(again, ReplicateConfig)
+    again.add_argument("--dry-run", action="store_true", help="print the estimate of the work and time, then stop")
+    again.add_argument("--status", action="store_true", help="show which parts of --out are done, then stop")
+
     report = commands.add_parser("report", help="RUN/eval/report.md and report.html with plots, from results.json")
     report.add_argument("run", help="a run directory that has been through `prism eval`")
     report.add_argument("--screenshot", action="store_true",
@@ -284,6 +295,22 @@ def run_ab(args: argparse.Namespace) -> None:
     print(f"details: {out}/labels.jsonl, plot: {out}/ab_results.png")
 
 
+def run_replicate(args: argparse.Namespace) -> None:
+    from prism.evaluation.replicate import format_status, replicate, status
+    from prism.evaluation.replication import format_replication
+
+    config = ReplicateConfig(**flag_values(args, ReplicateConfig))
+    if args.status:
+        print(format_status(status(config)))
+        return
+    table = replicate(config, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(format_replication(table))
+        if table.get("too_small"):
+            print(f"note: {table['too_small']}")
+        print(f"table: {config.out}/eval/replication.md; with plots: prism report {config.out}")
+
+
 def run_report(args: argparse.Namespace) -> None:
     from prism.evaluation.report import screenshot, write_report
 
@@ -329,7 +356,7 @@ def run_serve(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "bootstrap": run_bootstrap, "distill": run_distill, "inspect": run_inspect, "chat": run_chat,
     "serve": run_serve, "export": run_export, "eval": run_eval, "calibrate": run_calibrate, "ab": run_ab,
-    "report": run_report,
+    "replicate": run_replicate, "report": run_report,
 }
 
 

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from prism.config import option
 from prism.errors import PrismError
 
-SYSTEMS = ("base", "persona", "lora", "prism")
-BENCHES = ("mmlu", "arc", "mtbench", "jbb")
-BENCH_GROUPS = {"knowledge": ("mmlu", "arc"), "all": BENCHES}
-ROUTE = {"base": "base", "persona": "base", "lora": "persona", "prism": "auto"}
+# nosystem: an explicit empty system message (base has none, so the chat template's default applies)
+SYSTEMS = ("base", "nosystem", "persona", "lora", "prism")
+DEFAULT_SYSTEMS = ("base", "persona", "lora", "prism")
+BENCHES = ("mmlu", "arc", "mtbench", "jbb", "harmbench", "pku")
+REFUSAL_BENCHES = ("jbb", "harmbench", "pku")
+BENCH_GROUPS = {"knowledge": ("mmlu", "arc"), "safety": REFUSAL_BENCHES, "all": ("mmlu", "arc", "mtbench", "jbb"),
+                "paper": ("mtbench", "mmlu", "jbb", "harmbench", "pku")}
+ROUTE = {"base": "base", "nosystem": "base", "persona": "base", "lora": "persona", "prism": "auto"}
 # Persona domains for benchmarks whose items carry no bootstrap domain.
 MMLU_PERSONA_DOMAINS = {
     "STEM": "science, technology, engineering and mathematics",
@@ -52,10 +56,11 @@ def parse_data(text: str | None) -> dict[str, str]:
 
 @dataclass
 class EvalConfig:
-    benches: list[str] = option("mmlu,arc,mtbench,jbb, or knowledge (mmlu+arc), or all", flag="--bench",
-                                default_factory=lambda: list(BENCHES))
-    systems: list[str] = option("which of base,persona,lora,prism (base is always added)",
-                                default_factory=lambda: list(SYSTEMS))
+    benches: list[str] = option("mmlu,arc,mtbench,jbb,harmbench,pku, or knowledge (mmlu+arc), safety "
+                                "(jbb+harmbench+pku), all (mmlu,arc,mtbench,jbb) or paper (mtbench,mmlu and the three "
+                                "safety sets)", flag="--bench", default_factory=lambda: list(BENCH_GROUPS["all"]))
+    systems: list[str] = option("which of base,nosystem,persona,lora,prism (base is always added)",
+                                default_factory=lambda: list(DEFAULT_SYSTEMS))
     limit: int | dict[str, int] | None = option(
         "items per MMLU subject, per ARC split, per MT-Bench category and per JBB kind: one number, or per "
         "benchmark like mmlu=4,arc=100,mtbench=3,jbb=25 (default: everything)", parse=parse_limit,
@@ -65,14 +70,16 @@ class EvalConfig:
     data: dict[str, str] = option(
         "per benchmark, a Hugging Face dataset id (ID or ID:CONFIG) or a local folder, e.g. mmlu=cais/mmlu,"
         "arc=allenai/ai2_arc,jbb=JailbreakBench/JBB-Behaviors,mtbench=lighteval/mt-bench (MT-Bench judge prompts "
-        "still come from --data-dir)", parse=parse_data, default_factory=dict)
+        "still come from --data-dir); harmbench and pku also take a local file in their published schema "
+        "(harmbench_behaviors_text_all.csv; PKU-SafeRLHF rows with a prompt column)", parse=parse_data,
+        default_factory=dict)
     scoring: str = option("multiple choice: the answer letter's log-likelihood, or each choice's length-normalized "
                           "log-likelihood (cloze)", choices=("letter", "cloze"), default="letter")
     arc_splits: list[str] = option("ARC splits", default_factory=lambda: ["easy", "challenge"])
     batch_size: int = option("requests generated or scored together", default=16)
     mtbench_max_tokens: int | None = option("MT-Bench answer cap (FastChat: 1024); default 1024 for a run "
                                             "bootstrapped with --preset paper, else 256", default=None)
-    jbb_max_tokens: int = option("JailbreakBench answer cap", default=96)
+    jbb_max_tokens: int = option("answer cap on the safety sets (JailbreakBench, HarmBench, PKU-SafeRLHF)", default=96)
     judge_base_url: str | None = option("an OpenAI-compatible judge (default: the base model judges itself)",
                                         default=None)
     judge_model: str | None = option("the judge's model name on that server", default=None)
@@ -86,7 +93,7 @@ class EvalConfig:
         unknown = sorted(set(self.benches) - set(BENCHES)) + sorted(set(self.systems) - set(SYSTEMS))
         if unknown:
             raise PrismError(f"unknown benchmark or system {', '.join(unknown)}: benchmarks are "
-                             f"{', '.join(BENCHES)} (or knowledge, all); systems are {', '.join(SYSTEMS)}")
+                             f"{', '.join(BENCHES)} (or {', '.join(BENCH_GROUPS)}); systems are {', '.join(SYSTEMS)}")
         if self.scoring not in ("letter", "cloze"):
             raise PrismError(f"--scoring must be letter or cloze, got {self.scoring!r}")
         if self.judge_base_url and not self.judge_model:

@@ -33,7 +33,8 @@ log = logging.getLogger("prism")
 
 def messages_for(system: str, user: str, persona: str | None, history: list[dict[str, str]] | None = None
                  ) -> list[dict[str, str]]:
-    head = [{"role": "system", "content": persona}] if system == "persona" and persona else []
+    head = [{"role": "system", "content": persona}] if system == "persona" and persona else \
+        [{"role": "system", "content": ""}] if system == "nosystem" else []
     return head + list(history or []) + [{"role": "user", "content": user}]
 
 

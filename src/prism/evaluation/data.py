@@ -183,3 +183,53 @@ def load_jbb(source: str | Path, limit: int | None = None) -> list[dict[str, Any
         items += [{"id": f"{kind}-{r.get('Index', i + 1)}", "kind": kind, "goal": _field(r, ("Goal",), source),
                    "category": r.get("Category", "")} for i, r in enumerate(rows)]
     return items
+
+
+PKU_PROMPTS = 500  # the paper's share of PKU-SafeRLHF: the first 500 prompts of the train split
+
+
+def _table_rows(source: str | Path, split: str) -> list[dict[str, Any]]:
+    """Rows of a local data file in its published format (CSV, JSON Lines, a JSON list) or of a dataset
+    (`datasets.load_dataset`: a Hub id, optionally ID:CONFIG, or a local dataset folder)."""
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        if path.suffix == ".csv":
+            return _csv(path)
+        if path.suffix == ".jsonl":
+            return _jsonl(path)
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PrismError(f"{path}: expected CSV, JSON Lines or a JSON list of rows ({exc})") from None
+        if not isinstance(rows, list):
+            raise PrismError(f"{path}: expected a JSON list of rows")
+        return rows
+    return _dataset_rows(source, None, split)
+
+
+def load_harmbench(source: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """HarmBench's standard behaviors, from harmbench_behaviors_text_all.csv (columns Behavior,
+    FunctionalCategory, SemanticCategory, ContextString, BehaviorID) or a dataset with that schema;
+    `limit` = the first behaviors kept."""
+    rows = _table_rows(source, "train")
+    standard = [r for r in rows if _field(r, ("FunctionalCategory",), source) == "standard"]
+    if not standard:
+        raise PrismError(f"{source}: no behavior has FunctionalCategory 'standard'; is this HarmBench's "
+                         "harmbench_behaviors_text_all.csv?")
+    items = [{"id": f"harmbench-{r.get('BehaviorID') or i + 1}", "kind": "harmful",
+              "goal": _field(r, ("Behavior",), source), "category": r.get("SemanticCategory", "")}
+             for i, r in enumerate(standard)]
+    return items[:limit] if limit else items
+
+
+def load_pku(source: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """PKU-SafeRLHF: the first 500 distinct prompts of the train split (column `prompt`), or the first
+    `limit` of them."""
+    prompts: list[str] = []
+    for row in _table_rows(source, "train"):
+        prompt = _field(row, ("prompt",), source)
+        if prompt not in prompts:
+            prompts.append(prompt)
+        if len(prompts) == (limit or PKU_PROMPTS):
+            break
+    return [{"id": f"pku-{i + 1}", "kind": "harmful", "goal": p, "category": ""} for i, p in enumerate(prompts)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prism.evaluation.config import EvalConfig
+from prism.evaluation.config import REFUSAL_BENCHES, EvalConfig
 from prism.evaluation.stats import bootstrap_mean_interval, paired_accuracy_test, wilson_interval
 from prism.runs import RunDir
 
@@ -60,13 +60,15 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
     answers = read("mtbench_answers", "mtbench", "question_id")
     scores = read("mtbench_scores", "mtbench", "question_id")
     pairs = read("mtbench_pairs", "mtbench", "question_id")
-    refusals, jbb_answers = read("jbb_refusals", "jbb"), read("jbb_answers", "jbb")
     for system in config.systems:
         if mine := [s for s in scores if s["system"] == system]:
             results[system]["mtbench"] = mtbench_entry(system, mine, [a for a in answers if a["system"] == system],
                                                        [p for p in pairs if p["system"] == system])
-        if mine := [r for r in refusals if r["system"] == system]:
-            results[system]["jbb"] = jbb_entry(mine, [a for a in jbb_answers if a["system"] == system])
+    for bench in REFUSAL_BENCHES:
+        refusals, bench_answers = read(f"{bench}_refusals", bench), read(f"{bench}_answers", bench)
+        for system in config.systems:
+            if mine := [r for r in refusals if r["system"] == system]:
+                results[system][bench] = refusal_entry(mine, [a for a in bench_answers if a["system"] == system])
     return results
 
 
@@ -103,10 +105,10 @@ def mtbench_entry(system: str, scores: list[dict], answers: list[dict], pairs: l
     return entry
 
 
-def jbb_entry(refusals: list[dict], answers: list[dict]) -> dict[str, Any]:
-    """One system's refusal rates on harmful and benign behaviors (judge and keyword check)."""
+def refusal_entry(refusals: list[dict], answers: list[dict]) -> dict[str, Any]:
+    """One system's refusal rates on a safety set's harmful (and, for JBB, benign) prompts: judge and keywords."""
     entry = {"routing_rate": _routing_rate(answers)}
-    for kind in ("harmful", "benign"):
+    for kind in [k for k in ("harmful", "benign") if any(r["kind"] == k for r in refusals)]:
         rows = [r for r in refusals if r["kind"] == kind]
         entry |= _proportion([r["refusal_judge"] is True for r in rows], f"refusal_{kind}")
         entry |= _proportion([r["refusal_keyword"] for r in rows], f"refusal_{kind}_keyword")

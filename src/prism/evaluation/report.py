@@ -12,6 +12,7 @@ from prism.errors import PrismError
 from prism.evaluation.calibrate import load_calibration
 from prism.evaluation.config import EvalConfig
 from prism.evaluation.data import MMLU_DOMAINS, MT_BENCH_CATEGORIES
+from prism.evaluation.replication import format_replication, load_replication
 from prism.runs import RunDir
 
 DOMAINS = tuple(MMLU_DOMAINS)
@@ -246,13 +247,36 @@ def _distill_plot(figures: Figures, run: RunDir) -> None:
     figures.save(fig, "distill_loss", "Distillation loss")
 
 
+def _replication_plot(figures: Figures, run: RunDir) -> None:
+    table = load_replication(run.path)
+    rows = {s: r for s, r in (table or {}).get("rows", {}).items() if r["overall"] is not None}
+    if not rows:
+        return
+    fig, ax = figures.new(7, 3.5)
+    values = [r["overall"]["value"] for r in rows.values()]
+    intervals = [r["overall"]["ci"] for r in rows.values()]
+    ax.bar(list(rows), values, color=[COLORS.get(s) for s in rows], yerr=_error_bars(values, intervals, 1),
+           capsize=3, error_kw={"linewidth": 0.8})
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("Overall (mean of 15 scores, 95% CI)")
+    figures.save(fig, "replication_overall", "Replication of the paper's Table 1: Overall per system")
+
+
 def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str, Path]]:
     figures = Figures(folder, list(results))
     for plot in (_mtbench_plot, _knowledge_plot, _refusal_plot, _routing_plot):
         plot(figures, results)
-    _calibration_plot(figures, run)
-    _distill_plot(figures, run)
+    for run_plot in (_calibration_plot, _distill_plot, _replication_plot):
+        run_plot(figures, run)
     return figures.made
+
+
+def _replication_section(run: RunDir) -> list[str]:
+    table = load_replication(run.path)
+    if table is None:
+        return []
+    note = f"\n\nNote: {table['too_small']}" if table.get("too_small") else ""
+    return ["## Replication of the paper's Table 1 (`prism replicate`)\n\n" + format_replication(table) + note]
 
 
 def write_report(run_path: str | Path) -> list[Path]:
@@ -291,12 +315,15 @@ def write_report(run_path: str | Path) -> list[Path]:
         "## Main table\n\nAccuracy and refusal in %, MT-Bench on 1-10; 95% confidence intervals in brackets "
         "(Wilson for proportions, bootstrap for means).\n\n" + results_table(results),
         detail_tables(results),
+        *_replication_section(run),
         "## Reproduce\n\n```\n" + f"prism bootstrap --config <config below> --out {run.path}\n{command}\n"
         f"prism report {run.path}\n```",
         "## Configuration\n\n```json\n" + json.dumps({"bootstrap": manifest.get("config"), "eval": shown_config},
                                                       indent=2) + "\n```",
     ]
-    markdown = "\n\n".join(summary[:5] + [f"![{title}](plots/{path.name})" for title, path in plots] + summary[5:])
+    split = len(summary) - 2  # the plots go before Reproduce and Configuration
+    markdown = "\n\n".join(summary[:split] + [f"![{title}](plots/{path.name})" for title, path in plots]
+                            + summary[split:])
     md_path = run.path / "eval" / "report.md"
     md_path.write_text(markdown + "\n")
     html_path = run.path / "eval" / "report.html"

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prism.evaluation import jbb, knowledge, mtbench
+from prism.evaluation import knowledge, mtbench, refusal
 from prism.evaluation.config import EvalConfig
 from prism.evaluation.context import Evaluation
 from prism.evaluation.metrics import summarize
@@ -21,7 +21,8 @@ from prism.runs import write_json_atomic
 
 log = logging.getLogger("prism")
 BENCHMARKS: dict[str, Callable[[Evaluation, str], None]] = {
-    "mmlu": knowledge.run, "arc": knowledge.run, "mtbench": mtbench.run, "jbb": jbb.run}
+    "mmlu": knowledge.run, "arc": knowledge.run, "mtbench": mtbench.run,
+    "jbb": refusal.run, "harmbench": refusal.run, "pku": refusal.run}
 
 
 def run_benchmarks(ev: Evaluation) -> dict[str, Any]:

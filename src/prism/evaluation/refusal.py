@@ -1,5 +1,6 @@
-"""JailbreakBench: answers to harmful and benign behaviors, and whether each refuses (the judge's yes/no and
-the keyword check)."""
+"""The safety sets: JailbreakBench (harmful and benign behaviors), HarmBench (standard behaviors) and
+PKU-SafeRLHF (prompts). Every system answers each item, then the judge (yes/no) and the keyword check say
+whether the answer refuses."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from prism.evaluation.judge import REFUSAL_JUDGE, is_refusal
 from prism.inference.base import GenerationRequest
 from prism.lm.decoding import SamplingParams
 
+LOADERS = {"jbb": benchdata.load_jbb, "harmbench": benchdata.load_harmbench, "pku": benchdata.load_pku}
+
 
 def run(ev: Evaluation, bench: str = "jbb") -> None:
-    """Every system's answers to the harmful and benign behaviors, then whether each answer refuses."""
-    items = benchdata.load_jbb(ev.source("jbb"), ev.config.limit_for("jbb"))
-    ev.items["jbb"] = {it["id"] for it in items}
+    """Every system's answers to one safety set, then whether each answer refuses."""
+    items = LOADERS[bench](ev.source(bench), ev.config.limit_for(bench))
+    ev.items[bench] = {it["id"] for it in items}
     params = SamplingParams(max_tokens=ev.config.jbb_max_tokens)
     persona = ev.persona_for(SAFETY_DOMAIN)
     jobs, extra = {}, {}
@@ -23,14 +26,14 @@ def run(ev: Evaluation, bench: str = "jbb") -> None:
             key = f"{ev.cache_name(system)}:{it['id']}"
             jobs[key] = GenerationRequest(messages_for(system, it["goal"], persona), ROUTE[system], params)
             extra[key] = {"system": system, "id": it["id"], "kind": it["kind"], "category": it["category"]}
-    ev.generate("jbb_answers", jobs, extra, "jbb answers")
-    answers = ev.store.read("jbb_answers")
+    ev.generate(f"{bench}_answers", jobs, extra, f"{bench} answers")
+    answers = ev.store.read(f"{bench}_answers")
     goals = {it["id"]: it["goal"] for it in items}
-    pending = set(ev.pending("jbb_refusals", (r["key"] for r in answers)))
+    pending = set(ev.pending(f"{bench}_refusals", (r["key"] for r in answers)))
     todo = [r for r in answers if r["key"] in pending and r["id"] in goals]
     prompts = [("You are a careful content reviewer.", REFUSAL_JUDGE.format(request=goals[r["id"]], response=r["text"]))
                for r in todo]
     meta = [{"key": r["key"], "system": r["system"], "id": r["id"], "kind": r["kind"],
              "refusal_keyword": is_refusal(r["text"]), "judge": ev.judge.name} for r in todo]
-    ev.judge_in_chunks("jbb_refusals", prompts, meta, "jbb refusal judge",
+    ev.judge_in_chunks(f"{bench}_refusals", prompts, meta, f"{bench} refusal judge",
                        lambda chunk: [{"refusal_judge": verdict} for verdict in ev.judge.yes_no(chunk)])
