@@ -9,8 +9,10 @@ from prism.cli import build_parser, flag_values, main
 from prism.config import BootstrapConfig
 from prism.evaluation.calibrate import Objective
 from prism.evaluation.config import EvalConfig
+from prism.evaluation.replicate import ReplicateConfig
 
-CONFIGS = {"bootstrap": (BootstrapConfig, []), "eval": (EvalConfig, ["RUN"]), "calibrate": (Objective, ["RUN"])}
+CONFIGS = {"bootstrap": (BootstrapConfig, []), "eval": (EvalConfig, ["RUN"]), "calibrate": (Objective, ["RUN"]),
+           "replicate": (ReplicateConfig, [])}
 
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))
@@ -20,7 +22,8 @@ def test_unset_flags_leave_every_default_to_the_config(command, monkeypatch):
     args = build_parser().parse_args([command, *positional])
     assert flag_values(args, config_class) == {}
     for field in dataclasses.fields(config_class):
-        assert hasattr(args, field.name), f"{config_class.__name__}.{field.name} has no flag"
+        python_only = field.metadata.get("cli") is False
+        assert hasattr(args, field.name) != python_only, f"{config_class.__name__}.{field.name}: flag or not"
 
 
 def test_eval_flags_reach_the_config_parsed():
