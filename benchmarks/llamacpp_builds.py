@@ -19,7 +19,7 @@ DECODE = """
 import time
 import numpy as np
 from llama_cpp import Llama
-from prism.models import embedded_gguf_path
+from prism.lm.models import embedded_gguf_path
 llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
 prompt = llm.tokenize(b"Write a short story about a lighthouse keeper.", add_bos=True)
 llm.eval(prompt)
