@@ -151,3 +151,5 @@ def test_dry_run_estimates_and_stops_and_safety_data_is_required(tiny_model_dir,
     assert "personas=pending" in capsys.readouterr().out
     assert main(["replicate", "--model", config.model, "--out", config.out, "--dry-run"]) == 2
     assert "harmbench, pku are not bundled" in capsys.readouterr().err
+    assert main(["eval", config.out, "--bench", "safety"]) == 2
+    assert "harmbench, pku are not bundled" in capsys.readouterr().err

@@ -103,5 +103,10 @@ class EvalConfig:
                              f"use {', '.join(BENCHES)}")
         if isinstance(self.limit, dict) and set(self.limit) - set(BENCHES):
             raise PrismError(f"--limit names unknown benchmarks {', '.join(sorted(set(self.limit) - set(BENCHES)))}")
+        unbundled = [b for b in ("harmbench", "pku") if b in self.benches and b not in self.data]
+        if unbundled:
+            raise PrismError(f"{', '.join(unbundled)} {'is' if len(unbundled) == 1 else 'are'} not bundled: pass "
+                             "--data harmbench=harmbench_behaviors_text_all.csv,pku=PKU-Alignment/PKU-SafeRLHF "
+                             "(a Hub id or a local file in the published schema)")
         if "base" not in self.systems:
             self.systems.insert(0, "base")  # every comparison is against base

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prism.config import BootstrapConfig, load_config_file, option, resolve_config
-from prism.errors import PrismError
 from prism.evaluation.config import (
     BENCH_GROUPS,
     MTBENCH_PAPER_MAX_TOKENS,
@@ -183,11 +182,7 @@ def replicate(cfg: ReplicateConfig, *, dry_run: bool = False) -> dict[str, Any]:
     from prism.evaluation.runner import evaluate
     from prism.stages.pipeline import bootstrap
 
-    missing = [b for b in ("harmbench", "pku") if b not in cfg.data]
-    if missing:
-        raise PrismError(f"the paper's safety sets {', '.join(missing)} are not bundled: pass them with --data, "
-                         "e.g. --data harmbench=harmbench_behaviors_text_all.csv,pku=PKU-Alignment/PKU-SafeRLHF "
-                         "(a Hub id or a local file in the published schema)")
+    cfg.eval_config()  # checks the options (the safety sets HarmBench and PKU-SafeRLHF must be given) first
     if "mmlu" not in cfg.data:
         log.warning("MMLU comes from the local files (%d items), not the paper's full 14,042 questions: pass "
                     "--data mmlu=cais/mmlu for the paper's protocol", _items("mmlu", cfg.eval_config()))
