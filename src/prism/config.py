@@ -60,7 +60,7 @@ DEFAULT_PRESET = "small"
 # Fields that change how a run is executed but not what it computes (a run may be resumed with
 # another engine: the manifest records which engine made each stage).
 RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
-                  "engine_timeout", "engine_max_retries"}
+                  "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
 ENGINES = ("transformers", "llamacpp", "openai")
 
 
@@ -123,6 +123,9 @@ class BootstrapConfig:
     distill_micro_batch_size: int = option("sequences per forward pass", default=4)
     distill_max_length: int = option("max tokens per training sequence", default=1024)
     distill_grad_clip: float = option("gradient norm clip", default=1.0)
+    distill_gradient_checkpointing: str = option(
+        "recompute activations in the backward pass: 'on', 'off', or 'auto' (on when a CUDA device's free memory "
+        "looks short for the micro-batch's activations)", default="auto")
 
     device: str = option("'auto', 'cpu', 'cuda', ...", default="auto")
     threads: int = option("torch CPU threads (0 = torch's default)", default=0)
@@ -152,6 +155,9 @@ class BootstrapConfig:
             raise PrismError("the domain list is empty: pass --domains 'writing,safety,...' or --personas FILE")
         if len({d.lower() for d in self.domains}) != len(self.domains):
             raise PrismError(f"duplicate domain names in {self.domains}: each domain gets one persona")
+        if self.distill_gradient_checkpointing not in ("auto", "on", "off"):
+            raise PrismError("--distill-gradient-checkpointing must be auto, on or off, got "
+                             f"{self.distill_gradient_checkpointing!r}")
         if self.engine not in ENGINES:
             raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.engine == "openai" and not (self.base_url and self.engine_model):

@@ -127,3 +127,72 @@ def test_a_template_without_a_system_role_gets_the_persona_in_the_first_user_tur
     assert prompt == f"<|im_start|>user\n{PERSONA}\n\n{query}<|im_end|>\n<|im_start|>assistant\n"
     example = build_example(tokenizer, query, PERSONA, answer, 1024)
     assert PERSONA in tokenizer.decode(example.teacher_ids) and PERSONA not in tokenizer.decode(example.student_ids)
+
+
+def test_the_lm_head_runs_over_the_answer_span_only_with_the_full_forwards_logits(tiny_lm):
+    """Left padding and logits_to_keep: the LM head sees max(answer_len) + 1 positions, and each row's answer
+    logits equal those of a plain full-length forward of that row alone."""
+    from prism.stages.distill import answer_span_logits
+
+    tokenizer = tiny_lm.tokenizer
+    examples = [build_example(tokenizer, q, PERSONA, a, max_length=256) for q, a in DATA]
+    examples.append(build_example(tokenizer, "Hi?", PERSONA, "Hello there, friend.", max_length=256))
+    widths = []
+    head = tiny_lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, inputs, _o: widths.append(inputs[0].shape[1]))
+    try:
+        with torch.no_grad():
+            parts = answer_span_logits(tiny_lm.model, [e.teacher_ids for e in examples],
+                                       [e.answer_len for e in examples], tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert widths == [max(e.answer_len for e in examples) + 1] < [max(len(e.teacher_ids) for e in examples)]
+    for example, part in zip(examples, parts):
+        with torch.no_grad():
+            full = tiny_lm.model(input_ids=torch.tensor([example.teacher_ids])).logits[0]
+        start = len(example.teacher_ids) - example.answer_len - 1
+        assert part.shape == (example.answer_len, full.shape[-1])
+        assert torch.allclose(part, full[start : start + example.answer_len], atol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_and_changes_no_gradient(tiny_lm, monkeypatch):
+    from prism.stages.distill import set_checkpointing, use_gradient_checkpointing
+
+    tokenizer = tiny_lm.tokenizer
+    examples = [build_example(tokenizer, q, PERSONA, a, max_length=256) for q, a in DATA]
+    targets = teacher_targets(tiny_lm, examples, top_k=16, micro_batch=2)
+    cfg = resolve_config(model="x", preset="tiny", lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_lm.model, lora_config(cfg, len(decoder_layers(tiny_lm.model)),
+                                                      layers_pattern(tiny_lm.model)))
+    for p in model.parameters():  # LoRA B starts at zero: give it weight so every gradient is non-trivial
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    model.train()
+    calls = []
+    # the backward pass re-runs forward methods but not module hooks: count the MLPs' forward calls
+    mlp_class = type(decoder_layers(tiny_lm.model)[1].mlp)
+    mlp_forward = mlp_class.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return mlp_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlp_class, "forward", counted)
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        calls.clear()
+        loss, _ = distill_loss(model, examples, targets, tokenizer.pad_token_id, temperature=2.0)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain, plain_calls = gradients(), len(calls)
+    set_checkpointing(model, True)
+    recomputed, recomputed_calls = gradients(), len(calls)
+    set_checkpointing(model, False)
+    layers = len(decoder_layers(tiny_lm.model))
+    assert (plain_calls, recomputed_calls) == (layers, 2 * layers)  # every block ran again in the backward pass
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, recomputed))
+    assert use_gradient_checkpointing(resolve_config(model="x", distill_gradient_checkpointing="on"), tiny_lm)
+    assert not use_gradient_checkpointing(resolve_config(model="x"), tiny_lm)  # auto, on a CPU

@@ -65,10 +65,18 @@ def build_example(tokenizer: PreTrainedTokenizerBase, query: str, persona: str, 
     return Example(teacher_prompt + answer_ids, student_prompt + answer_ids, len(answer_ids))
 
 
-def answer_logits(logits: torch.Tensor, length: int, answer_len: int) -> torch.Tensor:
-    """Logits that predict the answer tokens of a sequence of `length` real tokens (right padded)."""
-    start = length - answer_len - 1
-    return logits[start : start + answer_len]
+def answer_span_logits(model: torch.nn.Module, rows: list[list[int]], answer_lens: list[int], pad_id: int
+                       ) -> list[torch.Tensor]:
+    """Each row's logits that predict its answer tokens, (answer_len, vocab) in the model's dtype. Left padding
+    ends every row at the same position, so the LM head runs over the last max(answer_len) + 1 positions only:
+    never over the prompts (at an 8B shape, full-length float32 logits were the largest tensor)."""
+    ids, mask = pad_batch(rows, pad_id, side="left")
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    keep = max(answer_lens) + 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   logits_to_keep=keep, use_cache=False).logits
+    return [logits[row, keep - n - 1 : keep - 1] for row, n in enumerate(answer_lens)]
 
 
 def distributed_state(device: str | torch.device = "auto") -> PartialState:
@@ -88,12 +96,11 @@ def teacher_targets(lm: LoadedModel, examples: list[Example], top_k: int, micro_
     batches = length_sorted_batches([len(examples[i].teacher_ids) for i in mine], micro_batch)
     for batch in tqdm(batches, desc="teacher logits", leave=False, disable=not state.is_main_process):
         rows = [mine[j] for j in batch]
-        ids, mask = pad_batch([examples[i].teacher_ids for i in rows], pad, side="right")
-        logits = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float().cpu()
-        for row, i in enumerate(rows):
-            part = answer_logits(logits[row], len(examples[i].teacher_ids), examples[i].answer_len)
-            top = part.topk(top_k, dim=-1)
-            targets[i] = TeacherTargets(top.values.clone(), top.indices.to(torch.int32).clone())
+        parts = answer_span_logits(model, [examples[i].teacher_ids for i in rows],
+                                   [examples[i].answer_len for i in rows], pad)
+        for i, part in zip(rows, parts):
+            top = part.float().topk(top_k, dim=-1)  # on the model's device: only k values per token leave it
+            targets[i] = TeacherTargets(top.values.cpu(), top.indices.to(torch.int32).cpu())
     if state.num_processes > 1:
         targets = dict(gather_object(list(targets.items())))
     return [targets[i] for i in range(len(examples))]
@@ -105,7 +112,8 @@ def topk_kl(student_logits: torch.Tensor, target: TeacherTargets, temperature: f
     teacher's, whatever k: reading the student's full-vocabulary log-probabilities at those k tokens instead
     would add -log(student mass on the top-k) > 0, a floor that does not depend on the persona."""
     teacher_logp = torch.log_softmax(target.values.float() / temperature, dim=-1)
-    picked = student_logits.float().gather(-1, target.indices.long().to(student_logits.device))
+    # pick the k logits first, then widen them: a float32 copy of the full-vocabulary logits is never made
+    picked = student_logits.gather(-1, target.indices.long().to(student_logits.device)).float()
     student_logp = torch.log_softmax(picked / temperature, dim=-1)
     teacher_logp = teacher_logp.to(student_logp.device)
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
@@ -140,16 +148,43 @@ def lora_config(cfg: BootstrapConfig, num_layers: int, pattern: str) -> LoraConf
 def distill_loss(model: torch.nn.Module, examples: list[Example], targets: list[TeacherTargets],
                  pad_id: int, temperature: float) -> tuple[torch.Tensor, int]:
     """Sum of the per-token KL (times T^2) over a micro-batch, and its number of answer tokens."""
-    ids, mask = pad_batch([e.student_ids for e in examples], pad_id, side="right")
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    total = logits.new_zeros(())
-    tokens = 0
-    for row, (example, target) in enumerate(zip(examples, targets)):
-        part = answer_logits(logits[row], len(example.student_ids), example.answer_len)
-        total = total + topk_kl(part, target, temperature)
-        tokens += example.answer_len
-    return total * temperature**2, tokens
+    parts = answer_span_logits(model, [e.student_ids for e in examples], [e.answer_len for e in examples], pad_id)
+    total = sum((topk_kl(part, target, temperature) for part, target in zip(parts, targets)),
+                parts[0].new_zeros((), dtype=torch.float32))
+    return total * temperature**2, sum(e.answer_len for e in examples)
+
+
+def activation_bytes(lm: LoadedModel, micro_batch: int, length: int) -> int:
+    """A rule-of-thumb size of one micro-batch's saved activations in 16-bit training: about 34 bytes per
+    token, hidden unit and layer (Korthikanti et al., 2022, without attention-score storage)."""
+    config = lm.model.config
+    return 34 * micro_batch * length * config.hidden_size * config.num_hidden_layers
+
+
+def use_gradient_checkpointing(cfg: BootstrapConfig, lm: LoadedModel) -> bool:
+    """'on'/'off' as asked; 'auto': on when the device is CUDA and the micro-batch's activations would take
+    more than 80% of its free memory (the CPU and small models train without)."""
+    if cfg.distill_gradient_checkpointing != "auto":
+        return cfg.distill_gradient_checkpointing == "on"
+    if lm.device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(lm.device)
+    return activation_bytes(lm, cfg.distill_micro_batch_size, cfg.distill_max_length) > 0.8 * free
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing of the decoder layers, non-reentrant; transformers 5.24 renamed
+    the methods (the old names warn)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if on:
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        disable()
 
 
 def _sum_across_processes(params: list[torch.nn.Parameter]) -> None:
@@ -171,6 +206,10 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
     torch.manual_seed(cfg.seed)  # the same LoRA initialization in every process
     num_layers = len(decoder_layers(lm.model))
     model = get_peft_model(lm.model, lora_config(cfg, num_layers, layers_pattern(lm.model)))
+    checkpointing = use_gradient_checkpointing(cfg, lm)
+    if checkpointing:
+        set_checkpointing(model, True)
+        log.info("distill: gradient checkpointing on (activations recomputed in the backward pass)")
     trainable, total = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.distill_lr, weight_decay=cfg.distill_weight_decay)
@@ -226,13 +265,16 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
             _save_checkpoint(run_dir.path / CHECKPOINT, model, optimizer, scheduler, epoch + 1, step)
     bar.close()
     model.eval()
+    if checkpointing:
+        set_checkpointing(model, False)
     if main:
         model.save_pretrained(str(run_dir.path / "adapter"), safe_serialization=True)
         shutil.rmtree(run_dir.path / CHECKPOINT, ignore_errors=True)
     state.wait_for_everyone()  # the others read the log and the adapter the main process wrote
     losses = [r["loss"] for r in run_dir.read("distill_log")]
     return {"trainable_params": trainable, "share_of_base": trainable / (total - trainable), "steps": step,
-            "loss_first": losses[0], "loss_last": losses[-1], "persona_signal": signal}
+            "loss_first": losses[0], "loss_last": losses[-1], "persona_signal": signal,
+            "gradient_checkpointing": checkpointing}
 
 
 def _save_checkpoint(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
