@@ -261,3 +261,22 @@ def test_a_reload_waits_for_the_batch_in_flight_then_serves_the_new_run(tiny_run
     with pytest.raises(PrismError, match="cannot load the gate"):
         model.reload()
     assert model.threshold == 0.9 and model.generate_batch([request])[0].text == new_text
+
+
+def test_the_adapter_takes_the_base_models_dtype(tiny_run, tiny_model_dir, monkeypatch):
+    """A bf16 model gets bf16 LoRA weights (PEFT would upcast them to float32, and every LoRA layer would
+    then cast its input and output at each step)."""
+    from peft.tuners.lora import LoraLayer
+
+    import prism.inference.transformers as transformers_model
+
+    def bf16_model(*args, **kwargs):
+        lm = load_model(str(tiny_model_dir), device="cpu")
+        lm.model.to(torch.bfloat16)
+        return lm
+
+    monkeypatch.setattr(transformers_model, "load_model", bf16_model)
+    model = PrismModel.from_run(tiny_run, device="cpu")
+    lora = [m for m in model.lm.model.modules() if isinstance(m, LoraLayer)]
+    assert lora and {p.dtype for m in lora for p in m.lora_A.parameters()} == {torch.bfloat16}
+    assert model.generate(PERSONA_QUERIES[0], route="persona", max_tokens=3).route == "persona"

@@ -31,3 +31,20 @@ def test_text_stream_holds_back_a_possible_stop_string_and_cuts_at_it(tiny_lm):
 
     plain = TextStream(tokenizer, stop=[])
     assert "".join(plain.add(t) for t in tokens) + plain.flush() == "The quick brown fox jumps"
+
+
+def test_a_batch_is_sampled_as_its_rows_would_be_one_by_one():
+    """sample_tokens (one argmax for the greedy rows, one copy of the sampled rows) draws what sample_token
+    draws row by row, each row from its own seeded generator."""
+    import torch
+
+    from prism.lm.decoding import SamplingParams, sample_token, sample_tokens
+
+    logits = torch.randn(6, 50) * 3
+    params = [SamplingParams(temperature=t, top_p=p, seed=s)
+              for t, p, s in ((0.0, 1.0, 1), (0.8, 1.0, 2), (0.0, 1.0, 3), (1.2, 0.9, 4), (0.7, 0.5, 5), (0.0, 1, 6))]
+    batched = sample_tokens(logits, params, [p.generator() for p in params])
+    one_by_one = [sample_token(row, p, p.generator()) for row, p in zip(logits, params)]
+    assert batched == one_by_one
+    assert sample_tokens(logits[:2], params[1:3], [p.generator() for p in params[1:3]]) == \
+        [sample_token(logits[0], params[1], params[1].generator()), int(logits[1].argmax())]

@@ -31,7 +31,7 @@ from prism.inference.artifacts import (
 from prism.inference.base import GatedModel, GenerationRequest, RouteDecision, StreamEvent, decision_at, decode_step
 from prism.inference.router import gate_decisions, prompt_decisions
 from prism.lm.batching import pad_batch
-from prism.lm.decoding import TextStream, sample_token
+from prism.lm.decoding import TextStream, sample_tokens
 from prism.lm.gate import Gate
 from prism.lm.models import (
     LoadedModel,
@@ -89,7 +89,10 @@ class PrismModel(GatedModel):
         gate = load_gate(run, threshold)
         adapter = None
         if adapter_file(run.path) is not None:
-            adapter = PeftModel.from_pretrained(lm.model, str(run.path / "adapter"), adapter_name=ADAPTER).eval()
+            # autocast off: the LoRA weights take the base layers' dtype (bf16 on a GPU) instead of float32, so no
+            # LoRA layer casts its input and output at every step
+            adapter = PeftModel.from_pretrained(lm.model, str(run.path / "adapter"), adapter_name=ADAPTER,
+                                                autocast_adapter_dtype=False).eval()
         model = cls(lm, gate, adapter, run_path=run.path, max_model_len=max_model_len,
                     gate_lm=gate_feature_model(lm, config["model"], trust_remote_code))
         model.trust_remote_code = trust_remote_code
@@ -128,7 +131,7 @@ class PrismModel(GatedModel):
         assert self.adapter is not None
         new_name = f"{ADAPTER}-{self.reloads + 1}"
         try:
-            self.adapter.load_adapter(str(adapter_dir), adapter_name=new_name)
+            self.adapter.load_adapter(str(adapter_dir), adapter_name=new_name, autocast_adapter_dtype=False)
         except Exception as exc:  # shapes that do not fit, a corrupt file: PEFT raises several kinds
             if new_name in self.adapter.peft_config:
                 self.adapter.delete_adapter(new_name)
@@ -258,9 +261,9 @@ class PrismModel(GatedModel):
         last_position = positions[:, -1]
         while True:
             next_tokens, keep = [], []
-            for row, i in enumerate(active):
+            sampled = sample_tokens(logits, [requests[i].params for i in active], [generators[i] for i in active])
+            for row, (i, token) in enumerate(zip(active, sampled)):
                 request, text = requests[i], streams[i]
-                token = sample_token(logits[row], request.params, generators[i])
                 events = decode_step(i, request, decisions[i], text, logprobs[i], token, logits[row], self.eos_ids,
                                      len(encoded[i]))
                 yield from events

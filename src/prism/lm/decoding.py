@@ -56,6 +56,25 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+                  ) -> list[int]:
+    """One token per row of a batch's next-token logits (rows, vocab), each under its own settings, with at
+    most two device-to-host transfers per step whatever the batch size: the greedy rows' argmax over the
+    batch on the device, then one copy of the sampled rows' logits (each drawn from its own generator)."""
+    tokens = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if greedy:
+        chosen = (logits if len(greedy) == len(params) else logits[greedy]).argmax(-1).tolist()
+        for i, token in zip(greedy, chosen):
+            tokens[i] = token
+    if sampled:
+        rows = logits[sampled].float().cpu()
+        for row, i in zip(rows, sampled):
+            tokens[i] = sample_token(row, params[i], generators[i])
+    return tokens
+
+
 def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer: PreTrainedTokenizerBase
                    ) -> dict[str, object]:
     """One generated token's entry in OpenAI's logprobs format: its log-probability under the model's
