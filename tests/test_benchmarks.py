@@ -1,0 +1,19 @@
+"""benchmarks/gpu.py runs end to end at the tiny shape on the CPU (its figures are for a GPU)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def test_the_gpu_benchmark_runs_at_the_tiny_shape_on_the_cpu(tiny_model_dir):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--shapes", "tiny", "--device", "cpu", "--tokens", "3",
+                           "--length", "48", "--micro-batch", "2", "--rounds", "1", "--tokenizer", str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("device CPU") and lines[1].startswith("tiny: ")
+    assert "batch 1" in lines[2] and "batch 32" in lines[2] and "tok/s" in lines[2]
+    assert "teacher top-64" in lines[3] and "with gradient checkpointing" in lines[3]
+    assert "auto / same route" in lines[4] and "persona-only / base-only" in lines[4]
