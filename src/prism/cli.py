@@ -42,8 +42,8 @@ def _comma_list(text: str) -> list[str]:
 def _default_text(field: dataclasses.Field) -> str:
     if field.default is not dataclasses.MISSING and field.default not in (None, ""):
         return f" (default {field.default})"
-    if field.default_factory is not dataclasses.MISSING and field.default_factory():
-        value = field.default_factory()
+    value = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+    if value:
         return f" (default {','.join(value) if isinstance(value, list) else value})"
     return ""
 

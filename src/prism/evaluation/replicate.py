@@ -89,8 +89,9 @@ def work(boot: BootstrapConfig, config: EvalConfig) -> dict[str, Any]:
     """How much the whole protocol generates, judges and scores (upper bounds on tokens)."""
     queries = len(boot.domains) * boot.queries_per_persona
     systems = len(config.systems)
-    refusal_items = sum(_items(b, config) for b in REFUSAL_BENCHES)
-    mtbench = _items("mtbench", config)
+    items = {b: _items(b, config) for b in ("mtbench", "mmlu", *REFUSAL_BENCHES)}
+    refusal_items = sum(items[b] for b in REFUSAL_BENCHES)
+    mtbench = items["mtbench"]
     generations = {"bootstrap": len(boot.domains) + queries + 2 * queries,
                    "mtbench": mtbench * 2 * systems, "safety": refusal_items * systems}
     judge_calls = {"bootstrap": 2 * queries, "mtbench": mtbench * 2 * systems + mtbench * 2 * (systems - 1) * 2,
@@ -100,7 +101,7 @@ def work(boot: BootstrapConfig, config: EvalConfig) -> dict[str, Any]:
               "mtbench": mtbench * 2 * systems * (config.mtbench_max_tokens or MTBENCH_PAPER_MAX_TOKENS),
               "safety": refusal_items * systems * config.jbb_max_tokens}
     return {"generations": generations, "judge_calls": judge_calls, "generated_tokens_at_most": tokens,
-            "scored_items": {"mmlu": _items("mmlu", config) * systems},
+            "scored_items": {"mmlu": items["mmlu"] * systems}, "items": items,
             "distill_examples_at_most": queries * boot.distill_epochs}
 
 
@@ -124,11 +125,10 @@ def timed_sample(boot: BootstrapConfig, batch_size: int) -> dict[str, float]:
             "parameters": lm.identity.get("parameters") or 0}
 
 
-def estimate(cfg: ReplicateConfig, timing: bool = True) -> dict[str, Any]:
-    boot, config = cfg.bootstrap_config(), cfg.eval_config()
+def estimate(boot: BootstrapConfig, config: EvalConfig, timing: bool = True) -> dict[str, Any]:
     plan = work(boot, config)
     if timing:
-        rates = timed_sample(boot, min(cfg.batch_size, 8))
+        rates = timed_sample(boot, min(config.batch_size, 8))
         generated = sum(plan["generated_tokens_at_most"].values()) + 2 * sum(plan["judge_calls"].values())
         scored = plan["scored_items"]["mmlu"] + 3 * plan["distill_examples_at_most"]
         plan["sample"] = rates
@@ -182,11 +182,12 @@ def replicate(cfg: ReplicateConfig, *, dry_run: bool = False) -> dict[str, Any]:
     from prism.evaluation.runner import evaluate
     from prism.stages.pipeline import bootstrap
 
-    cfg.eval_config()  # checks the options (the safety sets HarmBench and PKU-SafeRLHF must be given) first
+    config = cfg.eval_config()  # checks the options (HarmBench and PKU-SafeRLHF must be given) first
+    boot = cfg.bootstrap_config()
+    plan = estimate(boot, config)
     if "mmlu" not in cfg.data:
         log.warning("MMLU comes from the local files (%d items), not the paper's full 14,042 questions: pass "
-                    "--data mmlu=cais/mmlu for the paper's protocol", _items("mmlu", cfg.eval_config()))
-    plan = estimate(cfg)
+                    "--data mmlu=cais/mmlu for the paper's protocol", plan["items"]["mmlu"])
     print(format_estimate(plan), flush=True)
     small = plan["sample"]["parameters"] < SMALL_MODEL_PARAMETERS
     if small:
@@ -194,10 +195,9 @@ def replicate(cfg: ReplicateConfig, *, dry_run: bool = False) -> dict[str, Any]:
     if dry_run:
         return {"estimate": plan}
     run = RunDir(cfg.out)
-    boot = cfg.bootstrap_config()
     if not (run.exists() and all(run.stage_status(s) in FINISHED for s in STAGES)):
         bootstrap(boot, cfg.out)
-    results = evaluate(cfg.out, cfg.eval_config(), device=cfg.device, trust_remote_code=boot.trust_remote_code)
+    results = evaluate(cfg.out, config, device=cfg.device, trust_remote_code=boot.trust_remote_code)
     table = replication_table(results, cfg.model) | {"too_small": TOO_SMALL if small else None}
     write_json_atomic(run.path / "eval" / "replication.json", table)
     text = format_replication(table) + (f"\n\nNote: {TOO_SMALL}" if small else "")
