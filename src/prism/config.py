@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from prism.errors import PrismError
+from prism.runs import persona_slug
 
 # The eight MT-Bench categories, safety, and one plain factual-recall domain so the gate also sees
 # queries where a persona is not expected to help.
@@ -62,6 +63,7 @@ DEFAULT_PRESET = "small"
 RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
                   "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
 ENGINES = ("transformers", "llamacpp", "openai")
+ROUTINGS = ("binary", "kway")
 
 
 def option(help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
@@ -99,6 +101,13 @@ class BootstrapConfig:
         default="position",
     )
     batch_size: int = option("prompts per generation / scoring batch", default=32)
+
+    routing: str = option(
+        "'binary' (the paper's: one adapter for every persona that won, a gate between base and it) or 'kway' "
+        "(also one adapter per persona with enough wins and a gate over base and each of them)",
+        choices=ROUTINGS, default="binary")
+    kway_min_wins: int = option("k-way: a persona needs this many both-order wins for its own adapter; a domain "
+                                "with fewer routes to base", default=4)
 
     gate_hidden: int = option("gate MLP hidden size", default=256)
     gate_dropout: float = option("gate MLP dropout", default=0.1)
@@ -163,11 +172,17 @@ class BootstrapConfig:
         if self.engine == "openai" and not (self.base_url and self.engine_model):
             raise PrismError("--engine openai needs --base-url (e.g. http://localhost:8000/v1) and --engine-model "
                              "(the model name that server serves: the same weights as --model)")
+        if self.routing not in ROUTINGS:
+            raise PrismError(f"unknown routing {self.routing!r}: choose one of {', '.join(ROUTINGS)}")
+        slugs = [persona_slug(d) for d in self.domains]
+        if self.routing == "kway" and len(set(slugs)) != len(slugs):
+            raise PrismError(f"--routing kway names each adapter after its domain, and {self.domains} give the same "
+                             f"name twice ({', '.join(slugs)}): rename a domain")
         if self.judge_calibration not in ("position", "none"):
             raise PrismError(f"judge_calibration must be 'position' or 'none', not {self.judge_calibration!r}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
                      "distill_micro_batch_size", "lora_r", "gate_epochs", "persona_attempts", "query_rounds",
-                     "engine_concurrency"):
+                     "engine_concurrency", "kway_min_wins"):
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -183,6 +198,13 @@ class BootstrapConfig:
 
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(BootstrapConfig)]
+
+
+def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A config a run recorded, with the defaults of fields added since (a run made before `routing` existed
+    is a binary run, and resumes as one)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(BootstrapConfig) if f.default is not dataclasses.MISSING}
+    return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prism.errors import PrismError
-
-if TYPE_CHECKING:
-    pass
-
 
 STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
 FINISHED = ("done", "skipped")  # a stage's statuses that need no more work
@@ -29,6 +26,15 @@ FILES = {
     "distill_log": "distill_log.jsonl",
 }
 MANIFEST = "manifest.json"
+# A k-way run (routing "kway") keeps the binary gate and adapter where a binary run has them, and adds a gate
+# over base and each kept persona plus one PEFT adapter per kept persona (PEFT's multi-adapter layout).
+KWAY_GATE = "kway/gate"
+KWAY_ADAPTERS = "kway/adapters"
+
+
+def persona_slug(domain: str) -> str:
+    """A domain's name as k-way routing uses it: adapter names, directories and `prism-persona-<slug>` models."""
+    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

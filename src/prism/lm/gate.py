@@ -1,5 +1,7 @@
 """The gate: a small MLP on the base model's hidden state after block 0 (last prompt token, no persona)
-that says per query whether the adapter should answer. Its module, config and saved form live here,
+that says per query whether the adapter should answer (binary), or which of base and k persona adapters
+should (k-way, `classes`): an adapter answers when P(not base) reaches the threshold, and then the most
+probable adapter. Its module, config and saved form live here,
 between the stage that trains it (prism.stages.gate) and the inference that applies it."""
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ class GateConfig:
     hidden: int = 256
     dropout: float = 0.1
     threshold: float = 0.5
-    constant_route: int | None = None  # set when the data held one class only: no MLP, a fixed route
+    constant_route: int | None = None  # set when the data held one class only: no MLP, a fixed class
     feature: str = FEATURE
+    classes: list[str] | None = None  # k-way: "base", then each adapter's persona; None = binary (base, adapter)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 2
 
 
 class Gate(nn.Module):
@@ -40,21 +47,52 @@ class Gate(nn.Module):
             nn.Linear(config.input_dim, config.hidden),
             nn.GELU(),
             nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 2),
+            nn.Linear(config.hidden, config.num_classes),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net((features - self.mean) / self.std)
 
     @torch.no_grad()
-    def persona_probability(self, features: torch.Tensor) -> torch.Tensor:
+    def class_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, classes): the gate's probability of each class, base first."""
         if self.config.constant_route is not None:
-            return torch.full((features.shape[0],), float(self.config.constant_route))
+            constant = torch.zeros(features.shape[0], self.config.num_classes)
+            constant[:, self.config.constant_route] = 1.0
+            return constant
         self.eval()
-        return torch.softmax(self(features.float()), dim=-1)[:, 1]
+        return torch.softmax(self(features.float()), dim=-1)
+
+    def persona_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """P(an adapter should answer): P(persona) of a binary gate, 1 - P(base) of a k-way one."""
+        return self._adapter_probability(self.class_probabilities(features))
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
-        return (self.persona_probability(features) >= self.config.threshold).long()
+        """Each row's class: 0 = base, else the adapter (binary: 1; k-way: the most probable adapter's index)."""
+        return self._route(self.class_probabilities(features))[1]
+
+    def decide(self, features: torch.Tensor) -> list[tuple[float, int]]:
+        """Per row: P(an adapter should answer) and the class routed to (0 = base; binary: 1 = the adapter;
+        k-way: the most probable adapter, when P(an adapter) reaches the threshold)."""
+        probability, routed = self._route(self.class_probabilities(features))
+        return list(zip(probability.tolist(), routed.tolist()))
+
+    def persona_of(self, route_class: int) -> str | None:
+        """The k-way persona of a class (None for base, and for the adapter of a binary gate)."""
+        return self.config.classes[route_class] if self.config.classes and route_class > 0 else None
+
+    def _adapter_probability(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities[:, 1] if self.config.classes is None else 1.0 - probabilities[:, 0]
+
+    def _route(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        adapter = self._adapter_probability(probabilities)
+        routed = (adapter >= self.config.threshold).long()
+        if self.config.classes is not None:
+            # the most probable adapter; a gate with no adapter class routes to base only
+            best = (probabilities[:, 1:].argmax(dim=-1) + 1 if probabilities.shape[1] > 1
+                    else torch.zeros(len(routed), dtype=torch.long))
+            routed = routed * best
+        return adapter, routed
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -1,4 +1,5 @@
-"""Stage 6: context distillation of the persona into one LoRA adapter.
+"""Stage 6: context distillation of the persona into one LoRA adapter (a k-way run then distills each kept
+persona alone into an adapter of its own, RUN/kway/adapters/<persona>, by the same recipe).
 
 Teacher = base model WITH the persona in context; student = base + LoRA WITHOUT it. The loss is
 KL(teacher || student) over the persona answer's tokens, on the teacher's top-k logits at temperature T,
@@ -34,6 +35,8 @@ from prism.config import BootstrapConfig
 from prism.errors import PrismError
 from prism.lm.batching import length_sorted_batches, pad_batch
 from prism.lm.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
+from prism.runs import KWAY_ADAPTERS, persona_slug
+from prism.stages import verify
 from prism.stages.context import StageContext
 
 log = logging.getLogger("prism")
@@ -197,10 +200,15 @@ def _sum_across_processes(params: list[torch.nn.Parameter]) -> None:
         offset += p.numel()
 
 
-def train_adapter(ctx: StageContext, examples: list[Example], targets: list[TeacherTargets]) -> dict:
-    """Train the LoRA adapter on the teacher's targets and save it. One training loop, kept in one piece so
-    it reads top to bottom like any PyTorch loop (set-up, steps with accumulation, logging, saving)."""
+def train_adapter(ctx: StageContext, examples: list[Example], targets: list[TeacherTargets],
+                  name: str | None = None, out: Path | None = None) -> dict:
+    """Train a LoRA adapter on the teacher's targets and save it to `out` (default RUN/adapter); `name` tags a
+    k-way adapter's log records and checkpoint. The base model is left as it was found (LoRA unloaded). One
+    training loop, kept in one piece so it reads top to bottom like any PyTorch loop (set-up, steps with
+    accumulation, logging, saving)."""
     cfg, run_dir, lm = ctx.config, ctx.run, ctx.model
+    checkpoint = run_dir.path / (CHECKPOINT if name is None else f"{CHECKPOINT}-{name}")
+    out = out or run_dir.path / "adapter"
     state = distributed_state(lm.device)
     main = state.is_main_process
     torch.manual_seed(cfg.seed)  # the same LoRA initialization in every process
@@ -221,15 +229,17 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
     signal = persona_signal(model, examples, targets, lm.tokenizer.pad_token_id, cfg.distill_temperature,
                             cfg.distill_micro_batch_size)  # LoRA B = 0: the student is still the base model
     log.info("distill: persona signal (KL at step 0, per answer token) %.6f", signal)
-    start_epoch, step = _resume(run_dir.path / CHECKPOINT, model, optimizer, scheduler)
+    start_epoch, step = _resume(checkpoint, model, optimizer, scheduler)
     if start_epoch:
         log.info("distill: resuming after epoch %d (step %d)", start_epoch, step)
     if main:
-        run_dir.rewrite("distill_log", [r for r in run_dir.read("distill_log") if r["step"] <= step])
+        run_dir.rewrite("distill_log", [r for r in run_dir.read("distill_log")
+                                        if r.get("adapter") != name or r["step"] <= step])
     if state.num_processes > 1:
         log.info("distill: data parallel over %d processes (%s)", state.num_processes, state.distributed_type)
     pad = lm.tokenizer.pad_token_id
-    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", leave=False, disable=not main)
+    bar = tqdm(total=total_steps, initial=step, desc="distill" if name is None else f"distill {name}", unit="step",
+               leave=False, disable=not main)
     model.train()
     for epoch in range(start_epoch, cfg.distill_epochs):
         order = list(range(len(examples)))
@@ -256,22 +266,23 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
             step += 1
             record = {"step": step, "epoch": epoch, "loss": loss_sum / group_tokens, "grad_norm": grad_norm,
                       "lr": scheduler.get_last_lr()[0], "tokens": group_tokens, "seconds": time.time() - started,
-                      "processes": state.num_processes}
+                      "processes": state.num_processes, **({} if name is None else {"adapter": name})}
             if main:
                 run_dir.append("distill_log", [record])
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if main:
-            _save_checkpoint(run_dir.path / CHECKPOINT, model, optimizer, scheduler, epoch + 1, step)
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch + 1, step)
     bar.close()
     model.eval()
     if checkpointing:
         set_checkpointing(model, False)
     if main:
-        model.save_pretrained(str(run_dir.path / "adapter"), safe_serialization=True)
-        shutil.rmtree(run_dir.path / CHECKPOINT, ignore_errors=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    model.unload()  # the LoRA layers out again: the next adapter (k-way) starts from the bare base model
     state.wait_for_everyone()  # the others read the log and the adapter the main process wrote
-    losses = [r["loss"] for r in run_dir.read("distill_log")]
+    losses = [r["loss"] for r in run_dir.read("distill_log") if r.get("adapter") == name]
     return {"trainable_params": trainable, "share_of_base": trainable / (total - trainable), "steps": step,
             "loss_first": losses[0], "loss_last": losses[-1], "persona_signal": signal,
             "gradient_checkpointing": checkpointing}
@@ -301,21 +312,59 @@ def _resume(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
     return state["epoch"], state["step"]
 
 
-def run(ctx: StageContext) -> dict:
+def distill_examples(lm: LoadedModel, records: list[dict], max_length: int) -> list[Example]:
+    examples = [build_example(lm.tokenizer, r["query"], r["persona"], r["persona_answer"], max_length)
+                for r in records]
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        raise PrismError(f"every distillation prompt is longer than distill_max_length={max_length}")
+    return kept
+
+
+def distill_one(ctx: StageContext, records: list[dict], name: str | None = None, out: Path | None = None) -> dict:
+    """Teacher targets, then one adapter trained on them: its metrics."""
     cfg, lm = ctx.config, ctx.model
+    examples = distill_examples(lm, records, cfg.distill_max_length)
+    targets = teacher_targets(lm, examples, cfg.distill_top_k, cfg.distill_micro_batch_size)
+    metrics = train_adapter(ctx, examples, targets, name, out)
+    return {"examples": len(examples), "answer_tokens": sum(e.answer_len for e in examples), **metrics}
+
+
+def distill_kway(ctx: StageContext, records: list[dict]) -> dict:
+    """One adapter per kept persona, on that persona's wins alone, into RUN/kway/adapters/<persona> (PEFT's
+    multi-adapter layout). An adapter already saved is kept: a cut-short stage resumes at the next one."""
+    classes, merged = verify.kway_classes(ctx.run.read("labels"), ctx.config.kway_min_wins)
+    adapters: dict[str, dict] = {}
+    done = ctx.run.manifest()["stages"].get("distill", {}).get("kway_adapters", {})
+    for persona in classes[1:]:
+        out = ctx.run.path / KWAY_ADAPTERS / persona
+        if persona in done and (out / "adapter_model.safetensors").is_file():
+            adapters[persona] = done[persona]
+            continue
+        mine = [r for r in records if persona_slug(r["domain"]) == persona]
+        log.info("distill: k-way adapter %s on %d examples", persona, len(mine))
+        adapters[persona] = distill_one(ctx, mine, persona, out)
+        if distributed_state(ctx.model.device).is_main_process:
+            ctx.run.update_stage("distill", kway_adapters=adapters)
+    return {"kway_adapters": adapters, "kway_merged_into_base": merged}
+
+
+def run(ctx: StageContext) -> dict:
     records = [r for r in ctx.run.read("labels") if r["label"] == 1]
     if not records:
         log.warning("verify kept no distillation example (the persona never won both orders): "
                     "skipping adapter training; the gate routes everything to the base model")
         return {"skipped": "no distillation examples", "examples": 0}
-    examples = [build_example(lm.tokenizer, r["query"], r["persona"], r["persona_answer"], cfg.distill_max_length)
-                for r in records]
-    kept = [e for e in examples if e is not None]
-    if not kept:
-        raise PrismError(f"every distillation prompt is longer than distill_max_length={cfg.distill_max_length}")
-    targets = teacher_targets(lm, kept, cfg.distill_top_k, cfg.distill_micro_batch_size)
-    metrics = train_adapter(ctx, kept, targets)
-    return {"examples": len(kept), "answer_tokens": sum(e.answer_len for e in kept), **metrics}
+    if ctx.config.routing != "kway":
+        return distill_one(ctx, records)
+    # k-way: the binary adapter first (the `prism` routing a k-way run is compared with), kept across a resume
+    saved = ctx.run.manifest()["stages"].get("distill", {}).get("binary_adapter")
+    info = saved if saved and (ctx.run.path / "adapter" / "adapter_model.safetensors").is_file() else None
+    if info is None:
+        info = distill_one(ctx, records)
+        if distributed_state(ctx.model.device).is_main_process:
+            ctx.run.update_stage("distill", binary_adapter=info)
+    return {**info, **distill_kway(ctx, records)}
 
 
 def load_adapter(lm: LoadedModel, run_dir: str | Path) -> PeftModel:

@@ -43,6 +43,18 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
     summary["adapter"] = {k: distill_info.get(k) for k in ("trainable_params", "share_of_base") if k in distill_info}
     summary["distill"] = {k: distill_info.get(k) for k in ("persona_signal", "loss_first", "loss_last", "steps",
                                                            "examples", "skipped") if k in distill_info}
+    kway_gate = gate_info.get("kway")
+    if kway_gate:
+        adapters = distill_info.get("kway_adapters") or {}
+        summary["kway"] = {
+            "classes": kway_gate["classes"], "merged_into_base": kway_gate["merged_into_base"],
+            "min_wins": kway_gate["min_wins"], "class_counts": kway_gate["class_counts"],
+            "gate": {k: kway_gate.get(k) for k in ("kind", "heldout_accuracy", "heldout_balanced_accuracy",
+                                                   "heldout_recall", "heldout_method", "train_accuracy",
+                                                   "majority_baseline", "constant_route") if k in kway_gate},
+            "adapters": {name: {k: a.get(k) for k in ("examples", "steps", "loss_first", "loss_last", "persona_signal")}
+                         for name, a in adapters.items()},
+        }
     summary["files"] = {name: (run.path / file).is_file() for name, file in FILES.items()}
     summary["files"].update(adapter=(run.path / "adapter" / "adapter_model.safetensors").is_file(),
                             gate=(run.path / "gate" / "gate.safetensors").is_file())
@@ -78,6 +90,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         signal = dist.get("persona_signal")
         lines.append(f"distill  persona signal (KL at step 0) {'n/a' if signal is None else f'{signal:.4f}'}; "
                      f"KL loss {dist['loss_first']:.4f} -> {dist['loss_last']:.4f} over {dist['steps']} steps")
+    lines.extend(format_kway(summary.get("kway")))
     judge = summary.get("verify") or {}
     if judge.get("pairs"):
         lines.insert(3, verify.format_judge_quality(judge))
@@ -85,3 +98,29 @@ def format_summary(summary: dict[str, Any]) -> str:
     if warning:
         lines.append(warning)  # the last line a bootstrap prints
     return "\n".join(lines)
+
+
+def format_kway(kway: dict[str, Any] | None) -> list[str]:
+    """The k-way lines of `prism inspect`: the classes, the domains merged into base, the gate, the adapters."""
+    if not kway:
+        return []
+    counts = dict(zip(kway["classes"], kway["class_counts"]))
+    lines = [f"k-way    {len(kway['classes']) - 1} persona adapters + base: "
+             + ", ".join(f"{name} ({counts[name]} queries)" for name in kway["classes"])]
+    if kway["merged_into_base"]:
+        lines.append(f"k-way    merged into base (fewer than {kway['min_wins']} wins): "
+                     + ", ".join(f"{domain} ({wins})" for domain, wins in kway["merged_into_base"].items()))
+    gate = kway["gate"]
+    if gate.get("kind") == "constant":
+        lines.append(f"k-way    gate constant: every query goes to {kway['classes'][gate['constant_route']]}")
+    elif gate:
+        held = gate.get("heldout_accuracy")
+        recall = ", ".join(f"{k} {v:.2f}" for k, v in (gate.get("heldout_recall") or {}).items())
+        lines.append(f"k-way    gate held-out accuracy {'n/a' if held is None else f'{held:.3f}'}"
+                     f"{f' (recall: {recall})' if recall else ''}, majority-class baseline "
+                     f"{gate['majority_baseline']:.3f}")
+    for name, adapter in kway["adapters"].items():
+        if adapter.get("loss_first") is not None:
+            lines.append(f"k-way    adapter {name}: {adapter['examples']} examples, KL loss {adapter['loss_first']:.4f} "
+                         f"-> {adapter['loss_last']:.4f} over {adapter['steps']} steps")
+    return lines

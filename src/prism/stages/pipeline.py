@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from prism.config import BootstrapConfig
+from prism.config import BootstrapConfig, with_new_defaults
 from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
 from prism.lm.models import LoadedModel, load_model
-from prism.runs import FILES, FINISHED, STAGES, RunDir, now
+from prism.runs import FILES, FINISHED, KWAY_ADAPTERS, STAGES, RunDir, now
 from prism.stages import answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
 from prism.stages.inspect import inspect_run
@@ -57,7 +57,8 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
     """Create the run directory, or check that an existing one was made with this config."""
     if run.exists():
         old = run.manifest()
-        old_identity = {k: v for k, v in old.get("config", {}).items() if k in config.identity()}
+        recorded = with_new_defaults(old.get("config", {}))
+        old_identity = {k: v for k, v in recorded.items() if k in config.identity()}
         differences = config_differences(old_identity, config.identity())
         if not differences:
             return
@@ -176,7 +177,7 @@ def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = N
     point for `accelerate launch -m prism.cli distill RUN`, which trains data parallel. Every process
     calls it; only the main one writes the manifest, the log and the adapter."""
     run = RunDir(out)
-    config = BootstrapConfig(**run.manifest()["config"])
+    config = BootstrapConfig(**with_new_defaults(run.manifest()["config"]))
     unfinished = [s for s in STAGES[: STAGES.index("distill")] if run.stage_status(s) not in FINISHED]
     if unfinished:
         raise PrismError(f"{run.path}: the stages {', '.join(unfinished)} are not done yet: run "
@@ -185,11 +186,16 @@ def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = N
     if run.stage_status("distill") in FINISHED and not force:
         log.info("%s: distill is already done (pass --force to train the adapter again)", run.path)
         return inspect_run(run.path)
-    if force and state.is_main_process and (run.path / "adapter").exists():
-        aside = run.path / f"adapter.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        (run.path / "adapter").rename(aside)
-        shutil.rmtree(run.path / distill.CHECKPOINT, ignore_errors=True)
-        log.info("moved the previous adapter to %s", aside)
+    if force and state.is_main_process:
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        for adapters in ("adapter", KWAY_ADAPTERS):
+            if (run.path / adapters).exists():
+                aside = run.path / f"{adapters}.replaced-{stamp}"
+                (run.path / adapters).rename(aside)
+                log.info("moved the previous adapter(s) to %s", aside)
+        for checkpoint in run.path.glob(f"{distill.CHECKPOINT}*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        run.update_stage("distill", binary_adapter=None, kway_adapters={})
     state.wait_for_everyone()
     ctx = StageContext(run=run, config=config)
     ctx.lm = lm or load_model(config.model, device=_process_device(config), trust_remote_code=config.trust_remote_code)

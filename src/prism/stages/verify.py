@@ -3,7 +3,10 @@ distillation only when it wins both (label 1), everything else is retained as la
 
 from __future__ import annotations
 
+from collections import Counter
+
 from prism.engines.base import Prompt
+from prism.runs import persona_slug
 from prism.stages.context import StageContext
 from prism.stages.queries import kept_queries
 
@@ -162,3 +165,18 @@ def write_labels(ctx: StageContext) -> None:
             "position_prior": prior,
         })
     run_dir.rewrite("labels", labels)
+
+
+def kway_classes(labels: list[dict], min_wins: int) -> tuple[list[str], dict[str, int]]:
+    """k-way routing's classes from the labels: "base", then the persona of each domain with at least
+    `min_wins` both-order wins (in domain order); and the domains merged into base with their win counts."""
+    wins = Counter(r["domain"] for r in labels if r["label"] == 1)
+    domains = list(dict.fromkeys(r["domain"] for r in labels))
+    kept = [d for d in domains if wins[d] >= min_wins]
+    return ["base", *(persona_slug(d) for d in kept)], {d: wins[d] for d in domains if d not in kept}
+
+
+def kway_label(record: dict, classes: list[str]) -> int:
+    """A query's k-way class: its domain's persona when that persona won both orders and has an adapter, else base."""
+    slug = persona_slug(record["domain"])
+    return classes.index(slug) if record["label"] == 1 and slug in classes else 0
