@@ -118,7 +118,8 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     talk = commands.add_parser("chat", help="chat in the terminal with a run's gated model")
     add_model_flags(talk)
     add_engine_flags(talk)
-    talk.add_argument("--route", choices=ROUTES, default="auto", help="start pinned to a route (default auto)")
+    talk.add_argument("--route", default="auto", help=f"start pinned to a route: {', '.join(ROUTES)}, or a k-way "
+                      "persona's name (default auto)")
     talk.add_argument("--system", help="a system message for the whole conversation")
     talk.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
     talk.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
@@ -145,7 +146,8 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     sidecar.add_argument("--upstream", help="an OpenAI-compatible server's /v1 URL: load only the gate's inputs "
                          "here and forward each request there under the route's model name")
     sidecar.add_argument("--upstream-base-model", help="the base model's name on the upstream server")
-    sidecar.add_argument("--upstream-adapter-model", help="the adapter's name on the upstream server (its LoRA module)")
+    sidecar.add_argument("--upstream-adapter-model", help="the adapter's name on the upstream server (its LoRA "
+                         "module); a k-way run's persona adapters are NAME-<persona> there")
     sidecar.add_argument("--upstream-api-key", default=os.environ.get("PRISM_UPSTREAM_API_KEY"),
                          help="default $PRISM_UPSTREAM_API_KEY")
 
@@ -207,6 +209,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: the run's saved threshold)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the Hub")
+    parser.add_argument("--routing", choices=("auto", "binary", "kway"), default="auto",
+                        help="which gate routes: binary (base or the adapter), kway (base or one persona's adapter; a "
+                        "run bootstrapped with --routing kway) or auto (default: kway when the run has it)")
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +231,8 @@ def _load_gated(args: argparse.Namespace, max_model_len: int | None = None) -> A
 
     return load_gated_model(args.run, engine=args.engine, gguf=args.gguf, threshold=args.threshold,
                             device=args.device, max_model_len=max_model_len, threads=args.threads,
-                            persona_model=args.persona_model, trust_remote_code=args.trust_remote_code)
+                            persona_model=args.persona_model, trust_remote_code=args.trust_remote_code,
+                            routing=args.routing)
 
 
 def run_bootstrap(args: argparse.Namespace) -> None:
@@ -344,7 +350,7 @@ def run_serve(args: argparse.Namespace) -> None:
                       adapter_model=args.upstream_adapter_model, host=args.host, port=args.port,
                       api_key=args.api_key, upstream_api_key=args.upstream_api_key, threshold=args.threshold,
                       device=args.device, trust_remote_code=args.trust_remote_code,
-                      request_log=args.request_log, log_prompts=args.log_prompts)
+                      request_log=args.request_log, log_prompts=args.log_prompts, routing=args.routing)
         return
     from prism.serving.server import serve
 

@@ -20,6 +20,13 @@ from prism.lm.models import chat_prompt, conversation_prompt, encode
 
 log = logging.getLogger("prism")
 ROUTES = ("auto", "base", "persona")
+ROUTINGS = ("binary", "kway")
+
+
+def adapter_key(persona: str | None) -> str:
+    """The name of a persona route's adapter: `persona` (the binary adapter) or `persona-<k-way persona>`;
+    the served model name is `prism-` + this."""
+    return "persona" if persona is None else f"persona-{persona}"
 
 
 @dataclass
@@ -29,17 +36,29 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event | None = None  # set it to end this request early (client gone, Ctrl-C)
     assistant_prefix: str = ""  # the reply starts with this text (scoring and judging prompts)
+    persona: str | None = None  # with route "persona": which k-way adapter (None: the binary adapter)
+    routing: str | None = None  # which gate decides route "auto": "binary", "kway" (None: the model's own)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
             raise PrismError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
+        if self.persona is not None and self.route != "persona":
+            raise PrismError(f"a persona ({self.persona!r}) is named only with route 'persona', not {self.route!r}")
+        if self.routing is not None and self.routing not in ROUTINGS:
+            raise PrismError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
 
 
 @dataclass
 class RouteDecision:
     route: str  # "base" or "persona"
-    gate_probability: float | None  # the gate's P(persona); None when the caller forced the route
+    gate_probability: float | None  # the gate's P(an adapter); None when the caller forced the route
     forced: bool
+    persona: str | None = None  # the k-way adapter's persona on route "persona" (None: the binary adapter)
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter this decision runs on (`adapter_key`), None on the base route."""
+        return None if self.route == "base" else adapter_key(self.persona)
 
 
 @dataclass
@@ -52,6 +71,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of text or a stop string), "length" (max_tokens) or "cancelled"
     logprobs: list[dict[str, Any]] | None = None  # per token, when the request's params ask for them
+    persona: str | None = None  # the k-way persona that answered (None: base, or the binary adapter)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,11 +89,23 @@ def decision_at(probability: float, threshold: float) -> RouteDecision:
     return RouteDecision("persona" if probability >= threshold else "base", probability, forced=False)
 
 
+def forced_decision(request: GenerationRequest) -> RouteDecision:
+    return RouteDecision(request.route, None, forced=True, persona=request.persona)
+
+
+def gate_decisions_on(gate: Gate, features: torch.Tensor) -> list[RouteDecision]:
+    """The gate's decision for each row of block-0 features (binary or k-way)."""
+    return [RouteDecision("persona" if route else "base", probability, False, gate.persona_of(route))
+            for probability, route in gate.decide(features)]
+
+
 class GatedModel(ABC):
     """What both engines share: a gate, a tokenizer for the chat template, and one generate call that
     routes. Subclasses load the model and implement `has_adapter`, `stream` and `decide`."""
 
     engine: str  # "transformers" or "llamacpp"
+    routing: str = "binary"  # what the gate chooses among: base and one adapter, or base and k (`personas`)
+    personas: Sequence[str] = ()  # the k-way adapters' personas (served as prism-persona-<persona>)
     gate: Gate
     tokenizer: Any
     run_path: Path | None
@@ -94,8 +126,13 @@ class GatedModel(ABC):
     def reload(self) -> dict[str, Any]:
         """Read the run's gate, threshold and adapter again without dropping requests in flight."""
 
-    def check_persona_route(self) -> None:
-        if not self.has_adapter:
+    def check_persona_route(self, persona: str | None = None) -> None:
+        if persona is not None:
+            if persona not in self.personas:
+                served = ", ".join(self.personas) or "none: serve a run bootstrapped with --routing kway"
+                raise PrismError(f"this model has no k-way adapter for the persona {persona!r}; its personas: "
+                                 f"{served}")
+        elif not self.has_adapter:
             raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
                              "unavailable")
 
@@ -133,13 +170,14 @@ class GatedModel(ABC):
 
     def generate(self, messages: list[dict[str, str]] | str, *, route: str = "auto", max_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> Completion:
-        """One reply: text, the route taken and the gate probability. `messages` may be a plain string."""
+                 stop: list[str] | None = None, persona: str | None = None) -> Completion:
+        """One reply: text, the route taken and the gate probability. `messages` may be a plain string;
+        `persona` names a k-way adapter for route "persona"."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 stop=list(stop or []))
-        return self.generate_batch([GenerationRequest(messages, route, params)])[0]
+        return self.generate_batch([GenerationRequest(messages, route, params, persona=persona)])[0]
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Replies to many requests in one batch (routes may differ per request)."""
@@ -173,7 +211,7 @@ def decode_step(index: int, request: GenerationRequest, decision: RouteDecision 
     if reason is not None:
         assert decision is not None
         completion = Completion(text.text, decision.route, decision.gate_probability, decision.forced, prompt_tokens,
-                                len(text.tokens), reason, logprobs)
+                                len(text.tokens), reason, logprobs, decision.persona)
         events.append(StreamEvent(index, delta=text.flush(), completion=completion))
     return events
 

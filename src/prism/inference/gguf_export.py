@@ -5,8 +5,9 @@ llama.cpp reads a LoRA as pairs `<base tensor>.lora_a` (numpy shape (r, in), PEF
 llama.cpp's converter stores Llama's q/k projections with the rows of each head permuted (rotary
 halves interleaved), so lora_B of q_proj/k_proj gets the same row permutation.
 
-Everything lands in RUN/gguf/: adapter.gguf, persona.gguf (merged, optional) and export.json, which names
-the base GGUF and the adapter's hash, so an engine can tell whether the export is current.
+Everything lands in RUN/gguf/: adapter.gguf, persona.gguf (merged, optional), for a k-way run one
+adapter-<persona>.gguf per persona adapter, and export.json, which names the base GGUF and each adapter's
+hash, so an engine can tell whether the export is current.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from prism.errors import PrismError
+from prism.inference.artifacts import kway_adapter_dirs
+from prism.lm.gate import Gate
 from prism.lm.llama import base_gguf_for
 from prism.lm.models import file_sha256
-from prism.runs import RunDir, write_json_atomic
+from prism.runs import KWAY_ADAPTERS, KWAY_GATE, RunDir, write_json_atomic
 
 log = logging.getLogger("prism")
 EXPORT_DIR = "gguf"
@@ -44,6 +47,11 @@ class GGUFExport:
     merged: Path | None
     base_gguf: Path
     info: dict[str, Any]
+    kway: dict[str, Path] = field(default_factory=dict)  # k-way persona -> its LoRA GGUF
+
+
+def kway_adapter_file(persona: str) -> str:
+    return f"adapter-{persona}.gguf"
 
 
 def read_export_info(run_path: Path) -> dict[str, Any] | None:
@@ -57,13 +65,19 @@ def recorded_base_gguf(run_path: Path) -> str | None:
     return recorded if recorded and Path(recorded).is_file() else None
 
 
-def export_is_current(run_path: Path, base_gguf: Path) -> bool:
-    """Whether RUN/gguf/adapter.gguf was made from the run's present adapter for this base GGUF."""
+def export_is_current(run_path: Path, base_gguf: Path, persona: str | None = None) -> bool:
+    """Whether RUN/gguf/adapter.gguf (or a k-way persona's adapter-<persona>.gguf) was made from the run's
+    present adapter for this base GGUF."""
     info = read_export_info(run_path)
-    adapter = run_path / "adapter" / "adapter_model.safetensors"
-    return (info is not None and (run_path / EXPORT_DIR / ADAPTER_FILE).is_file() and adapter.is_file()
-            and info.get("adapter_sha256") == file_sha256(adapter)
-            and Path(info.get("base_gguf", "")) == base_gguf)
+    if info is None or Path(info.get("base_gguf", "")) != base_gguf:
+        return False
+    if persona is None:
+        adapter, exported, recorded = run_path / "adapter", ADAPTER_FILE, info.get("adapter_sha256")
+    else:
+        adapter, exported = run_path / KWAY_ADAPTERS / persona, kway_adapter_file(persona)
+        recorded = (info.get("kway_adapters") or {}).get(persona)
+    weights = adapter / "adapter_model.safetensors"
+    return (run_path / EXPORT_DIR / exported).is_file() and weights.is_file() and recorded == file_sha256(weights)
 
 
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -71,18 +85,17 @@ def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def lora_tensors(run_path: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
-    """({gguf base tensor name: (lora_a, lora_b)}, alpha for llama.cpp, rank, architecture) of a run's adapter
-    on `model`, the run's base model."""
+def lora_tensors(adapter_dir: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
+    """({gguf base tensor name: (lora_a, lora_b)}, alpha for llama.cpp, rank, architecture) of a PEFT adapter
+    (a run's `adapter/`, or a k-way persona's) on `model`, the run's base model."""
     import gguf
     from safetensors.numpy import load_file
 
-    adapter_dir = run_path / "adapter"
     try:
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
         weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     except FileNotFoundError:
-        raise PrismError(f"{run_path} has no adapter (adapter/adapter_config.json and adapter_model.safetensors): "
+        raise PrismError(f"{adapter_dir} holds no adapter (adapter_config.json and adapter_model.safetensors): "
                          "finish the distill stage first") from None
     model_config = _model_config(model)
     model_type = model_config.get("model_type")
@@ -175,12 +188,12 @@ def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarr
     qtype = gguf.GGMLQuantizationType[merged_type.upper()]
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(path), arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+    for key in reader.fields.values():
+        if key.name.startswith("GGUF.") or key.name in ("general.architecture", "general.file_type"):
             continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+        value_type = key.types[0]
+        sub_type = key.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key.name, key.contents(), value_type, sub_type=sub_type)
     writer.add_string("general.finetune", "prism-persona")
     for tensor in reader.tensors:
         if tensor.name not in tensors:
@@ -206,7 +219,7 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
         raise PrismError(f"--merged-type must be one of {', '.join(MERGED_TYPES)}, got {merged_type!r}")
     config = run.manifest()["config"]
     base = base_gguf_for(config, base_gguf)
-    tensors, alpha, rank, arch = lora_tensors(run.path, config["model"])
+    tensors, alpha, rank, arch = lora_tensors(run.path / "adapter", config["model"])
     reader = gguf.GGUFReader(str(base))
     _check_against_base(reader, tensors, arch, base)
     out = run.path / EXPORT_DIR
@@ -214,6 +227,16 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
     adapter_path = out / ADAPTER_FILE
     write_lora_gguf(adapter_path.with_suffix(".tmp"), tensors, alpha, arch, f"PRISM persona adapter of {run.path.name}")
     adapter_path.with_suffix(".tmp").replace(adapter_path)
+    kway: dict[str, Path] = {}
+    kway_hashes: dict[str, str] = {}
+    for persona, directory in kway_adapters(run.path).items():
+        persona_tensors, persona_alpha, _rank, _arch = lora_tensors(directory, config["model"])
+        _check_against_base(reader, persona_tensors, arch, base)
+        kway[persona] = out / kway_adapter_file(persona)
+        write_lora_gguf(kway[persona].with_suffix(".tmp"), persona_tensors, persona_alpha, arch,
+                        f"PRISM {persona} adapter of {run.path.name}")
+        kway[persona].with_suffix(".tmp").replace(kway[persona])
+        kway_hashes[persona] = file_sha256(directory / "adapter_model.safetensors")
     merged_path = None
     if merged:
         merged_path = out / MERGED_FILE
@@ -224,9 +247,18 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
     info = {"base_gguf": str(base), "base_gguf_sha256": file_sha256(base),
             "adapter_sha256": file_sha256(run.path / "adapter" / "adapter_model.safetensors"),
             "architecture": arch, "rank": rank, "alpha": alpha, "lora_tensors": len(tensors),
-            "merged": MERGED_FILE if merged else None, "merged_type": merged_type if merged else None}
+            "merged": MERGED_FILE if merged else None, "merged_type": merged_type if merged else None,
+            **({"kway_adapters": kway_hashes} if kway_hashes else {})}
     write_json_atomic(out / INFO_FILE, info)
-    log.info("wrote %s (%d LoRA tensor pairs, alpha %g)%s", adapter_path, len(tensors), alpha,
-             f" and {merged_path}" if merged_path else "")
-    return GGUFExport(adapter_path, merged_path, base, info)
+    log.info("wrote %s (%d LoRA tensor pairs, alpha %g)%s%s", adapter_path, len(tensors), alpha,
+             f" and {merged_path}" if merged_path else "",
+             f" and {len(kway)} k-way adapters ({', '.join(p.name for p in kway.values())})" if kway else "")
+    return GGUFExport(adapter_path, merged_path, base, info, kway)
+
+
+def kway_adapters(run_path: Path) -> dict[str, Path]:
+    """A k-way run's persona adapters (none for a binary run)."""
+    if not (run_path / KWAY_GATE / "config.json").is_file():
+        return {}
+    return kway_adapter_dirs(run_path, Gate.load(run_path / KWAY_GATE))
 

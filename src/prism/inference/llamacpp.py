@@ -3,8 +3,9 @@
 The gate reads block 0 computed in PyTorch (`Router`: tokenizer, embeddings and block 0 only). The reply
 then comes from one of two llama.cpp contexts over the run's GGUF: the base context, or the persona context,
 which holds the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token),
-else the base GGUF with the exported LoRA. Two contexts keep each route's prompt cache warm and never
-switch adapters mid-stream; benchmarks/engines.py compares them with switching the adapter per request
+else the base GGUF with the exported LoRA; a k-way run adds one context per persona adapter (its LoRA GGUF
+on the base GGUF). One context per route keeps each route's prompt cache warm and never switches adapters
+mid-stream; benchmarks/engines.py compares them with switching the adapter per request
 on one context. Requests run one at a time: batches of many requests are the transformers backend's job.
 """
 
@@ -19,13 +20,22 @@ from typing import Any
 
 from prism.errors import PrismError
 from prism.inference.artifacts import open_finished_run
-from prism.inference.base import GatedModel, GenerationRequest, RouteDecision, StreamEvent, decode_step
+from prism.inference.base import (
+    GatedModel,
+    GenerationRequest,
+    RouteDecision,
+    StreamEvent,
+    adapter_key,
+    decode_step,
+    forced_decision,
+)
 from prism.inference.gguf_export import (
     ADAPTER_FILE,
     EXPORT_DIR,
     MERGED_FILE,
     export_gguf,
     export_is_current,
+    kway_adapter_file,
     recorded_base_gguf,
 )
 from prism.inference.router import Router
@@ -43,13 +53,16 @@ class LlamaCppModel(GatedModel):
 
     def __init__(self, router: Router, base: LlamaContext, persona: LlamaContext | None, *,
                  run_path: Path | None = None, persona_source: str = "none", max_model_len: int | None = None,
-                 opener: PersonaOpener | None = None):
+                 opener: PersonaOpener | None = None, kway: dict[str, LlamaContext] | None = None):
         self.router = router
-        self.opener = opener  # how the persona context was opened, to open it again on a reload
+        self.opener = opener  # how the persona contexts were opened, to open them again on a reload
         self.gate = router.gate
+        self.routing = router.routing
         self.tokenizer = router.lm.tokenizer
         self.run_path = run_path
-        self.contexts = {"base": base, "persona": persona}
+        # one context per route: base, the binary adapter ("persona") and each k-way adapter ("persona-<persona>")
+        self.contexts = {"base": base, "persona": persona,
+                         **{adapter_key(p): context for p, context in (kway or {}).items()}}
         self.persona_source = persona_source  # "merged", "lora" or "none"
         self.max_model_len = min(max_model_len or base.n_ctx, base.n_ctx)
         self.eos_ids = base.stop_ids(self.tokenizer)
@@ -58,28 +71,34 @@ class LlamaCppModel(GatedModel):
     @classmethod
     def from_run(cls, run_dir: str | Path, *, gguf: str | Path | None = None, threshold: float | None = None,
                  max_model_len: int | None = None, n_threads: int | None = None, persona: str = "auto",
-                 trust_remote_code: bool = False) -> LlamaCppModel:
+                 trust_remote_code: bool = False, routing: str = "auto") -> LlamaCppModel:
         """Load a finished run on llama.cpp. The adapter is exported to RUN/gguf/adapter.gguf first when that
         file is missing or older than the run's adapter. `persona`: 'auto' (the merged GGUF when exported,
-        else the LoRA), 'merged' or 'lora'."""
+        else the LoRA), 'merged' or 'lora'. `routing`: 'binary', 'kway' or 'auto', as for PrismModel."""
         if persona not in ("auto", "merged", "lora"):
             raise PrismError(f"persona must be 'auto', 'merged' or 'lora', got {persona!r}")
         run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
         base_path = base_gguf_for(config, gguf or recorded_base_gguf(run.path))
-        router = Router.from_run(run.path, device="cpu", threshold=threshold, trust_remote_code=trust_remote_code)
+        router = Router.from_run(run.path, device="cpu", threshold=threshold, trust_remote_code=trust_remote_code,
+                                 routing=routing)
         context_size = max_model_len or getattr(router.lm.model.config, "max_position_embeddings", None) or 4096
         base = LlamaContext(open_llama(base_path, n_ctx=context_size, n_threads=n_threads))
         check_vocabulary(base, router.lm.tokenizer, base_path)
         opener = PersonaOpener(run.path, base_path, persona, context_size, n_threads)
         persona_context, source = opener.open() if router.has_adapter else (None, "none")
+        kway = {p: opener.open(p)[0] for p in router.personas}
         model = cls(router, base, persona_context, run_path=run.path, persona_source=source,
-                    max_model_len=max_model_len, opener=opener)
+                    max_model_len=max_model_len, opener=opener, kway=kway)
         model.trust_remote_code = trust_remote_code
         return model
 
     @property
     def has_adapter(self) -> bool:
         return self.contexts["persona"] is not None
+
+    @property
+    def personas(self) -> list[str]:  # type: ignore[override]
+        return list(self.router.personas)
 
     def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
         return self.router.decide(conversations)
@@ -92,18 +111,24 @@ class LlamaCppModel(GatedModel):
         with self._lock:
             gate = self.router.read_run()
             persona, source = self.opener.open() if self.has_adapter else (None, "none")
-            old = self.contexts["persona"]
+            opened = {"persona": persona, **{adapter_key(p): self.opener.open(p)[0] for p in self.personas}}
+            old = [self.contexts[key] for key in opened]
             self.router.use_gate(gate)
             self.gate = gate
-            self.contexts["persona"], self.persona_source = persona, source
-            if old is not None:
-                old.llm.close()
-        return {"threshold": self.threshold, "adapter": self.has_adapter, "persona_model": source}
+            self.contexts.update(opened)
+            self.persona_source = source
+            for context in old:
+                if context is not None:
+                    context.llm.close()
+        return {"threshold": self.threshold, "adapter": self.has_adapter, "persona_model": source,
+                **({"personas": self.personas} if self.personas else {})}
 
     def context(self, route: str) -> LlamaContext:
-        context = self.contexts[route]
+        """The context of a route: "base", "persona" (the binary adapter) or "persona-<k-way persona>"."""
+        context = self.contexts.get(route)
         if context is None:
-            self.check_persona_route()
+            self.check_persona_route(None if route == "persona" else route.removeprefix("persona-"))
+        assert context is not None
         return context
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
@@ -116,14 +141,17 @@ class LlamaCppModel(GatedModel):
                 self.check_length(len(ids), request.params.max_tokens)
             decisions = self._decisions(list(requests))
             for i, decision in enumerate(decisions):
-                self.context(decision.route)
+                self.context(decision.adapter or "base")
                 yield StreamEvent(i, decision=decision)
             for i, (request, ids) in enumerate(zip(requests, encoded)):
                 yield from self._reply(i, request, decisions[i], ids)
 
     def _decisions(self, requests: list[GenerationRequest]) -> list[RouteDecision]:
-        decisions: list[RouteDecision | None] = [
-            RouteDecision(r.route, None, forced=True) if r.route != "auto" else None for r in requests]
+        for request in requests:
+            if request.routing not in (None, self.routing):
+                raise PrismError(f"this model routes with its {self.routing} gate only; load the run with --routing "
+                                 f"{request.routing} for the other")
+        decisions: list[RouteDecision | None] = [forced_decision(r) if r.route != "auto" else None for r in requests]
         gated = [i for i, d in enumerate(decisions) if d is None]
         if gated:
             for i, decision in zip(gated, self.router.decide([requests[i].messages for i in gated])):
@@ -132,7 +160,7 @@ class LlamaCppModel(GatedModel):
 
     def _reply(self, index: int, request: GenerationRequest, decision: RouteDecision, ids: list[int]
                ) -> Iterator[StreamEvent]:
-        context = self.context(decision.route)
+        context = self.context(decision.adapter or "base")
         text = TextStream(self.tokenizer, request.params.stop)
         logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs is not None else None
         for token, logits in context.sample(ids, request.params):
@@ -144,8 +172,9 @@ class LlamaCppModel(GatedModel):
 
 @dataclass
 class PersonaOpener:
-    """Opens the persona route's llama.cpp context of a run: the merged persona GGUF when one is exported
-    (and `persona` allows it), else the base GGUF with the run's LoRA, exported first when it is stale."""
+    """Opens a persona route's llama.cpp context of a run: for the binary adapter the merged persona GGUF when
+    one is exported (and `persona` allows it), else the base GGUF with the run's LoRA; for a k-way persona the
+    base GGUF with that persona's LoRA. A stale or missing export is exported first."""
 
     run_path: Path
     base_path: Path
@@ -153,11 +182,15 @@ class PersonaOpener:
     context_size: int
     n_threads: int | None
 
-    def open(self) -> tuple[LlamaContext, str]:
+    def open(self, kway_persona: str | None = None) -> tuple[LlamaContext, str]:
         out = self.run_path / EXPORT_DIR
-        if not export_is_current(self.run_path, self.base_path):
-            log.info("exporting the run's adapter to %s for llama.cpp", out / ADAPTER_FILE)
+        if not export_is_current(self.run_path, self.base_path, kway_persona):
+            log.info("exporting the run's adapters to %s for llama.cpp", out)
             export_gguf(self.run_path, base_gguf=self.base_path)
+        if kway_persona is not None:
+            lora = out / kway_adapter_file(kway_persona)
+            return LlamaContext(open_llama(self.base_path, lora=lora, n_ctx=self.context_size,
+                                           n_threads=self.n_threads)), "lora"
         merged = out / MERGED_FILE
         if self.persona == "merged" and not merged.is_file():
             raise PrismError(f"{merged} does not exist: run `prism export gguf {self.run_path} --merged` first")

@@ -8,14 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from prism.inference.artifacts import (
     adapter_file,
     check_adapter_for_gate,
     check_adapter_unchanged,
+    gate_personas,
+    kway_adapter_dirs,
     load_gate,
     open_finished_run,
+    resolve_routing,
 )
-from prism.inference.base import RouteDecision, decision_at, gate_prompt
+from prism.inference.base import RouteDecision, gate_decisions_on, gate_prompt
 from prism.lm.batching import block0_features
 from prism.lm.gate import Gate
 from prism.lm.models import LoadedModel, load_block0
@@ -23,46 +28,52 @@ from prism.lm.models import LoadedModel, load_block0
 
 def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
     """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
-    if gate.config.constant_route is not None:
-        return [decision_at(float(gate.config.constant_route), gate.config.threshold) for _ in conversations]
+    if gate.config.constant_route is not None:  # no features needed
+        return gate_decisions_on(gate, torch.zeros(len(conversations), gate.config.input_dim))
     return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
 
 
 def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
     """The gate's route for each already-rendered gate prompt."""
-    features = block0_features(lm, gate_prompts)
-    return [decision_at(p, gate.config.threshold) for p in gate.persona_probability(features).tolist()]
+    return gate_decisions_on(gate, block0_features(lm, gate_prompts))
 
 
 class Router:
     """The gate alone, for a sidecar in front of another server: the tokenizer, the embeddings and decoder
     block 0 of the base model (the rest is never loaded) and the gate. Decides exactly as PrismModel does."""
 
-    def __init__(self, lm: LoadedModel, gate: Gate, *, run_path: Path, has_adapter: bool):
+    def __init__(self, lm: LoadedModel, gate: Gate, *, run_path: Path, has_adapter: bool, routing: str = "binary"):
         self.lm, self.gate, self.run_path, self.has_adapter = lm, gate, run_path, has_adapter
+        self.routing = routing
+        self.personas = gate_personas(gate)  # k-way: the adapters it routes to, besides the binary one
         self.trust_remote_code = False
         self._lock = threading.Lock()
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
-                 trust_remote_code: bool = False) -> Router:
+                 trust_remote_code: bool = False, routing: str = "auto") -> Router:
+        """`routing`: 'binary', 'kway' (a run bootstrapped with --routing kway) or 'auto' (k-way when the run
+        has it)."""
         run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
+        routing = resolve_routing(run.path, routing)
         lm = load_block0(config["model"], device=device, trust_remote_code=trust_remote_code)
-        has_adapter = (run.path / "adapter" / "adapter_config.json").is_file()
-        gate = load_gate(run, threshold)
+        has_adapter = adapter_file(run.path) is not None
+        gate = load_gate(run, threshold, routing)
         check_adapter_for_gate(gate, has_adapter)
-        router = cls(lm, gate, run_path=run.path, has_adapter=has_adapter)
+        kway_adapter_dirs(run.path, gate)
+        router = cls(lm, gate, run_path=run.path, has_adapter=has_adapter, routing=routing)
         router.trust_remote_code = trust_remote_code
         return router
 
     def read_run(self) -> Gate:
         """The run's gate (with its saved threshold) as the run directory holds it now, checked against the
-        adapter this router routes to."""
+        adapters this router routes to."""
         run, _manifest, _config = open_finished_run(self.run_path, self.trust_remote_code)
-        gate = load_gate(run, None)
+        gate = load_gate(run, None, self.routing)
         has_adapter = adapter_file(run.path) is not None
         check_adapter_for_gate(gate, has_adapter)
-        check_adapter_unchanged(run.path, self.has_adapter, has_adapter)
+        kway_adapter_dirs(run.path, gate)
+        check_adapter_unchanged(run.path, self.has_adapter, has_adapter, self.personas, gate_personas(gate))
         return gate
 
     def use_gate(self, gate: Gate) -> None:

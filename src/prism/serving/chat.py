@@ -12,14 +12,24 @@ from prism.errors import PrismError
 from prism.inference.base import ROUTES, GatedModel, GenerationRequest, RouteDecision
 from prism.lm.decoding import SamplingParams
 
-HELP = ("commands: /route base|persona|auto (pin a route, or let the gate decide per turn), /reset (forget the "
-        "conversation), /quit. Ctrl-C stops an answer; Ctrl-D or /quit leaves.")
+HELP = ("commands: /route base|persona|auto|<k-way persona> (pin a route, or let the gate decide per turn), /reset "
+        "(forget the conversation), /quit. Ctrl-C stops an answer; Ctrl-D or /quit leaves.")
 
 
 def route_label(decision: RouteDecision) -> str:
+    route = decision.route if decision.persona is None else f"persona {decision.persona}"
     if decision.forced:
-        return f"[{decision.route} · pinned]"
-    return f"[{decision.route} · gate p(persona)={decision.gate_probability:.2f}]"
+        return f"[{route} · pinned]"
+    return f"[{route} · gate p(persona)={decision.gate_probability:.2f}]"
+
+
+def parse_route(model: GatedModel, text: str) -> tuple[str, str | None]:
+    """(route, k-way persona) from `auto`, `base`, `persona` or one of the model's k-way personas."""
+    if text in ROUTES:
+        return text, None
+    if text in model.personas:
+        return "persona", text
+    raise PrismError(f"unknown route {text!r}: choose one of {', '.join([*ROUTES, *model.personas])}")
 
 
 def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", system: str | None = None,
@@ -33,8 +43,10 @@ def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", syst
         out.flush()
 
     history: list[dict[str, str]] = []
-    say(f"PRISM chat: {model.run_path or 'model'} on {model.engine} (route {route}, threshold {model.threshold:.2f}). "
-        f"{HELP}")
+    route, persona = parse_route(model, route)
+    personas = f", k-way personas: {', '.join(model.personas)}" if model.personas else ""
+    say(f"PRISM chat: {model.run_path or 'model'} on {model.engine} (route {persona or route}, threshold "
+        f"{model.threshold:.2f}{personas}). {HELP}")
     while True:
         try:
             line = read("you> ").strip()
@@ -53,9 +65,9 @@ def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", syst
             if command == "/reset":
                 history.clear()
                 say("(conversation cleared)")
-            elif command == "/route" and argument.strip() in ROUTES:
-                route = argument.strip()
-                say(f"(route: {route})")
+            elif command == "/route" and argument.strip() in (*ROUTES, *model.personas):
+                route, persona = parse_route(model, argument.strip())
+                say(f"(route: {persona or route})")
             else:
                 say(HELP)
             continue
@@ -64,7 +76,8 @@ def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", syst
         answer = []
         started, tokens = time.perf_counter(), 0
         try:
-            with contextlib.closing(model.stream([GenerationRequest(messages, route, params)])) as events:
+            request = GenerationRequest(messages, route, params, persona=persona)
+            with contextlib.closing(model.stream([request])) as events:
                 for event in events:
                     if event.decision is not None:
                         say(route_label(event.decision))

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
+from prism.inference.base import adapter_key
 from prism.serving.metrics import ServingMetrics
 from prism.serving.request_log import RequestLog
 
@@ -48,6 +49,7 @@ def install_observability(app: FastAPI, metrics: ServingMetrics | None, request_
         if request_log is not None:
             request_log.write({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "endpoint": endpoint,
                                "model": record.get("model"), "route": record.get("route"),
+                               **({"persona": record["persona"]} if "persona" in record else {}),
                                "gate_probability": record.get("gate_probability"), "forced": record.get("forced"),
                                "threshold": record.get("threshold"), "prompt_tokens": record.get("prompt_tokens"),
                                "completion_tokens": record.get("completion_tokens"),
@@ -97,8 +99,11 @@ class ObserveRequests:
 
 def note_decision(record: dict[str, Any], metrics: ServingMetrics | None, endpoint: str, info: dict[str, Any]
                   ) -> None:
-    """A route decision into the request's record and the gate-probability histogram."""
+    """A route decision into the request's record and the gate-probability histogram. A k-way adapter's route
+    is recorded (and counted in the metrics) as its adapter, `persona-<persona>`."""
     record.update({k: info[k] for k in ("route", "gate_probability", "forced", "threshold")})
+    if "persona" in info:
+        record.update(route=adapter_key(info["persona"]), persona=info["persona"])
     if metrics is not None and not info["forced"] and info["gate_probability"] is not None:
         metrics.gate_probability.labels(endpoint).observe(info["gate_probability"])
 

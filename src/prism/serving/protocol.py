@@ -1,10 +1,12 @@
 """The OpenAI chat-completions protocol as PRISM serves it, shared by `prism serve` and the sidecar:
 request models validated at the edge, errors in OpenAI's format, the model names that pick a route
-(`prism` lets the gate decide, `prism-base` and `prism-persona` force one), and API-key checks."""
+(`prism` lets the gate decide, `prism-base`, `prism-persona` and a k-way run's `prism-persona-<persona>` force
+one), and API-key checks."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -13,9 +15,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.inference.base import RouteDecision
+from prism.inference.base import RouteDecision, adapter_key
 
 MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
+KWAY_MODEL_PREFIX = "prism-" + adapter_key("")  # prism-persona-<persona>: a k-way adapter's forced route
 PROTECTED = ("/v1/", "/metrics", "/admin/")  # what the API key guards (/health stays open for probes)
 
 
@@ -89,9 +92,18 @@ def up_to_last_user_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]
     return messages[: users[-1] + 1]
 
 
+def model_route(name: str) -> tuple[str, str | None]:
+    """(route, k-way persona) a served model name asks for; the name is one `served_models` listed."""
+    if name in MODEL_ROUTES:
+        return MODEL_ROUTES[name], None
+    return "persona", name.removeprefix(KWAY_MODEL_PREFIX)
+
+
 def decision_info(decision: RouteDecision, threshold: float) -> dict[str, Any]:
-    return {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
+    """The reply's `prism` object; a k-way adapter's answer also names its persona."""
+    info = {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
             "threshold": threshold}
+    return info if decision.persona is None else {**info, "persona": decision.persona}
 
 
 class ApiError(Exception):
@@ -105,13 +117,16 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def served_models(has_adapter: bool) -> list[str]:
-    return [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
+def served_models(has_adapter: bool, personas: Sequence[str] = ()) -> list[str]:
+    """prism, prism-base, prism-persona (when the run has an adapter) and prism-persona-<persona> per k-way adapter."""
+    names = [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
+    return names + [KWAY_MODEL_PREFIX + persona for persona in personas]
 
 
 def check_model(name: str, models: list[str]) -> None:
     if name not in models:
-        why = " (this run has no adapter)" if name == "prism-persona" else ""
+        why = (" (this run has no adapter)" if name == "prism-persona" else
+               " (no k-way adapter has that persona)" if name.startswith(KWAY_MODEL_PREFIX) else "")
         raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
                        param="model", code="model_not_found")
 

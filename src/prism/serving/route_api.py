@@ -14,7 +14,7 @@ from prism.inference.base import GatedModel, RouteDecision
 from prism.inference.router import Router
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import note_decision, request_record
-from prism.serving.protocol import MODEL_ROUTES, RouteRequest, check_model, decision_info, up_to_last_user_turn
+from prism.serving.protocol import RouteRequest, check_model, decision_info, model_route, up_to_last_user_turn
 from prism.serving.reload import reload_run
 
 
@@ -26,16 +26,16 @@ async def route_conversations(body: RouteRequest, request: Request, models: list
     record["model"] = body.model
     check_model(body.model, models)
     conversations = [up_to_last_user_turn(c) for c in body.conversations()]
-    route = MODEL_ROUTES[body.model]
+    route, persona = model_route(body.model)
     if route == "auto":
         decisions = await asyncio.to_thread(decide, conversations)
     else:
-        decisions = [RouteDecision(route, None, forced=True) for _ in conversations]
+        decisions = [RouteDecision(route, None, forced=True, persona=persona) for _ in conversations]
     infos = [decision_info(d, threshold()) for d in decisions]
     for info in infos:
         note_decision({}, metrics, "route", info)
     if body.messages is not None:
-        record.update({k: infos[0][k] for k in ("route", "gate_probability", "forced", "threshold")})
+        note_decision(record, None, "route", infos[0])
         return infos[0]
     record.update(route="batch", requests=len(infos), threshold=infos[0]["threshold"])
     return {"object": "list", "data": infos}

@@ -28,11 +28,12 @@ from prism.lm.decoding import SamplingParams
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
-    MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
     check_model,
+    decision_info,
     install_openai_edges,
+    model_route,
     served_models,
 )
 from prism.serving.reload import reload_on_sighup
@@ -130,14 +131,15 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.batcher = batcher
-    models = served_models(model.has_adapter)
+    models = served_models(model.has_adapter, model.personas)
     install_openai_edges(app, api_key, models)
     install_observability(app, observed, request_log, lambda: model.threshold)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "run": str(model.run_path), "engine": model.engine, "adapter": model.has_adapter,
-                "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches}
+                "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches,
+                "routing": model.routing, **({"personas": list(model.personas)} if model.personas else {})}
 
     install_route_and_reload(app, model, models, observed)
     served = Served(model, batcher, models, default_max_tokens, observed, request_log)
@@ -236,8 +238,9 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except PrismError as exc:
         raise ApiError(400, str(exc)) from None
-    return GenerationRequest(messages, MODEL_ROUTES[body.model], params, cancel=threading.Event(),
-                             assistant_prefix=prefix)
+    route, persona = model_route(body.model)
+    return GenerationRequest(messages, route, params, cancel=threading.Event(), assistant_prefix=prefix,
+                             persona=persona)
 
 
 def _as_api_error(exc: Exception) -> ApiError:
@@ -247,10 +250,8 @@ def _as_api_error(exc: Exception) -> ApiError:
 
 
 def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
-    decision = event.decision
-    assert decision is not None, "the first event of a request is its route"
-    return {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
-            "threshold": threshold}
+    assert event.decision is not None, "the first event of a request is its route"
+    return decision_info(event.decision, threshold)
 
 
 def note_usage(record: dict[str, Any], done: Completion) -> None:
@@ -325,6 +326,6 @@ def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_k
     app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens,
                      request_log=requests)
     reload_on_sighup(app.state.reload)
-    log.info("serving %s on http://%s:%d/v1 with %s (models: prism, prism-base%s)", model.run_path, host, port,
-             model.engine, ", prism-persona" if model.has_adapter else "")
+    log.info("serving %s on http://%s:%d/v1 with %s (%s routing; models: %s)", model.run_path, host, port,
+             model.engine, model.routing, ", ".join(served_models(model.has_adapter, model.personas)))
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +24,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from prism.errors import PrismError
-from prism.inference.base import RouteDecision
+from prism.inference.base import RouteDecision, adapter_key
 from prism.inference.router import Router
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
-    MODEL_ROUTES,
     ApiError,
     ChatCompletionRequest,
     as_dicts,
     check_model,
     decision_info,
     install_openai_edges,
+    model_route,
     served_models,
     up_to_last_user_turn,
 )
@@ -60,11 +60,11 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
         await client.aclose()
 
     app = FastAPI(title="PRISM routing sidecar", lifespan=lifespan)
-    models = served_models(router.has_adapter)
+    models = served_models(router.has_adapter, router.personas)
     observed = ServingMetrics(sidecar=True) if metrics else None
     install_openai_edges(app, api_key, models)
     install_observability(app, observed, request_log, lambda: router.threshold)
-    upstream_names = {"base": base_model, "persona": adapter_model}
+    upstream_names = upstream_model_names(base_model, adapter_model, router.personas)
 
     forwarder = Forwarder(router, client, upstream, upstream_names, models, observed, request_log)
 
@@ -73,7 +73,7 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "run": str(router.run_path), "upstream": upstream, "threshold": router.threshold,
-                "models": upstream_names, "loaded_share_of_model": router.loaded_share}
+                "models": upstream_names, "loaded_share_of_model": router.loaded_share, "routing": router.routing}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -89,7 +89,7 @@ class Forwarder:
     router: Router
     client: httpx2.AsyncClient
     upstream: str
-    upstream_names: dict[str, str]  # route -> the model name upstream
+    upstream_names: dict[str, str]  # base or adapter key -> the model name upstream
     models: list[str]
     metrics: ServingMetrics | None
     request_log: RequestLog | None
@@ -100,11 +100,12 @@ class Forwarder:
         record["model"] = parsed.model
         check_model(parsed.model, self.models)
         decision = await asyncio.to_thread(_route, self.router, parsed)
-        info = {**decision_info(decision, self.router.threshold), "upstream_model": self.upstream_names[decision.route]}
+        upstream_model = self.upstream_names[decision.adapter or "base"]
+        info = {**decision_info(decision, self.router.threshold), "upstream_model": upstream_model}
         note_decision(record, self.metrics, "chat", info)
         if self.request_log is not None and self.request_log.log_prompts:
             record["messages"] = as_dicts(parsed.messages)
-        forwarded = {**body, "model": self.upstream_names[decision.route]}
+        forwarded = {**body, "model": upstream_model}
         route_header = {"x-prism-route": decision.route}
         try:
             reply = await self.client.send(self.client.build_request("POST", "/chat/completions", json=forwarded),
@@ -146,10 +147,17 @@ async def _parse_chat(request: Request) -> tuple[dict[str, Any], ChatCompletionR
         raise RequestValidationError(exc.errors()) from None
 
 
+def upstream_model_names(base_model: str, adapter_model: str, personas: Sequence[str]) -> dict[str, str]:
+    """The upstream's model name of each route: base, the binary adapter, and each k-way adapter as
+    `<adapter model>-<persona>` (the names `prism export vllm` gives its LoRA modules)."""
+    return {"base": base_model, adapter_key(None): adapter_model,
+            **{adapter_key(p): f"{adapter_model}-{p}" for p in personas}}
+
+
 def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
-    route = MODEL_ROUTES[body.model]
+    route, persona = model_route(body.model)
     if route != "auto":
-        return RouteDecision(route, None, forced=True)
+        return RouteDecision(route, None, forced=True, persona=persona)
     return router.decide([up_to_last_user_turn(as_dicts(body.messages))])[0]
 
 
@@ -197,19 +205,21 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any], recor
 def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: str, host: str = "127.0.0.1",
                   port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
                   threshold: float | None = None, device: str = "auto", trust_remote_code: bool = False,
-                  request_log: str | None = None, log_prompts: bool = False) -> None:
+                  request_log: str | None = None, log_prompts: bool = False, routing: str = "auto") -> None:
     import uvicorn
 
     if not (base_model and adapter_model):
         raise PrismError("--upstream needs --upstream-base-model and --upstream-adapter-model: the names the "
                          "upstream server gives the base model and the adapter (`prism export vllm RUN` prints them)")
-    router = Router.from_run(run, device=device, threshold=threshold, trust_remote_code=trust_remote_code)
+    router = Router.from_run(run, device=device, threshold=threshold, trust_remote_code=trust_remote_code,
+                             routing=routing)
     share = router.loaded_share
     loaded = router.lm.identity["loaded_parameters"]
     log.info("sidecar holds the gate's inputs only: %s parameters%s of the model", f"{loaded:,}",
              f" = {100 * share:.1f}%" if share else "")
-    log.info("routing %s on http://%s:%d/v1 to %s (base %r, adapter %r)", run, host, port, upstream, base_model,
-             adapter_model)
+    names = upstream_model_names(base_model, adapter_model, router.personas)
+    log.info("routing %s (%s) on http://%s:%d/v1 to %s (upstream models: %s)", run, router.routing, host, port,
+             upstream, ", ".join(f"{route} -> {name}" for route, name in names.items()))
     requests = RequestLog(request_log, log_prompts=log_prompts) if request_log else None
     app = create_sidecar_app(router, upstream, base_model, adapter_model, api_key=api_key,
                              upstream_api_key=upstream_api_key, request_log=requests)

@@ -1,11 +1,11 @@
 """`prism export vllm`: the commands that serve a run with vLLM (base model + the adapter as a LoRA
-module) and the PRISM sidecar in front of it."""
+module, and a k-way run's persona adapters as more LoRA modules) and the PRISM sidecar in front of it."""
 
 from __future__ import annotations
 
 import logging
 
-from prism.inference.artifacts import open_finished_run
+from prism.inference.artifacts import adapter_file, kway_adapter_dirs, load_gate, open_finished_run, resolve_routing
 
 log = logging.getLogger("prism")
 
@@ -18,12 +18,17 @@ def vllm_commands(run_dir: str, port: int = 8000) -> str:
 
     run, _manifest, config = open_finished_run(run_dir, trust_remote_code=True)
     model = str(embedded_checkpoint()) if config["model"] == EMBEDDED else config["model"]
-    adapter = (run.path / "adapter").resolve()
     upstream = f"http://127.0.0.1:{port + 1}/v1"
     vllm = ["vllm", "serve", model, "--served-model-name", "prism-base", "--port", str(port + 1)]
-    if (adapter / "adapter_config.json").is_file():
-        vllm += ["--enable-lora", "--lora-modules", f"prism-persona={adapter}",
-                 "--max-lora-rank", str(max(16, int(config.get("lora_r", 16))))]
+    modules = {}
+    if adapter_file(run.path) is not None:
+        modules["prism-persona"] = run.path / "adapter"
+    if resolve_routing(run.path, "auto") == "kway":
+        kway = kway_adapter_dirs(run.path, load_gate(run, None, "kway"))
+        modules.update({f"prism-persona-{persona}": directory for persona, directory in kway.items()})
+    if modules:
+        vllm += ["--enable-lora", "--lora-modules", *(f"{name}={path.resolve()}" for name, path in modules.items()),
+                 "--max-lora-rank", str(max(16, int(config.get("lora_r", 16)))), "--max-loras", str(len(modules))]
     else:
         log.warning("%s has no adapter (distill skipped): the adapter model name will not exist upstream", run.path)
     if config.get("trust_remote_code"):
@@ -31,10 +36,11 @@ def vllm_commands(run_dir: str, port: int = 8000) -> str:
     sidecar = ["prism", "serve", str(run.path), "--port", str(port), "--upstream", upstream,
                "--upstream-base-model", "prism-base", "--upstream-adapter-model", "prism-persona"]
     return "\n".join([
-        "# 1. vLLM: the base model and the run's adapter as one LoRA module (GPU machine)",
+        f"# 1. vLLM: the base model and the run's {len(modules)} adapter(s) as LoRA modules (GPU machine)",
         shlex.join(vllm),
-        "# 2. the PRISM sidecar: loads the gate's inputs only, routes each request to one of the two names",
+        "# 2. the PRISM sidecar: loads the gate's inputs only, routes each request to one of those names",
         shlex.join(sidecar),
-        f"# clients talk to http://127.0.0.1:{port}/v1 with model prism (gated), prism-base or prism-persona",
+        f"# clients talk to http://127.0.0.1:{port}/v1 with model prism (gated) or "
+        f"{', '.join(['prism-base', *modules])}",
     ])
 

@@ -121,6 +121,6 @@ def format_kway(kway: dict[str, Any] | None) -> list[str]:
                      f"{gate['majority_baseline']:.3f}")
     for name, adapter in kway["adapters"].items():
         if adapter.get("loss_first") is not None:
-            lines.append(f"k-way    adapter {name}: {adapter['examples']} examples, KL loss {adapter['loss_first']:.4f} "
-                         f"-> {adapter['loss_last']:.4f} over {adapter['steps']} steps")
+            lines.append(f"k-way    adapter {name}: {adapter['examples']} examples, KL loss "
+                         f"{adapter['loss_first']:.4f} -> {adapter['loss_last']:.4f} over {adapter['steps']} steps")
     return lines
