@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_tiny_model, build_tiny_run
+from helpers import build_tiny_kway_run, build_tiny_model, build_tiny_run
 from prism.config import resolve_config
 from prism.lm.models import LoadedModel, load_model
 
@@ -40,3 +40,8 @@ def tiny_config(tiny_model_dir: Path):
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     return build_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir)
 
+
+
+@pytest.fixture(scope="session")
+def tiny_kway_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return build_tiny_kway_run(tmp_path_factory.mktemp("tiny-kway-run"), tiny_model_dir)

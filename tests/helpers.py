@@ -107,6 +107,51 @@ def build_tiny_run(directory: Path, model_dir: Path) -> Path:
     return directory
 
 
+# The k-way fixture's gate: WRITING_QUERY -> the writing adapter, REVIEW_QUERY -> the review adapter, BASE_QUERIES
+# -> base.
+KWAY_PERSONAS = ["writing", "review"]
+WRITING_QUERY, REVIEW_QUERY = PERSONA_QUERIES
+
+
+def build_tiny_kway_run(directory: Path, model_dir: Path) -> Path:
+    """A finished k-way run on the tiny model: the binary run of `build_tiny_run`, plus a gate over base and two
+    persona adapters (RUN/kway/gate) and two adapters with different random LoRA weights (RUN/kway/adapters)."""
+    from peft import get_peft_model
+
+    from prism.config import resolve_config
+    from prism.lm.batching import block0_features
+    from prism.lm.gate import GateConfig
+    from prism.lm.models import chat_prompt, layers_pattern
+    from prism.runs import KWAY_ADAPTERS, KWAY_GATE, RunDir
+    from prism.stages.distill import lora_config
+    from prism.stages.gate import train_gate
+
+    build_tiny_run(directory, model_dir)
+    config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu",
+                            routing="kway", domains=KWAY_PERSONAS)
+    lm = load_model(str(model_dir), device="cpu")
+    queries = [WRITING_QUERY, REVIEW_QUERY, *BASE_QUERIES]
+    features = block0_features(lm, [chat_prompt(lm.tokenizer, q) for q in queries])
+    labels = torch.tensor([1, 2, 0, 0])
+    gate = train_gate(features, labels, GateConfig(input_dim=features.shape[1], hidden=32,
+                                                   classes=["base", *KWAY_PERSONAS]), epochs=300, lr=1e-2, seed=0)
+    assert gate.route(features).tolist() == labels.tolist(), "the fixture's k-way gate must separate its queries"
+    gate.save(directory / KWAY_GATE)
+    layers = lm.model.config.num_hidden_layers
+    for seed, persona in enumerate(KWAY_PERSONAS, start=2):
+        peft_model = get_peft_model(lm.model, lora_config(config, layers, layers_pattern(lm.model)))
+        torch.manual_seed(seed)
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.5)
+        peft_model.save_pretrained(str(directory / KWAY_ADAPTERS / persona), safe_serialization=True)
+        peft_model.unload()
+    manifest = RunDir(directory).manifest()
+    manifest["config"] = config.to_dict()
+    RunDir(directory).save_manifest(manifest)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
