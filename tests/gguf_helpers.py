@@ -84,10 +84,11 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     return path
 
 
-def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queries: list[str], positions: int
-                             ) -> tuple[float, float]:
+def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queries: list[str], positions: int,
+                             cpp_route: str | None = None) -> tuple[float, float]:
     """(share of positions with the same greedy token, largest |logit difference| / logit range) over the
-    queries, teacher-forced: both models read PyTorch's own greedy reply token by token."""
+    queries, teacher-forced: both models read PyTorch's own greedy reply token by token. `cpp_route`: the
+    llama.cpp context to compare (default `route`)."""
     same = total = 0
     worst = scale = 0.0
     conversations = [[{"role": "user", "content": query}] for query in queries]
@@ -99,7 +100,8 @@ def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queri
         ids = torch.tensor([prompt + continuation])
         with torch.no_grad(), (torch_model.adapter.disable_adapter() if route == "base" else nullcontext()):
             reference = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        ours = cpp_model.context(route).teacher_forced_logits(prompt, continuation)[:, : reference.shape[1]]
+        context = cpp_model.context(cpp_route or route)
+        ours = context.teacher_forced_logits(prompt, continuation)[:, : reference.shape[1]]
         same += int((reference.argmax(-1) == ours.argmax(-1)).sum())
         total += len(continuation)
         worst = max(worst, float((reference - ours).abs().max()))

@@ -12,7 +12,7 @@ import gguf
 import pytest
 
 from gguf_helpers import teacher_forced_agreement, write_tiny_gguf
-from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, build_tiny_model
+from helpers import BASE_QUERIES, KWAY_PERSONAS, PERSONA_QUERIES, LiveServer, build_tiny_model
 from prism.engines.base import Prompt
 from prism.engines.llamacpp import LlamaCppEngine
 from prism.engines.local import LocalEngine
@@ -318,3 +318,33 @@ def test_a_reload_on_llama_cpp_re_exports_the_new_adapter_and_keeps_the_old_on_f
     with pytest.raises(PrismError, match="cannot load the gate"):
         model.reload()
     assert model.threshold == 0.8 and model.generate_batch([request])[0].text == fresh
+
+
+def test_a_kway_run_on_llama_cpp_has_a_lora_gguf_and_a_context_per_persona(tiny_kway_run, tiny_gguf, tmp_path):
+    run = tmp_path / "kway"
+    shutil.copytree(tiny_kway_run, run)
+    exported = export_gguf(run, base_gguf=tiny_gguf)
+    assert sorted(exported.kway) == sorted(KWAY_PERSONAS)
+    for path in exported.kway.values():
+        reader = gguf.GGUFReader(str(path))
+        assert reader.fields["adapter.type"].contents() == "lora"
+        assert reader.tensors and not any(t.name.startswith("blk.0.") for t in reader.tensors)
+    cpp = LlamaCppModel.from_run(run, gguf=tiny_gguf, persona="lora", max_model_len=512)
+    torch_model = PrismModel.from_run(run, device="cpu")
+    assert cpp.routing == "kway" and cpp.personas == KWAY_PERSONAS
+    conversations = [[{"role": "user", "content": q}] for q in QUERIES]
+    assert [(d.route, d.persona) for d in cpp.decide(conversations)] == \
+        [(d.route, d.persona) for d in torch_model.decide(conversations)]
+    for persona in KWAY_PERSONAS:
+        # the reference: the same run with this persona's adapter as its only (binary) adapter
+        alone = tmp_path / f"alone-{persona}"
+        shutil.copytree(run, alone, ignore=shutil.ignore_patterns("kway", "gguf"))
+        shutil.rmtree(alone / "adapter")
+        shutil.copytree(run / "kway" / "adapters" / persona, alone / "adapter")
+        reference = PrismModel.from_run(alone, device="cpu")
+        agreement, worst = teacher_forced_agreement(reference, cpp, "persona", QUERIES, POSITIONS,
+                                                    cpp_route=f"persona-{persona}")
+        assert agreement >= MIN_AGREEMENT and worst <= MAX_RELATIVE_DIFF, (persona, agreement, worst)
+    reply = cpp.generate(BASE_QUERIES[0], route="persona", persona="review", max_tokens=4)
+    assert (reply.route, reply.persona) == ("persona", "review")
+    assert cpp.reload()["personas"] == KWAY_PERSONAS
