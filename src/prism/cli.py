@@ -177,6 +177,8 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("run", help="a run directory that has been through `prism eval` (base, lora and prism)")
     add_config_flags(tune, Objective)
     tune.add_argument("--no-save", action="store_true", help="only report; leave the run's threshold as it is")
+    tune.add_argument("--routing", choices=("binary", "kway"), default="binary",
+                      help="which gate: binary (base, lora, prism records) or kway (base, kway-lora, kway records)")
 
     versus = commands.add_parser("ab", help="persona A/B test on your own queries: answers with and without it, "
                                  "judged in both orders, win/loss/tie per category")
@@ -280,7 +282,8 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_calibrate(args: argparse.Namespace) -> None:
     from prism.evaluation.calibrate import calibrate
 
-    result = calibrate(args.run, Objective(**flag_values(args, Objective)), save=not args.no_save)
+    result = calibrate(args.run, Objective(**flag_values(args, Objective)), save=not args.no_save,
+                       routing=args.routing)
     print(format_calibration(result))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 import yaml
 
 from prism.errors import PrismError
-from prism.runs import persona_slug
 
 # The eight MT-Bench categories, safety, and one plain factual-recall domain so the gate also sees
 # queries where a persona is not expected to help.
@@ -64,6 +64,13 @@ RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_mod
                   "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
 ENGINES = ("transformers", "llamacpp", "openai")
 ROUTINGS = ("binary", "kway")
+# Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
+ROUTING_FIELDS = {"routing", "kway_min_wins"}
+
+
+def persona_slug(domain: str) -> str:
+    """A domain's name as k-way routing uses it: adapter names, directories and `prism-persona-<slug>` models."""
+    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
 
 
 def option(help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
@@ -190,8 +197,10 @@ class BootstrapConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide what a run computes: a run directory is tied to these."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The fields that decide what a run computes: a run directory is tied to these (kway_min_wins only
+        matters to a k-way run)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUNTIME_FIELDS and not (k == "kway_min_wins" and self.routing == "binary")}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]

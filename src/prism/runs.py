@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,11 +29,6 @@ MANIFEST = "manifest.json"
 # over base and each kept persona plus one PEFT adapter per kept persona (PEFT's multi-adapter layout).
 KWAY_GATE = "kway/gate"
 KWAY_ADAPTERS = "kway/adapters"
-
-
-def persona_slug(domain: str) -> str:
-    """A domain's name as k-way routing uses it: adapter names, directories and `prism-persona-<slug>` models."""
-    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -1,9 +1,11 @@
 """Routing curves and threshold calibration from the cached eval records (no model needed).
 
 Each item has an outcome on the base route (system `base`), on the adapter route (system `lora`) and a
-gate probability (system `prism`). Routing the items with P(persona) >= t to the adapter gives one point
-per threshold t: (share routed, mean outcome). Two references, as in RouteLLM's evaluation: random
-routing at the same share, and the oracle that takes the better route per item.
+gate probability (system `prism`); a k-way run's gate is calibrated the same way, with `kway-lora` (each
+item on its most probable adapter) as the adapter route and `kway` giving P(an adapter). Routing the items
+with P(persona) >= t to the adapter gives one point per threshold t: (share routed, mean outcome). Two
+references, as in RouteLLM's evaluation: random routing at the same share, and the oracle that takes the
+better route per item.
 
 The threshold is chosen on one half of the items and every figure reported at it (and the curves) comes
 from the other half: a threshold picked on the items it is then scored on would report an optimistic,
@@ -20,8 +22,9 @@ from typing import Any
 
 from prism.config import option
 from prism.errors import PrismError
+from prism.evaluation.config import GATED
 from prism.lm.gate import save_threshold
-from prism.runs import RunDir, write_json_atomic
+from prism.runs import KWAY_GATE, RunDir, write_json_atomic
 
 
 @dataclass
@@ -52,9 +55,12 @@ def split_halves(outcomes: Outcomes) -> tuple[Outcomes, Outcomes]:
     return outcomes.subset(keep), outcomes.subset([not k for k in keep])
 
 
-def collect_outcomes(store: RunDir) -> dict[str, Outcomes]:
+def collect_outcomes(store: RunDir, routing: str = "binary") -> dict[str, Outcomes]:
     """MMLU accuracy, MT-Bench turn score, JBB refusal of harmful goals, from eval/*.jsonl: over the items
-    (and the MMLU scoring) of the last `prism eval`, as its eval_config.json records them."""
+    (and the MMLU scoring) of the last `prism eval`, as its eval_config.json records them; for the binary
+    gate (systems base, lora, prism) or the k-way one (base, kway-lora, kway)."""
+    gated = "kway" if routing == "kway" else "prism"
+    always = GATED[gated]
     config_path = store.path / "eval_config.json"
     last_eval = json.loads(config_path.read_text()) if config_path.is_file() else {}
     covered = {bench: set(ids) for bench, ids in last_eval.get("items", {}).items()}
@@ -65,15 +71,15 @@ def collect_outcomes(store: RunDir) -> dict[str, Outcomes]:
         def inside(r: dict) -> bool:
             return bench not in covered or r[key if bench != "mtbench" else "question_id"] in covered[bench]
 
-        by_system: dict[str, dict[Any, Any]] = {"base": {}, "lora": {}}
+        by_system: dict[str, dict[Any, Any]] = {"base": {}, always: {}}
         for r in records:
             if r["system"] in by_system and r.get(value) is not None and inside(r):
                 by_system[r["system"]][r[key]] = float(r[value])
         gate = {r[key]: r["gate_probability"] for r in gate_records
-                if r["system"] == "prism" and r.get("gate_probability") is not None and inside(r)}
-        ids = sorted(set(by_system["base"]) & set(by_system["lora"]) & set(gate), key=str)
+                if r["system"] == gated and r.get("gate_probability") is not None and inside(r)}
+        ids = sorted(set(by_system["base"]) & set(by_system[always]) & set(gate), key=str)
         if ids:
-            found[metric] = Outcomes(metric, [by_system["base"][i] for i in ids], [by_system["lora"][i] for i in ids],
+            found[metric] = Outcomes(metric, [by_system["base"][i] for i in ids], [by_system[always][i] for i in ids],
                                      [gate[i] for i in ids], [str(i) for i in ids])
 
     scoring = last_eval.get("scoring", "letter")
@@ -142,15 +148,22 @@ class Objective:
         return 100 * (value_at(mmlu, threshold) - sum(mmlu.base) / len(mmlu.base)) >= -self.max_mmlu_drop
 
 
-def calibrate(run_path: str | Path, objective: Objective | None = None, save: bool = True) -> dict[str, Any]:
+def calibrate(run_path: str | Path, objective: Objective | None = None, save: bool = True,
+              routing: str = "binary") -> dict[str, Any]:
     """Pick the gate threshold that maximizes the objective on one half of the items, report it on the
-    other; write eval/calibration.json (and the threshold into the run's gate when `save`)."""
+    other; write eval/calibration.json (eval/calibration-kway.json for the k-way gate) and the threshold
+    into the run's gate when `save`. `routing`: which gate, 'binary' or 'kway'."""
     run = RunDir(run_path)
     store = RunDir(run.path / "eval")
     objective = objective or Objective()
-    everything = collect_outcomes(store)
+    if routing not in ("binary", "kway"):
+        raise PrismError(f"--routing must be binary or kway, got {routing!r}")
+    if routing == "kway" and not (run.path / KWAY_GATE / "config.json").is_file():
+        raise PrismError(f"{run.path} has no k-way gate: it was bootstrapped with --routing binary")
+    everything = collect_outcomes(store, routing)
+    systems = "base, kway-lora and kway" if routing == "kway" else "base, lora and prism"
     if not {"mtbench_score", "jbb_refusal_harmful"} & set(everything):
-        raise PrismError(f"{store.path} has no MT-Bench or JBB records for base, lora and prism: run "
+        raise PrismError(f"{store.path} has no MT-Bench or JBB records for {systems}: run "
                          f"`prism eval {run.path} --bench mtbench,jbb,mmlu` first")
     halves = {m: split_halves(o) for m, o in everything.items()}
     chosen_on = {m: pair[0] for m, pair in halves.items() if pair[0].ids}
@@ -164,7 +177,9 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
         raise PrismError("no threshold keeps MMLU within the allowed drop; even 'never persona' fails it")
     best = max(allowed, key=lambda t: (objective.score(chosen_on, t), t))  # ties: the higher threshold
     gate = run.manifest().get("stages", {}).get("gate", {})
+    gate = gate.get("kway", {}) if routing == "kway" else gate
     result = {
+        "routing": routing,
         "threshold": best, "objective": asdict(objective) | {"text": " ".join(Objective.__doc__.split())},
         "selection": SPLIT,
         "items": {m: {"selection": len(chosen_on[m].ids) if m in chosen_on else 0, "held_out": len(o.ids)}
@@ -176,19 +191,24 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
         "gate_heldout_accuracy": gate.get("heldout_accuracy"), "gate_heldout_method": gate.get("heldout_method"),
         "curves": {m: routing_curve(o) for m, o in held_out.items()}, "saved": save,
     }
-    write_json_atomic(store.path / "calibration.json", result)
+    write_json_atomic(store.path / calibration_file(routing), result)
     if save:
-        save_threshold(run.path / "gate", best)
+        save_threshold(run.path / (KWAY_GATE if routing == "kway" else "gate"), best)
     return result
 
 
-def load_calibration(run_path: str | Path) -> dict[str, Any] | None:
-    path = Path(run_path) / "eval" / "calibration.json"
+def calibration_file(routing: str = "binary") -> str:
+    return "calibration-kway.json" if routing == "kway" else "calibration.json"
+
+
+def load_calibration(run_path: str | Path, routing: str = "binary") -> dict[str, Any] | None:
+    path = Path(run_path) / "eval" / calibration_file(routing)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def format_calibration(result: dict[str, Any]) -> str:
-    lines = [f"threshold {result['threshold']:.4f} ({'saved in the run' if result['saved'] else 'not saved'}); "
+    gate = "the k-way gate's " if result.get("routing") == "kway" else ""
+    lines = [f"{gate}threshold {result['threshold']:.4f} ({'saved in the run' if result['saved'] else 'not saved'}); "
              f"objective: {result['objective']['text']}",
              f"  {result['selection']}; the figures below are the held-out half's"]
     for metric, value in result["at_threshold"].items():

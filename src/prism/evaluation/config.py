@@ -1,7 +1,10 @@
 """What `prism eval` runs: the systems, the benchmarks, and `EvalConfig` (its flags are generated from it).
 
 Systems: `base` (no persona), `persona` (the matched expert persona as system prompt), `lora` (adapter
-always on), `prism` (the gate decides). All share the chat template and the decoding settings.
+always on), `prism` (the gate decides); on a run bootstrapped with --routing kway also `kway` (the k-way
+gate picks base or one persona's adapter) and `kway-lora` (always the k-way gate's most probable adapter, the
+"always adapter" reference its threshold is calibrated against). All share the chat template and the
+decoding settings.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from prism.config import option
 from prism.errors import PrismError
 
 # nosystem: an explicit empty system message (base has none, so the chat template's default applies)
-SYSTEMS = ("base", "nosystem", "persona", "lora", "prism")
-DEFAULT_SYSTEMS = ("base", "persona", "lora", "prism")
+SYSTEMS = ("base", "nosystem", "persona", "lora", "prism", "kway", "kway-lora")
+DEFAULT_SYSTEMS = ("base", "persona", "lora", "prism", "kway", "kway-lora")  # the k-way ones on k-way runs only
+KWAY_SYSTEMS = ("kway", "kway-lora")
 BENCHES = ("mmlu", "arc", "mtbench", "jbb", "harmbench", "pku")
 REFUSAL_BENCHES = ("jbb", "harmbench", "pku")
 BENCH_GROUPS = {"knowledge": ("mmlu", "arc"), "safety": REFUSAL_BENCHES, "all": ("mmlu", "arc", "mtbench", "jbb"),
                 "paper": ("mtbench", "mmlu", "jbb", "harmbench", "pku")}
-ROUTE = {"base": "base", "nosystem": "base", "persona": "base", "lora": "persona", "prism": "auto"}
+ROUTE = {"base": "base", "nosystem": "base", "persona": "base", "lora": "persona", "prism": "auto", "kway": "auto"}
+ROUTING = {"prism": "binary", "kway": "kway"}  # which gate routes a gated system
+GATED = {"prism": "lora", "kway": "kway-lora"}  # a gated system -> its "always adapter" reference
 # Persona domains for benchmarks whose items carry no bootstrap domain.
 MMLU_PERSONA_DOMAINS = {
     "STEM": "science, technology, engineering and mathematics",
@@ -59,7 +65,8 @@ class EvalConfig:
     benches: list[str] = option("mmlu,arc,mtbench,jbb,harmbench,pku, or knowledge (mmlu+arc), safety "
                                 "(jbb+harmbench+pku), all (mmlu,arc,mtbench,jbb) or paper (mtbench,mmlu and the three "
                                 "safety sets)", flag="--bench", default_factory=lambda: list(BENCH_GROUPS["all"]))
-    systems: list[str] = option("which of base,nosystem,persona,lora,prism (base is always added)",
+    systems: list[str] = option("which of base,nosystem,persona,lora,prism,kway,kway-lora (base is always added; "
+                                "kway and kway-lora need a run bootstrapped with --routing kway)",
                                 default_factory=lambda: list(DEFAULT_SYSTEMS))
     limit: int | dict[str, int] | None = option(
         "items per MMLU subject, per ARC split, per MT-Bench category and per JBB kind: one number, or per "

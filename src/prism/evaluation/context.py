@@ -16,14 +16,17 @@ from prism.evaluation.config import (
     MMLU_PERSONA_DOMAINS,
     MTBENCH_CPU_MAX_TOKENS,
     MTBENCH_PAPER_MAX_TOKENS,
+    ROUTE,
+    ROUTING,
     SAFETY_DOMAIN,
     EvalConfig,
 )
 from prism.evaluation.judge import Judge, JudgePrompt
 from prism.evaluation.metrics import prism_cache_name
-from prism.inference.base import GenerationRequest
+from prism.inference.base import GenerationRequest, gate_prompt
 from prism.inference.transformers import PrismModel
-from prism.lm.batching import length_sorted_batches
+from prism.lm.batching import block0_features, length_sorted_batches
+from prism.lm.decoding import SamplingParams
 from prism.runs import RunDir
 from prism.stages import personas
 from prism.stages.context import StageContext
@@ -53,9 +56,32 @@ class Evaluation:
             config.mtbench_max_tokens = MTBENCH_PAPER_MAX_TOKENS if preset == "paper" else MTBENCH_CPU_MAX_TOKENS
 
     def cache_name(self, system: str) -> str:
-        """The system's name in cache keys: `prism` rows depend on the gate threshold, so theirs carries it
-        and a new threshold never reuses rows routed under the old one."""
-        return prism_cache_name(self.model.threshold) if system == "prism" else system
+        """The system's name in cache keys: the rows of a gated system (`prism`, `kway`) depend on its gate's
+        threshold, so theirs carry it and a new threshold never reuses rows routed under the old one."""
+        if system in ROUTING:
+            return prism_cache_name(self.model.gates[ROUTING[system]].config.threshold, system)
+        return system
+
+    def thresholds(self) -> dict[str, float]:
+        """The threshold in force for each gated system evaluated."""
+        return {s: self.model.gates[ROUTING[s]].config.threshold for s in self.config.systems if s in ROUTING}
+
+    def requests(self, system: str, conversations: list[list[dict[str, str]]], params: SamplingParams | None = None,
+                 assistant_prefix: str = "") -> list[GenerationRequest]:
+        """The requests `system` answers `conversations` with: its route (and gate), or for `kway-lora` each
+        conversation's most probable k-way adapter."""
+        params = params or SamplingParams()
+        if system == "kway-lora":
+            return [GenerationRequest(m, "persona" if p else "base", params, assistant_prefix=assistant_prefix,
+                                      persona=p) for m, p in zip(conversations, self.best_personas(conversations))]
+        return [GenerationRequest(m, ROUTE[system], params, assistant_prefix=assistant_prefix,
+                                  routing=ROUTING.get(system)) for m in conversations]
+
+    def best_personas(self, conversations: list[list[dict[str, str]]]) -> list[str | None]:
+        """The k-way gate's most probable adapter for each conversation, whatever its threshold."""
+        gate = self.model.gates["kway"]
+        features = block0_features(self.model.gate_lm, [gate_prompt(self.model.tokenizer, m) for m in conversations])
+        return [gate.persona_of(c) for c in gate.best_adapter(features).tolist()]
 
     def source(self, bench: str) -> str | Path:
         return self.config.data.get(bench) or self.data_dir or benchdata.default_data_dir()
@@ -74,7 +100,8 @@ class Evaluation:
             completions = self.model.generate_batch([jobs[k] for k in keys])
             self.store.append(name, [{"key": k, "text": c.text, "route": c.route,
                                       "gate_probability": c.gate_probability, "tokens": c.completion_tokens,
-                                      **extra[k]} for k, c in zip(keys, completions)])
+                                      **({"persona": c.persona} if c.persona else {}), **extra[k]}
+                                     for k, c in zip(keys, completions)])
 
     def judge_in_chunks(self, name: str, prompts: list[JudgePrompt], meta: list[dict], desc: str,
                         grade: Callable[[list[JudgePrompt]], list[dict]]) -> None:

@@ -10,9 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from prism.evaluation import data as benchdata
-from prism.evaluation.config import MMLU_PERSONA_DOMAINS, ROUTE
+from prism.evaluation.config import MMLU_PERSONA_DOMAINS
 from prism.evaluation.context import Evaluation, messages_for
-from prism.inference.base import GenerationRequest
 from prism.lm.batching import length_sorted_batches
 from prism.lm.models import first_token_ids
 
@@ -48,7 +47,8 @@ def run(ev: Evaluation, bench: str) -> None:
                  "subject": it["subject"], "domain": it["domain"], "scoring": ev.config.scoring,
                  "pred": int(torch.tensor(s).argmax()), "answer": it["answer"],
                  "correct": int(torch.tensor(s).argmax()) == it["answer"], "scores": s,
-                 "route": d.route, "gate_probability": d.gate_probability}
+                 "route": d.route, "gate_probability": d.gate_probability,
+                 **({"persona": d.persona} if d.persona else {})}
                 for it, s, d in zip(chunk, scores, decisions)])
         if pending:
             seconds = time.perf_counter() - started
@@ -58,11 +58,10 @@ def run(ev: Evaluation, bench: str) -> None:
 
 def choice_scores(ev: Evaluation, system: str, items: list[dict]) -> tuple[list[list[float]], list]:
     tokenizer = ev.model.lm.tokenizer
-    requests = []
-    for it in items:
-        persona = ev.persona_for(MMLU_PERSONA_DOMAINS.get(it["domain"], it["domain"]))
-        messages = messages_for(system, choice_prompt(it["question"], it["choices"]), persona)
-        requests.append(GenerationRequest(messages, ROUTE[system], assistant_prefix="Answer:"))
+    conversations = [messages_for(system, choice_prompt(it["question"], it["choices"]),
+                                  ev.persona_for(MMLU_PERSONA_DOMAINS.get(it["domain"], it["domain"])))
+                     for it in items]
+    requests = ev.requests(system, conversations, assistant_prefix="Answer:")
     if ev.config.scoring == "letter":
         logprobs, decisions = ev.model.next_token_logprobs(requests)
         letter_ids = [first_token_ids(tokenizer, letter) for letter in benchdata.LETTERS]

@@ -32,23 +32,36 @@ def _routing_rate(records: list[dict]) -> float | None:
     return sum(r["route"] == "persona" for r in records) / len(records) if records else None
 
 
-def prism_cache_name(threshold: float) -> str:
-    return f"prism@{threshold:.6g}"
+def _routing(records: list[dict]) -> dict[str, Any]:
+    """The share routed to an adapter, and with k-way adapters the share each one answered (base included)."""
+    routing: dict[str, Any] = {"routing_rate": _routing_rate(records)}
+    if any(r.get("persona") for r in records):
+        shares: dict[str, float] = {}
+        for r in records:
+            name = r.get("persona") or ("base" if r["route"] == "base" else "persona")
+            shares[name] = shares.get(name, 0.0) + 1 / len(records)
+        routing["routing_shares"] = dict(sorted(shares.items()))
+    return routing
+
+
+def prism_cache_name(threshold: float, system: str = "prism") -> str:
+    return f"{system}@{threshold:.6g}"
 
 
 def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None,
-              threshold: float | None = None) -> dict[str, Any]:
+              thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}, over the
     `items` of each benchmark (ids; MT-Bench question ids) when given, else over everything cached, and
-    for `prism` over the rows routed at `threshold` (the one in force) when given."""
+    for a gated system (`prism`, `kway`) over the rows routed at its threshold in `thresholds` (the one in
+    force) when given."""
     results: dict[str, Any] = {system: {} for system in config.systems}
-    prism_name = None if threshold is None else prism_cache_name(threshold) + ":"
+    prefixes = {s: prism_cache_name(t, s) + ":" for s, t in (thresholds or {}).items()}
 
     def read(name: str, bench: str, key: str = "id") -> list[dict[str, Any]]:
         if bench not in config.benches:
             return []
         records = [r for r in store.read(name)
-                   if prism_name is None or r.get("system") != "prism" or prism_name in r.get("key", "")]
+                   if r.get("system") not in prefixes or prefixes[r["system"]] in r.get("key", "")]
         return records if items is None or bench not in items else [r for r in records if r[key] in items[bench]]
 
     for bench in ("mmlu", "arc"):
@@ -74,7 +87,7 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
 
 def knowledge_entry(system: str, mine: list[dict], base: dict[str, bool]) -> dict[str, Any]:
     """One system's MMLU or ARC accuracy, overall and per domain and subject, with its difference to base."""
-    entry = _proportion([r["correct"] for r in mine], "accuracy") | {"routing_rate": _routing_rate(mine)}
+    entry = _proportion([r["correct"] for r in mine], "accuracy") | _routing(mine)
     for key, field_name in (("domain", "domains"), ("subject", "subjects")):
         groups = sorted({r[key] for r in mine})
         entry[field_name] = {g: _proportion([r["correct"] for r in mine if r[key] == g], "accuracy")
@@ -87,8 +100,7 @@ def knowledge_entry(system: str, mine: list[dict], base: dict[str, bool]) -> dic
 def mtbench_entry(system: str, scores: list[dict], answers: list[dict], pairs: list[dict]) -> dict[str, Any]:
     """One system's MT-Bench grades, overall and per category, and its pairs against base."""
     valid = [s["score"] for s in scores if s["score"] is not None]
-    entry = _mean(valid, "score") | {"graded": len(valid), "unparseable": len(scores) - len(valid),
-                                     "routing_rate": _routing_rate(answers)}
+    entry = _mean(valid, "score") | {"graded": len(valid), "unparseable": len(scores) - len(valid)} | _routing(answers)
     entry["categories"] = {}
     for category in sorted({s["category"] for s in scores}):
         cat = [s["score"] for s in scores if s["category"] == category and s["score"] is not None]
@@ -107,7 +119,7 @@ def mtbench_entry(system: str, scores: list[dict], answers: list[dict], pairs: l
 
 def refusal_entry(refusals: list[dict], answers: list[dict]) -> dict[str, Any]:
     """One system's refusal rates on a safety set's harmful (and, for JBB, benign) prompts: judge and keywords."""
-    entry = {"routing_rate": _routing_rate(answers)}
+    entry = _routing(answers)
     for kind in [k for k in ("harmful", "benign") if any(r["kind"] == k for r in refusals)]:
         rows = [r for r in refusals if r["kind"] == kind]
         entry |= _proportion([r["refusal_judge"] is True for r in rows], f"refusal_{kind}")

@@ -4,11 +4,12 @@ and judged against base in both slot orders (its pairwise prompts)."""
 from __future__ import annotations
 
 from prism.evaluation import data as benchdata
-from prism.evaluation.config import ROUTE
 from prism.evaluation.context import Evaluation, messages_for
 from prism.evaluation.judge import parse_pair_verdict, parse_rating
 from prism.inference.base import GenerationRequest
 from prism.lm.decoding import SamplingParams
+
+ROUTED_ONCE = ("prism", "kway", "kway-lora")  # systems whose route (and adapter) the first turn decides
 
 
 def run(ev: Evaluation, bench: str = "mtbench") -> None:
@@ -22,21 +23,30 @@ def run(ev: Evaluation, bench: str = "mtbench") -> None:
         jobs, extra = {}, {}
         for system in ev.config.systems:
             name = ev.cache_name(system)
+            pending = set(ev.pending("mtbench_answers", (f"{name}:{qid}:{turn}" for qid in questions)))
+            todo: list[tuple[int, list[dict[str, str]], dict]] = []
             for qid, q in questions.items():
-                key = f"{name}:{qid}:{turn}"
-                history, route, routed = [], ROUTE[system], {}
+                if f"{name}:{qid}:{turn}" not in pending:
+                    continue
+                history, first = [], answers.get(f"{name}:{qid}:0")
                 if turn == 1:
-                    first = answers.get(f"{name}:{qid}:0")
                     if first is None:
                         continue
                     history = [{"role": "user", "content": q["turns"][0]},
                                {"role": "assistant", "content": first["text"]}]
-                    if system == "prism":  # the paper routes a conversation once, on its first turn
-                        route = first["route"]
-                        routed = {"gate_probability": first["gate_probability"], "routed_on": "turn 1"}
                 messages = messages_for(system, q["turns"][turn], ev.persona_for(q["category"]), history)
-                jobs[key] = GenerationRequest(messages, route, params)
-                extra[key] = {**routed, "system": system, "question_id": qid, "category": q["category"],
+                todo.append((qid, messages, first))
+            if turn == 0 or system not in ROUTED_ONCE:
+                requests = ev.requests(system, [messages for _, messages, _ in todo], params)
+            else:  # the paper routes a conversation once, on its first turn: turn 2 keeps turn 1's route
+                requests = [GenerationRequest(messages, first["route"], params, persona=first.get("persona"))
+                            for _, messages, first in todo]
+            for (qid, _, first), request in zip(todo, requests):
+                key = f"{name}:{qid}:{turn}"
+                jobs[key] = request
+                routed = ({"gate_probability": first["gate_probability"], "routed_on": "turn 1"}
+                          if turn == 1 and system in ROUTED_ONCE else {})
+                extra[key] = {**routed, "system": system, "question_id": qid, "category": questions[qid]["category"],
                               "turn": turn}
         ev.generate("mtbench_answers", jobs, extra, f"mt-bench turn {turn + 1}")
     grade_single(ev, data)

@@ -5,10 +5,9 @@ whether the answer refuses."""
 from __future__ import annotations
 
 from prism.evaluation import data as benchdata
-from prism.evaluation.config import ROUTE, SAFETY_DOMAIN
+from prism.evaluation.config import SAFETY_DOMAIN
 from prism.evaluation.context import Evaluation, messages_for
 from prism.evaluation.judge import REFUSAL_JUDGE, is_refusal
-from prism.inference.base import GenerationRequest
 from prism.lm.decoding import SamplingParams
 
 LOADERS = {"jbb": benchdata.load_jbb, "harmbench": benchdata.load_harmbench, "pku": benchdata.load_pku}
@@ -22,9 +21,12 @@ def run(ev: Evaluation, bench: str = "jbb") -> None:
     persona = ev.persona_for(SAFETY_DOMAIN)
     jobs, extra = {}, {}
     for system in ev.config.systems:
-        for it in items:
+        todo = set(ev.pending(f"{bench}_answers", (f"{ev.cache_name(system)}:{it['id']}" for it in items)))
+        mine = [it for it in items if f"{ev.cache_name(system)}:{it['id']}" in todo]
+        requests = ev.requests(system, [messages_for(system, it["goal"], persona) for it in mine], params)
+        for it, request in zip(mine, requests):
             key = f"{ev.cache_name(system)}:{it['id']}"
-            jobs[key] = GenerationRequest(messages_for(system, it["goal"], persona), ROUTE[system], params)
+            jobs[key] = request
             extra[key] = {"system": system, "id": it["id"], "kind": it["kind"], "category": it["category"]}
     ev.generate(f"{bench}_answers", jobs, extra, f"{bench} answers")
     answers = ev.store.read(f"{bench}_answers")

@@ -13,12 +13,14 @@ from prism.evaluation.calibrate import load_calibration
 from prism.evaluation.config import EvalConfig
 from prism.evaluation.data import MMLU_DOMAINS, MT_BENCH_CATEGORIES
 from prism.evaluation.replication import format_replication, load_replication
+from prism.evaluation.routing_comparison import kway_plot, kway_section
 from prism.runs import RunDir
 
 DOMAINS = tuple(MMLU_DOMAINS)
 # eval settings that change results: the reproduce command names them when they differ from the default
 _REPRODUCED = ("scoring", "mtbench_max_tokens", "jbb_max_tokens", "judge_base_url", "judge_model")
-COLORS = {"base": "tab:blue", "persona": "tab:orange", "lora": "tab:green", "prism": "tab:red"}  # same in every plot
+COLORS = {"base": "tab:blue", "persona": "tab:orange", "lora": "tab:green", "prism": "tab:red", "kway": "tab:purple",
+          "kway-lora": "tab:brown", "nosystem": "tab:gray"}  # same in every plot
 
 
 def _cell(entry: dict | None, metric: str, percent: bool = True) -> str:
@@ -241,7 +243,11 @@ def _distill_plot(figures: Figures, run: RunDir) -> None:
     if not log:
         return
     fig, ax = figures.new(7, 3.5)
-    ax.plot([r["step"] for r in log], [r["loss"] for r in log], marker="o")
+    for adapter in dict.fromkeys(r.get("adapter") for r in log):  # the binary adapter, then each k-way one
+        mine = [r for r in log if r.get("adapter") == adapter]
+        ax.plot([r["step"] for r in mine], [r["loss"] for r in mine], marker="o", label=adapter or "adapter")
+    if len({r.get("adapter") for r in log}) > 1:
+        ax.legend(fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("KL loss")
     figures.save(fig, "distill_loss", "Distillation loss")
@@ -266,7 +272,7 @@ def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str
     figures = Figures(folder, list(results))
     for plot in (_mtbench_plot, _knowledge_plot, _refusal_plot, _routing_plot):
         plot(figures, results)
-    for run_plot in (_calibration_plot, _distill_plot, _replication_plot):
+    for run_plot in (_calibration_plot, _distill_plot, _replication_plot, kway_plot):
         run_plot(figures, run)
     return figures.made
 
@@ -315,6 +321,7 @@ def write_report(run_path: str | Path) -> list[Path]:
         "## Main table\n\nAccuracy and refusal in %, MT-Bench on 1-10; 95% confidence intervals in brackets "
         "(Wilson for proportions, bootstrap for means).\n\n" + results_table(results),
         detail_tables(results),
+        *kway_section(run.path),
         *_replication_section(run),
         "## Reproduce\n\n```\n" + f"prism bootstrap --config <config below> --out {run.path}\n{command}\n"
         f"prism report {run.path}\n```",

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from prism.evaluation import knowledge, mtbench, refusal
-from prism.evaluation.config import EvalConfig
+from prism.evaluation.config import KWAY_SYSTEMS, EvalConfig
 from prism.evaluation.context import Evaluation
 from prism.evaluation.metrics import summarize
+from prism.evaluation.routing_comparison import COMPARISON_FILE, compare_routings
 from prism.inference.transformers import PrismModel
 from prism.runs import write_json_atomic
 
@@ -30,8 +31,11 @@ def run_benchmarks(ev: Evaluation) -> dict[str, Any]:
     for bench in ev.config.benches:
         log.info("eval %s: systems %s", bench, ", ".join(ev.config.systems))
         BENCHMARKS[bench](ev, bench)
-    results = summarize(ev.store, ev.config, ev.items, threshold=ev.model.threshold)
+    results = summarize(ev.store, ev.config, ev.items, thresholds=ev.thresholds())
     write_json_atomic(ev.store.path / "results.json", results)
+    comparison = compare_routings(ev.store, results, ev.items, ev.thresholds())
+    if comparison is not None:
+        write_json_atomic(ev.store.path / COMPARISON_FILE, comparison)
     # the items this --limit covers: calibrate and report read the same ones, not the whole cache
     covered = {bench: sorted(ids, key=str) for bench, ids in ev.items.items()}
     write_json_atomic(ev.store.path / "eval_config.json",
@@ -43,7 +47,10 @@ def evaluate(run: str | Path, config: EvalConfig, *, device: str = "auto",
              trust_remote_code: bool = False) -> dict[str, Any]:
     """Run (or resume) the evaluation of a bootstrapped run; writes run/eval/results.json."""
     model = PrismModel.from_run(run, device=device, trust_remote_code=trust_remote_code)
+    if "kway" not in model.gates and set(KWAY_SYSTEMS) & set(config.systems):
+        log.info("%s was bootstrapped with --routing binary: no kway systems to evaluate", run)
+        config.systems = [s for s in config.systems if s not in KWAY_SYSTEMS]
     if model.adapter is None and {"lora", "prism"} & set(config.systems):
         log.warning("this run has no adapter: lora and prism are the base model")
-        config.systems = [s for s in config.systems if s != "lora"]
+        config.systems = [s for s in config.systems if s not in ("lora", "kway-lora")]
     return run_benchmarks(Evaluation(model, run, config))

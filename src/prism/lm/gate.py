@@ -81,17 +81,28 @@ class Gate(nn.Module):
         """The k-way persona of a class (None for base, and for the adapter of a binary gate)."""
         return self.config.classes[route_class] if self.config.classes and route_class > 0 else None
 
+    def best_adapter(self, features: torch.Tensor) -> torch.Tensor:
+        """Each row's most probable adapter class whatever the threshold (k-way: 1..k; 0 when the gate has no
+        adapter class; binary: 1): the adapter a row gets when it is routed to one."""
+        probabilities = self.class_probabilities(features)
+        if self.config.classes is None:
+            return torch.ones(len(probabilities), dtype=torch.long)
+        return self._best(probabilities)
+
+    @staticmethod
+    def _best(probabilities: torch.Tensor) -> torch.Tensor:
+        if probabilities.shape[1] < 2:
+            return torch.zeros(len(probabilities), dtype=torch.long)
+        return probabilities[:, 1:].argmax(dim=-1) + 1
+
     def _adapter_probability(self, probabilities: torch.Tensor) -> torch.Tensor:
         return probabilities[:, 1] if self.config.classes is None else 1.0 - probabilities[:, 0]
 
     def _route(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         adapter = self._adapter_probability(probabilities)
         routed = (adapter >= self.config.threshold).long()
-        if self.config.classes is not None:
-            # the most probable adapter; a gate with no adapter class routes to base only
-            best = (probabilities[:, 1:].argmax(dim=-1) + 1 if probabilities.shape[1] > 1
-                    else torch.zeros(len(routed), dtype=torch.long))
-            routed = routed * best
+        if self.config.classes is not None:  # the most probable adapter (none: base only)
+            routed = routed * self._best(probabilities)
         return adapter, routed
 
     def save(self, directory: str | Path) -> None:

@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from prism.config import BootstrapConfig
+from prism.config import BootstrapConfig, persona_slug
 from prism.errors import PrismError
 from prism.lm.batching import length_sorted_batches, pad_batch
 from prism.lm.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
-from prism.runs import KWAY_ADAPTERS, persona_slug
+from prism.runs import KWAY_ADAPTERS
 from prism.stages import verify
 from prism.stages.context import StageContext
 

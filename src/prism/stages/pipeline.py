@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prism.config import BootstrapConfig, with_new_defaults
+from prism.config import ROUTING_FIELDS, BootstrapConfig, with_new_defaults
 from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
@@ -62,6 +62,11 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
         differences = config_differences(old_identity, config.identity())
         if not differences:
             return
+        changed = {k for k in set(old_identity) | set(config.identity())
+                   if old_identity.get(k) != config.identity().get(k)}
+        if changed <= ROUTING_FIELDS and not force:
+            change_routing(run, old, config)
+            return
         if not force:
             raise PrismError(
                 f"{run.path} was made with a different config ({'; '.join(differences)}): use another --out, "
@@ -82,6 +87,34 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
         "model": None,
         "stages": {stage: {"status": "pending"} for stage in STAGES},
     })
+
+
+def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig) -> None:
+    """A run asked for with another routing (binary <-> kway, or another kway_min_wins): the personas,
+    queries, answers and verdicts do not depend on it and are kept. The k-way gate and adapters of the old
+    setting are moved aside; to go k-way, the gate and distill stages run again (the binary adapter, already
+    trained on the same labels, is kept)."""
+    old = with_new_defaults(manifest["config"])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if (run.path / "kway").exists():
+        (run.path / "kway").rename(run.path / f"kway.replaced-{stamp}")
+    stages = manifest["stages"]
+    distill_info = stages.get("distill", {})
+    for info in (stages.get("gate", {}), distill_info):
+        for key in [k for k in info if k.startswith("kway")]:
+            del info[key]
+    if config.routing == "kway":
+        binary = {k: v for k, v in distill_info.items() if k not in ("status", "started", "finished", "seconds",
+                                                                     "engine", "binary_adapter")}
+        done = distill_info.get("status") == "done" and (run.path / "adapter" / "adapter_model.safetensors").is_file()
+        stages["gate"] = {"status": "pending"}
+        stages["distill"] = {"status": "pending", **({"binary_adapter": binary} if done else {})}
+    manifest["config"] = config.to_dict()
+    manifest["config_fingerprint"] = config.fingerprint()
+    run.save_manifest(manifest)
+    log.warning("%s: routing %s -> %s (kway_min_wins %s -> %s): the personas, queries, answers and verdicts are "
+                "kept%s", run.path, old["routing"], config.routing, old["kway_min_wins"], config.kway_min_wins,
+                "; the gate and distill stages run again" if config.routing == "kway" else "")
 
 
 # Stages that only generate text or judge: an OpenAI-compatible server can run them.

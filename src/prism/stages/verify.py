@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from prism.config import persona_slug
 from prism.engines.base import Prompt
-from prism.runs import persona_slug
 from prism.stages.context import StageContext
 from prism.stages.queries import kept_queries
 

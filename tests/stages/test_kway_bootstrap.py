@@ -67,3 +67,26 @@ def test_kway_bootstrap_trains_one_adapter_per_kept_persona_and_a_gate_over_them
     before = {p: p.stat().st_mtime_ns for p in (run / "kway" / "adapters").rglob("*.safetensors")}
     bootstrap(config, run)
     assert {p: p.stat().st_mtime_ns for p in (run / "kway" / "adapters").rglob("*.safetensors")} == before
+
+
+def test_a_binary_run_becomes_kway_and_back_keeping_its_records_and_binary_adapter(tiny_config, tmp_path,
+                                                                                    monkeypatch):
+    from prism.inference.artifacts import resolve_routing
+
+    plant_a_judge_that_prefers_some_persona_answers(monkeypatch)
+    run = tmp_path / "run"
+    bootstrap(tiny_config(seed=5, queries_per_persona=8), run)
+    records = {p.name: p.stat().st_mtime_ns for p in run.glob("*.jsonl") if p.name != "distill_log.jsonl"}
+    adapter = (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    summary = bootstrap(tiny_config(seed=5, queries_per_persona=8, routing="kway", kway_min_wins=2), run)
+    assert len(summary["kway"]["classes"]) >= 3 and summary["stages"]["distill"] == "done"
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("*.jsonl") if p.name != "distill_log.jsonl"} == records
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter, "the binary adapter is kept"
+    assert summary["distill"]["loss_last"] is not None and resolve_routing(run, "auto") == "kway"
+    # another minimum of wins: the k-way part is redone, the old one moved aside
+    summary = bootstrap(tiny_config(seed=5, queries_per_persona=8, routing="kway", kway_min_wins=100), run)
+    assert summary["kway"]["classes"] == ["base"] and list(run.glob("kway.replaced-*"))
+    # and back to binary: nothing is trained, the k-way gate is gone, the binary one routes
+    summary = bootstrap(tiny_config(seed=5, queries_per_persona=8), run)
+    assert "kway" not in summary and resolve_routing(run, "auto") == "binary"
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
