@@ -136,6 +136,18 @@ class RunDir:
         os.replace(tmp, path)
 
 
+def move_aside(path: Path) -> Path:
+    """Rename `path` to `<name>.replaced-<time>` (with a counter when that exists) instead of deleting it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.replaced-{stamp}")
+    count = 1
+    while aside.exists():
+        count += 1
+        aside = path.with_name(f"{path.name}.replaced-{stamp}-{count}")
+    path.rename(aside)
+    return aside
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

@@ -6,7 +6,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from prism.lm.gate import Gate, GateConfig
+from prism.lm.gate import Gate, GateConfig, save_threshold
 from prism.runs import RunDir
 from prism.stages.inspect import format_summary
 from prism.stages.pipeline import bootstrap
@@ -78,7 +78,9 @@ def test_a_binary_run_becomes_kway_and_back_keeping_its_records_and_binary_adapt
     bootstrap(tiny_config(seed=5, queries_per_persona=8), run)
     records = {p.name: p.stat().st_mtime_ns for p in run.glob("*.jsonl") if p.name != "distill_log.jsonl"}
     adapter = (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    save_threshold(run / "gate", 0.37)  # as `prism calibrate` would
     summary = bootstrap(tiny_config(seed=5, queries_per_persona=8, routing="kway", kway_min_wins=2), run)
+    assert Gate.load(run / "gate").config.threshold == 0.37, "the binary gate and its threshold are kept"
     assert len(summary["kway"]["classes"]) >= 3 and summary["stages"]["distill"] == "done"
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("*.jsonl") if p.name != "distill_log.jsonl"} == records
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter, "the binary adapter is kept"

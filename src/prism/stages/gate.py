@@ -126,8 +126,13 @@ def run(ctx: StageContext) -> dict:
         feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code)
         features = block0_features(feature_model, prompts, cfg.batch_size)
     hidden = ctx.model.model.config.hidden_size
-    info = fit_gate(ctx, features, labels, GateConfig(input_dim=hidden, hidden=cfg.gate_hidden,
-                                                      dropout=cfg.gate_dropout), "gate")
+    # a binary run turned k-way keeps its binary gate (and a threshold calibrated for it)
+    kept = run_dir.manifest()["stages"].get("gate", {}).get("binary_gate")
+    if kept and (run_dir.path / "gate" / "config.json").is_file():
+        info = kept
+    else:
+        info = fit_gate(ctx, features, labels, GateConfig(input_dim=hidden, hidden=cfg.gate_hidden,
+                                                          dropout=cfg.gate_dropout), "gate")
     if kway is not None and kway_labels is not None:
         classes, merged = kway
         config = GateConfig(input_dim=hidden, hidden=cfg.gate_hidden, dropout=cfg.gate_dropout, classes=classes)

@@ -20,7 +20,7 @@ from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
 from prism.lm.models import LoadedModel, load_model
-from prism.runs import FILES, FINISHED, KWAY_ADAPTERS, STAGES, RunDir, now
+from prism.runs import FILES, FINISHED, KWAY_ADAPTERS, STAGES, RunDir, move_aside, now
 from prism.stages import answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
 from prism.stages.inspect import inspect_run
@@ -73,8 +73,7 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
                 "re-run with the original "
                 "settings to resume, or pass --force to start over (the old run is moved aside, not deleted)"
             )
-        aside = run.path.with_name(f"{run.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        run.path.rename(aside)
+        aside = move_aside(run.path)
         log.warning("--force: moved the previous run to %s", aside)
     elif run.path.exists() and any(run.path.iterdir()):
         raise PrismError(f"{run.path} exists and is not a PRISM run directory: choose an empty or new --out")
@@ -92,23 +91,28 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
 def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig) -> None:
     """A run asked for with another routing (binary <-> kway, or another kway_min_wins): the personas,
     queries, answers and verdicts do not depend on it and are kept. The k-way gate and adapters of the old
-    setting are moved aside; to go k-way, the gate and distill stages run again (the binary adapter, already
-    trained on the same labels, is kept)."""
+    setting are moved aside; to go k-way, the gate and distill stages run again for the k-way part (the
+    binary gate, with its threshold, and the binary adapter, made from the same labels, are kept)."""
     old = with_new_defaults(manifest["config"])
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     if (run.path / "kway").exists():
-        (run.path / "kway").rename(run.path / f"kway.replaced-{stamp}")
+        move_aside(run.path / "kway")
     stages = manifest["stages"]
     distill_info = stages.get("distill", {})
     for info in (stages.get("gate", {}), distill_info):
         for key in [k for k in info if k.startswith("kway")]:
             del info[key]
     if config.routing == "kway":
-        binary = {k: v for k, v in distill_info.items() if k not in ("status", "started", "finished", "seconds",
-                                                                     "engine", "binary_adapter")}
+        def metrics(info: dict[str, Any], kept: str) -> dict[str, Any]:
+            return {k: v for k, v in info.items() if k not in ("status", "started", "finished", "seconds", "engine",
+                                                               kept)}
+
+        gate_info = stages.get("gate", {})
+        gate_done = gate_info.get("status") == "done" and (run.path / "gate" / "config.json").is_file()
         done = distill_info.get("status") == "done" and (run.path / "adapter" / "adapter_model.safetensors").is_file()
-        stages["gate"] = {"status": "pending"}
-        stages["distill"] = {"status": "pending", **({"binary_adapter": binary} if done else {})}
+        stages["gate"] = {"status": "pending", **({"binary_gate": metrics(gate_info, "binary_gate")}
+                                                  if gate_done else {})}
+        stages["distill"] = {"status": "pending", **({"binary_adapter": metrics(distill_info, "binary_adapter")}
+                                                     if done else {})}
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
     run.save_manifest(manifest)
@@ -220,11 +224,9 @@ def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = N
         log.info("%s: distill is already done (pass --force to train the adapter again)", run.path)
         return inspect_run(run.path)
     if force and state.is_main_process:
-        stamp = time.strftime('%Y%m%d-%H%M%S')
         for adapters in ("adapter", KWAY_ADAPTERS):
             if (run.path / adapters).exists():
-                aside = run.path / f"{adapters}.replaced-{stamp}"
-                (run.path / adapters).rename(aside)
+                aside = move_aside(run.path / adapters)
                 log.info("moved the previous adapter(s) to %s", aside)
         for checkpoint in run.path.glob(f"{distill.CHECKPOINT}*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
