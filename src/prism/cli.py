@@ -339,7 +339,7 @@ def run_export(args: argparse.Namespace) -> None:
     from prism.inference.gguf_export import export_gguf
 
     exported = export_gguf(args.run, base_gguf=args.gguf, merged=args.merged, merged_type=args.merged_type)
-    for path in (exported.adapter, exported.merged):
+    for path in (exported.adapter, exported.merged, *exported.kway.values()):
         if path is not None:
             print(path)
     print(f"base model: {exported.base_gguf}  (prism chat/serve {args.run} uses them with --engine llamacpp)")

@@ -134,3 +134,38 @@ def test_a_binary_run_made_before_kway_routing_existed_loads_serves_and_resumes_
     # `prism bootstrap` on it again: every stage is done, nothing is refused as a different config
     config = BootstrapConfig(**with_new_defaults(manifest["config"]))
     assert bootstrap(config, old)["stages"]["distill"] == "done"
+
+
+def test_a_reload_swaps_every_kway_adapter_and_a_bad_one_changes_nothing(tiny_kway_run, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kway_run, run)
+    model = PrismModel.from_run(run, device="cpu")
+    query = BASE_QUERIES[0]
+
+    def outputs():
+        requests = [GenerationRequest(ask(query), "persona", persona=p) for p in KWAY_PERSONAS]
+        return dict(zip(KWAY_PERSONAS, model.next_token_logprobs(requests)[0]))
+
+    before = outputs()
+    weights = run / KWAY_ADAPTERS / "writing" / "adapter_model.safetensors"
+    save_file({k: 2 * v if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights))
+    assert model.reload()["personas"] == KWAY_PERSONAS
+    after = outputs()
+    assert torch.allclose(after["writing"], reference_logprobs(tiny_model_dir, weights.parent, query), atol=1e-5)
+    assert not torch.allclose(after["writing"], before["writing"], atol=1e-3)
+    assert torch.allclose(after["review"], before["review"], atol=1e-6)
+
+    review = run / KWAY_ADAPTERS / "review" / "adapter_model.safetensors"
+    good = review.read_bytes()
+    save_file({k: v[:, :-1].contiguous() if "lora_A" in k else v for k, v in load_file(str(review)).items()},
+              str(review))
+    with pytest.raises(PrismError, match="does not fit the base model.*keeps serving"):
+        model.reload()
+    review.write_bytes(good)
+    assert all(torch.allclose(outputs()[p], after[p], atol=1e-6) for p in KWAY_PERSONAS)
+    assert len(model.adapter.peft_config) == 3, "a failed reload leaves no half-loaded adapter behind"
+    shutil.rmtree(run / KWAY_ADAPTERS / "review")
+    with pytest.raises(PrismError, match="holds no adapter"):
+        model.reload()

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers import BASE_QUERIES, PERSONA_QUERIES, run_chat
+from prism.errors import PrismError
 from prism.inference.transformers import PrismModel
 from prism.lm.decoding import TextStream
 
@@ -88,3 +89,16 @@ def test_the_terminal_shows_the_banner_then_only_route_answer_and_footer(tiny_ru
     assert re.fullmatch(r"\(8 tokens, [0-9.]+ tok/s\)", footer), done.stdout
     assert lines[-2:] == ["you> ", ""]  # the next prompt, then end of input
     assert "warn" not in answer.lower() and "deprecat" not in answer.lower()
+
+
+def test_a_kway_chat_names_the_persona_and_pins_one_by_name(tiny_kway_run):
+    from helpers import REVIEW_QUERY, WRITING_QUERY
+
+    model = PrismModel.from_run(tiny_kway_run, device="cpu")
+    text = run_chat(model, [WRITING_QUERY, "/route review", WRITING_QUERY, "/route auto", BASE_QUERIES[0]])
+    assert "k-way personas: writing, review" in text
+    assert "[persona writing · gate p(persona)=" in text and "(route: review)" in text
+    assert "[persona review · pinned]" in text and "[base · gate p(persona)=" in text
+    assert "[persona review" not in text.split("(route: review)")[0]
+    with pytest.raises(PrismError, match="unknown route 'math'"):
+        run_chat(model, [REVIEW_QUERY], route="math")

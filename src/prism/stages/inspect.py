@@ -116,9 +116,9 @@ def format_kway(kway: dict[str, Any] | None) -> list[str]:
     elif gate:
         held = gate.get("heldout_accuracy")
         recall = ", ".join(f"{k} {v:.2f}" for k, v in (gate.get("heldout_recall") or {}).items())
-        lines.append(f"k-way    gate held-out accuracy {'n/a' if held is None else f'{held:.3f}'}"
-                     f"{f' (recall: {recall})' if recall else ''}, majority-class baseline "
-                     f"{gate['majority_baseline']:.3f}")
+        held_text = "n/a (a class has fewer than 2 queries)" if held is None else f"{held:.3f}"
+        lines.append(f"k-way    gate held-out accuracy {held_text}{f' (recall: {recall})' if recall else ''}, "
+                     f"train {gate['train_accuracy']:.3f}, majority-class baseline {gate['majority_baseline']:.3f}")
     for name, adapter in kway["adapters"].items():
         if adapter.get("loss_first") is not None:
             lines.append(f"k-way    adapter {name}: {adapter['examples']} examples, KL loss "

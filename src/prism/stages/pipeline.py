@@ -116,9 +116,12 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
     run.save_manifest(manifest)
-    log.warning("%s: routing %s -> %s (kway_min_wins %s -> %s): the personas, queries, answers and verdicts are "
-                "kept%s", run.path, old["routing"], config.routing, old["kway_min_wins"], config.kway_min_wins,
-                "; the gate and distill stages run again" if config.routing == "kway" else "")
+    def routing(values: dict[str, Any]) -> str:
+        return f"kway (min wins {values['kway_min_wins']})" if values["routing"] == "kway" else "binary"
+
+    log.warning("%s: routing %s -> %s: the personas, queries, answers and verdicts are kept%s", run.path,
+                routing(old), routing(config.to_dict()),
+                "; the gate and distill stages run again for the k-way part" if config.routing == "kway" else "")
 
 
 # Stages that only generate text or judge: an OpenAI-compatible server can run them.
