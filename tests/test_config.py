@@ -35,6 +35,9 @@ def test_domains_from_comma_string():
     ({"domains": ["a", "A"]}, "duplicate domain"),
     ({"preset": "huge"}, "unknown preset"),
     ({"queries_per_persona": 0}, "queries_per_persona must be at least 1"),
+    ({"routing": "3way"}, "unknown routing '3way'"),
+    ({"routing": "kway", "domains": ["code review", "Code-Review!"]}, "the same name twice"),
+    ({"routing": "kway", "kway_min_wins": 0}, "kway_min_wins must be at least 1"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(PrismError, match=message):
@@ -51,3 +54,9 @@ def test_unknown_file_option_is_named(tmp_path):
 def test_fingerprint_ignores_runtime_fields():
     assert resolve_config(device="cpu").fingerprint() == resolve_config(device="cuda").fingerprint()
     assert resolve_config(seed=1).fingerprint() != resolve_config(seed=2).fingerprint()
+
+
+def test_kway_min_wins_is_part_of_a_kway_runs_identity_only():
+    assert resolve_config(kway_min_wins=2).fingerprint() == resolve_config(kway_min_wins=9).fingerprint()
+    assert (resolve_config(routing="kway", kway_min_wins=2).fingerprint()
+            != resolve_config(routing="kway", kway_min_wins=9).fingerprint())

@@ -50,6 +50,20 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
                                        log_target=True, reduction="sum")
     assert float(shift) > 1e-3
 
+    # The same run turned k-way (its records and binary adapter kept): one adapter per persona that won,
+    # each routed to by name, on the real model.
+    done = subprocess.run([sys.executable, "-m", "prism.cli", "bootstrap", "--preset", "tiny", "--out", str(run),
+                           "--routing", "kway", "--kway-min-wins", "1"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kway = inspect_run(run)["kway"]
+    personas = kway["classes"][1:]
+    assert personas and sum(kway["class_counts"][1:]) == summary["counts"]["distill"]
+    kway_model = PrismModel.from_run(run, device="cpu")
+    assert kway_model.routing == "kway" and kway_model.personas == personas
+    reply = kway_model.generate(record["query"], route="persona", persona=personas[0], max_tokens=8)
+    assert (reply.route, reply.persona) == ("persona", personas[0]) and reply.completion_tokens > 0
+    del kway_model
+
     # The parity check on the real model: the shipped Q4_1 GGUF in llama.cpp with the exported
     # adapter vs PyTorch (fp32 weights dequantized from that same file) with the PEFT adapter. llama.cpp
     # multiplies Q4_1 weights with activations quantized to 8 bits, so near-ties may flip: 95% of the
@@ -59,13 +73,19 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
         assert not os.environ.get("CI"), "the project installs llama-cpp-python; CI must have it"
         return
     queries = [r["query"] for r in RunDir(run).read("labels")][:16]
-    torch_model = PrismModel.from_run(run, device="cpu")
+    torch_model = PrismModel.from_run(run, device="cpu", routing="binary")
     for persona in ("lora", "merged"):
         if persona == "merged":
             assert subprocess.run([sys.executable, "-m", "prism.cli", "export", "gguf", str(run), "--merged"],
                                   capture_output=True, timeout=300).returncode == 0
-        cpp_model = LlamaCppModel.from_run(run, persona=persona, max_model_len=1024)
+        cpp_model = LlamaCppModel.from_run(run, persona=persona, max_model_len=1024, routing="binary")
         assert cpp_model.persona_source == persona
         for route in ("persona", "base"):
             agreement, _ = teacher_forced_agreement(torch_model, cpp_model, route, queries, 32)
             assert agreement >= 0.95, f"{persona}/{route}: {agreement:.3f}"
+    # and the k-way routing on llama.cpp: a context per persona adapter (its LoRA GGUF exported on load)
+    cpp_kway = LlamaCppModel.from_run(run, max_model_len=1024)
+    assert cpp_kway.routing == "kway" and cpp_kway.personas == personas
+    assert all((run / "gguf" / f"adapter-{p}.gguf").is_file() for p in personas)
+    reply = cpp_kway.generate(record["query"], route="persona", persona=personas[-1], max_tokens=8)
+    assert (reply.route, reply.persona) == ("persona", personas[-1]) and reply.completion_tokens > 0

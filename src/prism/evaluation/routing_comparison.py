@@ -68,7 +68,10 @@ def compare_routings(store: RunDir, results: dict[str, Any], items: dict[str, se
                                           [bool(values["prism"][i]) for i in shared])
         rows[bench] = {"metric": metric, "prism": prism.get(metric), "kway": kway.get(metric),
                        "kway_minus_prism": paired, "prism_routing_rate": prism.get("routing_rate"),
-                       "kway_routing_rate": kway.get("routing_rate"), "kway_routing_shares": kway.get("routing_shares")}
+                       "kway_routing_rate": kway.get("routing_rate"),
+                       # no record named a persona: every item went to base
+                       "kway_routing_shares": kway.get("routing_shares") or (
+                           {"base": 1.0} if kway.get("routing_rate") == 0 else None)}
     return {"rows": rows, "thresholds": thresholds}
 
 
