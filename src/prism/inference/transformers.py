@@ -82,6 +82,10 @@ class PrismModel(GatedModel):
         # adapter key ("persona", "persona-<k-way persona>") -> its name in the PeftModel; a reload loads the new
         # adapters under new names, then drops the old ones
         self.adapter_names = {name: name for name in adapter.peft_config} if adapter is not None else {}
+        unnamed = [n for n in self.adapter_names if n != ADAPTER and not n.startswith(ADAPTER + "-")]
+        if unnamed:
+            raise PrismError(f"the PeftModel's adapters {unnamed} need PRISM's names: load the binary adapter with "
+                             f"adapter_name={ADAPTER!r} and a k-way persona's with adapter_name='{ADAPTER}-<persona>'")
         self._active = next(iter(self.adapter_names.values()), None)  # the adapter PEFT's plain path runs
         self.reloads = 0
         self.run_path = run_path
