@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -242,6 +243,16 @@ def test_a_stale_export_is_redone_when_the_adapter_changes(gguf_run, tiny_gguf, 
     assert model.persona_source == "lora"  # the merged model of the old adapter was dropped
     assert not (run / "gguf" / "persona.gguf").exists()
     assert (run / "gguf" / "adapter.gguf").read_bytes() != before
+
+
+def test_exporting_again_from_the_same_adapter_keeps_its_merged_model(gguf_run, tiny_gguf, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(gguf_run, run)
+    merged = (run / "gguf" / "persona.gguf").read_bytes()
+    exported = export_gguf(run, base_gguf=tiny_gguf)  # e.g. a k-way run's adapters added, the binary one unchanged
+    assert exported.merged is not None and (run / "gguf" / "persona.gguf").read_bytes() == merged
+    assert json.loads((run / "gguf" / "export.json").read_text())["merged"] == "persona.gguf"
+    assert LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=256).persona_source == "merged"
 
 
 def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):

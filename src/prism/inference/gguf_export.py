@@ -237,17 +237,22 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
                         f"PRISM {persona} adapter of {run.path.name}")
         kway[persona].with_suffix(".tmp").replace(kway[persona])
         kway_hashes[persona] = file_sha256(directory / "adapter_model.safetensors")
+    adapter_sha256 = file_sha256(run.path / "adapter" / "adapter_model.safetensors")
+    previous = read_export_info(run.path) or {}
     merged_path = None
     if merged:
         merged_path = out / MERGED_FILE
         write_merged_gguf(merged_path.with_suffix(".tmp"), reader, tensors, alpha / rank, merged_type)
         merged_path.with_suffix(".tmp").replace(merged_path)
     elif (out / MERGED_FILE).exists():
-        (out / MERGED_FILE).unlink()  # a merged model of an older adapter must not be served
-    info = {"base_gguf": str(base), "base_gguf_sha256": file_sha256(base),
-            "adapter_sha256": file_sha256(run.path / "adapter" / "adapter_model.safetensors"),
+        if (previous.get("merged") and previous.get("adapter_sha256") == adapter_sha256
+                and previous.get("base_gguf") == str(base)):
+            merged_path, merged_type = out / MERGED_FILE, previous["merged_type"]  # made from this same adapter
+        else:
+            (out / MERGED_FILE).unlink()  # a merged model of an older adapter must not be served
+    info = {"base_gguf": str(base), "base_gguf_sha256": file_sha256(base), "adapter_sha256": adapter_sha256,
             "architecture": arch, "rank": rank, "alpha": alpha, "lora_tensors": len(tensors),
-            "merged": MERGED_FILE if merged else None, "merged_type": merged_type if merged else None,
+            "merged": MERGED_FILE if merged_path else None, "merged_type": merged_type if merged_path else None,
             **({"kway_adapters": kway_hashes} if kway_hashes else {})}
     write_json_atomic(out / INFO_FILE, info)
     log.info("wrote %s (%d LoRA tensor pairs, alpha %g)%s%s", adapter_path, len(tensors), alpha,
