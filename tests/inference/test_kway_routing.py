@@ -169,3 +169,14 @@ def test_a_reload_swaps_every_kway_adapter_and_a_bad_one_changes_nothing(tiny_kw
     shutil.rmtree(run / KWAY_ADAPTERS / "review")
     with pytest.raises(PrismError, match="holds no adapter"):
         model.reload()
+
+
+def test_a_saved_threshold_goes_to_the_gate_the_model_routes_with(tiny_kway_run, tmp_path):
+    from prism.lm.gate import Gate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kway_run, run)
+    PrismModel.from_run(run, device="cpu").set_threshold(0.61, save=True)
+    PrismModel.from_run(run, device="cpu", routing="binary").set_threshold(0.27, save=True)
+    assert Gate.load(run / "kway" / "gate").config.threshold == 0.61
+    assert Gate.load(run / "gate").config.threshold == 0.27

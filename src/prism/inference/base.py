@@ -17,6 +17,7 @@ from prism.errors import ContextLengthError, PrismError
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
 from prism.lm.gate import Gate, check_threshold, save_threshold
 from prism.lm.models import chat_prompt, conversation_prompt, encode
+from prism.runs import KWAY_GATE
 
 log = logging.getLogger("prism")
 ROUTES = ("auto", "base", "persona")
@@ -143,12 +144,13 @@ class GatedModel(ABC):
         return self.gate.config.threshold
 
     def set_threshold(self, value: float, save: bool = False) -> None:
-        """Route to the adapter when P(persona) >= value; `save` writes it into the run's gate config."""
+        """Route to an adapter when P(persona) >= value; `save` writes it into the config of the run's gate this
+        model routes with (the k-way one for a k-way model)."""
         self.gate.config.threshold = check_threshold(value)
         if save:
             if self.run_path is None:
                 raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
-            save_threshold(self.run_path / "gate", value)
+            save_threshold(self.run_path / (KWAY_GATE if self.routing == "kway" else "gate"), value)
 
     def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
         return conversation_prompt(self.tokenizer, messages) + assistant_prefix
