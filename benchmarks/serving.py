@@ -5,7 +5,9 @@
 2. mixed-batch throughput: 32 requests, half forced to each route, against 32 base-only requests;
 3. the server under load: `prism serve` in its own process, 64 concurrent openai clients on loopback;
 4. what the Prometheus metrics cost: requests/s of two in-process servers on the same model, one with
-   metrics (and /metrics scraped every second) and one without, in interleaved rounds.
+   metrics (and /metrics scraped every second) and one without, in interleaved rounds;
+5. on a k-way run (`prism bootstrap --routing kway`): a batch spread over base and several persona adapters
+   against base-only, one adapter for every row, and base + the binary adapter.
 
     .venv/bin/python benchmarks/serving.py [--run runs/bench] [--tokens 32] [--only metrics]
 
@@ -85,6 +87,35 @@ def mixed_batch(model: PrismModel, queries: list[str], tokens: int, repeats: int
         print(f"   {name:<13} {rate[name]:.1f} tok/s (rounds: {', '.join(f'{v:.1f}' for v in values)})")
     print(f"   ratio mixed / base-only: {rate['mixed'] / rate['base-only']:.3f} (target >= 0.85); "
           f"persona-only / base-only: {rate['persona-only'] / rate['base-only']:.3f}")
+
+
+def kway_batch(model: PrismModel, queries: list[str], tokens: int, repeats: int) -> None:
+    """Throughput of batches whose rows run on 0, 1, 2 or every k-way adapter (PEFT's mixed-batch LoRA loops over
+    the adapters present in a batch, in every LoRA layer)."""
+    personas = model.personas
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    n = len(queries)
+
+    def batch(routes: list[tuple[str, str | None]]) -> list[GenerationRequest]:
+        return [GenerationRequest([{"role": "user", "content": q}], route, params, persona=persona)
+                for q, (route, persona) in zip(queries, routes)]
+
+    spread = [("base", None), *(("persona", p) for p in personas)]
+    systems = {"base-only": [("base", None)] * n, "one adapter": [("persona", personas[0])] * n,
+               "base + binary adapter": [("base", None), ("persona", None)] * (n // 2),
+               "base + 2 adapters": [("base", None), ("persona", personas[0]), ("persona", personas[-1])] * n,
+               f"base + {len(personas)} adapters": spread * n}
+    print(f"5. k-way batches: {n} requests, greedy, {tokens} tokens each, median of {repeats} rounds "
+          f"({len(personas)} persona adapters)")
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(repeats):  # interleaved rounds, as in part 2
+        for name, routes in systems.items():
+            seconds, produced = timed(model, batch(routes[:n]))
+            rates[name].append(produced / seconds)
+    rate = {name: statistics.median(values) for name, values in rates.items()}
+    for name, values in rates.items():
+        print(f"   {name:<22} {rate[name]:.1f} tok/s, {rate[name] / rate['base-only']:.3f} of base-only "
+              f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
 
 
 def free_port() -> int:
@@ -204,7 +235,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="requests in the mixed-batch comparison")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients in the load test")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the mixed-batch comparison")
-    parser.add_argument("--only", choices=("routing", "mixed", "load", "metrics"), help="run one part only")
+    parser.add_argument("--only", choices=("routing", "mixed", "load", "metrics", "kway"), help="run one part only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -222,6 +253,11 @@ def main() -> None:
         routing_overhead(model, queries[: args.prompts], args.tokens)
     if args.only in (None, "mixed"):
         mixed_batch(model, (queries * args.batch)[: args.batch], args.tokens, args.repeats)
+    if args.only in (None, "kway"):
+        if model.personas:
+            kway_batch(model, (queries * args.batch)[: args.batch], args.tokens, args.repeats)
+        elif args.only == "kway":
+            raise SystemExit(f"{args.run} has no k-way adapters: bootstrap it with --routing kway first")
     if args.only in (None, "metrics"):
         metrics_cost(model, queries, clients=16, requests=64, tokens=args.tokens, rounds=max(4, args.repeats))
     del model

@@ -17,3 +17,19 @@ def test_the_gpu_benchmark_runs_at_the_tiny_shape_on_the_cpu(tiny_model_dir):
     assert "batch 1" in lines[2] and "batch 32" in lines[2] and "tok/s" in lines[2]
     assert "teacher top-64" in lines[3] and "with gradient checkpointing" in lines[3]
     assert "auto / same route" in lines[4] and "persona-only / base-only" in lines[4]
+
+
+def test_the_kway_part_of_the_serving_benchmark_runs_on_a_kway_run(tiny_kway_run, capsys):
+    import importlib.util
+
+    from helpers import BASE_QUERIES
+    from prism.inference.transformers import PrismModel
+
+    spec = importlib.util.spec_from_file_location("serving_benchmark", SCRIPT.parent / "serving.py")
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
+    serving.kway_batch(PrismModel.from_run(tiny_kway_run, device="cpu"), BASE_QUERIES * 3, tokens=2, repeats=1)
+    out = capsys.readouterr().out
+    assert "5. k-way batches: 6 requests" in out and "(2 persona adapters)" in out
+    for name in ("base-only", "one adapter", "base + binary adapter", "base + 2 adapters"):
+        assert f"   {name} " in out
