@@ -31,6 +31,11 @@ KWAY_GATE = "kway/gate"
 KWAY_ADAPTERS = "kway/adapters"
 
 
+def gate_dir(routing: str) -> str:
+    """The run-relative directory of a routing's gate ("binary" or "kway")."""
+    return KWAY_GATE if routing == "kway" else "gate"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

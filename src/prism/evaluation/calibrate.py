@@ -24,7 +24,7 @@ from prism.config import option
 from prism.errors import PrismError
 from prism.evaluation.config import GATED
 from prism.lm.gate import save_threshold
-from prism.runs import KWAY_GATE, RunDir, write_json_atomic
+from prism.runs import RunDir, gate_dir, write_json_atomic
 
 
 @dataclass
@@ -158,7 +158,7 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
     objective = objective or Objective()
     if routing not in ("binary", "kway"):
         raise PrismError(f"--routing must be binary or kway, got {routing!r}")
-    if routing == "kway" and not (run.path / KWAY_GATE / "config.json").is_file():
+    if routing == "kway" and not (run.path / gate_dir(routing) / "config.json").is_file():
         raise PrismError(f"{run.path} has no k-way gate: it was bootstrapped with --routing binary")
     everything = collect_outcomes(store, routing)
     systems = "base, kway-lora and kway" if routing == "kway" else "base, lora and prism"
@@ -193,7 +193,7 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
     }
     write_json_atomic(store.path / calibration_file(routing), result)
     if save:
-        save_threshold(run.path / (KWAY_GATE if routing == "kway" else "gate"), best)
+        save_threshold(run.path / gate_dir(routing), best)
     return result
 
 

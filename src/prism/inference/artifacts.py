@@ -10,7 +10,7 @@ from prism.errors import PrismError
 from prism.inference.base import adapter_key
 from prism.lm.gate import Gate, check_threshold
 from prism.lm.models import LoadedModel
-from prism.runs import FINISHED, KWAY_ADAPTERS, KWAY_GATE, RunDir
+from prism.runs import FINISHED, KWAY_ADAPTERS, KWAY_GATE, RunDir, gate_dir
 
 
 def open_finished_run(run_dir: str | Path, trust_remote_code: bool) -> tuple[RunDir, dict[str, Any], dict[str, Any]]:
@@ -47,7 +47,7 @@ def resolve_routing(run_path: Path, routing: str) -> str:
 
 
 def load_gate(run: RunDir, threshold: float | None, routing: str = "binary") -> Gate:
-    gate = Gate.load(run.path / (KWAY_GATE if routing == "kway" else "gate"))
+    gate = Gate.load(run.path / gate_dir(routing))
     if threshold is not None:
         gate.config.threshold = check_threshold(threshold)
     return gate
@@ -70,6 +70,13 @@ def kway_adapter_dirs(run_path: Path, gate: Gate) -> dict[str, Path]:
             raise PrismError(f"{directory} holds no adapter_model.safetensors; PRISM loads no pickled weights")
         dirs[persona] = directory
     return dirs
+
+
+def kway_adapters(run_path: Path) -> dict[str, Path]:
+    """A run's k-way persona adapters, as its k-way gate names them (none for a binary run)."""
+    if resolve_routing(run_path, "auto") != "kway":
+        return {}
+    return kway_adapter_dirs(run_path, Gate.load(run_path / KWAY_GATE))
 
 
 def check_adapter_for_gate(gate: Gate, has_adapter: bool) -> None:

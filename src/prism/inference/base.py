@@ -17,7 +17,7 @@ from prism.errors import ContextLengthError, PrismError
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
 from prism.lm.gate import Gate, check_threshold, save_threshold
 from prism.lm.models import chat_prompt, conversation_prompt, encode
-from prism.runs import KWAY_GATE
+from prism.runs import gate_dir
 
 log = logging.getLogger("prism")
 ROUTES = ("auto", "base", "persona")
@@ -150,7 +150,7 @@ class GatedModel(ABC):
         if save:
             if self.run_path is None:
                 raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
-            save_threshold(self.run_path / (KWAY_GATE if self.routing == "kway" else "gate"), value)
+            save_threshold(self.run_path / gate_dir(self.routing), value)
 
     def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
         return conversation_prompt(self.tokenizer, messages) + assistant_prefix

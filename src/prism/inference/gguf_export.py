@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from prism.errors import PrismError
-from prism.inference.artifacts import kway_adapter_dirs
-from prism.lm.gate import Gate
+from prism.inference.artifacts import kway_adapters
 from prism.lm.llama import base_gguf_for
 from prism.lm.models import file_sha256
-from prism.runs import KWAY_ADAPTERS, KWAY_GATE, RunDir, write_json_atomic
+from prism.runs import KWAY_ADAPTERS, RunDir, write_json_atomic
 
 log = logging.getLogger("prism")
 EXPORT_DIR = "gguf"
@@ -259,11 +258,4 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
              f" and {merged_path}" if merged_path else "",
              f" and {len(kway)} k-way adapters ({', '.join(p.name for p in kway.values())})" if kway else "")
     return GGUFExport(adapter_path, merged_path, base, info, kway)
-
-
-def kway_adapters(run_path: Path) -> dict[str, Path]:
-    """A k-way run's persona adapters (none for a binary run)."""
-    if not (run_path / KWAY_GATE / "config.json").is_file():
-        return {}
-    return kway_adapter_dirs(run_path, Gate.load(run_path / KWAY_GATE))
 

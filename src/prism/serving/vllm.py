@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from prism.inference.artifacts import adapter_file, kway_adapter_dirs, load_gate, open_finished_run, resolve_routing
+from prism.inference.artifacts import adapter_file, kway_adapters, open_finished_run
 
 log = logging.getLogger("prism")
 
@@ -23,9 +23,7 @@ def vllm_commands(run_dir: str, port: int = 8000) -> str:
     modules = {}
     if adapter_file(run.path) is not None:
         modules["prism-persona"] = run.path / "adapter"
-    if resolve_routing(run.path, "auto") == "kway":
-        kway = kway_adapter_dirs(run.path, load_gate(run, None, "kway"))
-        modules.update({f"prism-persona-{persona}": directory for persona, directory in kway.items()})
+    modules.update({f"prism-persona-{persona}": directory for persona, directory in kway_adapters(run.path).items()})
     if modules:
         vllm += ["--enable-lora", "--lora-modules", *(f"{name}={path.resolve()}" for name, path in modules.items()),
                  "--max-lora-rank", str(max(16, int(config.get("lora_r", 16)))), "--max-loras", str(len(modules))]
