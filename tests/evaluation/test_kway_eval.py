@@ -62,3 +62,24 @@ def test_eval_of_a_kway_run_compares_both_routings_on_the_same_items_and_calibra
     assert "## k-way against binary routing (the same items)" in report and "| mmlu accuracy |" in report
     assert "calibrated to" in report and (run / "eval" / "plots" / "kway_routing.png").is_file() == bool(
         any(row["kway_routing_shares"] for row in comparison["rows"].values()))
+
+
+def test_the_comparison_pairs_only_rows_of_the_thresholds_and_scoring_in_force(tmp_path):
+    from prism.evaluation.routing_comparison import compare_routings
+
+    store = RunDir(tmp_path)
+    rows = []
+    for item in ("a", "b", "c"):
+        for system, threshold, correct in (("prism", 0.5, True), ("kway", 0.4, item == "a")):
+            rows.append({"key": f"{system}@{threshold}:letter:{item}", "system": system, "id": item,
+                         "scoring": "letter", "correct": correct})
+            # the same items under the other scoring, and routed at an older threshold: never paired
+            rows.append({"key": f"{system}@{threshold}:cloze:{item}", "system": system, "id": item,
+                         "scoring": "cloze", "correct": not correct})
+            rows.append({"key": f"{system}@0.9:letter:{item}", "system": system, "id": item,
+                         "scoring": "letter", "correct": not correct})
+    store.append("mmlu", rows)
+    results = {s: {"mmlu": {"accuracy": 0.5, "routing_rate": 0.0}} for s in ("prism", "kway")}
+    comparison = compare_routings(store, results, {"mmlu": {"a", "b", "c"}}, {"prism": 0.5, "kway": 0.4}, "letter")
+    paired = comparison["rows"]["mmlu"]["kway_minus_prism"]
+    assert (paired["items"], paired["only_system"], paired["only_base"]) == (3, 0, 2)

@@ -3,6 +3,7 @@ paired tests against base, and the share of each system's items routed to the ad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prism.evaluation.config import REFUSAL_BENCHES, EvalConfig
@@ -48,6 +49,13 @@ def prism_cache_name(threshold: float, system: str = "prism") -> str:
     return f"{system}@{threshold:.6g}"
 
 
+def routed_at(thresholds: dict[str, float] | None) -> Callable[[dict[str, Any]], bool]:
+    """Whether a record counts: a gated system's (`prism`, `kway`) only when routed at its threshold in force
+    (its cache key carries the threshold), every other record always."""
+    prefixes = {s: prism_cache_name(t, s) + ":" for s, t in (thresholds or {}).items()}
+    return lambda r: r.get("system") not in prefixes or prefixes[r["system"]] in r.get("key", "")
+
+
 def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = None,
               thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """results.json: {system: {bench: {metric: value, metric_ci: [lo, hi], ..., routing_rate}}}, over the
@@ -55,13 +63,12 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
     for a gated system (`prism`, `kway`) over the rows routed at its threshold in `thresholds` (the one in
     force) when given."""
     results: dict[str, Any] = {system: {} for system in config.systems}
-    prefixes = {s: prism_cache_name(t, s) + ":" for s, t in (thresholds or {}).items()}
+    counts = routed_at(thresholds)
 
     def read(name: str, bench: str, key: str = "id") -> list[dict[str, Any]]:
         if bench not in config.benches:
             return []
-        records = [r for r in store.read(name)
-                   if r.get("system") not in prefixes or prefixes[r["system"]] in r.get("key", "")]
+        records = [r for r in store.read(name) if counts(r)]
         return records if items is None or bench not in items else [r for r in records if r[key] in items[bench]]
 
     for bench in ("mmlu", "arc"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prism.evaluation.calibrate import load_calibration
-from prism.evaluation.metrics import prism_cache_name
+from prism.evaluation.metrics import routed_at
 from prism.evaluation.stats import bootstrap_mean_interval, paired_accuracy_test
 from prism.runs import RunDir
 
@@ -28,16 +28,18 @@ COMPARISON_FILE = "routing_comparison.json"
 
 
 def _per_item(store: RunDir, records_name: str, field: str, key: str, thresholds: dict[str, float],
-              covered: set | None) -> dict[str, dict[Any, Any]]:
-    """{system: {item: value}} for prism and kway, at their thresholds in force, over the covered items."""
+              covered: set | None, scoring: str) -> dict[str, dict[Any, Any]]:
+    """{system: {item: value}} for prism and kway, at their thresholds in force and (MMLU, ARC) the eval's
+    scoring, over the covered items."""
     values: dict[str, dict[Any, Any]] = {s: {} for s in SYSTEMS}
+    counts = routed_at(thresholds)
     for r in store.read(records_name):
         system = r.get("system")
         # refusal rates are over harmful prompts (a benign JBB prompt has kind "benign"; other records no kind)
         if system not in SYSTEMS or r.get(field) is None or r.get("kind", "harmful") != "harmful":
             continue
-        if system in thresholds and prism_cache_name(thresholds[system], system) + ":" not in r["key"]:
-            continue  # routed at another threshold than the one in force
+        if not counts(r) or r.get("scoring", scoring) != scoring:
+            continue
         item = f"{r['question_id']}:{r['turn']}" if key == "item" else r[key]
         if covered is None or (r["question_id"] if key == "item" else r[key]) in covered:
             values[system][item] = r[field]
@@ -45,7 +47,7 @@ def _per_item(store: RunDir, records_name: str, field: str, key: str, thresholds
 
 
 def compare_routings(store: RunDir, results: dict[str, Any], items: dict[str, set],
-                     thresholds: dict[str, float]) -> dict[str, Any] | None:
+                     thresholds: dict[str, float], scoring: str = "letter") -> dict[str, Any] | None:
     """Per benchmark both systems' metric, the paired difference kway - prism on the items both answered
     (accuracies and refusal rates: McNemar's exact test; MT-Bench: a bootstrap interval of the mean score
     difference) and the routing shares. None unless both systems were evaluated."""
@@ -56,7 +58,7 @@ def compare_routings(store: RunDir, results: dict[str, Any], items: dict[str, se
         prism, kway = results["prism"].get(bench), results["kway"].get(bench)
         if not prism or not kway:
             continue
-        values = _per_item(store, records_name, field, key, thresholds, items.get(bench))
+        values = _per_item(store, records_name, field, key, thresholds, items.get(bench), scoring)
         shared = sorted(set(values["prism"]) & set(values["kway"]), key=str)
         if metric == "score":
             differences = [float(values["kway"][i]) - float(values["prism"][i]) for i in shared]

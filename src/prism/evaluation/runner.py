@@ -33,7 +33,7 @@ def run_benchmarks(ev: Evaluation) -> dict[str, Any]:
         BENCHMARKS[bench](ev, bench)
     results = summarize(ev.store, ev.config, ev.items, thresholds=ev.thresholds())
     write_json_atomic(ev.store.path / "results.json", results)
-    comparison = compare_routings(ev.store, results, ev.items, ev.thresholds())
+    comparison = compare_routings(ev.store, results, ev.items, ev.thresholds(), ev.config.scoring)
     if comparison is not None:
         write_json_atomic(ev.store.path / COMPARISON_FILE, comparison)
     # the items this --limit covers: calibrate and report read the same ones, not the whole cache
