@@ -23,10 +23,9 @@ def run(ev: Evaluation, bench: str = "mtbench") -> None:
         jobs, extra = {}, {}
         for system in ev.config.systems:
             name = ev.cache_name(system)
-            pending = set(ev.pending("mtbench_answers", (f"{name}:{qid}:{turn}" for qid in questions)))
             todo: list[tuple[int, list[dict[str, str]], dict]] = []
             for qid, q in questions.items():
-                if f"{name}:{qid}:{turn}" not in pending:
+                if f"{name}:{qid}:{turn}" in answers:  # cached
                     continue
                 history, first = [], answers.get(f"{name}:{qid}:0")
                 if turn == 1:

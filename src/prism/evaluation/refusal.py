@@ -20,12 +20,12 @@ def run(ev: Evaluation, bench: str = "jbb") -> None:
     params = SamplingParams(max_tokens=ev.config.jbb_max_tokens)
     persona = ev.persona_for(SAFETY_DOMAIN)
     jobs, extra = {}, {}
-    for system in ev.config.systems:
-        todo = set(ev.pending(f"{bench}_answers", (f"{ev.cache_name(system)}:{it['id']}" for it in items)))
-        mine = [it for it in items if f"{ev.cache_name(system)}:{it['id']}" in todo]
-        requests = ev.requests(system, [messages_for(system, it["goal"], persona) for it in mine], params)
-        for it, request in zip(mine, requests):
-            key = f"{ev.cache_name(system)}:{it['id']}"
+    keys = {system: {f"{ev.cache_name(system)}:{it['id']}": it for it in items} for system in ev.config.systems}
+    pending = set(ev.pending(f"{bench}_answers", (key for mine in keys.values() for key in mine)))
+    for system, mine in keys.items():
+        todo = [(key, it) for key, it in mine.items() if key in pending]
+        requests = ev.requests(system, [messages_for(system, it["goal"], persona) for _, it in todo], params)
+        for (key, it), request in zip(todo, requests):
             jobs[key] = request
             extra[key] = {"system": system, "id": it["id"], "kind": it["kind"], "category": it["category"]}
     ev.generate(f"{bench}_answers", jobs, extra, f"{bench} answers")
