@@ -38,6 +38,17 @@ def test_domains_from_comma_string():
     ({"routing": "3way"}, "unknown routing '3way'"),
     ({"routing": "kway", "domains": ["code review", "Code-Review!"]}, "the same name twice"),
     ({"routing": "kway", "kway_min_wins": 0}, "kway_min_wins must be at least 1"),
+    ({"judge": "vibes"}, "unknown judge 'vibes'"),
+    ({"judge": "verifier"}, "--judge verifier needs a check"),
+    ({"verifier": "max-words:5"}, "add --judge verifier"),
+    ({"judge": "verifier", "verifier": "max-words:many"}, "needs a whole number"),
+    ({"judge": "verifier", "verifier": "regex:("}, "does not compile"),
+    ({"judge": "verifier", "verifier": "shortness"}, "unknown verifier 'shortness'"),
+    ({"judge": "verifier", "domains": ["math", "safety"], "verifiers": {"math": "json"}},
+     "no verifier for the domain.*safety"),
+    ({"judge": "verifier", "domains": ["math"], "verifiers": {"maths": "json"}},
+     "domains the run does not have: maths"),
+    ({"judge": "pointwise", "pointwise_margin": -1}, "must not be negative"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(PrismError, match=message):
@@ -54,6 +65,25 @@ def test_unknown_file_option_is_named(tmp_path):
 def test_fingerprint_ignores_runtime_fields():
     assert resolve_config(device="cpu").fingerprint() == resolve_config(device="cuda").fingerprint()
     assert resolve_config(seed=1).fingerprint() != resolve_config(seed=2).fingerprint()
+
+
+def test_judge_settings_are_part_of_the_identity_of_the_judge_they_belong_to():
+    assert resolve_config(judge="pointwise").fingerprint() != resolve_config().fingerprint()
+    assert resolve_config(pointwise_margin=1).fingerprint() == resolve_config(pointwise_margin=2).fingerprint()
+    assert (resolve_config(judge="pointwise", pointwise_margin=1).fingerprint()
+            != resolve_config(judge="pointwise", pointwise_margin=2).fingerprint())
+    verifier = {"judge": "verifier", "domains": ["math"]}
+    assert (resolve_config(verifier="json", **verifier).fingerprint()
+            != resolve_config(verifier="refusal", **verifier).fingerprint())
+    assert (resolve_config(judge="verifier", verifier="json", judge_calibration="none").fingerprint()
+            == resolve_config(judge="verifier", verifier="json").fingerprint())
+
+
+def test_a_config_file_maps_domains_to_verifiers(tmp_path):
+    path = tmp_path / "prism.yaml"
+    path.write_text("domains: [math, writing]\njudge: verifier\nverifier: max-words:20\nverifiers:\n  math: json\n")
+    config = resolve_config(load_config_file(path))
+    assert config.verifiers == {"math": "json"} and config.verifier == "max-words:20"
 
 
 def test_kway_min_wins_is_part_of_a_kway_runs_identity_only():

@@ -7,12 +7,13 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prism"
 # What each part of prism may import besides itself (ARCHITECTURE.md draws the same floors).
-BASE = {"prism.errors", "prism.config", "prism.runs"}
+BASE = {"prism.errors", "prism.config", "prism.runs", "prism.verifiers"}
 ALLOWED = {
     "prism.errors": set(),
-    "prism.config": {"prism.errors"},
+    "prism.config": {"prism.errors", "prism.verifiers"},
     "prism.runs": {"prism.errors", "prism.config"},
     "prism.library_warnings": set(),
+    "prism.verifiers": {"prism.errors"},
     "prism.lm": BASE,
     "prism.engines": BASE | {"prism.lm"},
     "prism.stages": BASE | {"prism.lm", "prism.engines"},

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prism.config import BootstrapConfig, load_config_file, resolve_config
+from prism.config import JUDGES, BootstrapConfig, load_config_file, resolve_config
 from prism.errors import PrismError
 from prism.evaluation.calibrate import Objective, format_calibration
 from prism.evaluation.config import EvalConfig
@@ -188,6 +188,10 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     versus.add_argument("--out", help="where answers and verdicts go (default runs/ab-<persona file name>); "
                         "re-running resumes")
     versus.add_argument("--max-tokens", type=int, default=256, help="answer length (default 256)")
+    versus.add_argument("--judge", choices=JUDGES, default="pairwise",
+                        help="pairwise (both orders), pointwise (each answer rated alone) or verifier (--verifier)")
+    versus.add_argument("--verifier", help="with --judge verifier: max-words:N, min-words:N, json, numbered-steps:N, "
+                        "refusal, regex:PATTERN or module:function")
     versus.add_argument("--judge-calibration", choices=("position", "none"), default="position")
     versus.add_argument("--batch-size", type=int, default=16)
     versus.add_argument("--seed", type=int, default=0)
@@ -296,9 +300,9 @@ def run_ab(args: argparse.Namespace) -> None:
         raise PrismError(f"cannot read the persona file {args.persona}: {exc}") from None
     if not persona:
         raise PrismError(f"the persona file {args.persona} is empty")
-    config = resolve_config(model=args.model, answer_max_tokens=args.max_tokens, seed=args.seed,
-                            judge_calibration=args.judge_calibration, batch_size=args.batch_size,
-                            device=args.device, answer_temperature=0.0)
+    config = resolve_config(model=args.model, answer_max_tokens=args.max_tokens, seed=args.seed, judge=args.judge,
+                            verifier=args.verifier, judge_calibration=args.judge_calibration,
+                            batch_size=args.batch_size, device=args.device, answer_temperature=0.0)
     out = args.out or f"runs/ab-{Path(args.persona).stem}"
     print(format_ab(persona_ab(persona, read_queries(args.queries), out, config)))
     print(f"details: {out}/labels.jsonl, plot: {out}/ab_results.png")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from prism.errors import PrismError
+from prism.verifiers import check_spec, verifier_specs
 
 # The eight MT-Bench categories, safety, and one plain factual-recall domain so the gate also sees
 # queries where a persona is not expected to help.
@@ -66,6 +67,14 @@ ENGINES = ("transformers", "llamacpp", "openai")
 ROUTINGS = ("binary", "kway")
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
+JUDGES = ("pairwise", "pointwise", "verifier")
+# Fields that decide only the verify stage and what follows it: a run may change them and keep its personas,
+# queries and answers (the verdicts, labels, gate and adapters are made again).
+JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_calibration", "judge_max_chars"}
+# Fields that matter to a run only under one setting of another field: outside it they are not its identity.
+CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
+                      "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
+                      "judge_calibration": ("judge", "pairwise")}
 
 
 def persona_slug(domain: str) -> str:
@@ -74,11 +83,13 @@ def persona_slug(domain: str) -> str:
 
 
 def option(help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
-           choices: Sequence[str] | None = None, env: str | None = None, **kwargs: Any) -> Any:
+           choices: Sequence[str] | None = None, env: str | None = None, cli: bool = True, **kwargs: Any) -> Any:
     """A config field and what its command-line flag needs: the help text and, when they are not the
     default ones, the flag's name, a parser of its text, its choices, or an environment variable that gives
-    the flag's default. The CLI generates every flag of a config from these, so defaults live here only."""
-    metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "env": env}
+    the flag's default (`cli=False`: no flag, the field is set from a config file or Python). The CLI
+    generates every flag of a config from these, so defaults live here only."""
+    metadata = {"help": help, "flag": flag, "parse": parse, "choices": choices, "env": env,
+                "cli": None if cli else False}
     return field(metadata={k: v for k, v in metadata.items() if v is not None}, **kwargs)
 
 
@@ -103,8 +114,21 @@ class BootstrapConfig:
     answer_max_tokens: int = option("max new tokens per answer", default=160)
     answer_temperature: float = option("sampling temperature for answers", default=0.7)
     judge_max_chars: int = option("answers are truncated to this many characters for the judge", default=1500)
+    judge: str = option(
+        "how verify decides whether the persona answer is the better one: 'pairwise' (the paper's: both answers in "
+        "one prompt, judged in both orders), 'pointwise' (each answer rated 1-10 alone, scored by the expected "
+        "rating under the judge's token probabilities) or 'verifier' (code decides: --verifier)",
+        choices=JUDGES, default="pairwise")
+    verifier: str | None = option(
+        "with --judge verifier, the check every domain's answers get: max-words:N, min-words:N, json, "
+        "numbered-steps:N, refusal, regex:PATTERN, or module:function (path/file.py:function) for your own "
+        "(domain, query, answer) -> float | bool; the persona wins when its answer scores higher", default=None)
+    verifiers: dict[str, str] = option("per-domain verifier specs, from a config file (verifiers: {domain: spec}); "
+                                       "a domain it does not name gets --verifier", cli=False, default_factory=dict)
+    pointwise_margin: float = option("with --judge pointwise, the persona wins when its expected rating beats the "
+                                     "plain answer's by more than this (ratings 1-10)", default=0.5)
     judge_calibration: str = option(
-        "'position': divide out the judge's average preference for slot A/B/TIE before deciding; 'none'",
+        "pairwise judge: 'position' divides out the judge's average preference for slot A/B before deciding; 'none'",
         default="position",
     )
     batch_size: int = option("prompts per generation / scoring batch", default=32)
@@ -185,6 +209,7 @@ class BootstrapConfig:
         if self.routing == "kway" and len(set(slugs)) != len(slugs):
             raise PrismError(f"--routing kway names each adapter after its domain, and {self.domains} give the same "
                              f"name twice ({', '.join(slugs)}): rename a domain")
+        self._validate_judge()
         if self.judge_calibration not in ("position", "none"):
             raise PrismError(f"judge_calibration must be 'position' or 'none', not {self.judge_calibration!r}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
@@ -193,14 +218,40 @@ class BootstrapConfig:
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
 
+    def _validate_judge(self) -> None:
+        if self.judge not in JUDGES:
+            raise PrismError(f"unknown judge {self.judge!r}: choose one of {', '.join(JUDGES)}")
+        if not isinstance(self.verifiers, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in self.verifiers.items()):
+            raise PrismError(f"verifiers must map domain names to verifier specs, got {self.verifiers!r}")
+        for spec in [self.verifier, *self.verifiers.values()]:
+            if spec is not None:
+                check_spec(spec)
+        if self.pointwise_margin < 0:
+            raise PrismError(f"pointwise_margin must not be negative, got {self.pointwise_margin}")
+        if self.judge != "verifier":
+            if self.verifier or self.verifiers:
+                raise PrismError(f"a verifier is given but the judge is {self.judge!r}: add --judge verifier")
+            return
+        if not self.verifier and not self.verifiers:
+            raise PrismError("--judge verifier needs a check: --verifier SPEC (e.g. max-words:25), or a per-domain "
+                             "mapping in the config file (verifiers: {domain: spec})")
+        if not self.personas_file:  # with a personas file the domains are known once it is read
+            unknown = sorted(set(d.lower() for d in self.verifiers) - {d.lower() for d in self.domains})
+            if unknown:
+                raise PrismError(f"verifiers name domains the run does not have: {', '.join(unknown)} "
+                                 f"(domains: {', '.join(self.domains)})")
+            verifier_specs(self.domains, self.verifier, self.verifiers)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what a run computes: a run directory is tied to these (kway_min_wins only
-        matters to a k-way run)."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in RUNTIME_FIELDS and not (k == "kway_min_wins" and self.routing == "binary")}
+        matters to a k-way run, the verifiers to a verifier-judged run, and so on: CONDITIONAL_FIELDS)."""
+        values = self.to_dict()
+        return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS
+                and (k not in CONDITIONAL_FIELDS or values[CONDITIONAL_FIELDS[k][0]] == CONDITIONAL_FIELDS[k][1])}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -212,7 +263,8 @@ FIELD_NAMES = [f.name for f in dataclasses.fields(BootstrapConfig)]
 def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A config a run recorded, with the defaults of fields added since (a run made before `routing` existed
     is a binary run, and resumes as one)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(BootstrapConfig) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(BootstrapConfig)}
     return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 

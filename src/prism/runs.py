@@ -153,6 +153,27 @@ def move_aside(path: Path) -> Path:
     return aside
 
 
+# What the verify stage and the stages after it write: a run that changes its judge sets these aside.
+JUDGED_OUTPUTS = (FILES["judgments"], FILES["labels"], FILES["distill_log"], "gate", "adapter", "kway", "gguf", "eval")
+
+
+def set_aside(root: Path, names: Iterable[str]) -> Path | None:
+    """Move the named files and folders of `root` that exist into one new folder `root/replaced-<time>/`
+    (nothing is deleted); the folder, or None when none of them existed."""
+    present = [name for name in names if (root / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, count = root / f"replaced-{stamp}", 1
+    while folder.exists():
+        count += 1
+        folder = root / f"replaced-{stamp}-{count}"
+    folder.mkdir()
+    for name in present:
+        (root / name).rename(folder / name)
+    return folder
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

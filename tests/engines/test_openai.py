@@ -19,8 +19,8 @@ from prism.runs import STAGES, RunDir
 from prism.serving.server import create_app
 from prism.stages import answers
 from prism.stages.context import StageContext
+from prism.stages.judge_pairwise import OPTIONS
 from prism.stages.pipeline import bootstrap
-from prism.stages.verify import OPTIONS
 
 # `prism-base` serves the tiny base model: the same weights the run's config names as its model.
 SERVED = "prism-base"

@@ -10,13 +10,14 @@ from prism.cli import main
 from prism.evaluation import mtbench
 from prism.evaluation.config import EvalConfig
 from prism.evaluation.context import Evaluation
-from prism.evaluation.judge import is_refusal, parse_pair_verdict, parse_rating
+from prism.evaluation.judge import parse_pair_verdict, parse_rating
 from prism.evaluation.knowledge import choice_prompt, choice_scores
 from prism.evaluation.metrics import _pair_outcomes, summarize
 from prism.evaluation.stats import bootstrap_mean_interval, mcnemar_exact, paired_accuracy_test, wilson_interval
 from prism.inference.transformers import PrismModel
 from prism.lm.models import encode
 from prism.runs import RunDir
+from prism.verifiers import is_refusal
 
 
 def test_rating_and_verdict_parsing():

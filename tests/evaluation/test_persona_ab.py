@@ -1,17 +1,17 @@
 import json
 
 from prism.cli import main
-from prism.evaluation.persona_ab import outcome, summarize_ab
+from prism.evaluation.persona_ab import summarize_ab
+from prism.stages.judge_pairwise import outcome_of
 
 
 def label(domain, first, second):
-    return {"domain": domain, "verdicts": {"persona_first": {"calibrated": first},
-                                           "persona_second": {"calibrated": second}}}
+    return {"domain": domain, "outcome": outcome_of({"persona_first": first, "persona_second": second})}
 
 
 def test_outcomes_need_both_orders_and_rates_add_up():
     labels = [label("code", "A", "B"), label("code", "B", "A"), label("code", "A", "A"), label("math", "TIE", "B")]
-    assert [outcome(x) for x in labels] == ["win", "loss", "tie", "tie"]
+    assert [x["outcome"] for x in labels] == ["win", "loss", "tie", "tie"]
     summary = summarize_ab(labels)
     assert summary["code"]["n"] == 3 and summary["overall"]["n"] == 4
     assert abs(summary["code"]["win_rate"] - 1 / 3) < 1e-9 and summary["math"]["tie_rate"] == 1.0

@@ -98,7 +98,7 @@ def test_same_seed_same_run(tiny_config, tmp_path):
 
 
 def test_a_persona_that_never_wins_skips_training_and_routes_to_base(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr("prism.stages.verify.both_orders_label", lambda verdicts: 0)
+    monkeypatch.setattr("prism.stages.judge_pairwise.both_orders_label", lambda verdicts: 0)
     summary = bootstrap(tiny_config(domains=["math"], queries_per_persona=2), tmp_path / "run")
     assert summary["stages"]["distill"] == "skipped"
     assert summary["gate"] == {**summary["gate"], "kind": "constant", "constant_route": 0}

@@ -4,16 +4,15 @@ import torch
 from prism.engines.base import options_from_logits
 from prism.engines.local import LocalEngine
 from prism.lm.models import first_token_ids
-from prism.stages.verify import (
+from prism.stages.judge_pairwise import (
     OPTIONS,
     ORDERS,
     both_orders_label,
     decide,
     judge_prompt,
-    judge_quality,
-    judge_warning,
     position_prior,
 )
+from prism.stages.verify import judge_quality, judge_warning
 
 
 def test_both_orders_rule():
@@ -74,7 +73,7 @@ def judgment(query_id: str, order: str, probs: dict[str, float], mass: float = 0
 def test_judge_quality_flags_a_position_bound_judge():
     always_a = {"A": 0.85, "B": 0.1, "TIE": 0.05}
     bound = [judgment(f"q{i}", order, always_a) for i in range(4) for order in ORDERS]
-    quality = judge_quality(bound, "position")
+    quality = judge_quality(bound, [], {"judge_calibration": "position"})
     assert quality["pairs"] == 4 and quality["order_consistency"] == 0.0 and quality["slot_a_share"] == 1.0
     assert quality["option_mass_mean"] == pytest.approx(0.4)
     assert quality["distill_raw_rule"] == 0 and quality["position_bound"]
@@ -84,7 +83,7 @@ def test_judge_quality_flags_a_position_bound_judge():
             judgment("q0", "persona_second", {"A": 0.1, "B": 0.8, "TIE": 0.1}),
             judgment("q1", "persona_first", {"A": 0.1, "B": 0.8, "TIE": 0.1}),
             judgment("q1", "persona_second", {"A": 0.8, "B": 0.1, "TIE": 0.1})]
-    quality = judge_quality(fair, "none")
+    quality = judge_quality(fair, [], {"judge_calibration": "none"})
     assert quality["order_consistency"] == 1.0 and quality["slot_a_share"] == 0.5
     assert quality["distill_raw_rule"] == 1 == quality["distill_calibrated_rule"]
     assert not quality["position_bound"] and judge_warning(quality) is None

@@ -64,12 +64,24 @@ class Engine(Protocol):
 
 
 def option_token_ids(tokenizer: PreTrainedTokenizerBase, options: Sequence[str]) -> dict[str, list[int]]:
-    """Each option's possible first tokens; the options must not share one."""
+    """Each option's possible first tokens. A token that begins several options counts for the one it spells
+    out exactly: with digits split, "1" begins both "1" and "10", and counts for "1" (the pointwise judge reads
+    "10" in a second step); any other overlap cannot be told apart and is an error."""
     option_ids = {option: first_token_ids(tokenizer, option) for option in options}
-    taken = [t for ids in option_ids.values() for t in ids]
-    if len(taken) != len(set(taken)):
-        raise PrismError(f"this tokenizer cannot tell the options {', '.join(options)} apart by their first "
-                         f"token: {option_ids}")
+    owners: dict[int, list[str]] = {}
+    for option, ids in option_ids.items():
+        for token in ids:
+            owners.setdefault(token, []).append(option)
+    for token, shared in owners.items():
+        if len(shared) == 1:
+            continue
+        exact = [o for o in shared if tokenizer.decode([token]).strip() == o]
+        if len(exact) != 1:
+            raise PrismError(f"this tokenizer cannot tell the options {', '.join(options)} apart by their first "
+                             f"token: {option_ids}")
+        for option in shared:
+            if option != exact[0]:
+                option_ids[option] = [t for t in option_ids[option] if t != token]
     return option_ids
 
 

@@ -138,11 +138,12 @@ class OpenAIEngine:
 
 def options_from_top_logprobs(top: Sequence[Any], options: Sequence[str]) -> OptionProbs | None:
     """The options' probabilities from the first reply token's top log-probabilities: a token counts for
-    the option it begins ("T" and "TIE" both count for TIE). None when no top token names an option."""
+    the option it spells out, else for the one option it begins ("T" and "TIE" both count for TIE; "1" counts
+    for "1", not "10"). None when no top token names an option."""
     mass = dict.fromkeys(options, 0.0)
     for entry in top:
         token = entry.token.strip()
-        owner = [o for o in options if token and o.startswith(token)]
+        owner = [token] if token in mass else [o for o in options if token and o.startswith(token)]
         if len(owner) == 1:
             mass[owner[0]] += math.exp(entry.logprob)
     total = sum(mass.values())

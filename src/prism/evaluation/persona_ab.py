@@ -8,18 +8,21 @@ interrupted A/B test resumes like a bootstrap.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from prism.config import BootstrapConfig
+from prism.config import JUDGE_FIELDS, BootstrapConfig
 from prism.errors import PrismError
 from prism.evaluation.stats import wilson_interval
 from prism.lm.models import load_model
-from prism.runs import RunDir, write_json_atomic
+from prism.runs import FILES, RunDir, set_aside, write_json_atomic
 from prism.stages import answers, verify
 from prism.stages.context import StageContext
 
+log = logging.getLogger("prism")
 PERSONA_ID = "user-persona"
+JUDGE_SETTINGS = "judge_settings.json"  # the judge the verdicts in this A/B directory came from
 
 
 def read_queries(path: str | Path) -> list[dict[str, str]]:
@@ -47,7 +50,8 @@ def read_queries(path: str | Path) -> list[dict[str, str]]:
 
 def persona_ab(persona: str, queries: list[dict[str, str]], out: str | Path, config: BootstrapConfig
                ) -> dict[str, Any]:
-    """Answer, judge both orders, and summarize per category; results in `out`/ab_results.json."""
+    """Answer with and without the persona, judge each pair with the config's judge, and summarize per category;
+    results in `out`/ab_results.json."""
     run = RunDir(out)
     run.path.mkdir(parents=True, exist_ok=True)
     if not run.read("personas"):
@@ -57,30 +61,36 @@ def persona_ab(persona: str, queries: list[dict[str, str]], out: str | Path, con
     if not run.read("queries"):
         run.append("queries", [{"id": f"q{i}", "persona_id": PERSONA_ID, "domain": q["category"],
                                 "query": q["query"], "status": "kept"} for i, q in enumerate(queries)])
+    keep_judgments_of(run, config)
     lm = load_model(config.model, device=config.device, trust_remote_code=config.trust_remote_code)
     ctx = StageContext(run=run, config=config, lm=lm)
     answers.run(ctx)
     verify.run(ctx)
-    results = {"categories": summarize_ab(run.read("labels")),
-               "judge": verify.judge_quality(run.read("judgments"), config.judge_calibration)}
+    labels = run.read("labels")
+    results = {"categories": summarize_ab(labels),
+               "judge": verify.judge_quality(run.read("judgments"), labels, config.to_dict())}
     write_json_atomic(run.path / "ab_results.json", results)
     plot_ab(results["categories"], run.path / "ab_results.png")
     return results
 
 
-def outcome(label: dict[str, Any]) -> str:
-    """'win' or 'loss' when the same answer won both orders, else 'tie'."""
-    winners = {verify.winner(order, label["verdicts"][order]["calibrated"]) for order in verify.ORDERS}
-    if winners == {"persona"}:
-        return "win"
-    return "loss" if winners == {"plain"} else "tie"
+def keep_judgments_of(run: RunDir, config: BootstrapConfig) -> None:
+    """An A/B directory judged before with other judge settings keeps its answers; its verdicts are set aside."""
+    settings = {k: v for k, v in config.identity().items() if k in JUDGE_FIELDS}
+    path = run.path / JUDGE_SETTINGS
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        aside = set_aside(run.path, [FILES["judgments"], FILES["labels"], "ab_results.json", "ab_results.png"])
+        log.warning("%s was judged with other settings: its answers are kept and judged again (the old verdicts are "
+                    "in %s)", run.path, aside)
+    write_json_atomic(path, settings)
 
 
 def summarize_ab(labels: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per category and overall: persona win / loss / tie rates (both orders must agree) with Wilson CIs."""
+    """Per category and overall: persona win / loss / tie rates (by the judge's outcome of each query: for the
+    pairwise judge a win or loss needs both orders) with Wilson CIs."""
     groups: dict[str, list[str]] = {}
     for label in labels:
-        groups.setdefault(label["domain"], []).append(outcome(label))
+        groups.setdefault(label["domain"], []).append(label["outcome"])
     groups["overall"] = [o for outcomes in list(groups.values()) for o in outcomes]
     summary = {}
     for category, outcomes in groups.items():
@@ -99,7 +109,7 @@ def format_ab(results: dict[str, Any]) -> str:
         cells = [f"{100 * row[f'{k}_rate']:5.1f}% [{100 * row[f'{k}_rate_ci'][0]:4.1f}, "
                  f"{100 * row[f'{k}_rate_ci'][1]:5.1f}]" for k in ("win", "loss", "tie")]
         lines.append(f"{category:<24} {row['n']:>4}  " + "  ".join(f"{c:>22}" for c in cells))
-    lines.append(verify.format_judge_quality(results["judge"]))
+    lines += verify.format_judge_quality(results["judge"])
     warning = verify.judge_warning(results["judge"])
     if warning:
         lines.append(warning)

@@ -7,8 +7,9 @@ from __future__ import annotations
 from prism.evaluation import data as benchdata
 from prism.evaluation.config import SAFETY_DOMAIN
 from prism.evaluation.context import Evaluation, messages_for
-from prism.evaluation.judge import REFUSAL_JUDGE, is_refusal
+from prism.evaluation.judge import REFUSAL_JUDGE
 from prism.lm.decoding import SamplingParams
+from prism.verifiers import is_refusal
 
 LOADERS = {"jbb": benchdata.load_jbb, "harmbench": benchdata.load_harmbench, "pku": benchdata.load_pku}
 

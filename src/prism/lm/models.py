@@ -273,8 +273,10 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 def first_token_ids(tokenizer: PreTrainedTokenizerBase, word: str) -> list[int]:
     """The first token of `word` with and without a leading space (tokenizers differ): what a reply
-    starting with that word begins with."""
-    return sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (word, " " + word)})
+    starting with that word begins with. A tokenizer that splits the space off (digits, in many) gives a bare
+    space as the spaced variant's first token: that begins any word, so it does not count for this one."""
+    first = {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (word, " " + word)}
+    return sorted(t for t in first if tokenizer.decode([t]).strip())
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -33,8 +33,7 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
         "model": (manifest.get("model") or {}).get("name", manifest.get("config", {}).get("model")),
         "config_fingerprint": manifest.get("config_fingerprint"),
     }
-    summary["verify"] = verify.judge_quality(run.read("judgments"),
-                                             manifest.get("config", {}).get("judge_calibration", "position"))
+    summary["verify"] = verify.judge_quality(run.read("judgments"), labels, manifest.get("config", {}))
     gate_info = stages.get("gate", {})
     summary["gate"] = {k: gate_info.get(k) for k in (
         "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",
@@ -93,7 +92,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.extend(format_kway(summary.get("kway")))
     judge = summary.get("verify") or {}
     if judge.get("pairs"):
-        lines.insert(3, verify.format_judge_quality(judge))
+        lines[3:3] = verify.format_judge_quality(judge)
     warning = verify.judge_warning(judge)
     if warning:
         lines.append(warning)  # the last line a bootstrap prints

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from prism.config import ROUTING_FIELDS, BootstrapConfig, with_new_defaults
+from prism.config import JUDGE_FIELDS, ROUTING_FIELDS, BootstrapConfig, with_new_defaults
 from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
 from prism.lm.models import LoadedModel, load_model
-from prism.runs import FILES, FINISHED, KWAY_ADAPTERS, STAGES, RunDir, move_aside, now
+from prism.runs import FILES, FINISHED, JUDGED_OUTPUTS, KWAY_ADAPTERS, STAGES, RunDir, move_aside, now, set_aside
 from prism.stages import answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
 from prism.stages.inspect import inspect_run
@@ -66,6 +66,9 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
                    if old_identity.get(k) != config.identity().get(k)}
         if changed <= ROUTING_FIELDS and not force:
             change_routing(run, old, config)
+            return
+        if changed <= ROUTING_FIELDS | JUDGE_FIELDS and not force:
+            change_judge(run, old, config, sorted(changed & JUDGE_FIELDS))
             return
         if not force:
             raise PrismError(
@@ -122,6 +125,22 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
     log.warning("%s: routing %s -> %s: the personas, queries, answers and verdicts are kept%s", run.path,
                 routing(old), routing(config.to_dict()),
                 "; the gate and distill stages run again for the k-way part" if config.routing == "kway" else "")
+
+
+def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig, changed: list[str]) -> None:
+    """A run asked for with another judge (or judge setting): its personas, queries and answers do not depend on
+    it and are kept; the verdicts, labels, gate, adapters, exports and eval records do, and are set aside in
+    RUN/replaced-<time>/ while verify, gate and distill run again."""
+    old = with_new_defaults(manifest["config"])
+    aside = set_aside(run.path, [*JUDGED_OUTPUTS, *(p.name for p in run.path.glob(f"{distill.CHECKPOINT}*"))])
+    for stage in ("verify", "gate", "distill"):
+        manifest["stages"][stage] = {"status": "pending"}
+    manifest["config"] = config.to_dict()
+    manifest["config_fingerprint"] = config.fingerprint()
+    run.save_manifest(manifest)
+    changes = "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+    log.warning("%s: %s: the personas, queries and answers are kept; verify, gate and distill run again%s", run.path,
+                changes, f" (the old verdicts, labels, gate, adapter and eval records are in {aside})" if aside else "")
 
 
 # Stages that only generate text or judge: an OpenAI-compatible server can run them.
