@@ -17,6 +17,9 @@ QUERY_REQUEST = (
     "Write one realistic, specific question about {domain} that a user might ask this expert. "
     "Reply with the question only."
 )
+# Starting the reply for the model keeps small models on task: without it the embedded 135M model wrote lead-ins
+# and persona talk ("I'm a terse expert, ...") for most queries; with it, mostly questions.
+QUERY_PREFIX = "Question:"
 _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•#]+|q\d*\s*[:.]|question\s*\d*\s*[:.]|user\s*:)\s*", re.I)
 _QUOTED = re.compile(r"[\"“]([^\"”]{10,})[\"”]")
 
@@ -78,7 +81,8 @@ def run(ctx: StageContext) -> None:
         if not requests:
             break
         pending = [(p, qid) for p, qid in requests if qid not in done_ids]
-        prompts = [Prompt(QUERY_REQUEST.format(persona=p["persona"], domain=p["domain"])) for p, _ in pending]
+        prompts = [Prompt(QUERY_REQUEST.format(persona=p["persona"], domain=p["domain"]), assistant_prefix=QUERY_PREFIX)
+                   for p, _ in pending]
         for indices, outputs in ctx.generator.generate(
             prompts, max_new_tokens=cfg.query_max_tokens, temperature=cfg.query_temperature,
             seeds=[derive_seed(cfg.seed, "queries", qid) for _, qid in pending], batch_size=cfg.batch_size,
