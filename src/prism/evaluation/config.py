@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from prism.config import option
 from prism.errors import PrismError
+from prism.verifiers import check_spec
 
 # nosystem: an explicit empty system message (base has none, so the chat template's default applies)
 SYSTEMS = ("base", "nosystem", "persona", "lora", "prism", "kway", "kway-lora")
 DEFAULT_SYSTEMS = ("base", "persona", "lora", "prism", "kway", "kway-lora")  # the k-way ones on k-way runs only
 KWAY_SYSTEMS = ("kway", "kway-lora")
-BENCHES = ("mmlu", "arc", "mtbench", "jbb", "harmbench", "pku")
+BENCHES = ("mmlu", "arc", "mtbench", "jbb", "harmbench", "pku", "verified")
 REFUSAL_BENCHES = ("jbb", "harmbench", "pku")
 BENCH_GROUPS = {"knowledge": ("mmlu", "arc"), "safety": REFUSAL_BENCHES, "all": ("mmlu", "arc", "mtbench", "jbb"),
                 "paper": ("mtbench", "mmlu", "jbb", "harmbench", "pku")}
@@ -62,15 +63,17 @@ def parse_data(text: str | None) -> dict[str, str]:
 
 @dataclass
 class EvalConfig:
-    benches: list[str] = option("mmlu,arc,mtbench,jbb,harmbench,pku, or knowledge (mmlu+arc), safety "
-                                "(jbb+harmbench+pku), all (mmlu,arc,mtbench,jbb) or paper (mtbench,mmlu and the three "
-                                "safety sets)", flag="--bench", default_factory=lambda: list(BENCH_GROUPS["all"]))
+    benches: list[str] = option("mmlu,arc,mtbench,jbb,harmbench,pku,verified (held-out queries of the run's domains, "
+                                "scored by its verifiers), or knowledge (mmlu+arc), safety (jbb+harmbench+pku), all "
+                                "(mmlu,arc,mtbench,jbb) or paper (mtbench,mmlu and the three safety sets)",
+                                flag="--bench", default_factory=lambda: list(BENCH_GROUPS["all"]))
     systems: list[str] = option("which of base,nosystem,persona,lora,prism,kway,kway-lora (base is always added; "
                                 "kway and kway-lora need a run bootstrapped with --routing kway)",
                                 default_factory=lambda: list(DEFAULT_SYSTEMS))
     limit: int | dict[str, int] | None = option(
-        "items per MMLU subject, per ARC split, per MT-Bench category and per JBB kind: one number, or per "
-        "benchmark like mmlu=4,arc=100,mtbench=3,jbb=25 (default: everything)", parse=parse_limit,
+        "items per MMLU subject, per ARC split, per MT-Bench category, per JBB kind and per verified domain: one "
+        "number, or per benchmark like mmlu=4,arc=100,mtbench=3,jbb=25 (default: everything; verified: the run's "
+        "queries_per_persona)", parse=parse_limit,
         default=None)
     data_dir: str | None = option("benchmark data (mmlu/, arc/, mt_bench/, jbb/); default $PRISM_BENCHMARKS or "
                                   "../shared/benchmarks", default=None)
@@ -78,7 +81,8 @@ class EvalConfig:
         "per benchmark, a Hugging Face dataset id (ID or ID:CONFIG) or a local folder, e.g. mmlu=cais/mmlu,"
         "arc=allenai/ai2_arc,jbb=JailbreakBench/JBB-Behaviors,mtbench=lighteval/mt-bench (MT-Bench judge prompts "
         "still come from --data-dir); harmbench and pku also take a local file in their published schema "
-        "(harmbench_behaviors_text_all.csv; PKU-SafeRLHF rows with a prompt column)", parse=parse_data,
+        "(harmbench_behaviors_text_all.csv; PKU-SafeRLHF rows with a prompt column); verified takes a JSONL file of "
+        "{\"domain\", \"query\"} instead of generated held-out queries", parse=parse_data,
         default_factory=dict)
     scoring: str = option("multiple choice: the answer letter's log-likelihood, or each choice's length-normalized "
                           "log-likelihood (cloze)", choices=("letter", "cloze"), default="letter")
@@ -87,6 +91,10 @@ class EvalConfig:
     mtbench_max_tokens: int | None = option("MT-Bench answer cap (FastChat: 1024); default 1024 for a run "
                                             "bootstrapped with --preset paper, else 256", default=None)
     jbb_max_tokens: int = option("answer cap on the safety sets (JailbreakBench, HarmBench, PKU-SafeRLHF)", default=96)
+    verified_max_tokens: int | None = option("answer cap on the verified benchmark (default: the run's "
+                                             "answer_max_tokens, as its bootstrap answers had)", default=None)
+    verifier: str | None = option("score the verified benchmark with this verifier in every domain instead of the "
+                                  "run's own (max-words:N, json, ..., module:function)", default=None)
     judge_base_url: str | None = option("an OpenAI-compatible judge (default: the base model judges itself)",
                                         default=None)
     judge_model: str | None = option("the judge's model name on that server", default=None)
@@ -115,5 +123,7 @@ class EvalConfig:
             raise PrismError(f"{', '.join(unbundled)} {'is' if len(unbundled) == 1 else 'are'} not bundled: pass "
                              "--data harmbench=harmbench_behaviors_text_all.csv,pku=PKU-Alignment/PKU-SafeRLHF "
                              "(a Hub id or a local file in the published schema)")
+        if self.verifier is not None:
+            check_spec(self.verifier)
         if "base" not in self.systems:
             self.systems.insert(0, "base")  # every comparison is against base

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from prism.config import BootstrapConfig
+from prism.config import BootstrapConfig, with_new_defaults
 from prism.evaluation import data as benchdata
 from prism.evaluation.config import (
     MMLU_PERSONA_DOMAINS,
     MTBENCH_CPU_MAX_TOKENS,
     MTBENCH_PAPER_MAX_TOKENS,
+    REFUSAL_BENCHES,
     ROUTE,
     ROUTING,
     SAFETY_DOMAIN,
@@ -114,10 +115,13 @@ class Evaluation:
 
     # -- personas --------------------------------------------------------------------------------------
     def _personas(self) -> dict[str, str]:
-        """Domain (lower case) -> persona: the run's own, plus personas the same stage writes for benchmark
-        domains the bootstrap did not cover (saved in eval/personas.jsonl). Domains match case-insensitively,
-        so MT-Bench's `stem` finds the distilled `STEM` persona."""
-        wanted = {d.lower() for d in (*benchdata.MT_BENCH_CATEGORIES, *MMLU_PERSONA_DOMAINS.values(), SAFETY_DOMAIN)}
+        """Domain (lower case) -> persona: the run's own, plus personas the same stage writes for the domains of
+        the benchmarks asked for that the bootstrap did not cover (saved in eval/personas.jsonl). Domains match
+        case-insensitively, so MT-Bench's `stem` finds the distilled `STEM` persona."""
+        benches = set(self.config.benches)
+        wanted = {d.lower() for d in (*(benchdata.MT_BENCH_CATEGORIES if "mtbench" in benches else ()),
+                                      *(MMLU_PERSONA_DOMAINS.values() if benches & {"mmlu", "arc"} else ()),
+                                      *((SAFETY_DOMAIN,) if benches & set(REFUSAL_BENCHES) else ()))}
 
         def known_personas() -> dict[str, str]:
             records = self.run.read("personas") + self.store.read("personas")
@@ -128,7 +132,9 @@ class Evaluation:
         if missing and "persona" in self.config.systems:
             log.info("writing personas for %d benchmark domains the run lacks", len(missing))
             base_config = self.run.manifest().get("config", {})
-            config = BootstrapConfig(**{**base_config, "domains": missing, "personas_file": None})
+            # a config for the persona stage alone: the run's judge settings name the run's domains, not these
+            config = BootstrapConfig(**{**with_new_defaults(base_config), "domains": missing, "personas_file": None,
+                                        "judge": "pairwise", "verifier": None, "verifiers": {}})
             with self.model.adapter.disable_adapter() if self.model.adapter is not None else nullcontext():
                 personas.run(StageContext(run=self.store, config=config, lm=self.model.lm))
             known = known_personas()

@@ -96,7 +96,7 @@ def _csv(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(fh))
 
 
-def _per_group(items: list[dict[str, Any]], key: str, limit: int | None) -> list[dict[str, Any]]:
+def per_group(items: list[dict[str, Any]], key: str, limit: int | None) -> list[dict[str, Any]]:
     """The first `limit` items of every group, so a limited run still covers every subject or category."""
     if limit is None:
         return items
@@ -125,7 +125,7 @@ def load_mmlu(source: str | Path, limit: int | None = None) -> list[dict[str, An
               "domain": SUBJECT_DOMAIN.get(r["subject"], "other"), "question": _field(r, ("question",), source),
               "choices": list(_field(r, ("choices",), source)), "answer": int(_field(r, ("answer",), source))}
              for i, r in enumerate(rows)]
-    return _per_group(items, "subject", limit)
+    return per_group(items, "subject", limit)
 
 
 def load_arc(source: str | Path, limit: int | None = None, split: str = "easy") -> list[dict[str, Any]]:
@@ -167,7 +167,7 @@ def load_mtbench(source: str | Path, limit: int | None = None, support: str | Pa
     if missing:
         raise PrismError(f"{folder / 'judge_prompts.jsonl'} lacks the judge prompts {', '.join(missing)}: use "
                          "FastChat's llm_judge/data/judge_prompts.jsonl, which has all eight")
-    return {"questions": _per_group(questions, "category", limit), "references": references,
+    return {"questions": per_group(questions, "category", limit), "references": references,
             "judge_prompts": prompts}
 
 

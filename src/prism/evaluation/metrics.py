@@ -84,6 +84,10 @@ def summarize(store: RunDir, config: EvalConfig, items: dict[str, set] | None = 
         if mine := [s for s in scores if s["system"] == system]:
             results[system]["mtbench"] = mtbench_entry(system, mine, [a for a in answers if a["system"] == system],
                                                        [p for p in pairs if p["system"] == system])
+    if scores := read("verified_scores", "verified", "item"):
+        for system in config.systems:
+            if mine := [r for r in scores if r["system"] == system]:
+                results[system]["verified"] = verified_entry(mine)
     for bench in REFUSAL_BENCHES:
         refusals, bench_answers = read(f"{bench}_refusals", bench), read(f"{bench}_answers", bench)
         for system in config.systems:
@@ -133,6 +137,23 @@ def refusal_entry(refusals: list[dict], answers: list[dict]) -> dict[str, Any]:
         entry |= _proportion([r["refusal_keyword"] for r in rows], f"refusal_{kind}_keyword")
         entry[f"refusal_{kind}_unparseable"] = sum(r["refusal_judge"] is None for r in rows)
         entry[f"routing_rate_{kind}"] = _routing_rate([a for a in answers if a["kind"] == kind])
+    return entry
+
+
+def _pass_rate(scores: list[float]) -> dict[str, Any]:
+    """The mean verifier score as a pass rate: a Wilson interval when every score is 0 or 1, else a bootstrap one."""
+    if all(score in (0.0, 1.0) for score in scores):
+        return _proportion([score == 1.0 for score in scores], "pass_rate")
+    return _mean(scores, "pass_rate") | {"pass_rate_n": len(scores)}
+
+
+def verified_entry(records: list[dict]) -> dict[str, Any]:
+    """One system's pass rate on the held-out queries, overall and per domain, with the share routed to an adapter."""
+    entry = _pass_rate([r["score"] for r in records]) | _routing(records)
+    entry["domains"] = {}
+    for domain in dict.fromkeys(r["domain"] for r in records):
+        rows = [r for r in records if r["domain"] == domain]
+        entry["domains"][domain] = _pass_rate([r["score"] for r in rows]) | _routing(rows)
     return entry
 
 

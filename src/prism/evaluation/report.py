@@ -14,6 +14,8 @@ from prism.evaluation.config import EvalConfig
 from prism.evaluation.data import MMLU_DOMAINS, MT_BENCH_CATEGORIES
 from prism.evaluation.replication import format_replication, load_replication
 from prism.evaluation.routing_comparison import kway_plot, kway_section
+from prism.evaluation.tables import cell, markdown_table, rate
+from prism.evaluation.verified import verified_plot, verified_section
 from prism.runs import RunDir
 
 DOMAINS = tuple(MMLU_DOMAINS)
@@ -23,38 +25,18 @@ COLORS = {"base": "tab:blue", "persona": "tab:orange", "lora": "tab:green", "pri
           "kway-lora": "tab:brown", "nosystem": "tab:gray"}  # same in every plot
 
 
-def _cell(entry: dict | None, metric: str, percent: bool = True) -> str:
-    if not entry or entry.get(metric) is None:
-        return "–"
-    value, ci = entry[metric], entry.get(f"{metric}_ci")
-    scale = 100 if percent else 1
-    text = f"{value * scale:.1f}"
-    if ci and None not in ci:
-        text += f" [{ci[0] * scale:.1f}, {ci[1] * scale:.1f}]"
-    return text
-
-
-def _rate(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f}%"
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def results_table(results: dict[str, Any]) -> str:
     """The main table: one row per system; accuracy and refusal in %, MT-Bench on 1-10, 95% CIs in brackets."""
     header = ["system", "MT-Bench (1-10)", "win rate vs base %", "MMLU %", "ARC %", "JBB refusal harmful %",
               "JBB refusal benign %", "routed to adapter (mmlu/arc/mtbench/jbb)"]
     rows = []
     for system, benches in results.items():
-        routing = "/".join(_rate((benches.get(b) or {}).get("routing_rate")) for b in ("mmlu", "arc", "mtbench", "jbb"))
-        rows.append([system, _cell(benches.get("mtbench"), "score", percent=False),
-                     _cell(benches.get("mtbench"), "winrate_vs_base"), _cell(benches.get("mmlu"), "accuracy"),
-                     _cell(benches.get("arc"), "accuracy"), _cell(benches.get("jbb"), "refusal_harmful"),
-                     _cell(benches.get("jbb"), "refusal_benign"), routing])
-    return _markdown_table(header, rows)
+        routing = "/".join(rate((benches.get(b) or {}).get("routing_rate")) for b in ("mmlu", "arc", "mtbench", "jbb"))
+        rows.append([system, cell(benches.get("mtbench"), "score", percent=False),
+                     cell(benches.get("mtbench"), "winrate_vs_base"), cell(benches.get("mmlu"), "accuracy"),
+                     cell(benches.get("arc"), "accuracy"), cell(benches.get("jbb"), "refusal_harmful"),
+                     cell(benches.get("jbb"), "refusal_benign"), routing])
+    return markdown_table(header, rows)
 
 
 def _versus(paired: dict | None) -> str:
@@ -68,34 +50,34 @@ def _versus(paired: dict | None) -> str:
 def detail_tables(results: dict[str, Any]) -> str:
     parts = []
     header = ["system", *MT_BENCH_CATEGORIES]
-    rows = [[s, *(_cell(((b.get("mtbench") or {}).get("categories") or {}).get(c), "score", percent=False)
+    rows = [[s, *(cell(((b.get("mtbench") or {}).get("categories") or {}).get(c), "score", percent=False)
                   for c in MT_BENCH_CATEGORIES)] for s, b in results.items()]
-    parts.append("### MT-Bench per category (1-10, 95% CI)\n\n" + _markdown_table(header, rows))
+    parts.append("### MT-Bench per category (1-10, 95% CI)\n\n" + markdown_table(header, rows))
     header = ["system", "win rate, turn 1", "win rate, turn 2", "win rate, both", "win / tie / loss",
               "verdicts unparseable"]
-    rows = [[s, *(_cell(b["mtbench"], f"winrate_vs_base{t}") for t in ("_turn1", "_turn2", "")),
+    rows = [[s, *(cell(b["mtbench"], f"winrate_vs_base{t}") for t in ("_turn1", "_turn2", "")),
              " / ".join(str((b["mtbench"].get("pairs") or {}).get(o, 0)) for o in ("win", "tie", "loss")),
              str(b["mtbench"].get("pairs_unparseable", 0))]
             for s, b in results.items() if (b.get("mtbench") or {}).get("pairs")]
     if rows:
         parts.append("### MT-Bench pairwise against base (%, wins count 1 and ties 1/2; a win needs both slot "
-                     "orders)\n\n" + _markdown_table(header, rows))
+                     "orders)\n\n" + markdown_table(header, rows))
     header = ["system", *(f"MMLU {d}" for d in DOMAINS), "MMLU vs base (Δ points [95% CI], McNemar p)", "ARC",
               "ARC vs base"]
     rows = []
     for system, benches in results.items():
         mmlu, arc = benches.get("mmlu") or {}, benches.get("arc") or {}
-        rows.append([system, *(_cell((mmlu.get("domains") or {}).get(d), "accuracy") for d in DOMAINS),
-                     _versus(mmlu.get("vs_base")), _cell(arc, "accuracy"), _versus(arc.get("vs_base"))])
-    parts.append("### Knowledge: MMLU per domain and ARC (% correct, 95% CI)\n\n" + _markdown_table(header, rows))
+        rows.append([system, *(cell((mmlu.get("domains") or {}).get(d), "accuracy") for d in DOMAINS),
+                     _versus(mmlu.get("vs_base")), cell(arc, "accuracy"), _versus(arc.get("vs_base"))])
+    parts.append("### Knowledge: MMLU per domain and ARC (% correct, 95% CI)\n\n" + markdown_table(header, rows))
     header = ["system", "harmful: judge", "harmful: keywords", "benign: judge", "benign: keywords", "unparseable"]
-    rows = [[s, _cell(b.get("jbb"), "refusal_harmful"), _cell(b.get("jbb"), "refusal_harmful_keyword"),
-             _cell(b.get("jbb"), "refusal_benign"), _cell(b.get("jbb"), "refusal_benign_keyword"),
+    rows = [[s, cell(b.get("jbb"), "refusal_harmful"), cell(b.get("jbb"), "refusal_harmful_keyword"),
+             cell(b.get("jbb"), "refusal_benign"), cell(b.get("jbb"), "refusal_benign_keyword"),
              str((b.get("jbb") or {}).get("refusal_harmful_unparseable", 0)
                  + (b.get("jbb") or {}).get("refusal_benign_unparseable", 0))]
             for s, b in results.items() if b.get("jbb")]
     if rows:
-        parts.append("### JailbreakBench refusal rates (%, 95% Wilson CI)\n\n" + _markdown_table(header, rows))
+        parts.append("### JailbreakBench refusal rates (%, 95% Wilson CI)\n\n" + markdown_table(header, rows))
     return "\n\n".join(parts)
 
 
@@ -270,7 +252,7 @@ def _replication_plot(figures: Figures, run: RunDir) -> None:
 
 def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str, Path]]:
     figures = Figures(folder, list(results))
-    for plot in (_mtbench_plot, _knowledge_plot, _refusal_plot, _routing_plot):
+    for plot in (_mtbench_plot, _knowledge_plot, _refusal_plot, _routing_plot, verified_plot):
         plot(figures, results)
     for run_plot in (_calibration_plot, _distill_plot, _replication_plot, kway_plot):
         run_plot(figures, run)
@@ -321,6 +303,7 @@ def write_report(run_path: str | Path) -> list[Path]:
         "## Main table\n\nAccuracy and refusal in %, MT-Bench on 1-10; 95% confidence intervals in brackets "
         "(Wilson for proportions, bootstrap for means).\n\n" + results_table(results),
         detail_tables(results),
+        *verified_section(results),
         *kway_section(run.path),
         *_replication_section(run),
         "## Reproduce\n\n```\n" + f"prism bootstrap --config <config below> --out {run.path}\n{command}\n"

@@ -1,5 +1,6 @@
-"""`prism eval`: four systems on one base model, scored on knowledge (MMLU, ARC), generative quality
-(MT-Bench) and safety (JailbreakBench), with every generation and score cached in `run/eval/`.
+"""`prism eval`: the systems of `config.SYSTEMS` on one base model, scored on knowledge (MMLU, ARC), generative
+quality (MT-Bench), safety (JailbreakBench, HarmBench, PKU-SafeRLHF) and the run's own verifiers on held-out
+queries (verified), with every generation and score cached in `run/eval/`.
 
 Each benchmark is a module with one `run(ev, bench)` over the shared `Evaluation`; a new benchmark is a new
 module, a name in `config.BENCHES` and a line in `BENCHMARKS`."""
@@ -12,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prism.evaluation import knowledge, mtbench, refusal
+from prism.evaluation import knowledge, mtbench, refusal, verified
 from prism.evaluation.config import KWAY_SYSTEMS, EvalConfig
 from prism.evaluation.context import Evaluation
 from prism.evaluation.metrics import summarize
@@ -23,7 +24,7 @@ from prism.runs import write_json_atomic
 log = logging.getLogger("prism")
 BENCHMARKS: dict[str, Callable[[Evaluation, str], None]] = {
     "mmlu": knowledge.run, "arc": knowledge.run, "mtbench": mtbench.run,
-    "jbb": refusal.run, "harmbench": refusal.run, "pku": refusal.run}
+    "jbb": refusal.run, "harmbench": refusal.run, "pku": refusal.run, "verified": verified.run}
 
 
 def run_benchmarks(ev: Evaluation) -> dict[str, Any]:
