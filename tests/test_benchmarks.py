@@ -1,5 +1,6 @@
-"""benchmarks/gpu.py runs end to end at the tiny shape on the CPU (its figures are for a GPU)."""
+"""The benchmark scripts run end to end on the tiny model (their figures are for the embedded model or a GPU)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,23 @@ def test_the_kway_part_of_the_serving_benchmark_runs_on_a_kway_run(tiny_kway_run
     assert "5. k-way batches: 6 requests" in out and "(2 persona adapters)" in out
     for name in ("base-only", "one adapter", "base + binary adapter", "base + 2 adapters"):
         assert f"   {name} " in out
+
+
+def test_the_known_answer_experiment_runs_end_to_end_at_the_tiny_model(tiny_model_dir, tmp_path):
+    report_file = tmp_path / "known.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "known_answer.py"), "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "ka"), "--json", str(report_file), "--queries", "3",
+                           "--heldout", "2", "--answer-tokens", "8", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(report_file.read_text())
+    assert [d["name"] for d in report["domains"]] == ["quick one-line facts", "short definitions of words",
+                                                     "in-depth explanations"]
+    assert [d["helped"] for d in report["domains"]] == [True, True, False]
+    for row in report["domains"]:
+        assert set(row["pass_rate"]) == {"base", "persona", "lora", "prism"} and row["n"] == 2
+        assert all(value is None or 0 <= value <= 1 for value in row["pass_rate"].values())
+    assert {"heldout_accuracy", "balanced_accuracy", "majority_baseline"} <= set(report["gate"])
+    assert report["distill_examples"] == sum(
+        r["label"] for r in map(json.loads, (tmp_path / "ka" / "run" / "labels.jsonl").read_text().splitlines()))
+    assert "headline: lora vs base on the helped domains" in done.stdout

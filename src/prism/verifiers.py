@@ -10,6 +10,7 @@ A spec names one: `max-words:N`, `min-words:N`, `json`, `numbered-steps:N`, `ref
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -149,6 +150,26 @@ def _user_function(spec: str) -> Check:
     if not callable(check):
         raise PrismError(f"verifier {spec!r}: {module_name} has no function {function!r}")
     return check
+
+
+def source_digest(spec: str) -> str | None:
+    """sha256 of the file that defines a user verifier (None for a built-in, or a module that cannot be found):
+    a run re-judges when its verifier's code changed, though its spec did not."""
+    check_spec(spec)
+    if _built_in(spec) is not None:
+        return None
+    module_name = spec.rpartition(":")[0]
+    if module_name.endswith(".py") or "/" in module_name:
+        path: Path | None = Path(module_name).expanduser()
+    else:
+        try:
+            found = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            found = None
+        path = Path(found.origin) if found is not None and found.origin else None
+    if path is None or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_verifier(spec: str) -> Verifier:

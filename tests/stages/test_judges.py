@@ -150,6 +150,12 @@ def test_the_pointwise_score_is_the_expected_rating_of_the_judges_distribution(t
     assert judged["persona"]["rating_mass"] == pytest.approx(0.8)
     assert judged["plain"]["score"] == pytest.approx(5.0)
     assert labels == {"q0": 1}  # 6.95 - 5.0 = 1.95 beats the margin of 1.9
+    ctx.run.update_stage("verify", status="done")
+    judge = inspect_run(ctx.run.path)["verify"]
+    assert judge["kind"] == "pointwise" and judge["pairs"] == 1 and judge["margin"] == 1.9
+    assert (judge["score_min"], judge["score_max"]) == pytest.approx((5.0, 6.95))
+    assert judge["score_std"] == pytest.approx(0.975) and judge["within_margin_share"] == 0.0
+    assert judge["persona_wins"] == 1 and judge["rating_mass_mean"] == pytest.approx((0.8 + 0.5) / 2)
     ctx = prepared_run(tmp_path / "wide", tiny_config, [("alpha", "PERSONA answer", "plain answer")],
                        judge="pointwise", pointwise_margin=2.0)
     ctx.engine = FixedRatings()
@@ -219,3 +225,18 @@ def test_changing_the_judge_keeps_the_answers_and_judges_again(tiny_config, tmp_
     assert len(aside) == 1 and (aside[0] / "judgments.jsonl").is_file() and (aside[0] / "gate").is_dir()
     with pytest.raises(PrismError, match="different config"):  # anything else still needs --force
         bootstrap(tiny_config(domains=["math"], queries_per_persona=3, judge="verifier", verifier="max-words:3"), run)
+
+
+def test_a_run_judges_again_when_its_verifiers_code_changes(tiny_config, tmp_path):
+    spec = verifier_file(tmp_path, "mine", "def check(domain, query, answer):\n    return True\n")
+    config = tiny_config(domains=["math"], queries_per_persona=2, judge="verifier", verifier=spec)
+    run = tmp_path / "run"
+    bootstrap(config, run)
+    assert all(j["score"] == 1.0 for j in RunDir(run).read("judgments"))
+    before = (run / "judgments.jsonl").stat().st_mtime_ns
+    bootstrap(config, run)  # the same code: nothing is judged again
+    assert (run / "judgments.jsonl").stat().st_mtime_ns == before and not list(run.glob("replaced-*"))
+    (tmp_path / "mine.py").write_text("def check(domain, query, answer):\n    return False\n")
+    bootstrap(config, run)
+    assert all(j["score"] == 0.0 for j in RunDir(run).read("judgments"))
+    assert len(list(run.glob("replaced-*"))) == 1

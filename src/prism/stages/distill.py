@@ -352,7 +352,7 @@ def distill_kway(ctx: StageContext, records: list[dict]) -> dict:
 def run(ctx: StageContext) -> dict:
     records = [r for r in ctx.run.read("labels") if r["label"] == 1]
     if not records:
-        log.warning("verify kept no distillation example (the persona never won both orders): "
+        log.warning("verify kept no distillation example (the persona answer never won by the run's judge): "
                     "skipping adapter training; the gate routes everything to the base model")
         return {"skipped": "no distillation examples", "examples": 0}
     if ctx.config.routing != "kway":

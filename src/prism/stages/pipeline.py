@@ -61,6 +61,9 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
         old_identity = {k: v for k, v in recorded.items() if k in config.identity()}
         differences = config_differences(old_identity, config.identity())
         if not differences:
+            changed_code = changed_verifiers(old, config)
+            if changed_code:  # the same spec, other code: the verdicts it made are out of date
+                change_judge(run, old, config, [], reason=f"the code of {', '.join(changed_code)} changed")
             return
         changed = {k for k in set(old_identity) | set(config.identity())
                    if old_identity.get(k) != config.identity().get(k)}
@@ -127,7 +130,17 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
                 "; the gate and distill stages run again for the k-way part" if config.routing == "kway" else "")
 
 
-def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig, changed: list[str]) -> None:
+def changed_verifiers(manifest: dict[str, Any], config: BootstrapConfig) -> list[str]:
+    """The user verifiers whose code differs from the code the run's verdicts were made with."""
+    verify_info = manifest.get("stages", {}).get("verify", {})
+    if config.judge != "verifier" or verify_info.get("status") != "done":
+        return []
+    recorded = verify_info.get("verifier_sources", {})
+    return [spec for spec, digest in verify.verifier_sources(config).items() if recorded.get(spec) != digest]
+
+
+def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig, changed: list[str],
+                 reason: str | None = None) -> None:
     """A run asked for with another judge (or judge setting): its personas, queries and answers do not depend on
     it and are kept; the verdicts, labels, gate, adapters, exports and eval records do, and are set aside in
     RUN/replaced-<time>/ while verify, gate and distill run again."""
@@ -138,7 +151,7 @@ def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig,
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
     run.save_manifest(manifest)
-    changes = "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+    changes = reason or "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
     log.warning("%s: %s: the personas, queries and answers are kept; verify, gate and distill run again%s", run.path,
                 changes, f" (the old verdicts, labels, gate, adapter and eval records are in {aside})" if aside else "")
 

@@ -14,10 +14,11 @@ from collections import Counter
 from types import ModuleType
 from typing import Any
 
-from prism.config import persona_slug, with_new_defaults
+from prism.config import BootstrapConfig, persona_slug, with_new_defaults
 from prism.stages import judge_pairwise, judge_pointwise, judge_verifier
 from prism.stages.context import StageContext
 from prism.stages.queries import kept_queries
+from prism.verifiers import source_digest
 
 JUDGES: dict[str, ModuleType] = {"pairwise": judge_pairwise, "pointwise": judge_pointwise,
                                  "verifier": judge_verifier}
@@ -27,7 +28,7 @@ def kind_of(judgment: dict) -> str:
     return judgment.get("kind", "pairwise")  # records made before other judges existed are pairwise
 
 
-def run(ctx: StageContext) -> None:
+def run(ctx: StageContext) -> dict[str, Any]:
     cfg, run_dir = ctx.config, ctx.run
     judge = JUDGES[cfg.judge]
     queries = {q["id"]: q for q in kept_queries(run_dir.read("queries"))}
@@ -47,6 +48,13 @@ def run(ctx: StageContext) -> None:
         finally:
             run_dir.append("judgments", records)
     write_labels(ctx)
+    return {"verifier_sources": verifier_sources(cfg)} if judge.KIND == "verifier" else {}
+
+
+def verifier_sources(config: BootstrapConfig) -> dict[str, str]:
+    """The digest of each user verifier's code (built-ins have none), recorded with the verify stage."""
+    specs = {config.verifier, *config.verifiers.values()} - {None}
+    return {spec: digest for spec in sorted(specs) if (digest := source_digest(spec)) is not None}
 
 
 def write_labels(ctx: StageContext) -> None:

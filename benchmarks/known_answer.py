@@ -1,0 +1,213 @@
+"""A known-answer experiment: PRISM on domains where a program can check what the persona does.
+
+The embedded 135M model follows one persona measurably: a terse expert persona shortens its answers. So the
+experiment has two domains where that persona helps by the domain's verifier (max-words: an answer of at most
+25 words passes) and one control domain where the same persona hurts by its own verifier (min-words: the
+domain asks for explanations of at least 80 words). From the domain names and personas alone, it runs the whole
+method with the verifier judge (queries, answers, verify, gate, distill), then answers held-out queries of each
+domain with base, persona, lora and prism and scores them by the same verifiers. If PRISM works, lora beats
+base on the helped domains and the gate sends little of the control domain to the adapter.
+
+    .venv/bin/python benchmarks/known_answer.py [--quick] [--out runs/known-answer] [--json FILE]
+        [--routing binary|kway] [--queries N] [--heldout N] [--answer-tokens N] [--epochs N] [--seed S]
+
+A verifier is not a judge of quality: the adapter is rewarded for brevity, not for better answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prism import bootstrap, resolve_config
+from prism.errors import PrismError
+from prism.evaluation.config import EvalConfig
+from prism.evaluation.runner import evaluate
+from prism.evaluation.stats import paired_accuracy_test
+from prism.library_warnings import silence_library_warnings
+from prism.runs import RunDir
+
+TERSE = "You are a terse expert. You answer in one short sentence of at most 15 words."
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    persona: str
+    verifier: str
+    helped: bool  # whether the persona is expected to help by this domain's verifier
+
+
+DOMAINS = (
+    Domain("quick one-line facts", TERSE, "max-words:25", helped=True),
+    Domain("short definitions of words", TERSE, "max-words:25", helped=True),
+    Domain("in-depth explanations", TERSE, "min-words:80", helped=False),  # the control
+)
+SIZES = {"quick": {"queries": 8, "heldout": 8}, "full": {"queries": 24, "heldout": 24}}
+
+
+def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    personas = out / "personas.yaml"
+    personas.write_text(yaml.safe_dump({d.name: d.persona for d in DOMAINS}, sort_keys=False))
+    config = resolve_config(model=args.model, personas_file=str(personas), domains=[d.name for d in DOMAINS],
+                            preset="tiny", queries_per_persona=args.queries, answer_max_tokens=args.answer_tokens,
+                            distill_epochs=args.epochs, judge="verifier",
+                            verifiers={d.name: d.verifier for d in DOMAINS}, routing=args.routing,
+                            kway_min_wins=args.kway_min_wins, seed=args.seed, device="cpu")
+    started = time.perf_counter()
+    summary = bootstrap(config, out / "run")
+    bootstrap_seconds = time.perf_counter() - started
+    systems = ["base", "persona", "lora", "prism", *(["kway", "kway-lora"] if args.routing == "kway" else [])]
+    started = time.perf_counter()
+    results = evaluate(out / "run", EvalConfig(benches=["verified"], systems=systems,
+                                               limit={"verified": args.heldout}), device="cpu")
+    eval_seconds = time.perf_counter() - started
+    return collect(out / "run", summary, results, systems, bootstrap_seconds, eval_seconds)
+
+
+def paired_gain(run: Path, system: str, domains: list[str]) -> dict[str, Any] | None:
+    """`system` against base on the same held-out queries of `domains`: pass-rate difference, its paired bootstrap
+    interval and McNemar's p."""
+    covered = set(json.loads((run / "eval" / "eval_config.json").read_text())["items"]["verified"])
+    scores = [r for r in RunDir(run / "eval").read("verified_scores") if r["item"] in covered]
+
+    def by_item(name: str) -> dict[str, float]:
+        return {r["item"]: r["score"] for r in scores if r["system"] == name and r["domain"] in domains}
+
+    base, mine = by_item("base"), by_item(system)
+    shared = sorted(set(base) & set(mine))
+    if not shared:
+        return None
+    return paired_accuracy_test([mine[i] == 1.0 for i in shared], [base[i] == 1.0 for i in shared])
+
+
+def collect(run: Path, summary: dict[str, Any], results: dict[str, Any], systems: list[str],
+            bootstrap_seconds: float, eval_seconds: float) -> dict[str, Any]:
+    gate = summary["gate"]
+    rows = []
+    for domain in DOMAINS:
+        # a run whose persona never won has no adapter: the eval then has no lora row, and prism is base
+        entries = {s: ((results.get(s) or {}).get("verified") or {}).get("domains", {}).get(domain.name, {})
+                   for s in systems}
+        rows.append({"name": domain.name, "helped": domain.helped, "verifier": domain.verifier,
+                     "n": entries["base"].get("pass_rate_n"),
+                     "pass_rate": {s: entries[s].get("pass_rate") for s in systems},
+                     "pass_rate_ci": {s: entries[s].get("pass_rate_ci") for s in systems},
+                     "routed_share": entries["prism"].get("routing_rate"),
+                     **({"kway_routed_share": entries["kway"].get("routing_rate"),
+                         "kway_routing_shares": entries["kway"].get("routing_shares")} if "kway" in systems else {}),
+                     "bootstrap_pass_rate": (summary["verify"].get("domains") or {}).get(domain.name)})
+    helped = [d.name for d in DOMAINS if d.helped]
+    control = [d.name for d in DOMAINS if not d.helped]
+    routed_control = [r["routed_share"] for r in rows if not r["helped"] and r["routed_share"] is not None]
+    report = {
+        "model": summary["model"], "domains": rows,
+        "gate": {"heldout_accuracy": gate.get("heldout_accuracy"),
+                 "balanced_accuracy": gate.get("heldout_balanced_accuracy"),
+                 "majority_baseline": gate.get("majority_baseline"), "heldout_method": gate.get("heldout_method"),
+                 "train_accuracy": gate.get("train_accuracy"), "kind": gate.get("kind")},
+        "distill_examples": summary["counts"]["distill"], "queries": summary["counts"]["queries"],
+        "distill": summary.get("distill"),
+        "headline": {"lora_vs_base_helped": paired_gain(run, "lora", helped),
+                     "prism_vs_base_helped": paired_gain(run, "prism", helped),
+                     "prism_vs_base_control": paired_gain(run, "prism", control),
+                     "prism_routed_share_control": sum(routed_control) / len(routed_control) if routed_control
+                     else None},
+        "seconds": {"bootstrap": round(bootstrap_seconds, 1), "eval": round(eval_seconds, 1)},
+    }
+    if "kway" in summary:
+        kway = summary["kway"]
+        report["kway"] = {"classes": kway["classes"], "merged_into_base": kway["merged_into_base"],
+                          "gate": kway["gate"], "adapters": kway["adapters"],
+                          "kway_vs_base_helped": paired_gain(run, "kway", helped)}
+    return report
+
+
+def _percent(value: float | None, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "–"
+    text = f"{100 * value:.0f}%"
+    return text + (f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]" if interval else "")
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _gain(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return "n/a"
+    low, high = paired["delta_ci"]
+    return (f"{100 * paired['delta']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], McNemar "
+            f"p={paired['p_value']:.3f} over {paired['items']} paired queries")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    systems = list(report["domains"][0]["pass_rate"])
+    header = f"{'domain':<28} {'helped':>6} {'n':>3}  " + "  ".join(f"{s:>15}" for s in systems) + "  prism routed"
+    lines = [f"known-answer experiment on {report['model']}: verifier pass rates on held-out queries (95% CI)", header]
+    for row in report["domains"]:
+        cells = [_percent(row["pass_rate"][s], row["pass_rate_ci"][s]) for s in systems]
+        lines.append(f"{row['name']:<28} {'yes' if row['helped'] else 'no':>6} {row['n'] or 0:>3}  "
+                     + "  ".join(f"{c:>15}" for c in cells) + f"  {_percent(row['routed_share']):>12}")
+    gate = report["gate"]
+    lines.append(f"gate: held-out accuracy {_number(gate['heldout_accuracy'])} ({gate['heldout_method']}), balanced "
+                 f"{_number(gate['balanced_accuracy'])}, majority-class baseline {_number(gate['majority_baseline'])}; "
+                 f"distill examples {report['distill_examples']} of {report['queries']} queries")
+    if (report["distill"] or {}).get("skipped"):
+        lines.append(f"distill skipped: {report['distill']['skipped']} (no adapter: lora is missing and prism is base)")
+    if "kway" in report:
+        kway = report["kway"]
+        recall = ", ".join(f"{k} {v:.2f}" for k, v in (kway["gate"].get("heldout_recall") or {}).items())
+        lines.append(f"k-way: classes {', '.join(kway['classes'])}; held-out recall {recall or 'n/a'}; kway vs base on "
+                     f"the helped domains {_gain(kway['kway_vs_base_helped'])}")
+        for row in report["domains"]:
+            shares = ", ".join(f"{k} {_percent(v)}" for k, v in (row.get("kway_routing_shares") or {}).items())
+            lines.append(f"k-way routes {row['name']}: {shares or 'n/a'}")
+    head = report["headline"]
+    lines.append(f"headline: lora vs base on the helped domains {_gain(head['lora_vs_base_helped'])}; prism routes "
+                 f"{_percent(head['prism_routed_share_control'])} of the control domain to the adapter")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8 bootstrap and 8 held-out queries per domain")
+    parser.add_argument("--out", default="runs/known-answer", help="where the run and its eval go (resumed)")
+    parser.add_argument("--json", help="also write the report as JSON to this file")
+    parser.add_argument("--routing", choices=("binary", "kway"), default="binary")
+    parser.add_argument("--queries", type=int, help="bootstrap queries per domain (quick 8, full 24)")
+    parser.add_argument("--heldout", type=int, help="held-out queries per domain (quick 8, full 24)")
+    parser.add_argument("--answer-tokens", type=int, default=128, help="answer length cap (bootstrap and eval)")
+    parser.add_argument("--epochs", type=int, default=10, help="distillation epochs (the paper's 10)")
+    parser.add_argument("--kway-min-wins", type=int, default=2,
+                        help="with --routing kway: wins a domain needs for its own adapter (the bootstrap's default is "
+                        "4, more than a quick run's 8 queries per domain give)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="embedded")
+    args = parser.parse_args()
+    sizes = SIZES["quick" if args.quick else "full"]
+    args.queries = args.queries or sizes["queries"]
+    args.heldout = args.heldout or sizes["heldout"]
+    silence_library_warnings()
+    logging.basicConfig(level=logging.INFO, format="prism: %(message)s")
+    try:
+        report = run_experiment(args)
+    except PrismError as exc:
+        raise SystemExit(f"known_answer: error: {exc}") from None
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
