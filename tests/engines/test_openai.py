@@ -20,6 +20,7 @@ from prism.serving.server import create_app
 from prism.stages import answers
 from prism.stages.context import StageContext
 from prism.stages.judge_pairwise import OPTIONS
+from prism.stages.judge_pointwise import RATING_TOKENS
 from prism.stages.pipeline import bootstrap
 
 # `prism-base` serves the tiny base model: the same weights the run's config names as its model.
@@ -86,6 +87,13 @@ def test_reading_verdicts_from_logprobs_and_text():
     assert options_from_text(" [[B]] because", OPTIONS).probs == {"A": 0.0, "B": 1.0, "TIE": 0.0}
     assert options_from_text("Verdict: TIE.", OPTIONS).probs["TIE"] == 1.0
     assert options_from_text("Answer A is better", OPTIONS).source == "text-unparsed"  # "Answer" is no verdict
+    # a token counts for the option it spells out: "1" for the rating 1, not 10 (a tokenizer with a "10" token)
+    ratings = options_from_top_logprobs([SimpleNamespace(token="1", logprob=-1.0),
+                                         SimpleNamespace(token="10", logprob=-2.0),
+                                         SimpleNamespace(token="7", logprob=-0.5)], RATING_TOKENS)
+    total = sum(2.718281828 ** v for v in (-1.0, -2.0, -0.5))
+    assert ratings.probs["1"] == pytest.approx(2.718281828 ** -1.0 / total)
+    assert ratings.probs["10"] == pytest.approx(2.718281828 ** -2.0 / total) and ratings.probs["0"] == 0.0
 
 
 def test_bootstrap_with_the_remote_engine(served, tiny_config, tmp_path):

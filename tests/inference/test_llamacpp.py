@@ -141,6 +141,25 @@ def test_judge_verdicts_and_stage_generation_match_transformers(cpp_model, torch
     assert generated == reference
 
 
+def test_the_pointwise_judge_rates_alike_on_llama_cpp_and_transformers(torch_model, tiny_gguf):
+    from types import SimpleNamespace
+
+    from prism.stages import judge_pointwise
+
+    engine = LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf), n_ctx=512)
+    items = [({"query": q}, f"a persona answer to {q}", f"a plain answer to {q}", variant)
+             for q in QUERIES for variant in ("persona", "plain")]
+    config = SimpleNamespace(judge_max_chars=1500, batch_size=4)
+    with torch_model.adapter.disable_adapter():
+        expected = list(judge_pointwise.judge(SimpleNamespace(config=config, generator=LocalEngine(torch_model.lm)),
+                                              items))
+    got = list(judge_pointwise.judge(SimpleNamespace(config=config, generator=engine), items))
+    for mine, theirs in zip(got, expected):
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-3)
+        assert mine["rating_probs"] == pytest.approx(theirs["rating_probs"], abs=1e-3)
+    assert len({round(r["score"], 4) for r in got}) > 1
+
+
 def _by_index(batches) -> dict[int, str]:
     return {i: g.text for indices, generations in batches for i, g in zip(indices, generations)}
 
