@@ -46,3 +46,21 @@ def test_prism_ab_explains_a_bad_queries_file(tmp_path, capsys):
     queries.write_text('{"query": "fine"}\n{"prompt": "wrong key"}\n')
     assert main(["ab", "--persona", str(persona), "--queries", str(queries)]) == 2
     assert f'{queries}:2: each line needs a non-empty "query" string' in capsys.readouterr().err
+
+
+def test_prism_ab_with_a_verifier_and_then_another_judge(tiny_model_dir, tmp_path, capsys):
+    persona = tmp_path / "persona.txt"
+    persona.write_text("You are terse.")
+    queries = tmp_path / "tasks.jsonl"
+    queries.write_text("\n".join(json.dumps({"query": q, "category": "c"}) for q in ["Explain recursion.", "A poem?"]))
+    out = tmp_path / "ab"
+    args = ["ab", "--persona", str(persona), "--queries", str(queries), "--model", str(tiny_model_dir), "--out",
+            str(out), "--max-tokens", "6", "--device", "cpu"]
+    assert main([*args, "--judge", "verifier", "--verifier", "max-words:3"]) == 0
+    results = json.loads((out / "ab_results.json").read_text())
+    assert results["judge"]["kind"] == "verifier" and results["judge"]["pairs"] == 2
+    assert "judge    verifier: pass rate with the persona" in capsys.readouterr().out
+    answers = (out / "answers.jsonl").read_text()
+    assert main([*args, "--judge", "pairwise"]) == 0  # other judge settings: the answers stay, the verdicts go
+    assert (out / "answers.jsonl").read_text() == answers and len(list(out.glob("replaced-*"))) == 1
+    assert json.loads((out / "ab_results.json").read_text())["judge"]["kind"] == "pairwise"
