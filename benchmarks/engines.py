@@ -111,8 +111,8 @@ class SwitchingContext:
 
 def decode_speeds(run: Path, tokens: int, rounds: int) -> dict[str, float]:
     torch_model = PrismModel.from_run(run, device="cpu")
-    lora_model = LlamaCppModel.from_run(run, persona="lora", max_model_len=2048)
-    merged_model = LlamaCppModel.from_run(run, persona="merged", max_model_len=2048)
+    lora_model = LlamaCppModel.from_run(run, persona_model="lora", max_model_len=2048)
+    merged_model = LlamaCppModel.from_run(run, persona_model="merged", max_model_len=2048)
     base_gguf = embedded_gguf_path()
     plain = open_llama(base_gguf, n_ctx=2048)
     plain_lora = open_llama(base_gguf, lora=run / EXPORT_DIR / ADAPTER_FILE, n_ctx=2048)

@@ -17,9 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prism.config import resolve_config
-from prism.lm.decoding import SamplingParams
 from prism.lm.models import load_model
 from prism.serving.chat import chat
+from prism.serving.config import ChatConfig
 
 # Larger than Llama's default 0.02 so the random model's next-token distributions are peaked, like a
 # trained model's, and a teacher's top-64 tokens hold most of the probability mass.
@@ -152,6 +152,14 @@ def build_tiny_kway_run(directory: Path, model_dir: Path) -> Path:
     return directory
 
 
+def upstream_at(url: str):
+    """The sidecar's upstream for the tests: a `prism serve` at `url` whose prism-base / prism-persona models stand
+    in for vLLM's base model and LoRA module."""
+    from prism.serving.config import SidecarConfig
+
+    return SidecarConfig(upstream=url, upstream_base_model="prism-base", upstream_adapter_model="prism-persona")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -240,5 +248,5 @@ def run_chat(model, lines, **kwargs) -> str:
             raise EOFError from None
 
     out = io.StringIO()
-    chat(model, SamplingParams(max_tokens=6), read=read, out=out, **kwargs)
+    chat(model, ChatConfig(max_tokens=6, temperature=0.0, top_p=1.0, **kwargs), read=read, out=out)
     return out.getvalue()

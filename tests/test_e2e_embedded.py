@@ -78,7 +78,7 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
         if persona == "merged":
             assert subprocess.run([sys.executable, "-m", "prism.cli", "export", "gguf", str(run), "--merged"],
                                   capture_output=True, timeout=300).returncode == 0
-        cpp_model = LlamaCppModel.from_run(run, persona=persona, max_model_len=1024, routing="binary")
+        cpp_model = LlamaCppModel.from_run(run, persona_model=persona, max_model_len=1024, routing="binary")
         assert cpp_model.persona_source == persona
         for route in ("persona", "base"):
             agreement, _ = teacher_forced_agreement(torch_model, cpp_model, route, queries, 32)

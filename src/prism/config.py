@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -64,6 +64,7 @@ DEFAULT_PRESET = "small"
 RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
                   "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
 ENGINES = ("transformers", "llamacpp", "openai")
+DEFAULT_DEVICE = "auto"  # torch's device: CUDA when there is one, else the CPU
 ROUTINGS = ("binary", "kway")
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
@@ -167,7 +168,7 @@ class BootstrapConfig:
         "recompute activations in the backward pass: 'on', 'off', or 'auto' (on when a CUDA device's free memory "
         "looks short for the micro-batch's activations)", default="auto")
 
-    device: str = option("'auto', 'cpu', 'cuda', ...", default="auto")
+    device: str = option("'auto', 'cpu', 'cuda', ...", default=DEFAULT_DEVICE)
     threads: int = option("torch CPU threads (0 = torch's default)", default=0)
 
     engine: str = option("what runs the personas, queries, answers and verify stages: 'transformers' (this "
@@ -258,6 +259,18 @@ class BootstrapConfig:
 
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(BootstrapConfig)]
+Config = TypeVar("Config")
+
+
+def with_options(config_class: type[Config], config: Config | None = None, **options: Any) -> Config:
+    """`config` (default: the class's own defaults) with `options` set, each a field of `config_class`: what the
+    Python API's keyword arguments mean where a function takes a config."""
+    known = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise PrismError(f"unknown {config_class.__name__} option(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted(known))}")
+    return dataclasses.replace(config or config_class(), **options)  # type: ignore[type-var]
 
 
 def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:

@@ -25,15 +25,33 @@ FILES = {
     "distill_log": "distill_log.jsonl",
 }
 MANIFEST = "manifest.json"
+# The folders beside the records: the gate, the adapter (PEFT format, whose file names are PEFT's), the llama.cpp
+# export and the evaluation.
+GATE_DIR = "gate"
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPORT_DIR = "gguf"
+EVAL_DIR = "eval"
 # A k-way run (routing "kway") keeps the binary gate and adapter where a binary run has them, and adds a gate
 # over base and each kept persona plus one PEFT adapter per kept persona (PEFT's multi-adapter layout).
-KWAY_GATE = "kway/gate"
-KWAY_ADAPTERS = "kway/adapters"
+KWAY_DIR = "kway"
+KWAY_GATE = f"{KWAY_DIR}/gate"
+KWAY_ADAPTERS = f"{KWAY_DIR}/adapters"
 
 
 def gate_dir(routing: str) -> str:
     """The run-relative directory of a routing's gate ("binary" or "kway")."""
-    return KWAY_GATE if routing == "kway" else "gate"
+    return KWAY_GATE if routing == "kway" else GATE_DIR
+
+
+def adapter_dir(run_path: Path, persona: str | None = None) -> Path:
+    """The PEFT directory of the run's binary adapter, or of a k-way persona's adapter."""
+    return run_path / (ADAPTER_DIR if persona is None else f"{KWAY_ADAPTERS}/{persona}")
+
+
+def has_adapter_weights(directory: Path) -> bool:
+    return (directory / ADAPTER_WEIGHTS).is_file()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -154,7 +172,8 @@ def move_aside(path: Path) -> Path:
 
 
 # What the verify stage and the stages after it write: a run that changes its judge sets these aside.
-JUDGED_OUTPUTS = (FILES["judgments"], FILES["labels"], FILES["distill_log"], "gate", "adapter", "kway", "gguf", "eval")
+JUDGED_OUTPUTS = (FILES["judgments"], FILES["labels"], FILES["distill_log"], GATE_DIR, ADAPTER_DIR, KWAY_DIR,
+                  EXPORT_DIR, EVAL_DIR)
 
 
 def set_aside(root: Path, names: Iterable[str]) -> Path | None:

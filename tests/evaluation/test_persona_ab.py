@@ -55,7 +55,7 @@ def test_prism_ab_with_a_verifier_and_then_another_judge(tiny_model_dir, tmp_pat
     queries.write_text("\n".join(json.dumps({"query": q, "category": "c"}) for q in ["Explain recursion.", "A poem?"]))
     out = tmp_path / "ab"
     args = ["ab", "--persona", str(persona), "--queries", str(queries), "--model", str(tiny_model_dir), "--out",
-            str(out), "--max-tokens", "6", "--device", "cpu"]
+            str(out), "--max-tokens", "6", "--device", "cpu", "--batch-size", "4"]
     assert main([*args, "--judge", "verifier", "--verifier", "max-words:3"]) == 0
     results = json.loads((out / "ab_results.json").read_text())
     assert results["judge"]["kind"] == "verifier" and results["judge"]["pairs"] == 2

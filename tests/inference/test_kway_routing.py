@@ -151,7 +151,7 @@ def test_a_reload_swaps_every_kway_adapter_and_a_bad_one_changes_nothing(tiny_kw
     before = outputs()
     weights = run / KWAY_ADAPTERS / "writing" / "adapter_model.safetensors"
     save_file({k: 2 * v if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights))
-    assert model.reload()["personas"] == KWAY_PERSONAS
+    assert model.reload().personas == KWAY_PERSONAS
     after = outputs()
     assert torch.allclose(after["writing"], reference_logprobs(tiny_model_dir, weights.parent, query), atol=1e-5)
     assert not torch.allclose(after["writing"], before["writing"], atol=1e-3)

@@ -60,7 +60,7 @@ def torch_model(gguf_run: Path) -> PrismModel:
 
 @pytest.fixture(scope="module")
 def cpp_model(gguf_run: Path, tiny_gguf: Path) -> LlamaCppModel:
-    return LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="lora", max_model_len=512)
+    return LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona_model="lora", max_model_len=512)
 
 
 def test_adapter_gguf_has_llama_cpp_names_shapes_and_alpha(gguf_run: Path, tiny_model_dir: Path):
@@ -85,7 +85,7 @@ def test_greedy_tokens_agree_with_pytorch_teacher_forced(torch_model, cpp_model,
 
 
 def test_the_merged_persona_gguf_agrees_with_the_adapter(torch_model, gguf_run, tiny_gguf):
-    merged = LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona="merged", max_model_len=512)
+    merged = LlamaCppModel.from_run(gguf_run, gguf=tiny_gguf, persona_model="merged", max_model_len=512)
     assert merged.persona_source == "merged"
     agreement, worst = teacher_forced_agreement(torch_model, merged, "persona", QUERIES, POSITIONS)
     assert agreement >= MIN_AGREEMENT and worst < MAX_RELATIVE_DIFF
@@ -341,7 +341,7 @@ def test_a_reload_on_llama_cpp_re_exports_the_new_adapter_and_keeps_the_old_on_f
 
     info = model.reload()
     fresh = LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=512).generate_batch([request])[0].text
-    assert info["threshold"] == 0.8 == model.threshold == model.router.threshold and info["persona_model"] == "lora"
+    assert info.threshold == 0.8 == model.threshold == model.router.threshold and info.persona_model == "lora"
     assert model.generate_batch([request])[0].text == fresh != old_text
 
     (run / "gate" / "gate.safetensors").unlink()
@@ -359,7 +359,7 @@ def test_a_kway_run_on_llama_cpp_has_a_lora_gguf_and_a_context_per_persona(tiny_
         reader = gguf.GGUFReader(str(path))
         assert reader.fields["adapter.type"].contents() == "lora"
         assert reader.tensors and not any(t.name.startswith("blk.0.") for t in reader.tensors)
-    cpp = LlamaCppModel.from_run(run, gguf=tiny_gguf, persona="lora", max_model_len=512)
+    cpp = LlamaCppModel.from_run(run, gguf=tiny_gguf, persona_model="lora", max_model_len=512)
     torch_model = PrismModel.from_run(run, device="cpu")
     assert cpp.routing == "kway" and cpp.personas == KWAY_PERSONAS
     conversations = [[{"role": "user", "content": q}] for q in QUERIES]
@@ -377,4 +377,46 @@ def test_a_kway_run_on_llama_cpp_has_a_lora_gguf_and_a_context_per_persona(tiny_
         assert agreement >= MIN_AGREEMENT and worst <= MAX_RELATIVE_DIFF, (persona, agreement, worst)
     reply = cpp.generate(BASE_QUERIES[0], route="persona", persona="review", max_tokens=4)
     assert (reply.route, reply.persona) == ("persona", "review")
-    assert cpp.reload()["personas"] == KWAY_PERSONAS
+    assert cpp.reload().personas == KWAY_PERSONAS
+    # a request may name the gate that decides it, on llama.cpp as on transformers
+    params = SamplingParams(max_tokens=3)
+    for routing in ("binary", "kway"):
+        requests = [GenerationRequest(c, params=params, routing=routing) for c in conversations]
+        assert [(c.route, c.persona, round(c.gate_probability, 5)) for c in cpp.generate_batch(requests)] == \
+            [(c.route, c.persona, round(c.gate_probability, 5)) for c in torch_model.generate_batch(requests)]
+    binary = [d.route for d in cpp.decide(conversations, routing="binary")]
+    assert binary == [d.route for d in torch_model.decide(conversations, routing="binary")]
+    assert [d.persona for d in cpp.decide(conversations, routing="binary")] == [None] * len(QUERIES)
+
+
+def test_a_llama_cpp_stream_left_open_blocks_no_one(cpp_model):
+    import threading
+
+    abandoned = cpp_model.stream([GenerationRequest([{"role": "user", "content": BASE_QUERIES[0]}],
+                                                    params=SamplingParams(max_tokens=200, ignore_eos=True))])
+    assert next(abandoned).decision is not None and next(abandoned).delta is not None  # then never read again
+    done = []
+    other = threading.Thread(target=lambda: done.append(cpp_model.generate(BASE_QUERIES[1], max_tokens=4)),
+                             daemon=True)
+    other.start()
+    other.join(timeout=60)
+    assert done and done[0].completion_tokens == 4, "another request waited on a stream nobody reads"
+    abandoned.close()
+
+
+def test_a_run_is_opened_once_per_load(gguf_run, tiny_gguf, monkeypatch):
+    from prism.inference import artifacts
+    from prism.inference.loading import load_gated_model
+
+    opened = []
+    real = artifacts.FinishedRun.open.__func__
+
+    def counted(cls, run, config):
+        opened.append(run)
+        return real(cls, run, config)
+
+    monkeypatch.setattr(artifacts.FinishedRun, "open", classmethod(counted))
+    for engine in ("llamacpp", "transformers"):
+        opened.clear()
+        model = load_gated_model(gguf_run, engine=engine, gguf=tiny_gguf, max_model_len=256)
+        assert model.engine == engine and len(opened) == 1, (engine, opened)

@@ -229,7 +229,7 @@ def scaled_adapter(run, factor):
     save_file({k: v * factor if "lora_B" in k else v for k, v in load_file(str(path)).items()}, str(path))
 
 
-def test_a_reload_waits_for_the_batch_in_flight_then_serves_the_new_run(tiny_run, tmp_path):
+def test_a_batch_in_flight_finishes_on_the_old_adapter_and_the_next_one_serves_the_new_run(tiny_run, tmp_path):
     """The batch being generated finishes on the old adapter (the reload waits for it), the next one runs on
     the new adapter with the new threshold, and a reload that fails changes nothing."""
     import shutil
@@ -250,11 +250,12 @@ def test_a_reload_waits_for_the_batch_in_flight_then_serves_the_new_run(tiny_run
     deltas = [next(stream) for _ in range(4)]  # the route, then a few tokens: this batch is mid-generation
     reload = threading.Thread(target=model.reload)
     reload.start()
-    reload.join(timeout=1.0)
-    assert reload.is_alive(), "the reload must wait for the batch in flight"
-    deltas += list(stream)
     reload.join(timeout=30)
+    assert not reload.is_alive(), "a reload does not wait for a stream: no lock is held between its steps"
+    assert len(model.adapter.peft_config) == 2, "the stream's adapter stays loaded while it decodes"
+    deltas += list(stream)
     assert "".join(e.delta for e in deltas) == old_text  # finished on the old adapter, never on a mix
+    assert list(model.adapter.peft_config) == ["persona-1"], "the old adapter goes once its last stream ends"
     assert model.threshold == 0.9 and model.generate_batch([request])[0].text == new_text
 
     (run / "gate" / "config.json").write_text("{broken")
@@ -280,3 +281,31 @@ def test_the_adapter_takes_the_base_models_dtype(tiny_run, tiny_model_dir, monke
     lora = [m for m in model.lm.model.modules() if isinstance(m, LoraLayer)]
     assert lora and {p.dtype for m in lora for p in m.lora_A.parameters()} == {torch.bfloat16}
     assert model.generate(PERSONA_QUERIES[0], route="persona", max_tokens=3).route == "persona"
+
+
+def test_a_stream_left_open_blocks_no_one_and_leaves_no_hook_behind(tiny_run):
+    """No lock is held between the steps of a stream, and the routing hooks live as long as one forward pass."""
+    import threading
+
+    from peft.tuners.lora import LoraLayer
+
+    model = PrismModel.from_run(tiny_run, device="cpu")
+    request = GenerationRequest(user(PERSONA_QUERIES[0]), params=SamplingParams(max_tokens=50, ignore_eos=True))
+    mixed = [request, GenerationRequest(user(BASE_QUERIES[0]), params=SamplingParams(max_tokens=50, ignore_eos=True))]
+    abandoned = model.stream(mixed)
+    assert next(abandoned).decision is not None and next(abandoned).decision is not None  # mid-generation now
+    layers = [m for m in model.lm.model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(not m._forward_pre_hooks for m in layers), "a hook outlived its forward pass"
+    done = []
+    other = threading.Thread(target=lambda: done.append(model.generate(BASE_QUERIES[1], max_tokens=4)), daemon=True)
+    other.start()
+    other.join(timeout=60)
+    assert done and done[0].completion_tokens == 4, "another request waited on a stream nobody finished"
+    assert model.decide([user(PERSONA_QUERIES[0])])[0].route == "persona"
+    rest = list(abandoned)  # the abandoned stream still finishes as it would have alone
+    alone = model.generate_batch(mixed)
+    texts = {}
+    for event in rest:
+        if event.completion is not None:
+            texts[event.index] = event.completion.text
+    assert texts == {0: alone[0].text, 1: alone[1].text}

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from helpers import BASE_QUERIES, KWAY_PERSONAS, REVIEW_QUERY, WRITING_QUERY, LiveServer
+from helpers import BASE_QUERIES, KWAY_PERSONAS, REVIEW_QUERY, WRITING_QUERY, LiveServer, upstream_at
 from prism.inference.router import Router
 from prism.inference.transformers import PrismModel
 from prism.serving.server import create_app
@@ -25,7 +25,7 @@ def stack(tiny_kway_run):
     model = PrismModel.from_run(tiny_kway_run, device="cpu", max_model_len=256)
     upstream = LiveServer(create_app(model, max_batch_size=8, default_max_tokens=16)).start()
     router = Router.from_run(tiny_kway_run, device="cpu")
-    sidecar = LiveServer(create_sidecar_app(router, upstream.url + "/v1", "prism-base", "prism-persona")).start()
+    sidecar = LiveServer(create_sidecar_app(router, upstream_at(upstream.url + "/v1"))).start()
     yield SimpleNamespace(model=model, router=router, upstream=upstream, sidecar=sidecar,
                           served=openai.OpenAI(base_url=upstream.url + "/v1", api_key="x", max_retries=0),
                           routed=openai.OpenAI(base_url=sidecar.url + "/v1", api_key="x", max_retries=0))

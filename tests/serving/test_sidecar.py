@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, upstream_at
 from prism.cli import main
 from prism.inference.router import Router
 from prism.inference.transformers import PrismModel
+from prism.serving.config import ServeConfig
 from prism.serving.server import create_app
 from prism.serving.sidecar import create_sidecar_app
 
@@ -25,8 +26,8 @@ def stack(tiny_run):
     model = PrismModel.from_run(tiny_run, device="cpu", max_model_len=256)
     upstream = LiveServer(create_app(model, max_batch_size=8, default_max_tokens=16)).start()
     router = Router.from_run(tiny_run, device="cpu")
-    sidecar = LiveServer(create_sidecar_app(router, upstream.url + "/v1", "prism-base", "prism-persona",
-                                            api_key=KEY)).start()
+    sidecar = LiveServer(create_sidecar_app(router, upstream_at(upstream.url + "/v1"),
+                                            ServeConfig(api_key=KEY))).start()
     client = openai.OpenAI(base_url=sidecar.url + "/v1", api_key=KEY, max_retries=0)
     yield SimpleNamespace(model=model, router=router, upstream=upstream, sidecar=sidecar, client=client)
     sidecar.stop()
@@ -125,9 +126,9 @@ def test_sidecar_route_endpoint_metrics_and_reload(stack, tiny_run, tmp_path):
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     router = Router.from_run(run, device="cpu")
-    sidecar = LiveServer(create_sidecar_app(router, stack.upstream.url + "/v1", "prism-base", "prism-persona",
-                                            api_key=KEY)).start()
-    broken = LiveServer(create_sidecar_app(router, "http://127.0.0.1:9/v1", "prism-base", "prism-persona")).start()
+    sidecar = LiveServer(create_sidecar_app(router, upstream_at(stack.upstream.url + "/v1"),
+                                            ServeConfig(api_key=KEY))).start()
+    broken = LiveServer(create_sidecar_app(router, upstream_at("http://127.0.0.1:9/v1"))).start()
     http = httpx2.Client(base_url=sidecar.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
     def metrics(client):

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prism.config import option
+from prism.config import ROUTINGS, option
 from prism.errors import PrismError
 from prism.evaluation.config import GATED
-from prism.lm.gate import save_threshold
-from prism.runs import RunDir, gate_dir, write_json_atomic
+from prism.lm.gate import GATE_CONFIG, save_threshold
+from prism.runs import EVAL_DIR, RunDir, gate_dir, write_json_atomic
 
 
 @dataclass
@@ -55,7 +55,7 @@ def split_halves(outcomes: Outcomes) -> tuple[Outcomes, Outcomes]:
     return outcomes.subset(keep), outcomes.subset([not k for k in keep])
 
 
-def collect_outcomes(store: RunDir, routing: str = "binary") -> dict[str, Outcomes]:
+def collect_outcomes(store: RunDir, routing: str = ROUTINGS[0]) -> dict[str, Outcomes]:
     """MMLU accuracy, MT-Bench turn score, JBB refusal of harmful goals, from eval/*.jsonl: over the items
     (and the MMLU scoring) of the last `prism eval`, as its eval_config.json records them; for the binary
     gate (systems base, lora, prism) or the k-way one (base, kway-lora, kway)."""
@@ -130,8 +130,10 @@ def value_at(outcomes: Outcomes, threshold: float) -> float:
 @dataclass
 class Objective:
     """Maximize MT-Bench (scaled to 0-1) + harmful-refusal rate, keeping MMLU within max_mmlu_drop points
-    of the base model."""
+    of the base model (for the gate `routing` names)."""
     max_mmlu_drop: float = option("largest MMLU accuracy loss against base allowed, in points", default=0.5)
+    routing: str = option("which gate: binary (base, lora, prism records) or kway (base, kway-lora, kway records)",
+                          choices=ROUTINGS, default=ROUTINGS[0])
 
     def score(self, found: dict[str, Outcomes], threshold: float) -> float:
         total = 0.0
@@ -148,17 +150,17 @@ class Objective:
         return 100 * (value_at(mmlu, threshold) - sum(mmlu.base) / len(mmlu.base)) >= -self.max_mmlu_drop
 
 
-def calibrate(run_path: str | Path, objective: Objective | None = None, save: bool = True,
-              routing: str = "binary") -> dict[str, Any]:
+def calibrate(run_path: str | Path, objective: Objective | None = None, save: bool = True) -> dict[str, Any]:
     """Pick the gate threshold that maximizes the objective on one half of the items, report it on the
     other; write eval/calibration.json (eval/calibration-kway.json for the k-way gate) and the threshold
-    into the run's gate when `save`. `routing`: which gate, 'binary' or 'kway'."""
+    into the run's gate when `save`. The objective's `routing` names the gate: 'binary' or 'kway'."""
     run = RunDir(run_path)
-    store = RunDir(run.path / "eval")
+    store = RunDir(run.path / EVAL_DIR)
     objective = objective or Objective()
-    if routing not in ("binary", "kway"):
+    routing = objective.routing
+    if routing not in ROUTINGS:
         raise PrismError(f"--routing must be binary or kway, got {routing!r}")
-    if routing == "kway" and not (run.path / gate_dir(routing) / "config.json").is_file():
+    if routing == "kway" and not (run.path / gate_dir(routing) / GATE_CONFIG).is_file():
         raise PrismError(f"{run.path} has no k-way gate: it was bootstrapped with --routing binary")
     everything = collect_outcomes(store, routing)
     systems = "base, kway-lora and kway" if routing == "kway" else "base, lora and prism"
@@ -197,12 +199,12 @@ def calibrate(run_path: str | Path, objective: Objective | None = None, save: bo
     return result
 
 
-def calibration_file(routing: str = "binary") -> str:
+def calibration_file(routing: str = ROUTINGS[0]) -> str:
     return "calibration-kway.json" if routing == "kway" else "calibration.json"
 
 
-def load_calibration(run_path: str | Path, routing: str = "binary") -> dict[str, Any] | None:
-    path = Path(run_path) / "eval" / calibration_file(routing)
+def load_calibration(run_path: str | Path, routing: str = ROUTINGS[0]) -> dict[str, Any] | None:
+    path = Path(run_path) / EVAL_DIR / calibration_file(routing)
     return json.loads(path.read_text()) if path.is_file() else None
 
 

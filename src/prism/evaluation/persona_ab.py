@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prism.config import JUDGE_FIELDS, BootstrapConfig
+from prism.config import JUDGE_FIELDS, BootstrapConfig, option
 from prism.errors import PrismError
+from prism.evaluation.config import EvalConfig
 from prism.evaluation.stats import wilson_interval
 from prism.lm.models import load_model
 from prism.runs import FILES, RunDir, set_aside, write_json_atomic
@@ -21,6 +23,33 @@ from prism.stages import answers, verify
 from prism.stages.context import StageContext
 
 log = logging.getLogger("prism")
+
+
+@dataclass
+class ABConfig:
+    """`prism ab` besides the bootstrap options it shares (model, judge, verifier, seed, device, ...)."""
+    persona: str = option("a text file holding the persona (system prompt)", default="")
+    queries: str = option("JSONL, one {\"query\": ..., \"category\": ...} per line", default="")
+    out: str | None = option("where answers and verdicts go (default runs/ab-<persona file name>); re-running "
+                             "resumes", default=None)
+    max_tokens: int = option("answer length", default=256)
+    batch_size: int = option("requests generated or scored together", default=EvalConfig.batch_size)
+
+    def read_persona(self) -> str:
+        try:
+            persona = Path(self.persona).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise PrismError(f"cannot read the persona file {self.persona}: {exc}") from None
+        if not persona:
+            raise PrismError(f"the persona file {self.persona} is empty")
+        return persona
+
+    def output(self) -> str:
+        return self.out or f"runs/ab-{Path(self.persona).stem}"
+
+
+# the bootstrap options `prism ab` takes as flags
+SHARED_OPTIONS = ("model", "judge", "verifier", "pointwise_margin", "judge_calibration", "seed", "device")
 PERSONA_ID = "user-persona"
 JUDGE_SETTINGS = "judge_settings.json"  # the judge the verdicts in this A/B directory came from
 

@@ -38,10 +38,11 @@ GROUPS = {"mmlu": 57, "mtbench": 8, "jbb": 2, "harmbench": 1, "pku": 1}  # what 
 @dataclass
 class ReplicateConfig:
     model: str = option("Hugging Face model id or local path of the instruct model to replicate on",
-                        default="embedded")
+                        default=BootstrapConfig.model)
     out: str = option("run directory (re-running resumes it)", default="runs/replicate")
     engine: str = option("what generates the bootstrap's personas, queries, answers and verdicts: transformers, "
-                         "llamacpp or openai (a server at --base-url serving the same weights)", default="transformers")
+                         "llamacpp or openai (a server at --base-url serving the same weights)",
+                         default=BootstrapConfig.engine)
     base_url: str | None = option("the openai engine's server, e.g. http://gpu-box:8000/v1", default=None)
     engine_model: str | None = option("the model name that server knows", default=None)
     judge_base_url: str | None = option("an OpenAI-compatible judge for MT-Bench and refusals (the paper used a "
@@ -57,8 +58,8 @@ class ReplicateConfig:
                                                 "protocol uses everything", parse=parse_limit, default=None)
     config: str | None = option("YAML of bootstrap options that override the paper protocol (sizes, LoRA, ...)",
                                 default=None)
-    device: str = option("'auto', 'cpu', 'cuda', ...", default="auto")
-    batch_size: int = option("requests generated or scored together in the evaluation", default=16)
+    device: str = option("'auto', 'cpu', 'cuda', ...", default=BootstrapConfig.device)
+    batch_size: int = option("requests generated or scored together in the evaluation", default=EvalConfig.batch_size)
     mtbench_max_tokens: int = option("MT-Bench answer cap (the paper's, FastChat's: 1024)",
                                      default=MTBENCH_PAPER_MAX_TOKENS)
     bootstrap_overrides: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})

@@ -47,7 +47,7 @@ def _per_item(store: RunDir, records_name: str, field: str, key: str, thresholds
 
 
 def compare_routings(store: RunDir, results: dict[str, Any], items: dict[str, set],
-                     thresholds: dict[str, float], scoring: str = "letter") -> dict[str, Any] | None:
+                     thresholds: dict[str, float], scoring: str) -> dict[str, Any] | None:
     """Per benchmark both systems' metric, the paired difference kway - prism on the items both answered
     (accuracies and refusal rates: McNemar's exact test; MT-Bench: a bootstrap interval of the mean score
     difference) and the routing shares. None unless both systems were evaluated."""

@@ -13,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prism.config import with_options
 from prism.evaluation import knowledge, mtbench, refusal, verified
 from prism.evaluation.config import KWAY_SYSTEMS, EvalConfig
 from prism.evaluation.context import Evaluation
 from prism.evaluation.metrics import summarize
 from prism.evaluation.routing_comparison import COMPARISON_FILE, compare_routings
+from prism.inference.config import LoadConfig
 from prism.inference.transformers import PrismModel
 from prism.runs import write_json_atomic
 
@@ -44,10 +46,10 @@ def run_benchmarks(ev: Evaluation) -> dict[str, Any]:
     return results
 
 
-def evaluate(run: str | Path, config: EvalConfig, *, device: str = "auto",
-             trust_remote_code: bool = False) -> dict[str, Any]:
-    """Run (or resume) the evaluation of a bootstrapped run; writes run/eval/results.json."""
-    model = PrismModel.from_run(run, device=device, trust_remote_code=trust_remote_code)
+def evaluate(run: str | Path, config: EvalConfig, load: LoadConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Run (or resume) the evaluation of a bootstrapped run, loaded as `load` (or its fields as keywords: device,
+    trust_remote_code) says; writes run/eval/results.json."""
+    model = PrismModel.from_run(run, with_options(LoadConfig, load, **options))
     if "kway" not in model.gates and set(KWAY_SYSTEMS) & set(config.systems):
         log.info("%s was bootstrapped with --routing binary: no kway systems to evaluate", run)
         config.systems = [s for s in config.systems if s not in KWAY_SYSTEMS]

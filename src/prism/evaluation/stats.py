@@ -19,11 +19,12 @@ def wilson_interval(successes: int, total: int, z: float = Z95) -> tuple[float, 
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def bootstrap_mean_interval(values: Sequence[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean_interval(values: Sequence[float], rounds: int = 2000, resample_seed: int = 0
+                            ) -> tuple[float, float]:
     """95% percentile-bootstrap interval of a mean."""
     if not values:
         return (float("nan"), float("nan"))
-    rng = random.Random(seed)
+    rng = random.Random(resample_seed)
     n = len(values)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(rounds))
     return (means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1])

@@ -9,11 +9,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from prism.config import ROUTINGS, with_options
 from prism.errors import ContextLengthError, PrismError
+from prism.inference.artifacts import FinishedRun, adapter_key
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
 from prism.lm.gate import Gate, check_threshold, save_threshold
 from prism.lm.models import chat_prompt, conversation_prompt, encode
@@ -21,13 +23,7 @@ from prism.runs import gate_dir
 
 log = logging.getLogger("prism")
 ROUTES = ("auto", "base", "persona")
-ROUTINGS = ("binary", "kway")
 
-
-def adapter_key(persona: str | None) -> str:
-    """The name of a persona route's adapter: `persona` (the binary adapter) or `persona-<k-way persona>`;
-    the served model name is `prism-` + this."""
-    return "persona" if persona is None else f"persona-{persona}"
 
 
 @dataclass
@@ -100,44 +96,76 @@ def gate_decisions_on(gate: Gate, features: torch.Tensor) -> list[RouteDecision]
             for probability, route in gate.decide(features)]
 
 
-class GatedModel(ABC):
-    """What both engines share: a gate, a tokenizer for the chat template, and one generate call that
-    routes. Subclasses load the model and implement `has_adapter`, `stream` and `decide`."""
+@dataclass
+class ReloadResult:
+    """What a reload read: the threshold in force, whether the run has the binary adapter, its k-way personas,
+    how many reloads this model has taken, and on llama.cpp which persona model the binary route runs on."""
+    threshold: float
+    adapter: bool
+    personas: list[str]
+    reloads: int
+    persona_model: str | None = None  # llama.cpp: "merged" or "lora"
 
-    engine: str  # "transformers" or "llamacpp"
-    routing: str = "binary"  # what the gate chooses among: base and one adapter, or base and k (`personas`)
-    personas: Sequence[str] = ()  # the k-way adapters' personas (served as prism-persona-<persona>)
-    gate: Gate
-    tokenizer: Any
-    run_path: Path | None
-    max_model_len: int
-    trust_remote_code: bool = False  # as the run was loaded: a reload reads it the same way
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class RouteDecider(Protocol):
+    """What serving needs of whatever decides routes: a gated model (`prism serve`) or the sidecar's Router."""
+
+    routing: str
 
     @property
-    @abstractmethod
+    def run_path(self) -> Path | None: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
     def has_adapter(self) -> bool: ...
 
-    @abstractmethod
-    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]: ...
+    @property
+    def personas(self) -> list[str]: ...
 
-    @abstractmethod
-    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]: ...
+    def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
+               ) -> list[RouteDecision]: ...
 
-    @abstractmethod
-    def reload(self) -> dict[str, Any]:
-        """Read the run's gate, threshold and adapter again without dropping requests in flight."""
+    def reload(self) -> ReloadResult: ...
 
-    def check_persona_route(self, persona: str | None = None) -> None:
-        if persona is not None:
-            if persona not in self.personas:
-                served = ", ".join(self.personas) or "none: serve a run bootstrapped with --routing kway"
-                raise PrismError(f"this model has no k-way adapter for the persona {persona!r}; its personas: "
-                                 f"{served}")
-        elif not self.has_adapter:
-            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
-                             "unavailable")
 
-    # -- routing ---------------------------------------------------------------------------------------
+class Gates:
+    """The gates of a run (binary, and k-way for a k-way routing) and the one this model routes with; a request may
+    name the other (`GenerationRequest.routing`). Shared by both backends and the Router."""
+
+    gates: dict[str, Gate]
+    routing: str  # the gate that decides when a request names none: "binary" or "kway"
+    run: FinishedRun | None = None
+    reloads: int = 0
+
+    def _use_gates(self, gates: dict[str, Gate], routing: str | None = None) -> None:
+        self.gates = gates
+        self.routing = routing or ("kway" if "kway" in gates else "binary")
+
+    @property
+    def gate(self) -> Gate:
+        return self.gates[self.routing]
+
+    @property
+    def run_path(self) -> Path | None:
+        return self.run.path if self.run is not None else None
+
+    @property
+    def personas(self) -> list[str]:
+        """The k-way adapters' personas (served as prism-persona-<persona>); none for a binary routing."""
+        return list(self.gates["kway"].config.classes[1:]) if "kway" in self.gates else []
+
+    def gate_for(self, routing: str | None) -> Gate:
+        """The gate of `routing` ("binary" or "kway"), or this model's own when None."""
+        routing = routing or self.routing
+        if routing not in self.gates:
+            raise PrismError(f"this model has no {routing} gate (loaded: {', '.join(self.gates)}); load a run "
+                             "bootstrapped with --routing kway with routing 'kway' or 'auto'")
+        return self.gates[routing]
 
     @property
     def threshold(self) -> float:
@@ -151,6 +179,53 @@ class GatedModel(ABC):
             if self.run_path is None:
                 raise PrismError("this model was not loaded from a run directory: nothing to save the threshold in")
             save_threshold(self.run_path / gate_dir(self.routing), value)
+
+    def _reopen(self) -> FinishedRun:
+        if self.run is None:
+            raise PrismError("this model was not loaded from a run directory: there is nothing to reload")
+        return self.run.reopen()
+
+    def _reloaded(self, run: FinishedRun, **extra: Any) -> ReloadResult:
+        """Take `run`'s gates as this model's (the routing stays), and say what the reload read."""
+        self.run = run
+        self._use_gates(run.gates, self.routing)
+        self.reloads += 1
+        return ReloadResult(self.threshold, run.has_adapter, run.personas, self.reloads, **extra)
+
+
+class GatedModel(Gates, ABC):
+    """What both engines share: the gates, a tokenizer for the chat template, and one generate call that
+    routes. Subclasses load the model and implement `has_adapter`, `stream`, `decide` and `reload`."""
+
+    engine: str  # "transformers" or "llamacpp"
+    tokenizer: Any
+    max_model_len: int
+
+    @property
+    @abstractmethod
+    def has_adapter(self) -> bool: ...
+
+    @abstractmethod
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]: ...
+
+    @abstractmethod
+    def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
+               ) -> list[RouteDecision]:
+        """The route of each conversation by the gate of `routing` (None: this model's), without generating."""
+
+    @abstractmethod
+    def reload(self) -> ReloadResult:
+        """Read the run's gates, thresholds and adapters again without dropping requests in flight."""
+
+    def check_persona_route(self, persona: str | None = None) -> None:
+        if persona is not None:
+            if persona not in self.personas:
+                served = ", ".join(self.personas) or "none: serve a run bootstrapped with --routing kway"
+                raise PrismError(f"this model has no k-way adapter for the persona {persona!r}; its personas: "
+                                 f"{served}")
+        elif not self.has_adapter:
+            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
+                             "unavailable")
 
     def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
         return conversation_prompt(self.tokenizer, messages) + assistant_prefix
@@ -170,15 +245,16 @@ class GatedModel(ABC):
 
     # -- generation ------------------------------------------------------------------------------------
 
-    def generate(self, messages: list[dict[str, str]] | str, *, route: str = "auto", max_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None, persona: str | None = None) -> Completion:
+    def generate(self, messages: list[dict[str, str]] | str, *, route: str = ROUTES[0], persona: str | None = None,
+                 **sampling: Any) -> Completion:
         """One reply: text, the route taken and the gate probability. `messages` may be a plain string;
-        `persona` names a k-way adapter for route "persona"."""
+        `persona` names a k-way adapter for route "persona"; `sampling` are SamplingParams' fields (max_tokens,
+        temperature, top_p, seed, stop, ...), greedy by default."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop=list(stop or []))
+        if sampling.get("stop") is None:
+            sampling.pop("stop", None)
+        params = with_options(SamplingParams, None, **sampling)
         return self.generate_batch([GenerationRequest(messages, route, params, persona=persona)])[0]
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from prism.errors import PrismError
-from prism.inference.artifacts import kway_adapters
+from prism.inference.artifacts import FinishedRun, adapter_key
+from prism.inference.config import LoadConfig
 from prism.lm.llama import base_gguf_for
 from prism.lm.models import file_sha256
-from prism.runs import KWAY_ADAPTERS, RunDir, write_json_atomic
+from prism.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_DIR, adapter_dir, write_json_atomic
 
 log = logging.getLogger("prism")
-EXPORT_DIR = "gguf"
 ADAPTER_FILE = "adapter.gguf"
 MERGED_FILE = "persona.gguf"
 INFO_FILE = "export.json"
@@ -38,6 +38,7 @@ INFO_FILE = "export.json"
 # their own tensor layout checks (e.g. which projections llama.cpp's converter permutes).
 ARCHITECTURES = {"llama": "llama"}
 MERGED_TYPES = ("q8_0", "f16", "f32")
+DEFAULT_MERGED_TYPE = MERGED_TYPES[0]  # the base's 4-bit type would round a small LoRA delta away
 
 
 @dataclass
@@ -71,11 +72,10 @@ def export_is_current(run_path: Path, base_gguf: Path, persona: str | None = Non
     if info is None or Path(info.get("base_gguf", "")) != base_gguf:
         return False
     if persona is None:
-        adapter, exported, recorded = run_path / "adapter", ADAPTER_FILE, info.get("adapter_sha256")
+        exported, recorded = ADAPTER_FILE, info.get("adapter_sha256")
     else:
-        adapter, exported = run_path / KWAY_ADAPTERS / persona, kway_adapter_file(persona)
-        recorded = (info.get("kway_adapters") or {}).get(persona)
-    weights = adapter / "adapter_model.safetensors"
+        exported, recorded = kway_adapter_file(persona), (info.get("kway_adapters") or {}).get(persona)
+    weights = adapter_dir(run_path, persona) / ADAPTER_WEIGHTS
     return (run_path / EXPORT_DIR / exported).is_file() and weights.is_file() and recorded == file_sha256(weights)
 
 
@@ -84,17 +84,17 @@ def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def lora_tensors(adapter_dir: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
+def lora_tensors(directory: Path, model: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int, str]:
     """({gguf base tensor name: (lora_a, lora_b)}, alpha for llama.cpp, rank, architecture) of a PEFT adapter
     (a run's `adapter/`, or a k-way persona's) on `model`, the run's base model."""
     import gguf
     from safetensors.numpy import load_file
 
     try:
-        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        adapter_config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        weights = load_file(str(directory / ADAPTER_WEIGHTS))
     except FileNotFoundError:
-        raise PrismError(f"{adapter_dir} holds no adapter (adapter_config.json and adapter_model.safetensors): "
+        raise PrismError(f"{directory} holds no adapter (adapter_config.json and adapter_model.safetensors): "
                          "finish the distill stage first") from None
     model_config = _model_config(model)
     model_type = model_config.get("model_type")
@@ -206,19 +206,24 @@ def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarr
     _finish(writer)
 
 
-def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, merged: bool = False,
-                merged_type: str = "q8_0") -> GGUFExport:
-    """Write RUN/gguf/adapter.gguf (and with `merged`, RUN/gguf/persona.gguf) for llama.cpp."""
-    import gguf
-
-    run = RunDir(run_dir)
-    if not run.exists():
-        raise PrismError(f"{run.path} is not a PRISM run directory (no manifest.json)")
+def export_gguf(run: str | Path, *, base_gguf: str | Path | None = None, merged: bool = False,
+                merged_type: str = DEFAULT_MERGED_TYPE) -> GGUFExport:
+    """Write RUN/gguf/adapter.gguf (and with `merged`, RUN/gguf/persona.gguf; for a k-way run each persona's
+    adapter-<persona>.gguf) for llama.cpp."""
     if merged_type not in MERGED_TYPES:
         raise PrismError(f"--merged-type must be one of {', '.join(MERGED_TYPES)}, got {merged_type!r}")
-    config = run.manifest()["config"]
-    base = base_gguf_for(config, base_gguf)
-    tensors, alpha, rank, arch = lora_tensors(run.path / "adapter", config["model"])
+    # the export reads the adapters only: no model code runs, whatever the run's trust_remote_code
+    return export_run(FinishedRun.open(run, LoadConfig(trust_remote_code=True)), base_gguf=base_gguf, merged=merged,
+                      merged_type=merged_type)
+
+
+def export_run(run: FinishedRun, *, base_gguf: str | Path | None = None, merged: bool = False,
+               merged_type: str = DEFAULT_MERGED_TYPE) -> GGUFExport:
+    """`export_gguf` of an opened run."""
+    import gguf
+
+    base = base_gguf_for(run.config, base_gguf)
+    tensors, alpha, rank, arch = lora_tensors(adapter_dir(run.path), run.model)
     reader = gguf.GGUFReader(str(base))
     _check_against_base(reader, tensors, arch, base)
     out = run.path / EXPORT_DIR
@@ -228,15 +233,16 @@ def export_gguf(run_dir: str | Path, *, base_gguf: str | Path | None = None, mer
     adapter_path.with_suffix(".tmp").replace(adapter_path)
     kway: dict[str, Path] = {}
     kway_hashes: dict[str, str] = {}
-    for persona, directory in kway_adapters(run.path).items():
-        persona_tensors, persona_alpha, _rank, _arch = lora_tensors(directory, config["model"])
+    for persona in run.personas:
+        directory = run.adapters[adapter_key(persona)]
+        persona_tensors, persona_alpha, _rank, _arch = lora_tensors(directory, run.model)
         _check_against_base(reader, persona_tensors, arch, base)
         kway[persona] = out / kway_adapter_file(persona)
         write_lora_gguf(kway[persona].with_suffix(".tmp"), persona_tensors, persona_alpha, arch,
                         f"PRISM {persona} adapter of {run.path.name}")
         kway[persona].with_suffix(".tmp").replace(kway[persona])
-        kway_hashes[persona] = file_sha256(directory / "adapter_model.safetensors")
-    adapter_sha256 = file_sha256(run.path / "adapter" / "adapter_model.safetensors")
+        kway_hashes[persona] = file_sha256(directory / ADAPTER_WEIGHTS)
+    adapter_sha256 = file_sha256(adapter_dir(run.path) / ADAPTER_WEIGHTS)
     previous = read_export_info(run.path) or {}
     merged_path = None
     if merged:

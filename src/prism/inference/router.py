@@ -1,26 +1,18 @@
 """Route decisions: the gate on block 0 of the base model, for a batch of conversations. `Router` is the
-gate alone (tokenizer, embeddings and block 0 loaded, nothing else), for the sidecar."""
+gate alone (tokenizer, embeddings and block 0 loaded, nothing else), for the sidecar and the llama.cpp backend."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from prism.inference.artifacts import (
-    adapter_file,
-    check_adapter_for_gate,
-    check_adapter_unchanged,
-    gate_personas,
-    kway_adapter_dirs,
-    load_gate,
-    open_finished_run,
-    resolve_routing,
-)
-from prism.inference.base import RouteDecision, gate_decisions_on, gate_prompt
+from prism.config import with_options
+from prism.inference.artifacts import FinishedRun
+from prism.inference.base import Gates, ReloadResult, RouteDecision, gate_decisions_on, gate_prompt
+from prism.inference.config import LoadConfig
 from prism.lm.batching import block0_features
 from prism.lm.gate import Gate
 from prism.lm.models import LoadedModel, load_block0
@@ -38,56 +30,35 @@ def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> li
     return gate_decisions_on(gate, block0_features(lm, gate_prompts))
 
 
-class Router:
-    """The gate alone, for a sidecar in front of another server: the tokenizer, the embeddings and decoder
-    block 0 of the base model (the rest is never loaded) and the gate. Decides exactly as PrismModel does."""
+class Router(Gates):
+    """The gate alone, in front of another server or of llama.cpp: the tokenizer, the embeddings and decoder
+    block 0 of the base model (the rest is never loaded) and the run's gates. Decides exactly as PrismModel does."""
 
-    def __init__(self, lm: LoadedModel, gate: Gate, *, run_path: Path, has_adapter: bool, routing: str = "binary"):
-        self.lm, self.gate, self.run_path, self.has_adapter = lm, gate, run_path, has_adapter
-        self.routing = routing
-        self.personas = gate_personas(gate)  # k-way: the adapters it routes to, besides the binary one
-        self.trust_remote_code = False
+    def __init__(self, lm: LoadedModel, run: FinishedRun):
+        self.lm, self.run = lm, run
+        self._use_gates(run.gates, run.routing)
         self._lock = threading.Lock()
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
-                 trust_remote_code: bool = False, routing: str = "auto") -> Router:
-        """`routing`: 'binary', 'kway' (a run bootstrapped with --routing kway) or 'auto' (k-way when the run
-        has it)."""
-        run, _manifest, config = open_finished_run(run_dir, trust_remote_code)
-        routing = resolve_routing(run.path, routing)
-        lm = load_block0(config["model"], device=device, trust_remote_code=trust_remote_code)
-        has_adapter = adapter_file(run.path) is not None
-        gate = load_gate(run, threshold, routing)
-        check_adapter_for_gate(gate, has_adapter)
-        kway_adapter_dirs(run.path, gate)
-        router = cls(lm, gate, run_path=run.path, has_adapter=has_adapter, routing=routing)
-        router.trust_remote_code = trust_remote_code
-        return router
-
-    def read_run(self) -> Gate:
-        """The run's gate (with its saved threshold) as the run directory holds it now, checked against the
-        adapters this router routes to."""
-        run, _manifest, _config = open_finished_run(self.run_path, self.trust_remote_code)
-        gate = load_gate(run, None, self.routing)
-        has_adapter = adapter_file(run.path) is not None
-        check_adapter_for_gate(gate, has_adapter)
-        kway_adapter_dirs(run.path, gate)
-        check_adapter_unchanged(run.path, self.has_adapter, has_adapter, self.personas, gate_personas(gate))
-        return gate
-
-    def use_gate(self, gate: Gate) -> None:
-        with self._lock:  # never while a decision is being computed
-            self.gate = gate
-
-    def reload(self) -> dict[str, Any]:
-        """Read the run's gate and threshold again; a reload that fails leaves the old gate deciding."""
-        self.use_gate(self.read_run())
-        return {"threshold": self.threshold, "adapter": self.has_adapter}
+    def from_run(cls, run: str | Path | FinishedRun, config: LoadConfig | None = None, **options: object) -> Router:
+        """A finished run's router; `config` (or its fields as keywords: device, threshold, routing, ...) says how
+        to load it."""
+        config = with_options(LoadConfig, config, **options)
+        run = run if isinstance(run, FinishedRun) else FinishedRun.open(run, config)
+        return cls(load_block0(run.model, device=config.device, trust_remote_code=config.trust_remote_code), run)
 
     @property
-    def threshold(self) -> float:
-        return self.gate.config.threshold
+    def has_adapter(self) -> bool:
+        return self.run.has_adapter
+
+    def reload(self) -> ReloadResult:
+        """Read the run's gates and thresholds again; a reload that fails leaves the old gates deciding."""
+        return self.use_run(self._reopen())
+
+    def use_run(self, run: FinishedRun, **extra: object) -> ReloadResult:
+        """Decide with `run`'s gates from now on (a reload's), never while a decision is being computed."""
+        with self._lock:
+            return self._reloaded(run, **extra)
 
     @property
     def loaded_share(self) -> float | None:
@@ -95,7 +66,16 @@ class Router:
         total = self.lm.identity.get("checkpoint_parameters")
         return self.lm.identity["loaded_parameters"] / total if total else None
 
-    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
+    def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
+               ) -> list[RouteDecision]:
         with self._lock:  # one forward at a time: torch's CPU threads are shared anyway
-            return gate_decisions(self.lm, self.gate, conversations)
+            return gate_decisions(self.lm, self.gate_for(routing), conversations)
 
+    def decide_each(self, conversations: Sequence[list[dict[str, str]]], routings: Sequence[str | None]
+                    ) -> list[RouteDecision]:
+        """Each conversation's route by the gate its own routing names (None: this router's)."""
+        decided: dict[int, RouteDecision] = {}
+        for routing in dict.fromkeys(routings):
+            members = [i for i, r in enumerate(routings) if r == routing]
+            decided.update(zip(members, self.decide([conversations[i] for i in members], routing)))
+        return [decided[i] for i in range(len(conversations))]

@@ -1,4 +1,4 @@
-"""PrismModel: the base model, the run's LoRA adapter(s) and its gate behind one generate call (transformers).
+"""PrismModel: the base model, the run's LoRA adapter(s) and its gates behind one generate call (transformers).
 
 Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on every
 route: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
@@ -6,13 +6,19 @@ hidden state, and blocks 1..N-1 then run each row with its route's adapter or no
 routes share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
 a batch of one route takes PEFT's plain path instead. A k-way run's adapters (one per persona) are named
 adapters of the same PeftModel, beside the binary one. The adapter weights never move.
+
+Every forward pass (a prefill, a decode step, a scoring pass) runs inside `_routed`: it holds the model's
+lock, sets PEFT's state for the pass's rows and registers the hooks that hand the LoRA layers their rows'
+adapters, and undoes all of it when the pass ends. Between the passes of a stream nothing is held, so a
+caller that never finishes a stream blocks no one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +26,20 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from prism.config import with_options
 from prism.errors import PrismError
-from prism.inference.artifacts import (
-    check_adapter_for_gate,
-    check_adapter_unchanged,
-    check_model_identity,
-    gate_personas,
-    load_gate,
-    open_finished_run,
-    resolve_routing,
-    run_adapter_dirs,
-)
+from prism.inference.artifacts import FinishedRun, adapter_key, check_adapter_for_gate
 from prism.inference.base import (
     GatedModel,
     GenerationRequest,
+    ReloadResult,
     RouteDecision,
     StreamEvent,
-    adapter_key,
     decode_step,
     forced_decision,
     gate_decisions_on,
 )
+from prism.inference.config import LoadConfig
 from prism.inference.router import gate_decisions
 from prism.lm.batching import block0_features, pad_batch
 from prism.lm.decoding import TextStream, sample_tokens
@@ -60,63 +59,64 @@ ADAPTER = adapter_key(None)  # the binary adapter
 NO_ADAPTER = "__base__"  # PEFT's name for "this row uses no adapter" in a mixed batch
 
 
+@dataclass
+class AdapterSet:
+    """The PEFT adapter names a generation of the run's adapters is loaded under (adapter key -> name), and how
+    many streams still decode on it: a reload retires a set, and its adapters are deleted once no stream uses it."""
+
+    names: dict[str, str]
+    users: int = 0
+    retired: bool = False
+
+
 class PrismModel(GatedModel):
     """A bootstrapped run as one model: `generate(messages)` routes, generates and says which route it took."""
 
     engine = "transformers"
 
     def __init__(self, lm: LoadedModel, gate: Gate, adapter: PeftModel | None = None, *,
-                 run_path: Path | None = None, max_model_len: int | None = None,
-                 gate_lm: LoadedModel | None = None, gates: dict[str, Gate] | None = None, routing: str = "binary"):
+                 run: FinishedRun | None = None, max_model_len: int | None = None,
+                 gate_lm: LoadedModel | None = None):
         self.lm = lm
         # the gate's float32 block 0: `lm` itself when it runs in float32 (then routing shares the prefill),
         # else a float32 copy of its embeddings and block 0 (see gate_feature_model)
         self.gate_lm = gate_lm or lm
         self.tokenizer = lm.tokenizer
-        # every gate loaded, by routing ("binary", and "kway" for a k-way run): a request may name the one that
-        # decides it (the eval compares them); `gate` is this model's own
-        self.gates = gates or {routing: gate}
-        self.routing = routing
-        self.gate = gate
+        self.run = run
+        # every gate of the run ("binary", and "kway" for a k-way run): a request may name the one that decides it
+        self._use_gates(run.gates if run is not None else {"kway" if gate.config.classes else "binary": gate},
+                        run.routing if run is not None else None)
         self.adapter = adapter
-        # adapter key ("persona", "persona-<k-way persona>") -> its name in the PeftModel; a reload loads the new
-        # adapters under new names, then drops the old ones
-        self.adapter_names = {name: name for name in adapter.peft_config} if adapter is not None else {}
-        unnamed = [n for n in self.adapter_names if n != ADAPTER and not n.startswith(ADAPTER + "-")]
+        names = {name: name for name in adapter.peft_config} if adapter is not None else {}
+        unnamed = [n for n in names if n != ADAPTER and not n.startswith(ADAPTER + "-")]
         if unnamed:
             raise PrismError(f"the PeftModel's adapters {unnamed} need PRISM's names: load the binary adapter with "
                              f"adapter_name={ADAPTER!r} and a k-way persona's with adapter_name='{ADAPTER}-<persona>'")
-        self._active = next(iter(self.adapter_names.values()), None)  # the adapter PEFT's plain path runs
-        self.reloads = 0
-        self.run_path = run_path
+        self._adapters = AdapterSet(names)
+        self._active = next(iter(names.values()), None)  # the adapter PEFT's plain path runs
+        self._lora_layers = [m for m in lm.model.modules() if isinstance(m, LoraLayer)] if adapter is not None else []
         context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or context, context)
         self.eos_ids = stop_token_ids(lm)
         self._cache_argument = cache_argument(lm.model)
-        self._row_adapters: list[str] | None = None  # per-row adapter names, read by every LoRA layer
         self._adapter_enabled = True
         self._lock = threading.Lock()
-        check_adapter_for_gate(self.gates.get("binary", gate), self.has_adapter)
-        if adapter is not None:
-            for module in lm.model.modules():
-                if isinstance(module, LoraLayer):
-                    module.register_forward_pre_hook(self._inject_row_adapters, with_kwargs=True)
+        check_adapter_for_gate(self.gates.get("binary", self.gate), self.has_adapter)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str = "auto", threshold: float | None = None,
-                 trust_remote_code: bool = False, max_model_len: int | None = None,
-                 routing: str = "auto") -> PrismModel:
-        """Load the base model, the adapter(s) and the gate(s) of a finished bootstrap run, once. `routing`:
-        'binary', 'kway' (a run bootstrapped with --routing kway: its gate over base and one adapter per
-        persona, and the binary gate and adapter beside them) or 'auto' (k-way when the run has it)."""
-        run, manifest, config = open_finished_run(run_dir, trust_remote_code)
-        routing = resolve_routing(run.path, routing)
-        lm = load_model(config["model"], device=device, trust_remote_code=trust_remote_code, safetensors_only=True)
-        check_model_identity(manifest, config, lm)
-        gates = {name: load_gate(run, threshold if name == routing else None, name)
-                 for name in ("binary", routing)}
+    def from_run(cls, run: str | Path | FinishedRun, config: LoadConfig | None = None, **options: Any
+                 ) -> PrismModel:
+        """Load the base model, the adapter(s) and the gate(s) of a finished bootstrap run, once. `config` (or its
+        fields as keywords: device, threshold, max_model_len, routing, trust_remote_code) says how: routing
+        'binary', 'kway' (a run bootstrapped with --routing kway: its gate over base and one adapter per persona,
+        and the binary gate and adapter beside them) or 'auto' (k-way when the run has it)."""
+        config = with_options(LoadConfig, config, **options)
+        run = run if isinstance(run, FinishedRun) else FinishedRun.open(run, config)
+        lm = load_model(run.model, device=config.device, trust_remote_code=config.trust_remote_code,
+                        safetensors_only=True)
+        run.check_model(lm)
         adapter = None
-        for key, directory in run_adapter_dirs(run.path, gates).items():
+        for key, directory in run.adapters.items():
             # autocast off: the LoRA weights take the base layers' dtype (bf16 on a GPU) instead of float32, so no
             # LoRA layer casts its input and output at every step
             if adapter is None:
@@ -124,55 +124,41 @@ class PrismModel(GatedModel):
                                                     autocast_adapter_dtype=False).eval()
             else:
                 adapter.load_adapter(str(directory), adapter_name=key, autocast_adapter_dtype=False)
-        model = cls(lm, gates[routing], adapter, run_path=run.path, max_model_len=max_model_len,
-                    gate_lm=gate_feature_model(lm, config["model"], trust_remote_code), gates=gates, routing=routing)
-        model.trust_remote_code = trust_remote_code
-        return model
+        return cls(lm, run.gate, adapter, run=run, max_model_len=config.max_model_len,
+                   gate_lm=gate_feature_model(lm, run.model, config.trust_remote_code))
+
+    @property
+    def adapter_names(self) -> dict[str, str]:
+        """Adapter key ("persona", "persona-<k-way persona>") -> its name in the PeftModel now."""
+        return self._adapters.names
 
     @property
     def has_adapter(self) -> bool:
         return ADAPTER in self.adapter_names
 
     @property
-    def personas(self) -> list[str]:  # type: ignore[override]
+    def personas(self) -> list[str]:
         return [key.removeprefix(ADAPTER + "-") for key in self.adapter_names if key != ADAPTER]
 
-    def gate_for(self, request: GenerationRequest) -> Gate:
-        """The gate that decides `request` when its route is auto: the one it names, else this model's."""
-        routing = request.routing or self.routing
-        if routing not in self.gates:
-            raise PrismError(f"this model has no {routing} gate (loaded: {', '.join(self.gates)}); load a run "
-                             "bootstrapped with --routing kway with routing 'kway' or 'auto'")
-        return self.gates[routing]
+    def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
+               ) -> list[RouteDecision]:
+        """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
+        with self._lock:  # a prefill's gate hook sits on the same block 0
+            return gate_decisions(self.gate_lm, self.gate_for(routing), conversations)
 
-    def decide(self, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
-        """The gate's route for each conversation, without generating (embeddings and block 0 only). It waits
-        for a batch being generated: the prefill's gate hook sits on the same block 0."""
+    def reload(self) -> ReloadResult:
+        """Read the run's gates, thresholds and adapters again, between forward passes: a stream decoding when it
+        happens finishes on the adapters it started with, the next one runs on the new. A reload that fails
+        leaves the old run serving. The base model stays as loaded (a run made on another model needs a restart)."""
+        run = self._reopen()
+        run.check_model(self.lm)
         with self._lock:
-            return gate_decisions(self.gate_lm, self.gate, conversations)
-
-    def reload(self) -> dict[str, Any]:
-        """Read the run's gates, threshold and adapters again, between batches: a batch being generated
-        finishes on the old adapters, the next one runs on the new. A reload that fails leaves the old run
-        serving. The base model stays as loaded (a run made on another model needs a restart)."""
-        if self.run_path is None:
-            raise PrismError("this model was not loaded from a run directory: there is nothing to reload")
-        with self._lock:
-            run, manifest, config = open_finished_run(self.run_path, self.trust_remote_code)
-            check_model_identity(manifest, config, self.lm)
-            gates = {name: load_gate(run, None, name) for name in self.gates}
-            dirs = run_adapter_dirs(run.path, gates)
-            check_adapter_unchanged(run.path, self.has_adapter, ADAPTER in dirs, self.personas,
-                                    gate_personas(gates["kway"]) if "kway" in gates else [])
-            if dirs:
-                self._swap_adapters(dirs)
-            self.gates, self.gate = gates, gates[self.routing]
-            self.reloads += 1
-        return {"threshold": self.threshold, "adapter": self.has_adapter, "reloads": self.reloads,
-                **({"personas": self.personas} if self.personas else {})}
+            if run.adapters:
+                self._swap_adapters(run.adapters)
+            return self._reloaded(run)
 
     def _swap_adapters(self, dirs: dict[str, Path]) -> None:
-        """Load every adapter again under a new name, then drop the old ones; any failure drops the new ones."""
+        """Load every adapter again under a new name, then retire the old set; any failure drops the new ones."""
         assert self.adapter is not None
         loaded: dict[str, str] = {}
         for key, directory in dirs.items():
@@ -186,12 +172,22 @@ class PrismModel(GatedModel):
                 raise PrismError(f"the adapter in {directory} does not fit the base model ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:300]}); the old adapter keeps serving") from None
             loaded[key] = name
-        old, self.adapter_names = self.adapter_names, loaded
+        old, self._adapters = self._adapters, AdapterSet(loaded)
         self._active = None
         self._activate(next(iter(loaded.values())))
-        for name in old.values():
-            self.adapter.delete_adapter(name)
+        old.retired = True
+        self._drop_if_unused(old)
         self.adapter.eval()
+
+    def _drop_if_unused(self, adapters: AdapterSet) -> None:
+        if adapters.retired and adapters.users == 0:
+            assert self.adapter is not None
+            if self._active in adapters.names.values():  # PEFT's active adapter is never one it is deleting
+                self._activate(next(iter(self._adapters.names.values())))
+            for name in adapters.names.values():
+                if name in self.adapter.peft_config:
+                    self.adapter.delete_adapter(name)
+            adapters.names = {}
 
     def _activate(self, name: str) -> None:
         """Make `name` the adapter PEFT's plain (one-adapter) path runs."""
@@ -200,54 +196,75 @@ class PrismModel(GatedModel):
             self.adapter.base_model.set_adapter(name, inference_mode=True)
             self._active = name
 
-    def _row_adapter(self, decision: RouteDecision | None) -> str | None:
-        """The PEFT adapter name a row runs with (None: none, the base route or not decided yet)."""
-        return None if decision is None or decision.adapter is None else self.adapter_names[decision.adapter]
+    @contextlib.contextmanager
+    def _routed(self, rows: list[str | None]) -> Iterator[None]:
+        """One forward pass with each row on its PEFT adapter (None: no adapter). The pass may change `rows` (the
+        gate decides on block 0's output, before the LoRA layers of blocks 1..N-1 run): the hooks read them
+        when each layer runs. A batch of one route takes PEFT's plain paths, adapters off or one adapter on for
+        every row; only a mixed batch pays for per-row names (gather and scatter in every LoRA layer)."""
 
-    def _apply_routes(self, row_adapters: list[str | None] | None) -> None:
-        """Set how the LoRA layers treat the rows of the next forward pass (None: adapters on, PEFT's
-        default). A batch of one route takes PEFT's plain paths, adapters off, or one adapter on for every
-        row; only a mixed batch pays for per-row adapter names (gather and scatter in every LoRA layer)."""
+        def hand_rows(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if len(set(rows)) < 2:
+                return None
+            kwargs["adapter_names"] = [name or NO_ADAPTER for name in rows]
+            return args, kwargs
+
+        with self._lock:
+            handles = [layer.register_forward_pre_hook(hand_rows, with_kwargs=True) for layer in self._lora_layers]
+            try:
+                self._set_routes(rows)
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+                self._set_routes(None)
+
+    def _set_routes(self, rows: list[str | None] | None) -> None:
+        """PEFT's switches for the rows of a pass: adapter layers on unless every row is on base, and for a batch
+        on one adapter that adapter active (None: adapters on, PEFT's default)."""
         if self.adapter is None:
             return
-        enable = row_adapters is None or any(name is not None for name in row_adapters)
+        enable = rows is None or any(name is not None for name in rows)
         if enable != self._adapter_enabled:
             if enable:
                 self.adapter.base_model.enable_adapter_layers()
             else:
                 self.adapter.base_model.disable_adapter_layers()
             self._adapter_enabled = enable
-        mixed = row_adapters is not None and len(set(row_adapters)) > 1
-        if row_adapters and enable and not mixed:
-            self._activate(row_adapters[0])  # type: ignore[arg-type]
-        self._row_adapters = [name or NO_ADAPTER for name in row_adapters] if mixed else None  # type: ignore[union-attr]
+        if rows and enable and len(set(rows)) == 1:
+            self._activate(rows[0])  # type: ignore[arg-type]
 
-    def _inject_row_adapters(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._row_adapters is None:
-            return None
-        kwargs["adapter_names"] = self._row_adapters
-        return args, kwargs
+    def _row_adapter(self, decision: RouteDecision | None, adapters: AdapterSet) -> str | None:
+        """The PEFT adapter name a row runs with (None: none, the base route or not decided yet)."""
+        return None if decision is None or decision.adapter is None else adapters.names[decision.adapter]
+
+    @contextlib.contextmanager
+    def _current_adapters(self) -> Iterator[AdapterSet]:
+        """The adapter set in force, kept loaded while the caller uses it (a reload meanwhile retires it)."""
+        with self._lock:
+            adapters = self._adapters
+            adapters.users += 1
+        try:
+            yield adapters
+        finally:
+            with self._lock:
+                adapters.users -= 1
+                self._drop_if_unused(adapters)
 
     @torch.no_grad()
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
         """Generate for a batch, yielding each request's route, then its text deltas, then its completion."""
         if not requests:
             return
-        with self._lock:
-            try:
-                yield from self._stream(list(requests))
-            finally:
-                self._apply_routes(None)
+        with self._current_adapters() as adapters:
+            yield from self._stream(list(requests), adapters)
 
     @torch.no_grad()
     def next_token_logprobs(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, list[RouteDecision]]:
         """Log-probabilities of the token after each prompt (n, vocab), each on its request's route:
         one routed prefill, no generation (multiple-choice scoring, verdicts)."""
-        with self._lock:
-            try:
-                out, decisions, *_ = self._prefill(list(requests), [1] * len(requests), use_cache=False)
-            finally:
-                self._apply_routes(None)
+        with self._current_adapters() as adapters:
+            out, decisions, *_ = self._prefill(list(requests), [1] * len(requests), adapters, use_cache=False)
         return torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1), decisions
 
     @torch.no_grad()
@@ -262,12 +279,9 @@ class PrismModel(GatedModel):
             counts.append(max(1, len(encode(tokenizer, prompt + continuation)) - len(encode(tokenizer, prompt))))
             extended.append(replace(request, assistant_prefix=request.assistant_prefix + continuation))
         keep = max(counts) + 1
-        with self._lock:
-            try:
-                out, decisions, encoded, *_ = self._prefill(extended, [1] * len(extended), use_cache=False,
-                                                            logits_to_keep=keep)
-            finally:
-                self._apply_routes(None)
+        with self._current_adapters() as adapters:
+            out, decisions, encoded, *_ = self._prefill(extended, [1] * len(extended), adapters, use_cache=False,
+                                                        logits_to_keep=keep)
         logprobs = torch.log_softmax(out.logits.float().cpu(), dim=-1)  # left padded: rows end together
         values = []
         for row, (ids, count) in enumerate(zip(encoded, counts)):
@@ -275,8 +289,8 @@ class PrismModel(GatedModel):
             values.append((float(predicted.gather(1, torch.tensor(ids[-count:])[:, None]).sum()), count))
         return values, decisions
 
-    def _prefill(self, requests: list[GenerationRequest], max_tokens: list[int], use_cache: bool = True,
-                 logits_to_keep: int = 1) -> tuple:
+    def _prefill(self, requests: list[GenerationRequest], max_tokens: list[int], adapters: AdapterSet,
+                 use_cache: bool = True, logits_to_keep: int = 1) -> tuple:
         lm, tokenizer = self.lm, self.lm.tokenizer
         prompts = [self.prompt(r.messages, r.assistant_prefix) for r in requests]
         encoded = [encode(tokenizer, p) for p in prompts]
@@ -288,8 +302,7 @@ class PrismModel(GatedModel):
 
         decisions = self._early_decisions(requests, prompts)
         in_prefill = [i for i, d in enumerate(decisions) if d is None]
-        rows = [self._row_adapter(d) for d in decisions]
-        self._apply_routes(rows)
+        rows = [self._row_adapter(d, adapters) for d in decisions]
         ids, mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
         positions = (mask.cumsum(1) - 1).clamp(min=0)
 
@@ -299,22 +312,24 @@ class PrismModel(GatedModel):
             features = hidden[in_prefill, -1].float().cpu()
             for i, decision in zip(in_prefill, self._gate_rows([requests[i] for i in in_prefill], features)):
                 decisions[i] = decision
-                rows[i] = self._row_adapter(decision)
-            self._apply_routes(rows)  # before blocks 1..N-1 run
+                rows[i] = self._row_adapter(decision, adapters)
+            self._set_routes(rows)  # before blocks 1..N-1 run
 
-        handle = decoder_layers(lm.model)[0].register_forward_hook(gate_on_block0) if in_prefill else None
-        try:
-            out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                           position_ids=positions.to(lm.device), use_cache=use_cache, logits_to_keep=logits_to_keep)
-        finally:
-            if handle is not None:
-                handle.remove()
+        with self._routed(rows):
+            handle = decoder_layers(lm.model)[0].register_forward_hook(gate_on_block0) if in_prefill else None
+            try:
+                out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                               position_ids=positions.to(lm.device), use_cache=use_cache,
+                               logits_to_keep=logits_to_keep)
+            finally:
+                if handle is not None:
+                    handle.remove()
         return out, decisions, encoded, mask, positions, rows
 
-    def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
+    def _stream(self, requests: list[GenerationRequest], adapters: AdapterSet) -> Iterator[StreamEvent]:
         lm, tokenizer = self.lm, self.lm.tokenizer
         out, decisions, encoded, mask, positions, rows = self._prefill(
-            requests, [r.params.max_tokens for r in requests])
+            requests, [r.params.max_tokens for r in requests], adapters)
         for i, decision in enumerate(decisions):
             yield StreamEvent(i, decision=decision)
 
@@ -343,12 +358,12 @@ class PrismModel(GatedModel):
                 mask, last_position = mask[index], last_position[index]
                 active = [active[row] for row in keep]
                 rows = [rows[row] for row in keep]
-                self._apply_routes(rows)
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
             last_position = last_position + 1
-            out = lm.model(input_ids=torch.tensor(next_tokens, device=lm.device)[:, None],
-                           attention_mask=mask.to(lm.device), position_ids=last_position[:, None].to(lm.device),
-                           use_cache=True, **{self._cache_argument: cache})
+            with self._routed(rows):
+                out = lm.model(input_ids=torch.tensor(next_tokens, device=lm.device)[:, None],
+                               attention_mask=mask.to(lm.device), position_ids=last_position[:, None].to(lm.device),
+                               use_cache=True, **{self._cache_argument: cache})
             cache, logits = output_cache(out), out.logits[:, -1]
 
     def _early_decisions(self, requests: list[GenerationRequest], prompts: list[str]) -> list[RouteDecision | None]:
@@ -359,7 +374,7 @@ class PrismModel(GatedModel):
         decisions: list[RouteDecision | None] = []
         separate: dict[int, str] = {}  # row -> its gate prompt
         for i, (request, prompt) in enumerate(zip(requests, prompts)):
-            gate = self.gate_for(request)
+            gate = self.gate_for(request.routing)
             if request.route != "auto":
                 decisions.append(forced_decision(request))
             elif gate.config.constant_route is not None:
@@ -370,7 +385,8 @@ class PrismModel(GatedModel):
                 if prompt != gate_prompt or self.gate_lm is not self.lm:  # includes any assistant prefix
                     separate[i] = gate_prompt
         if separate:
-            features = block0_features(self.gate_lm, list(separate.values()))
+            with self._lock:  # the gate's own block-0 pass: no prefill hook may fire on it
+                features = block0_features(self.gate_lm, list(separate.values()))
             for i, decision in zip(separate, self._gate_rows([requests[i] for i in separate], features)):
                 decisions[i] = decision
         return decisions
@@ -378,7 +394,7 @@ class PrismModel(GatedModel):
     def _gate_rows(self, requests: list[GenerationRequest], features: torch.Tensor) -> list[RouteDecision]:
         """The decision for each request from its block-0 features, each by its own gate."""
         decided: dict[int, RouteDecision] = {}
-        gates = [self.gate_for(r) for r in requests]
+        gates = [self.gate_for(r.routing) for r in requests]
         for gate in {id(g): g for g in gates}.values():
             members = [j for j, g in enumerate(gates) if g is gate]
             decided.update(zip(members, gate_decisions_on(gate, features[members])))

@@ -10,6 +10,8 @@ import torch
 
 from prism.lm.models import LoadedModel, decoder_layers, encode
 
+FEATURE_BATCH = 32  # prompts per embeddings + block 0 pass, when the caller names no batch size
+
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, so padding wastes little compute."""
@@ -33,7 +35,7 @@ class _StopAfterBlock0(Exception):
 
 
 @torch.no_grad()
-def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = FEATURE_BATCH) -> torch.Tensor:
     """Hidden state after decoder block 0 (hidden_states[1]) at each prompt's last token.
 
     Only the embeddings and block 0 run: a hook stops the forward pass right after block 0.

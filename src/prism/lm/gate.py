@@ -17,6 +17,7 @@ from torch import nn
 from prism.errors import PrismError
 from prism.runs import write_json_atomic
 
+GATE_WEIGHTS, GATE_CONFIG = "gate.safetensors", "config.json"  # a saved gate's files
 FEATURE = ("hidden state after decoder block 0 (hidden_states[1]) at the last token of the base chat prompt, "
            "embeddings and block 0 computed in float32")
 
@@ -108,16 +109,16 @@ class Gate(nn.Module):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "gate.safetensors"))
-        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / GATE_WEIGHTS))
+        (directory / GATE_CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> Gate:
         directory = Path(directory)
         try:
-            config = GateConfig(**json.loads((directory / "config.json").read_text()))
+            config = GateConfig(**json.loads((directory / GATE_CONFIG).read_text()))
             gate = cls(config)
-            gate.load_state_dict(load_file(str(directory / "gate.safetensors")))
+            gate.load_state_dict(load_file(str(directory / GATE_WEIGHTS)))
         except (OSError, ValueError, TypeError, RuntimeError) as exc:
             raise PrismError(f"cannot load the gate from {directory}: {exc}") from None
         return gate.eval()
@@ -132,7 +133,7 @@ def check_threshold(value: float) -> float:
 def save_threshold(directory: str | Path, threshold: float) -> None:
     """Set the saved gate's routing threshold (P(persona) >= threshold goes to the adapter)."""
     check_threshold(threshold)
-    path = Path(directory) / "config.json"
+    path = Path(directory) / GATE_CONFIG
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from prism.config import DEFAULT_DEVICE
 from prism.errors import PrismError
 
 log = logging.getLogger("prism")
@@ -98,7 +99,7 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bool = False,
+def load_model(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote_code: bool = False,
                safetensors_only: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer; bad names end in a PrismError, not a traceback.
     `safetensors_only` refuses pickled (.bin) weights, as a server should."""
@@ -168,7 +169,7 @@ def checkpoint_parameters(path: str) -> int | None:
     return total or None
 
 
-def load_block0(name: str = EMBEDDED, device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+def load_block0(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote_code: bool = False) -> LoadedModel:
     """The tokenizer, embeddings and decoder block 0 of a model, and nothing else: what the gate reads.
     The config is cut to one layer before loading, so the other layers' weights are never read."""
     from transformers import AutoModel

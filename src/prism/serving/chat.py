@@ -10,7 +10,7 @@ from typing import TextIO
 
 from prism.errors import PrismError
 from prism.inference.base import ROUTES, GatedModel, GenerationRequest, RouteDecision
-from prism.lm.decoding import SamplingParams
+from prism.serving.config import ChatConfig
 
 HELP = ("commands: /route base|persona|auto|<k-way persona> (pin a route, or let the gate decide per turn), /reset "
         "(forget the conversation), /quit. Ctrl-C stops an answer; Ctrl-D or /quit leaves.")
@@ -32,9 +32,12 @@ def parse_route(model: GatedModel, text: str) -> tuple[str, str | None]:
     raise PrismError(f"unknown route {text!r}: choose one of {', '.join([*ROUTES, *model.personas])}")
 
 
-def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", system: str | None = None,
-         read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
-    """Read-answer loop. Each answer streams as it is generated, after a line naming its route."""
+def chat(model: GatedModel, config: ChatConfig | None = None, *, read: Callable[[str], str] = input,
+         out: TextIO = sys.stdout) -> None:
+    """Read-answer loop, as `config` says (the route to start on, a system message, sampling). Each answer streams
+    as it is generated, after a line naming its route."""
+    config = config or ChatConfig()
+    params, system = config.sampling(), config.system
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
 
@@ -43,7 +46,7 @@ def chat(model: GatedModel, params: SamplingParams, *, route: str = "auto", syst
         out.flush()
 
     history: list[dict[str, str]] = []
-    route, persona = parse_route(model, route)
+    route, persona = parse_route(model, config.route)
     personas = f", k-way personas: {', '.join(model.personas)}" if model.personas else ""
     say(f"PRISM chat: {model.run_path or 'model'} on {model.engine} (route {persona or route}, threshold "
         f"{model.threshold:.2f}{personas}). {HELP}")

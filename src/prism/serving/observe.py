@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from prism.inference.base import adapter_key
+from prism.inference.artifacts import adapter_key
 from prism.serving.metrics import ServingMetrics
 from prism.serving.request_log import RequestLog
 

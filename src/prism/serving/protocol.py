@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.inference.base import RouteDecision, adapter_key
+from prism.inference.artifacts import adapter_key
+from prism.inference.base import RouteDecision
 
 MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
 KWAY_MODEL_PREFIX = "prism-" + adapter_key("")  # prism-persona-<persona>: a k-way adapter's forced route

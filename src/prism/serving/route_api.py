@@ -10,8 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from prism.inference.base import GatedModel, RouteDecision
-from prism.inference.router import Router
+from prism.inference.base import RouteDecider, RouteDecision
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import note_decision, request_record
 from prism.serving.protocol import RouteRequest, check_model, decision_info, model_route, up_to_last_user_turn
@@ -41,7 +40,7 @@ async def route_conversations(body: RouteRequest, request: Request, models: list
     return {"object": "list", "data": infos}
 
 
-def install_route_and_reload(app: FastAPI, target: GatedModel | Router, models: list[str],
+def install_route_and_reload(app: FastAPI, target: RouteDecider, models: list[str],
                              metrics: ServingMetrics | None) -> None:
     """/v1/route and /admin/reload for `target` (a served model, or the sidecar's router); app.state.reload
     is what SIGHUP calls."""

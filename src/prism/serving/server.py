@@ -21,10 +21,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from prism.config import with_options
 from prism.errors import ContextLengthError, PrismError
 from prism.inference.base import Completion, GatedModel, GenerationRequest, StreamEvent
 from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
+from prism.serving.config import ServeConfig
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
@@ -57,7 +59,7 @@ class Batcher:
     """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
     waiting max_wait_s for more to arrive) and runs them as one batch."""
 
-    def __init__(self, model: GatedModel, max_batch_size: int = 32, max_wait_s: float = 0.01,
+    def __init__(self, model: GatedModel, max_batch_size: int, max_wait_s: float = 0.01,
                  on_batch: Callable[[int], None] | None = None):
         self.model = model
         self.on_batch = on_batch  # told each batch's size (the batch-size histogram)
@@ -117,10 +119,14 @@ class Batcher:
                     job.put(exc)
 
 
-def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size: int = 32,
-               default_max_tokens: int = 512, metrics: bool = True, request_log: RequestLog | None = None) -> FastAPI:
+def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics: bool = True,
+               request_log: RequestLog | None = None, **options: Any) -> FastAPI:
+    """The app of `prism serve` for a loaded run; `config` (or its fields as keywords: api_key, max_batch_size,
+    default_max_tokens, ...) says how it serves, `request_log` is the opened log (ServeConfig's path is opened by
+    `serve`)."""
+    config = with_options(ServeConfig, config, **options)
     observed = ServingMetrics() if metrics else None
-    batcher = Batcher(model, max_batch_size=max_batch_size,
+    batcher = Batcher(model, max_batch_size=config.max_batch_size,
                       on_batch=observed.batch_size.observe if observed is not None else None)
 
     @contextlib.asynccontextmanager
@@ -132,7 +138,7 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.batcher = batcher
     models = served_models(model.has_adapter, model.personas)
-    install_openai_edges(app, api_key, models)
+    install_openai_edges(app, config.api_key, models)
     install_observability(app, observed, request_log, lambda: model.threshold)
 
     @app.get("/health")
@@ -142,7 +148,7 @@ def create_app(model: GatedModel, *, api_key: str | None = None, max_batch_size:
                 "routing": model.routing, **({"personas": list(model.personas)} if model.personas else {})}
 
     install_route_and_reload(app, model, models, observed)
-    served = Served(model, batcher, models, default_max_tokens, observed, request_log)
+    served = Served(model, batcher, models, config.default_max_tokens, observed, request_log)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -315,17 +321,16 @@ def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subproc
             time.sleep(0.2)
 
 
-def serve(model: GatedModel, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 32, default_max_tokens: int = 512, request_log: str | None = None,
-          log_prompts: bool = False) -> None:
-    """Serve a loaded run (`prism.load_gated_model`) until interrupted; SIGHUP reloads the run."""
+def serve(model: GatedModel, config: ServeConfig | None = None, **options: Any) -> None:
+    """Serve a loaded run (`prism.load_gated_model`) until interrupted, as `config` (or its fields as keywords:
+    host, port, api_key, ...) says; SIGHUP reloads the run."""
     import uvicorn
 
+    config = with_options(ServeConfig, config, **options)
     silence_library_warnings()
-    requests = RequestLog(request_log, log_prompts=log_prompts) if request_log else None
-    app = create_app(model, api_key=api_key, max_batch_size=max_batch_size, default_max_tokens=default_max_tokens,
-                     request_log=requests)
+    requests = RequestLog(config.request_log, log_prompts=config.log_prompts) if config.request_log else None
+    app = create_app(model, config, request_log=requests)
     reload_on_sighup(app.state.reload)
-    log.info("serving %s on http://%s:%d/v1 with %s (%s routing; models: %s)", model.run_path, host, port,
-             model.engine, model.routing, ", ".join(served_models(model.has_adapter, model.personas)))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    log.info("serving %s on http://%s:%d/v1 with %s (%s routing; models: %s)", model.run_path, config.host,
+             config.port, model.engine, model.routing, ", ".join(served_models(model.has_adapter, model.personas)))
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

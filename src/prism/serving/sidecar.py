@@ -23,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from prism.errors import PrismError
-from prism.inference.base import RouteDecision, adapter_key
+from prism.inference.artifacts import adapter_key
+from prism.inference.base import RouteDecision
+from prism.inference.config import LoadConfig
 from prism.inference.router import Router
+from prism.serving.config import ServeConfig, SidecarConfig
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
@@ -46,13 +48,16 @@ from prism.serving.route_api import install_route_and_reload
 log = logging.getLogger("prism")
 
 
-def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_model: str, *,
-                       api_key: str | None = None, upstream_api_key: str | None = None,
-                       timeout_s: float = 600.0, metrics: bool = True, request_log: RequestLog | None = None
-                       ) -> FastAPI:
-    upstream = upstream.rstrip("/")
-    headers = {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
-    client = httpx2.AsyncClient(base_url=upstream, headers=headers, timeout=timeout_s)
+def create_sidecar_app(router: Router, sidecar: SidecarConfig, config: ServeConfig | None = None, *,
+                       metrics: bool = True, request_log: RequestLog | None = None) -> FastAPI:
+    """The sidecar's app: `router` decides, `sidecar` names the upstream and its model names, `config` is how it
+    serves (its API key, ...); `request_log` is the opened log."""
+    sidecar.check()
+    config = config or ServeConfig()
+    assert sidecar.upstream and sidecar.upstream_base_model and sidecar.upstream_adapter_model  # check() did
+    upstream = sidecar.upstream.rstrip("/")
+    headers = {"Authorization": f"Bearer {sidecar.upstream_api_key}"} if sidecar.upstream_api_key else {}
+    client = httpx2.AsyncClient(base_url=upstream, headers=headers, timeout=sidecar.upstream_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -62,9 +67,10 @@ def create_sidecar_app(router: Router, upstream: str, base_model: str, adapter_m
     app = FastAPI(title="PRISM routing sidecar", lifespan=lifespan)
     models = served_models(router.has_adapter, router.personas)
     observed = ServingMetrics(sidecar=True) if metrics else None
-    install_openai_edges(app, api_key, models)
+    install_openai_edges(app, config.api_key, models)
     install_observability(app, observed, request_log, lambda: router.threshold)
-    upstream_names = upstream_model_names(base_model, adapter_model, router.personas)
+    upstream_names = upstream_model_names(sidecar.upstream_base_model, sidecar.upstream_adapter_model,
+                                          router.personas)
 
     forwarder = Forwarder(router, client, upstream, upstream_names, models, observed, request_log)
 
@@ -202,27 +208,22 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any], recor
         await reply.aclose()
 
 
-def serve_sidecar(run: str, *, upstream: str, base_model: str, adapter_model: str, host: str = "127.0.0.1",
-                  port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
-                  threshold: float | None = None, device: str = "auto", trust_remote_code: bool = False,
-                  request_log: str | None = None, log_prompts: bool = False, routing: str = "auto") -> None:
+def serve_sidecar(run: str, load: LoadConfig, sidecar: SidecarConfig, config: ServeConfig) -> None:
+    """Route for an upstream server until interrupted: the run's Router loaded as `load` says, forwarding to the
+    upstream `sidecar` names, serving as `config` says; SIGHUP reloads the run."""
     import uvicorn
 
-    if not (base_model and adapter_model):
-        raise PrismError("--upstream needs --upstream-base-model and --upstream-adapter-model: the names the "
-                         "upstream server gives the base model and the adapter (`prism export vllm RUN` prints them)")
-    router = Router.from_run(run, device=device, threshold=threshold, trust_remote_code=trust_remote_code,
-                             routing=routing)
+    sidecar.check()
+    router = Router.from_run(run, load)
     share = router.loaded_share
     loaded = router.lm.identity["loaded_parameters"]
     log.info("sidecar holds the gate's inputs only: %s parameters%s of the model", f"{loaded:,}",
              f" = {100 * share:.1f}%" if share else "")
-    names = upstream_model_names(base_model, adapter_model, router.personas)
-    log.info("routing %s (%s) on http://%s:%d/v1 to %s (upstream models: %s)", run, router.routing, host, port,
-             upstream, ", ".join(f"{route} -> {name}" for route, name in names.items()))
-    requests = RequestLog(request_log, log_prompts=log_prompts) if request_log else None
-    app = create_sidecar_app(router, upstream, base_model, adapter_model, api_key=api_key,
-                             upstream_api_key=upstream_api_key, request_log=requests)
+    assert sidecar.upstream_base_model and sidecar.upstream_adapter_model  # check() did
+    names = upstream_model_names(sidecar.upstream_base_model, sidecar.upstream_adapter_model, router.personas)
+    log.info("routing %s (%s) on http://%s:%d/v1 to %s (upstream models: %s)", run, router.routing, config.host,
+             config.port, sidecar.upstream, ", ".join(f"{route} -> {name}" for route, name in names.items()))
+    requests = RequestLog(config.request_log, log_prompts=config.log_prompts) if config.request_log else None
+    app = create_sidecar_app(router, sidecar, config, request_log=requests)
     reload_on_sighup(app.state.reload)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

@@ -4,34 +4,35 @@ module, and a k-way run's persona adapters as more LoRA modules) and the PRISM s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from prism.inference.artifacts import adapter_file, kway_adapters, open_finished_run
+from prism.inference.artifacts import FinishedRun
+from prism.inference.config import LoadConfig
+from prism.serving.config import DEFAULT_PORT
 
 log = logging.getLogger("prism")
 
 
-def vllm_commands(run_dir: str, port: int = 8000) -> str:
-    """The vLLM server (base model + the run's adapter as a LoRA module) and the sidecar in front of it."""
+def vllm_commands(run: str | Path, port: int = DEFAULT_PORT) -> str:
+    """The vLLM server (base model + the run's adapters as LoRA modules) and the sidecar in front of it."""
     import shlex
 
     from prism.lm.models import EMBEDDED, embedded_checkpoint
 
-    run, _manifest, config = open_finished_run(run_dir, trust_remote_code=True)
-    model = str(embedded_checkpoint()) if config["model"] == EMBEDDED else config["model"]
+    # the commands read the run's layout only: no model code runs here, whatever its trust_remote_code
+    opened = FinishedRun.open(run, LoadConfig(trust_remote_code=True))
+    model = str(embedded_checkpoint()) if opened.model == EMBEDDED else opened.model
     upstream = f"http://127.0.0.1:{port + 1}/v1"
     vllm = ["vllm", "serve", model, "--served-model-name", "prism-base", "--port", str(port + 1)]
-    modules = {}
-    if adapter_file(run.path) is not None:
-        modules["prism-persona"] = run.path / "adapter"
-    modules.update({f"prism-persona-{persona}": directory for persona, directory in kway_adapters(run.path).items()})
+    modules = {"prism-" + key: directory for key, directory in opened.adapters.items()}
     if modules:
         vllm += ["--enable-lora", "--lora-modules", *(f"{name}={path.resolve()}" for name, path in modules.items()),
-                 "--max-lora-rank", str(max(16, int(config.get("lora_r", 16)))), "--max-loras", str(len(modules))]
+                 "--max-lora-rank", str(max(16, int(opened.config["lora_r"]))), "--max-loras", str(len(modules))]
     else:
-        log.warning("%s has no adapter (distill skipped): the adapter model name will not exist upstream", run.path)
-    if config.get("trust_remote_code"):
+        log.warning("%s has no adapter (distill skipped): the adapter model name will not exist upstream", opened.path)
+    if opened.config.get("trust_remote_code"):
         vllm.append("--trust-remote-code")
-    sidecar = ["prism", "serve", str(run.path), "--port", str(port), "--upstream", upstream,
+    sidecar = ["prism", "serve", str(opened.path), "--port", str(port), "--upstream", upstream,
                "--upstream-base-model", "prism-base", "--upstream-adapter-model", "prism-persona"]
     return "\n".join([
         f"# 1. vLLM: the base model and the run's {len(modules)} adapter(s) as LoRA modules (GPU machine)",

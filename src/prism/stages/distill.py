@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from prism.config import BootstrapConfig, persona_slug
+from prism.config import DEFAULT_DEVICE, BootstrapConfig, persona_slug
 from prism.errors import PrismError
 from prism.lm.batching import length_sorted_batches, pad_batch
 from prism.lm.models import LoadedModel, chat_prompt, decoder_layers, encode, layers_pattern
-from prism.runs import KWAY_ADAPTERS
+from prism.runs import ADAPTER_CONFIG, adapter_dir, has_adapter_weights
 from prism.stages import verify
 from prism.stages.context import StageContext
 
@@ -82,7 +82,7 @@ def answer_span_logits(model: torch.nn.Module, rows: list[list[int]], answer_len
     return [logits[row, keep - n - 1 : keep - 1] for row, n in enumerate(answer_lens)]
 
 
-def distributed_state(device: str | torch.device = "auto") -> PartialState:
+def distributed_state(device: str | torch.device = DEFAULT_DEVICE) -> PartialState:
     """The processes `accelerate launch` started (a single one otherwise), on CPUs when `device` says so."""
     wanted = str(device)
     return PartialState(cpu=wanted.startswith("cpu") or (wanted == "auto" and not torch.cuda.is_available()))
@@ -208,7 +208,7 @@ def train_adapter(ctx: StageContext, examples: list[Example], targets: list[Teac
     accumulation, logging, saving)."""
     cfg, run_dir, lm = ctx.config, ctx.run, ctx.model
     checkpoint = run_dir.path / (CHECKPOINT if name is None else f"{CHECKPOINT}-{name}")
-    out = out or run_dir.path / "adapter"
+    out = out or adapter_dir(run_dir.path)
     state = distributed_state(lm.device)
     main = state.is_main_process
     torch.manual_seed(cfg.seed)  # the same LoRA initialization in every process
@@ -337,8 +337,8 @@ def distill_kway(ctx: StageContext, records: list[dict]) -> dict:
     adapters: dict[str, dict] = {}
     done = ctx.run.manifest()["stages"].get("distill", {}).get("kway_adapters", {})
     for persona in classes[1:]:
-        out = ctx.run.path / KWAY_ADAPTERS / persona
-        if persona in done and (out / "adapter_model.safetensors").is_file():
+        out = adapter_dir(ctx.run.path, persona)
+        if persona in done and has_adapter_weights(out):
             adapters[persona] = done[persona]
             continue
         mine = [r for r in records if persona_slug(r["domain"]) == persona]
@@ -359,7 +359,7 @@ def run(ctx: StageContext) -> dict:
         return distill_one(ctx, records)
     # k-way: the binary adapter first (the `prism` routing a k-way run is compared with), kept across a resume
     saved = ctx.run.manifest()["stages"].get("distill", {}).get("binary_adapter")
-    info = saved if saved and (ctx.run.path / "adapter" / "adapter_model.safetensors").is_file() else None
+    info = saved if saved and has_adapter_weights(adapter_dir(ctx.run.path)) else None
     if info is None:
         info = distill_one(ctx, records)
         if distributed_state(ctx.model.device).is_main_process:
@@ -368,7 +368,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def load_adapter(lm: LoadedModel, run_dir: str | Path) -> PeftModel:
-    path = Path(run_dir) / "adapter"
-    if not (path / "adapter_config.json").is_file():
+    path = adapter_dir(Path(run_dir))
+    if not (path / ADAPTER_CONFIG).is_file():
         raise PrismError(f"{run_dir} has no trained adapter (distill skipped or not run yet)")
     return PeftModel.from_pretrained(lm.model, str(path)).eval()

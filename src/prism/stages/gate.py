@@ -11,9 +11,9 @@ from torch import nn
 
 from prism.errors import PrismError
 from prism.lm.batching import block0_features
-from prism.lm.gate import Gate, GateConfig
+from prism.lm.gate import GATE_CONFIG, Gate, GateConfig
 from prism.lm.models import chat_prompt, gate_feature_model
-from prism.runs import KWAY_GATE
+from prism.runs import GATE_DIR, KWAY_GATE
 from prism.stages.context import StageContext
 from prism.stages.verify import kway_classes, kway_label
 
@@ -28,7 +28,7 @@ def class_weights(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
 
 
 def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
-               seed: int, batch_size: int = 32) -> Gate:
+               seed: int, minibatch: int = 32) -> Gate:
     torch.manual_seed(seed)
     gate = Gate(config)
     gate.mean.copy_(features.mean(0))
@@ -38,7 +38,7 @@ def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig,
     generator = torch.Generator().manual_seed(seed)
     gate.train()
     for _ in range(epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
+        for batch in torch.randperm(len(labels), generator=generator).split(minibatch):
             optimizer.zero_grad()
             loss_fn(gate(features[batch]), labels[batch]).backward()
             optimizer.step()
@@ -128,11 +128,11 @@ def run(ctx: StageContext) -> dict:
     hidden = ctx.model.model.config.hidden_size
     # a binary run turned k-way keeps its binary gate (and a threshold calibrated for it)
     kept = run_dir.manifest()["stages"].get("gate", {}).get("binary_gate")
-    if kept and (run_dir.path / "gate" / "config.json").is_file():
+    if kept and (run_dir.path / GATE_DIR / GATE_CONFIG).is_file():
         info = kept
     else:
         info = fit_gate(ctx, features, labels, GateConfig(input_dim=hidden, hidden=cfg.gate_hidden,
-                                                          dropout=cfg.gate_dropout), "gate")
+                                                          dropout=cfg.gate_dropout), GATE_DIR)
     if kway is not None and kway_labels is not None:
         classes, merged = kway
         config = GateConfig(input_dim=hidden, hidden=cfg.gate_hidden, dropout=cfg.gate_dropout, classes=classes)

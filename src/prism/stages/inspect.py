@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prism.runs import FILES, STAGES, RunDir
+from prism.lm.gate import GATE_WEIGHTS
+from prism.runs import FILES, GATE_DIR, STAGES, RunDir, adapter_dir, has_adapter_weights
 from prism.stages import queries, verify
 
 
@@ -55,8 +56,8 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
                          for name, a in adapters.items()},
         }
     summary["files"] = {name: (run.path / file).is_file() for name, file in FILES.items()}
-    summary["files"].update(adapter=(run.path / "adapter" / "adapter_model.safetensors").is_file(),
-                            gate=(run.path / "gate" / "gate.safetensors").is_file())
+    summary["files"].update(adapter=has_adapter_weights(adapter_dir(run.path)),
+                            gate=(run.path / GATE_DIR / GATE_WEIGHTS).is_file())
     return summary
 
 

@@ -19,8 +19,24 @@ from prism.config import JUDGE_FIELDS, ROUTING_FIELDS, BootstrapConfig, with_new
 from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
+from prism.lm.gate import GATE_CONFIG
 from prism.lm.models import LoadedModel, load_model
-from prism.runs import FILES, FINISHED, JUDGED_OUTPUTS, KWAY_ADAPTERS, STAGES, RunDir, move_aside, now, set_aside
+from prism.runs import (
+    ADAPTER_DIR,
+    FILES,
+    FINISHED,
+    GATE_DIR,
+    JUDGED_OUTPUTS,
+    KWAY_ADAPTERS,
+    KWAY_DIR,
+    STAGES,
+    RunDir,
+    adapter_dir,
+    has_adapter_weights,
+    move_aside,
+    now,
+    set_aside,
+)
 from prism.stages import answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
 from prism.stages.inspect import inspect_run
@@ -100,8 +116,8 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
     setting are moved aside; to go k-way, the gate and distill stages run again for the k-way part (the
     binary gate, with its threshold, and the binary adapter, made from the same labels, are kept)."""
     old = with_new_defaults(manifest["config"])
-    if (run.path / "kway").exists():
-        move_aside(run.path / "kway")
+    if (run.path / KWAY_DIR).exists():
+        move_aside(run.path / KWAY_DIR)
     stages = manifest["stages"]
     distill_info = stages.get("distill", {})
     for info in (stages.get("gate", {}), distill_info):
@@ -113,8 +129,8 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
                                                                kept)}
 
         gate_info = stages.get("gate", {})
-        gate_done = gate_info.get("status") == "done" and (run.path / "gate" / "config.json").is_file()
-        done = distill_info.get("status") == "done" and (run.path / "adapter" / "adapter_model.safetensors").is_file()
+        gate_done = gate_info.get("status") == "done" and (run.path / GATE_DIR / GATE_CONFIG).is_file()
+        done = distill_info.get("status") == "done" and has_adapter_weights(adapter_dir(run.path))
         stages["gate"] = {"status": "pending", **({"binary_gate": metrics(gate_info, "binary_gate")}
                                                   if gate_done else {})}
         stages["distill"] = {"status": "pending", **({"binary_adapter": metrics(distill_info, "binary_adapter")}
@@ -259,7 +275,7 @@ def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = N
         log.info("%s: distill is already done (pass --force to train the adapter again)", run.path)
         return inspect_run(run.path)
     if force and state.is_main_process:
-        for adapters in ("adapter", KWAY_ADAPTERS):
+        for adapters in (ADAPTER_DIR, KWAY_ADAPTERS):
             if (run.path / adapters).exists():
                 aside = move_aside(run.path / adapters)
                 log.info("moved the previous adapter(s) to %s", aside)

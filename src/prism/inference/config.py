@@ -1,0 +1,46 @@
+"""How a finished run is loaded for inference (`LoadConfig`): the backend and its files, the device, the
+context window, the routing and the threshold. `prism chat`, `prism serve`, `prism export` and the sidecar
+generate their loading flags from it, and `load_gated_model` and the backends' `from_run` read it: its
+defaults are the only ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prism.config import DEFAULT_DEVICE, option
+from prism.errors import PrismError
+from prism.lm.gate import check_threshold
+from prism.lm.llama import BACKENDS
+
+ROUTING_CHOICES = ("auto", "binary", "kway")
+PERSONA_MODELS = ("auto", "merged", "lora")
+
+
+@dataclass
+class LoadConfig:
+    engine: str = option("auto: llama.cpp when the model is GGUF (the embedded default, or --gguf) and "
+                         "llama-cpp-python is installed, else transformers", choices=BACKENDS, default="auto")
+    gguf: str | None = option("llamacpp: the GGUF of the run's base model (default: the embedded model's, or the "
+                              "one `prism export gguf --gguf` recorded)", default=None)
+    threshold: float | None = option("route to the adapter when P(persona) >= this (default: the run's saved "
+                                     "threshold)", default=None)
+    device: str = option("'auto', 'cpu', 'cuda', ...", default=DEFAULT_DEVICE)
+    max_model_len: int | None = option("context window in tokens (default: the model's)", default=None)
+    threads: int | None = option("llamacpp: CPU threads (default: every core this process may use)", default=None)
+    persona_model: str = option("llamacpp: the persona route on the merged persona GGUF (`prism export gguf "
+                                "--merged`) or on the base GGUF with the LoRA; auto takes the merged one when it "
+                                "exists", choices=PERSONA_MODELS, default="auto")
+    routing: str = option("which gate routes: binary (base or the adapter), kway (base or one persona's adapter; a "
+                          "run bootstrapped with --routing kway) or auto (kway when the run has it)",
+                          choices=ROUTING_CHOICES, default="auto")
+    trust_remote_code: bool = option("allow the model's own code from the Hub (only if you trust it)", default=False)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("engine", BACKENDS), ("persona_model", PERSONA_MODELS), ("routing", ROUTING_CHOICES)):
+            if getattr(self, name) not in allowed:
+                raise PrismError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        for name in ("max_model_len", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
