@@ -206,12 +206,13 @@ def run_chat(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from prism.evaluation.report import results_table
+    from prism.evaluation.results import Results
     from prism.evaluation.runner import evaluate
+    from prism.evaluation.tables import results_table
 
     load = LoadConfig(**flag_values(args, LoadConfig, EVAL_LOAD_OPTIONS))
     results = evaluate(args.run, EvalConfig(**flag_values(args, EvalConfig)), load)
-    print(results_table(results))
+    print(results_table(Results(results)))
 
 
 def run_calibrate(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from prism.evaluation.context import Evaluation
 from prism.evaluation.judge import parse_pair_verdict, parse_rating
 from prism.evaluation.knowledge import choice_prompt, choice_scores
 from prism.evaluation.metrics import _pair_outcomes, summarize
+from prism.evaluation.results import Results
 from prism.evaluation.stats import bootstrap_mean_interval, mcnemar_exact, paired_accuracy_test, wilson_interval
 from prism.inference.transformers import PrismModel
 from prism.lm.models import encode
@@ -296,7 +297,7 @@ def test_plots_carry_the_tables_intervals_and_an_all_zero_refusal_plot_keeps_its
                         "arc": {"accuracy": 0.3, "vs_base": versus}, "jbb": zero,
                         "mtbench": {"score": 5.0, "categories": {"writing": {"score": 5.0, "score_ci": [4.0, 6.5]}}}}
                for system in ("base", "lora")}
-    _plots(results, RunDir(tmp_path / "run"), tmp_path / "plots")
+    _plots(Results(results), RunDir(tmp_path / "run"), tmp_path / "plots")
     by_axes: dict[int, list] = {}
     for axes, yerr in drawn:
         by_axes.setdefault(id(axes), []).append((axes, yerr))
@@ -307,3 +308,33 @@ def test_plots_carry_the_tables_intervals_and_an_all_zero_refusal_plot_keeps_its
     assert low[0] == pytest.approx(15.0) and high[0] == pytest.approx(15.0)  # +10 points in [-5, +25]
     assert refusals[0].get_ylim() == (0.0, 100.0) and "no refusals" in texts
     assert refusals[1][1][0] == pytest.approx(20.0)  # 0% refused, interval up to 20%
+
+
+def test_every_benchmark_the_results_hold_reaches_the_main_table_and_the_plots(tmp_path, monkeypatch):
+    from prism.evaluation.plots import Figures
+    from prism.evaluation.report import _plots
+    from prism.evaluation.tables import detail_tables, results_table
+
+    def refusal(rate, benign=None):
+        entry = {"refusal_harmful": rate, "refusal_harmful_ci": [0.0, 0.5], "refusal_harmful_n": 10,
+                 "refusal_harmful_keyword": rate, "routing_rate": 0.5}
+        return entry | ({"refusal_benign": benign, "refusal_benign_ci": [0.0, 0.4]} if benign is not None else {})
+
+    results = Results({s: {"jbb": refusal(0.1, 0.05), "harmbench": refusal(0.2), "pku": refusal(0.3),
+                           "verified": {"pass_rate": 0.4, "pass_rate_ci": [0.2, 0.6], "domains": {}}}
+                       for s in ("base", "prism")})
+    assert results.benches == ["jbb", "harmbench", "pku", "verified"]
+    table = results_table(results)
+    for column in ("JBB refusal harmful %", "JBB refusal benign %", "HarmBench refusal %", "PKU-SafeRLHF refusal %",
+                   "verified pass rate %", "routed to an adapter (jbb/harmbench/pku/verified)"):
+        assert column in table
+    assert "| prism | 10.0 [0.0, 50.0] | 5.0 [0.0, 40.0] | 20.0 [0.0, 50.0] | 30.0 [0.0, 50.0] |" in table
+    details = detail_tables(results)
+    assert "### HarmBench refusal rates" in details and "### PKU-SafeRLHF refusal rates" in details
+    ticks: list[list[str]] = []
+    real = Figures.group_ticks
+    monkeypatch.setattr(Figures, "group_ticks", lambda self, ax, labels: ticks.append(labels) or real(self, ax, labels))
+    plots = dict(_plots(results, RunDir(tmp_path / "run"), tmp_path / "plots"))
+    assert "Refusal rates (harmful: higher is better; benign: lower)" in plots
+    refusals = next(labels for labels in ticks if "JailbreakBench harmful" in labels)
+    assert {"HarmBench harmful", "PKU-SafeRLHF harmful", "JailbreakBench benign"} <= set(refusals)

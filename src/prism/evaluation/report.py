@@ -6,255 +6,38 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any
 
 from prism.errors import PrismError
 from prism.evaluation.calibrate import load_calibration
 from prism.evaluation.config import EvalConfig
-from prism.evaluation.data import MMLU_DOMAINS, MT_BENCH_CATEGORIES
+from prism.evaluation.plots import (
+    Figures,
+    calibration_plot,
+    distill_plot,
+    knowledge_plot,
+    mtbench_plot,
+    refusal_plot,
+    replication_plot,
+    routing_plot,
+)
 from prism.evaluation.replication import format_replication, load_replication
+from prism.evaluation.results import Results
 from prism.evaluation.routing_comparison import kway_plot, kway_section
-from prism.evaluation.tables import cell, markdown_table, rate
+from prism.evaluation.tables import detail_tables, results_table
 from prism.evaluation.verified import verified_plot, verified_section
-from prism.runs import RunDir
+from prism.runs import EVAL_DIR, RunDir
 
-DOMAINS = tuple(MMLU_DOMAINS)
 # eval settings that change results: the reproduce command names them when they differ from the default
 _REPRODUCED = ("scoring", "mtbench_max_tokens", "jbb_max_tokens", "judge_base_url", "judge_model")
-COLORS = {"base": "tab:blue", "persona": "tab:orange", "lora": "tab:green", "prism": "tab:red", "kway": "tab:purple",
-          "kway-lora": "tab:brown", "nosystem": "tab:gray"}  # same in every plot
+RESULT_PLOTS = (mtbench_plot, knowledge_plot, refusal_plot, routing_plot, verified_plot)  # from results.json
+RUN_PLOTS = (calibration_plot, distill_plot, replication_plot, kway_plot)  # from the run's own records
 
 
-def results_table(results: dict[str, Any]) -> str:
-    """The main table: one row per system; accuracy and refusal in %, MT-Bench on 1-10, 95% CIs in brackets."""
-    header = ["system", "MT-Bench (1-10)", "win rate vs base %", "MMLU %", "ARC %", "JBB refusal harmful %",
-              "JBB refusal benign %", "routed to adapter (mmlu/arc/mtbench/jbb)"]
-    rows = []
-    for system, benches in results.items():
-        routing = "/".join(rate((benches.get(b) or {}).get("routing_rate")) for b in ("mmlu", "arc", "mtbench", "jbb"))
-        rows.append([system, cell(benches.get("mtbench"), "score", percent=False),
-                     cell(benches.get("mtbench"), "winrate_vs_base"), cell(benches.get("mmlu"), "accuracy"),
-                     cell(benches.get("arc"), "accuracy"), cell(benches.get("jbb"), "refusal_harmful"),
-                     cell(benches.get("jbb"), "refusal_benign"), routing])
-    return markdown_table(header, rows)
-
-
-def _versus(paired: dict | None) -> str:
-    if not paired:
-        return "–"
-    interval = paired.get("delta_ci")
-    bracket = f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]" if interval else ""
-    return f"{100 * paired['delta']:+.1f}{bracket}, p={paired['p_value']:.3f}"
-
-
-def detail_tables(results: dict[str, Any]) -> str:
-    parts = []
-    header = ["system", *MT_BENCH_CATEGORIES]
-    rows = [[s, *(cell(((b.get("mtbench") or {}).get("categories") or {}).get(c), "score", percent=False)
-                  for c in MT_BENCH_CATEGORIES)] for s, b in results.items()]
-    parts.append("### MT-Bench per category (1-10, 95% CI)\n\n" + markdown_table(header, rows))
-    header = ["system", "win rate, turn 1", "win rate, turn 2", "win rate, both", "win / tie / loss",
-              "verdicts unparseable"]
-    rows = [[s, *(cell(b["mtbench"], f"winrate_vs_base{t}") for t in ("_turn1", "_turn2", "")),
-             " / ".join(str((b["mtbench"].get("pairs") or {}).get(o, 0)) for o in ("win", "tie", "loss")),
-             str(b["mtbench"].get("pairs_unparseable", 0))]
-            for s, b in results.items() if (b.get("mtbench") or {}).get("pairs")]
-    if rows:
-        parts.append("### MT-Bench pairwise against base (%, wins count 1 and ties 1/2; a win needs both slot "
-                     "orders)\n\n" + markdown_table(header, rows))
-    header = ["system", *(f"MMLU {d}" for d in DOMAINS), "MMLU vs base (Δ points [95% CI], McNemar p)", "ARC",
-              "ARC vs base"]
-    rows = []
-    for system, benches in results.items():
-        mmlu, arc = benches.get("mmlu") or {}, benches.get("arc") or {}
-        rows.append([system, *(cell((mmlu.get("domains") or {}).get(d), "accuracy") for d in DOMAINS),
-                     _versus(mmlu.get("vs_base")), cell(arc, "accuracy"), _versus(arc.get("vs_base"))])
-    parts.append("### Knowledge: MMLU per domain and ARC (% correct, 95% CI)\n\n" + markdown_table(header, rows))
-    header = ["system", "harmful: judge", "harmful: keywords", "benign: judge", "benign: keywords", "unparseable"]
-    rows = [[s, cell(b.get("jbb"), "refusal_harmful"), cell(b.get("jbb"), "refusal_harmful_keyword"),
-             cell(b.get("jbb"), "refusal_benign"), cell(b.get("jbb"), "refusal_benign_keyword"),
-             str((b.get("jbb") or {}).get("refusal_harmful_unparseable", 0)
-                 + (b.get("jbb") or {}).get("refusal_benign_unparseable", 0))]
-            for s, b in results.items() if b.get("jbb")]
-    if rows:
-        parts.append("### JailbreakBench refusal rates (%, 95% Wilson CI)\n\n" + markdown_table(header, rows))
-    return "\n\n".join(parts)
-
-
-class Figures:
-    """The report's plots: where they go, and the grouped-bar layout (one bar per system) they share."""
-
-    def __init__(self, folder: Path, systems: list[str]):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self.plt, self.folder, self.systems = plt, folder, systems
-        self.width = 0.8 / max(1, len(systems))
-        self.made: list[tuple[str, Path]] = []
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def new(self, width: float, height: float, columns: int = 1) -> tuple[Any, Any]:
-        fig, axes = self.plt.subplots(1, columns, figsize=(width, height), squeeze=False)
-        return fig, axes[0] if columns > 1 else axes[0][0]
-
-    def save(self, fig: Any, name: str, title: str) -> None:
-        path = self.folder / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        self.plt.close(fig)
-        self.made.append((title, path))
-
-    def bars(self, ax: Any, i: int, count: int, values: list[float], intervals: list[list[float] | None],
-             scale: float, system: str) -> None:
-        ax.bar([x + i * self.width for x in range(count)], values, self.width, label=system, color=COLORS.get(system),
-               yerr=_error_bars(values, intervals, scale), capsize=3, error_kw={"linewidth": 0.8})
-
-    def group_ticks(self, ax: Any, labels: list[str]) -> None:
-        ax.set_xticks([x + self.width * (len(self.systems) - 1) / 2 for x in range(len(labels))], labels)
-
-
-def _error_bars(values: list[float], intervals: list[list[float] | None], scale: float) -> list[list[float]]:
-    """matplotlib's asymmetric yerr from [low, high] intervals (0 where there is none)."""
-    low = [v - scale * i[0] if i else 0.0 for v, i in zip(values, intervals)]
-    high = [scale * i[1] - v if i else 0.0 for v, i in zip(values, intervals)]
-    return [[max(0.0, x) for x in low], [max(0.0, x) for x in high]]
-
-
-def _mtbench_plot(figures: Figures, results: dict[str, Any]) -> None:
-    if not any(results[s].get("mtbench") for s in figures.systems):
-        return
-    fig, ax = figures.new(10, 4)
-    for i, system in enumerate(figures.systems):
-        cats = (results[system].get("mtbench") or {}).get("categories") or {}
-        entries = [cats.get(c) or {} for c in MT_BENCH_CATEGORIES]
-        figures.bars(ax, i, len(entries), [e.get("score") or 0 for e in entries],
-                     [e.get("score_ci") for e in entries], 1, system)
-    figures.group_ticks(ax, list(MT_BENCH_CATEGORIES))
-    ax.set_ylim(0, 10)  # the grading scale, whatever the scores
-    ax.set_ylabel("MT-Bench score (1-10, 95% CI)")
-    ax.legend()
-    figures.save(fig, "mtbench_categories", "MT-Bench score per category")
-
-
-def _knowledge_plot(figures: Figures, results: dict[str, Any]) -> None:
-    base_knowledge = results.get("base", {})
-    if not (base_knowledge.get("mmlu") or base_knowledge.get("arc")):
-        return
-    fig, ax = figures.new(9, 4)
-    labels = [*DOMAINS, "ARC"]
-    for i, system in enumerate(s for s in figures.systems if s != "base"):
-        versus = [((results[system].get("arc") if label == "ARC" else
-                    ((results[system].get("mmlu") or {}).get("domains") or {}).get(label)) or {}).get("vs_base")
-                  or {} for label in labels]
-        figures.bars(ax, i, len(labels), [100 * v["delta"] if v else 0 for v in versus],
-                     [v.get("delta_ci") for v in versus], 100, system)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylabel("accuracy − base (points, 95% CI)")
-    ax.legend()
-    figures.save(fig, "knowledge_delta", "MMLU per domain and ARC: accuracy minus base on the same items")
-
-
-def _refusal_plot(figures: Figures, results: dict[str, Any]) -> None:
-    if not any(results[s].get("jbb") for s in figures.systems):
-        return
-    fig, ax = figures.new(8, 4)
-    keys = [("refusal_harmful", "harmful (judge)"), ("refusal_harmful_keyword", "harmful (keywords)"),
-            ("refusal_benign", "benign (judge)"), ("refusal_benign_keyword", "benign (keywords)")]
-    everything = []
-    for i, system in enumerate(figures.systems):
-        jbb = results[system].get("jbb") or {}
-        values = [100 * (jbb.get(k) or 0) for k, _ in keys]
-        everything += values
-        figures.bars(ax, i, len(keys), values, [jbb.get(f"{k}_ci") for k, _ in keys], 100, system)
-    figures.group_ticks(ax, [t for _, t in keys])
-    ax.set_ylim(0, 100)  # a rate: the full scale, also when every rate is 0
-    if not any(everything):
-        ax.text(0.5, 0.6, "no refusals", transform=ax.transAxes, ha="center", fontsize=14, color="dimgray")
-    ax.set_ylabel("refusal rate (%, 95% CI)")
-    ax.legend(loc="upper right")
-    figures.save(fig, "refusals", "JailbreakBench refusal rates (harmful: higher is better; benign: lower)")
-
-
-def _routing_plot(figures: Figures, results: dict[str, Any]) -> None:
-    prism = results.get("prism") or {}
-    labels, values = [], []
-    for bench in ("mmlu", "arc", "jbb"):
-        if (prism.get(bench) or {}).get("routing_rate") is not None:
-            labels.append(bench)
-            values.append(100 * prism[bench]["routing_rate"])
-    for category, entry in ((prism.get("mtbench") or {}).get("categories") or {}).items():
-        if entry.get("routing_rate") is not None:
-            labels.append(f"mt:{category}")
-            values.append(100 * entry["routing_rate"])
-    if not labels:
-        return
-    fig, ax = figures.new(10, 4)
-    ax.bar(labels, values)
-    ax.set_ylabel("% of requests sent to the adapter")
-    ax.tick_params(axis="x", rotation=45)
-    figures.save(fig, "routing", "PRISM gate: share routed to the adapter per benchmark and MT-Bench category")
-
-
-def _calibration_plot(figures: Figures, run: RunDir) -> None:
-    calibration = load_calibration(run.path)
-    if not (calibration and calibration.get("curves")):
-        return
-    curves = list(calibration["curves"].values())
-    fig, axes = figures.new(5 * len(curves), 4, columns=len(curves))
-    for ax, curve in zip(axes if len(curves) > 1 else [axes], curves):
-        points = sorted(curve["points"], key=lambda p: p["share"])
-        shares = [100 * p["share"] for p in points]
-        ax.plot(shares, [p["value"] for p in points], marker=".", label="PRISM gate")
-        ax.plot(shares, [p["random"] for p in points], linestyle="--", label="random routing")
-        ax.scatter([100 * curve["oracle"]["share"]], [curve["oracle"]["value"]], color="black", label="oracle")
-        chosen = calibration["share_routed"].get(curve["metric"])
-        if chosen is not None:
-            ax.axvline(100 * chosen, color="grey", linewidth=0.8, label="calibrated threshold")
-        ax.set_xlabel("% routed to the adapter")
-        ax.set_title(curve["metric"])
-        ax.legend(fontsize=8)
-    figures.save(fig, "routing_curve", "Routing curves: outcome against the share sent to the adapter, as the "
-                                       "gate threshold sweeps from never to always")
-
-
-def _distill_plot(figures: Figures, run: RunDir) -> None:
-    log = run.read("distill_log")
-    if not log:
-        return
-    fig, ax = figures.new(7, 3.5)
-    for adapter in dict.fromkeys(r.get("adapter") for r in log):  # the binary adapter, then each k-way one
-        mine = [r for r in log if r.get("adapter") == adapter]
-        ax.plot([r["step"] for r in mine], [r["loss"] for r in mine], marker="o", label=adapter or "adapter")
-    if len({r.get("adapter") for r in log}) > 1:
-        ax.legend(fontsize=8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL loss")
-    figures.save(fig, "distill_loss", "Distillation loss")
-
-
-def _replication_plot(figures: Figures, run: RunDir) -> None:
-    table = load_replication(run.path)
-    rows = {s: r for s, r in (table or {}).get("rows", {}).items() if r["overall"] is not None}
-    if not rows:
-        return
-    fig, ax = figures.new(7, 3.5)
-    values = [r["overall"]["value"] for r in rows.values()]
-    intervals = [r["overall"]["ci"] for r in rows.values()]
-    ax.bar(list(rows), values, color=[COLORS.get(s) for s in rows], yerr=_error_bars(values, intervals, 1),
-           capsize=3, error_kw={"linewidth": 0.8})
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("Overall (mean of 15 scores, 95% CI)")
-    figures.save(fig, "replication_overall", "Replication of the paper's Table 1: Overall per system")
-
-
-def _plots(results: dict[str, Any], run: RunDir, folder: Path) -> list[tuple[str, Path]]:
-    figures = Figures(folder, list(results))
-    for plot in (_mtbench_plot, _knowledge_plot, _refusal_plot, _routing_plot, verified_plot):
+def _plots(results: Results, run: RunDir, folder: Path) -> list[tuple[str, Path]]:
+    figures = Figures(folder, results.systems)
+    for plot in RESULT_PLOTS:
         plot(figures, results)
-    for run_plot in (_calibration_plot, _distill_plot, _replication_plot, kway_plot):
+    for run_plot in RUN_PLOTS:
         run_plot(figures, run)
     return figures.made
 
@@ -269,13 +52,10 @@ def _replication_section(run: RunDir) -> list[str]:
 
 def write_report(run_path: str | Path) -> list[Path]:
     run = RunDir(run_path)
-    results_path = run.path / "eval" / "results.json"
-    if not results_path.is_file():
-        raise PrismError(f"{results_path} does not exist: run `prism eval {run.path}` first")
-    results = json.loads(results_path.read_text())
-    eval_config_path = run.path / "eval" / "eval_config.json"
+    results = Results.load(run.path)
+    eval_config_path = run.path / EVAL_DIR / "eval_config.json"
     eval_config = json.loads(eval_config_path.read_text()) if eval_config_path.is_file() else {}
-    plots = _plots(results, run, run.path / "eval" / "plots")
+    plots = _plots(results, run, run.path / EVAL_DIR / "plots")
     manifest = run.manifest()
     gate = manifest.get("stages", {}).get("gate", {})
     held = gate.get("heldout_accuracy")
@@ -314,9 +94,9 @@ def write_report(run_path: str | Path) -> list[Path]:
     split = len(summary) - 2  # the plots go before Reproduce and Configuration
     markdown = "\n\n".join(summary[:split] + [f"![{title}](plots/{path.name})" for title, path in plots]
                             + summary[split:])
-    md_path = run.path / "eval" / "report.md"
+    md_path = run.path / EVAL_DIR / "report.md"
     md_path.write_text(markdown + "\n")
-    html_path = run.path / "eval" / "report.html"
+    html_path = run.path / EVAL_DIR / "report.html"
     html_path.write_text(_html(markdown, plots))
     return [md_path, html_path, *(p for _, p in plots)]
 

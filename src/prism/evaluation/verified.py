@@ -17,6 +17,7 @@ from prism.errors import PrismError
 from prism.evaluation.config import ROUTING
 from prism.evaluation.context import Evaluation, messages_for
 from prism.evaluation.data import per_group
+from prism.evaluation.results import Results
 from prism.evaluation.tables import cell, markdown_table, rate
 from prism.lm.decoding import SamplingParams
 from prism.runs import RunDir
@@ -143,16 +144,16 @@ def score_answers(ev: Evaluation, items: dict[str, dict], specs: dict[str, str])
         ev.store.append(f"{BENCH}_scores", scored)
 
 
-def verified_section(results: dict[str, Any]) -> list[str]:
+def verified_section(results: Results) -> list[str]:
     """The report's table: per domain, each system's pass rate with its interval and the gated systems' shares
     routed to an adapter."""
-    systems = [s for s, benches in results.items() if benches.get(BENCH)]
+    systems = [s for s in results.systems if results.entry(s, BENCH)]
     if not systems:
         return []
     gated = [s for s in systems if s in ROUTING]
     rows = []
-    for domain in [*dict.fromkeys(d for s in systems for d in results[s][BENCH]["domains"]), None]:
-        entries = {s: results[s][BENCH] if domain is None else results[s][BENCH]["domains"].get(domain)
+    for domain in [*dict.fromkeys(d for s in systems for d in results.entry(s, BENCH)["domains"]), None]:
+        entries = {s: results.entry(s, BENCH) if domain is None else results.entry(s, BENCH)["domains"].get(domain)
                    for s in systems}
         rows.append([domain or "all", *(cell(entries[s], "pass_rate") for s in systems),
                      *(rate((entries[s] or {}).get("routing_rate")) for s in gated)])
@@ -162,14 +163,14 @@ def verified_section(results: dict[str, Any]) -> list[str]:
             f"sent to an adapter.\n\n{table}"]
 
 
-def verified_plot(figures: Any, results: dict[str, Any]) -> None:
-    systems = [s for s in figures.systems if results[s].get(BENCH)]
+def verified_plot(figures: Any, results: Results) -> None:
+    systems = [s for s in figures.systems if results.entry(s, BENCH)]
     if not systems:
         return
-    domains = list(dict.fromkeys(d for s in systems for d in results[s][BENCH]["domains"]))
+    domains = list(dict.fromkeys(d for s in systems for d in results.entry(s, BENCH)["domains"]))
     fig, ax = figures.new(max(6, 2.2 * len(domains)), 4)
     for i, system in enumerate(systems):
-        entries = [results[system][BENCH]["domains"].get(d) or {} for d in domains]
+        entries = [results.entry(system, BENCH)["domains"].get(d) or {} for d in domains]
         figures.bars(ax, i, len(domains), [100 * (e.get("pass_rate") or 0) for e in entries],
                      [e.get("pass_rate_ci") for e in entries], 100, system)
     figures.group_ticks(ax, domains)
