@@ -3,15 +3,18 @@ import json
 from prism.cli import main
 from prism.evaluation.persona_ab import summarize_ab
 from prism.stages.judge_pairwise import outcome_of
+from prism.stages.records import Label
 
 
 def label(domain, first, second):
-    return {"domain": domain, "outcome": outcome_of({"persona_first": first, "persona_second": second})}
+    outcome = outcome_of({"persona_first": first, "persona_second": second})
+    return Label(query_id="q", persona_id="p", domain=domain, query="q?", persona="You are.", persona_answer="a",
+                 plain_answer="b", label=int(outcome == "win"), split="retain", outcome=outcome)
 
 
 def test_outcomes_need_both_orders_and_rates_add_up():
     labels = [label("code", "A", "B"), label("code", "B", "A"), label("code", "A", "A"), label("math", "TIE", "B")]
-    assert [x["outcome"] for x in labels] == ["win", "loss", "tie", "tie"]
+    assert [x.outcome for x in labels] == ["win", "loss", "tie", "tie"]
     summary = summarize_ab(labels)
     assert summary["code"]["n"] == 3 and summary["overall"]["n"] == 4
     assert abs(summary["code"]["win_rate"] - 1 / 3) < 1e-9 and summary["math"]["tie_rate"] == 1.0

@@ -28,9 +28,10 @@ def distill_ready_run(directory, model_dir):
     run = RunDir(directory)
     run.save_manifest({"config": config.to_dict(), "model": None,
                        "stages": {s: {"status": "done" if s != "distill" else "pending"} for s in STAGES}})
-    run.append("labels", [{"query_id": f"q{i}", "query": q, "persona": "You are a precise expert.",
-                           "persona_answer": f"Answer {i}: be exact, structured and brief.", "label": 1}
-                          for i, q in enumerate(QUERIES)])
+    run.append("labels", [{"query_id": f"q{i}", "persona_id": "precision", "domain": "precision", "query": q,
+                           "persona": "You are a precise expert.",
+                           "persona_answer": f"Answer {i}: be exact, structured and brief.", "plain_answer": "Hm.",
+                           "label": 1, "split": "distill"} for i, q in enumerate(QUERIES)])
     return directory
 
 

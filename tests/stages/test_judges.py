@@ -240,3 +240,19 @@ def test_a_run_judges_again_when_its_verifiers_code_changes(tiny_config, tmp_pat
     bootstrap(config, run)
     assert all(j["score"] == 0.0 for j in RunDir(run).read("judgments"))
     assert len(list(run.glob("replaced-*"))) == 1
+
+
+def test_records_written_before_the_judge_option_read_as_pairwise(tmp_path):
+    from prism.stages.records import read_judgments, read_labels
+
+    run = RunDir(tmp_path)
+    run.append("judgments", [{"id": "q0:persona_first", "query_id": "q0", "order": "persona_first",
+                              "probs": {"A": 0.7, "B": 0.2, "TIE": 0.1}, "option_mass": 0.5,
+                              "verdict_source": "logits", "raw_verdict": "A", "a_field_from_later": 1}])
+    run.append("labels", [{"query_id": "q0", "persona_id": "p", "domain": "d", "query": "q?", "persona": "You are.",
+                           "persona_answer": "a", "plain_answer": "b", "label": 0, "split": "retain",
+                           "verdicts": {}, "position_prior": None}])
+    judgment, label = read_judgments(run)[0], read_labels(run)[0]
+    assert (judgment.kind, judgment.slot, judgment.raw_verdict) == ("pairwise", "persona_first", "A")
+    assert (label.judge, label.outcome, label.label) == ("pairwise", None, 0)
+    assert "a_field_from_later" not in judgment.to_record()

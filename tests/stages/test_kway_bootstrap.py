@@ -10,13 +10,19 @@ from prism.lm.gate import Gate, GateConfig, save_threshold
 from prism.runs import RunDir
 from prism.stages.inspect import format_summary
 from prism.stages.pipeline import bootstrap
+from prism.stages.records import Label, read_labels
 from prism.stages.verify import kway_classes, kway_label
 from stages.test_pipeline import plant_a_judge_that_prefers_some_persona_answers
 
 
+def label(domain: str, value: int) -> Label:
+    return Label(query_id="q", persona_id="p", domain=domain, query="q?", persona="You are.", persona_answer="a",
+                 plain_answer="b", label=value, split="distill" if value else "retain")
+
+
 def test_kway_classes_keep_personas_with_enough_wins_and_merge_the_rest_into_base():
-    labels = ([{"domain": "Writing", "label": 1}] * 3 + [{"domain": "Writing", "label": 0}]
-              + [{"domain": "safety", "label": 1}] * 1 + [{"domain": "factual recall (short)", "label": 1}] * 2)
+    labels = ([label("Writing", 1)] * 3 + [label("Writing", 0)]
+              + [label("safety", 1)] * 1 + [label("factual recall (short)", 1)] * 2)
     classes, merged = kway_classes(labels, min_wins=2)
     assert classes == ["base", "writing", "factual-recall-short"]
     assert merged == {"safety": 1}
@@ -41,7 +47,7 @@ def test_kway_bootstrap_trains_one_adapter_per_kept_persona_and_a_gate_over_them
     summary = bootstrap(config, tmp_path / "run")
     run = tmp_path / "run"
     kway = summary["kway"]
-    labels = RunDir(run).read("labels")
+    labels = read_labels(RunDir(run))
     expected, merged = kway_classes(labels, 2)
     assert kway["classes"] == expected and len(expected) >= 3, "the planted judge lets two or more personas win"
     assert kway["merged_into_base"] == merged
@@ -56,7 +62,7 @@ def test_kway_bootstrap_trains_one_adapter_per_kept_persona_and_a_gate_over_them
         assert json.loads((adapter / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2]
         weights = load_file(str(adapter / "adapter_model.safetensors"))
         assert weights and not any(".layers.0." in key for key in weights), "block 0 carries no LoRA"
-        wins = sum(r["label"] == 1 and r["domain"].lower().replace(" ", "-") == persona for r in labels)
+        wins = sum(r.label == 1 and r.domain.lower().replace(" ", "-") == persona for r in labels)
         assert kway["adapters"][persona]["examples"] == wins
         assert kway["adapters"][persona]["steps"] > 0
     assert {r.get("adapter") for r in RunDir(run).read("distill_log")} == {None, *expected[1:]}

@@ -12,6 +12,7 @@ from prism.stages.judge_pairwise import (
     judge_prompt,
     position_prior,
 )
+from prism.stages.records import Judgment
 from prism.stages.verify import judge_quality, judge_warning
 
 
@@ -66,8 +67,8 @@ def test_position_calibration_leaves_tie_alone():
     assert decide({"A": 0.3, "B": 0.2, "TIE": 0.5}, prior) == "TIE"
 
 
-def judgment(query_id: str, order: str, probs: dict[str, float], mass: float = 0.4) -> dict:
-    return {"query_id": query_id, "order": order, "probs": probs, "option_mass": mass}
+def judgment(query_id: str, order: str, probs: dict[str, float], mass: float = 0.4) -> Judgment:
+    return Judgment(id=f"{query_id}:{order}", query_id=query_id, order=order, probs=probs, option_mass=mass)
 
 
 def test_judge_quality_flags_a_position_bound_judge():

@@ -21,6 +21,7 @@ from prism.lm.models import load_model
 from prism.runs import FILES, RunDir, set_aside, write_json_atomic
 from prism.stages import answers, verify
 from prism.stages.context import StageContext
+from prism.stages.records import Label, read_judgments, read_labels
 
 log = logging.getLogger("prism")
 
@@ -95,9 +96,9 @@ def persona_ab(persona: str, queries: list[dict[str, str]], out: str | Path, con
     ctx = StageContext(run=run, config=config, lm=lm)
     answers.run(ctx)
     verify.run(ctx)
-    labels = run.read("labels")
+    labels = read_labels(run)
     results = {"categories": summarize_ab(labels),
-               "judge": verify.judge_quality(run.read("judgments"), labels, config.to_dict())}
+               "judge": verify.judge_quality(read_judgments(run), labels, config.to_dict())}
     write_json_atomic(run.path / "ab_results.json", results)
     plot_ab(results["categories"], run.path / "ab_results.png")
     return results
@@ -114,12 +115,12 @@ def keep_judgments_of(run: RunDir, config: BootstrapConfig) -> None:
     write_json_atomic(path, settings)
 
 
-def summarize_ab(labels: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_ab(labels: list[Label]) -> dict[str, Any]:
     """Per category and overall: persona win / loss / tie rates (by the judge's outcome of each query: for the
     pairwise judge a win or loss needs both orders) with Wilson CIs."""
     groups: dict[str, list[str]] = {}
     for label in labels:
-        groups.setdefault(label["domain"], []).append(label["outcome"])
+        groups.setdefault(label.domain, []).append(label.outcome or ("win" if label.label else "tie"))
     groups["overall"] = [o for outcomes in list(groups.values()) for o in outcomes]
     summary = {}
     for category, outcomes in groups.items():

@@ -38,6 +38,7 @@ from prism.lm.models import LoadedModel, chat_prompt, decoder_layers, encode, la
 from prism.runs import ADAPTER_CONFIG, adapter_dir, has_adapter_weights
 from prism.stages import verify
 from prism.stages.context import StageContext
+from prism.stages.records import Label, read_labels
 
 log = logging.getLogger("prism")
 CHECKPOINT = "distill_checkpoint"
@@ -312,8 +313,8 @@ def _resume(directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
     return state["epoch"], state["step"]
 
 
-def distill_examples(lm: LoadedModel, records: list[dict], max_length: int) -> list[Example]:
-    examples = [build_example(lm.tokenizer, r["query"], r["persona"], r["persona_answer"], max_length)
+def distill_examples(lm: LoadedModel, records: list[Label], max_length: int) -> list[Example]:
+    examples = [build_example(lm.tokenizer, r.query, r.persona, r.persona_answer, max_length)
                 for r in records]
     kept = [e for e in examples if e is not None]
     if not kept:
@@ -321,7 +322,7 @@ def distill_examples(lm: LoadedModel, records: list[dict], max_length: int) -> l
     return kept
 
 
-def distill_one(ctx: StageContext, records: list[dict], name: str | None = None, out: Path | None = None) -> dict:
+def distill_one(ctx: StageContext, records: list[Label], name: str | None = None, out: Path | None = None) -> dict:
     """Teacher targets, then one adapter trained on them: its metrics."""
     cfg, lm = ctx.config, ctx.model
     examples = distill_examples(lm, records, cfg.distill_max_length)
@@ -330,10 +331,10 @@ def distill_one(ctx: StageContext, records: list[dict], name: str | None = None,
     return {"examples": len(examples), "answer_tokens": sum(e.answer_len for e in examples), **metrics}
 
 
-def distill_kway(ctx: StageContext, records: list[dict]) -> dict:
+def distill_kway(ctx: StageContext, records: list[Label]) -> dict:
     """One adapter per kept persona, on that persona's wins alone, into RUN/kway/adapters/<persona> (PEFT's
     multi-adapter layout). An adapter already saved is kept: a cut-short stage resumes at the next one."""
-    classes, merged = verify.kway_classes(ctx.run.read("labels"), ctx.config.kway_min_wins)
+    classes, merged = verify.kway_classes(read_labels(ctx.run), ctx.config.kway_min_wins)
     adapters: dict[str, dict] = {}
     done = ctx.run.manifest()["stages"].get("distill", {}).get("kway_adapters", {})
     for persona in classes[1:]:
@@ -341,7 +342,7 @@ def distill_kway(ctx: StageContext, records: list[dict]) -> dict:
         if persona in done and has_adapter_weights(out):
             adapters[persona] = done[persona]
             continue
-        mine = [r for r in records if persona_slug(r["domain"]) == persona]
+        mine = [r for r in records if persona_slug(r.domain) == persona]
         log.info("distill: k-way adapter %s on %d examples", persona, len(mine))
         adapters[persona] = distill_one(ctx, mine, persona, out)
         if distributed_state(ctx.model.device).is_main_process:
@@ -350,7 +351,7 @@ def distill_kway(ctx: StageContext, records: list[dict]) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    records = [r for r in ctx.run.read("labels") if r["label"] == 1]
+    records = [r for r in read_labels(ctx.run) if r.label == 1]
     if not records:
         log.warning("verify kept no distillation example (the persona answer never won by the run's judge): "
                     "skipping adapter training; the gate routes everything to the base model")

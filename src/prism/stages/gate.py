@@ -15,6 +15,7 @@ from prism.lm.gate import GATE_CONFIG, Gate, GateConfig
 from prism.lm.models import chat_prompt, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE
 from prism.stages.context import StageContext
+from prism.stages.records import read_labels
 from prism.stages.verify import kway_classes, kway_label
 
 log = logging.getLogger("prism")
@@ -114,15 +115,15 @@ def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Ten
 
 def run(ctx: StageContext) -> dict:
     cfg, run_dir = ctx.config, ctx.run
-    records = run_dir.read("labels")
+    records = read_labels(run_dir)
     if not records:
         raise PrismError("the gate has no labelled queries to learn from: the verify stage produced none")
-    labels = torch.tensor([r["label"] for r in records])
+    labels = torch.tensor([r.label for r in records])
     kway = kway_classes(records, cfg.kway_min_wins) if cfg.routing == "kway" else None
     kway_labels = torch.tensor([kway_label(r, kway[0]) for r in records]) if kway else None
     features = None
     if len(labels.unique()) > 1 or (kway_labels is not None and len(kway_labels.unique()) > 1):
-        prompts = [chat_prompt(ctx.model.tokenizer, r["query"]) for r in records]
+        prompts = [chat_prompt(ctx.model.tokenizer, r.query) for r in records]
         feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code)
         features = block0_features(feature_model, prompts, cfg.batch_size)
     hidden = ctx.model.model.config.hidden_size

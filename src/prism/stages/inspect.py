@@ -9,6 +9,7 @@ from typing import Any
 from prism.lm.gate import GATE_WEIGHTS
 from prism.runs import FILES, GATE_DIR, STAGES, RunDir, adapter_dir, has_adapter_weights
 from prism.stages import queries, verify
+from prism.stages.records import read_judgments, read_labels
 
 
 def inspect_run(path: str | Path) -> dict[str, Any]:
@@ -16,7 +17,7 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
     run = RunDir(path)
     manifest = run.manifest()
     stages = manifest.get("stages", {})
-    labels = run.read("labels")
+    labels, judgments = read_labels(run), read_judgments(run)
     query_records = run.read("queries")
     summary: dict[str, Any] = {
         "path": str(run.path),
@@ -26,15 +27,15 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
             "query_candidates": len(query_records),
             "queries": len(queries.kept_queries(query_records)),
             "answers": len(run.read("answers")),
-            "judgments": len(run.read("judgments")),
-            "distill": sum(1 for r in labels if r["label"] == 1),
-            "retain": sum(1 for r in labels if r["label"] == 0),
+            "judgments": len(judgments),
+            "distill": sum(1 for r in labels if r.label == 1),
+            "retain": sum(1 for r in labels if r.label == 0),
         },
         "seconds": {s: stages.get(s, {}).get("seconds") for s in STAGES},
         "model": (manifest.get("model") or {}).get("name", manifest.get("config", {}).get("model")),
         "config_fingerprint": manifest.get("config_fingerprint"),
     }
-    summary["verify"] = verify.judge_quality(run.read("judgments"), labels, manifest.get("config", {}))
+    summary["verify"] = verify.judge_quality(judgments, labels, manifest.get("config", {}))
     gate_info = stages.get("gate", {})
     summary["gate"] = {k: gate_info.get(k) for k in (
         "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",

@@ -10,6 +10,7 @@ from typing import Any
 from prism.config import BootstrapConfig
 from prism.engines.base import Prompt
 from prism.stages.context import StageContext
+from prism.stages.records import Judgment, Label
 
 KIND = "pairwise"
 OPTIONS = ("A", "B", "TIE")
@@ -92,35 +93,40 @@ def judge(ctx: StageContext, items: list[tuple[dict, str, str, str]]) -> Iterato
                "verdict_source": verdict.source, "raw_verdict": decide(verdict.probs)}
 
 
-def decide_queries(judged: dict[str, dict[str, dict]], config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
+def decide_queries(judged: dict[str, dict[str, Judgment]], config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
     """Each query's outcome and what its label records: the verdict per order (position-calibrated when the
     run's rule says so, with the prior over the whole run)."""
-    prior = (position_prior([j["probs"] for orders in judged.values() for j in orders.values()])
+    prior = (position_prior([probs(j) for orders in judged.values() for j in orders.values()])
              if config.judge_calibration == "position" else None)
     decided = {}
     for qid, orders in judged.items():
-        verdicts = {order: decide(orders[order]["probs"], prior) for order in ORDERS}
+        verdicts = {order: decide(probs(orders[order]), prior) for order in ORDERS}
         decided[qid] = (outcome_of(verdicts), {
-            "verdicts": {order: {"calibrated": verdicts[order], **orders[order]} for order in ORDERS},
+            "verdicts": {order: {"calibrated": verdicts[order], **orders[order].to_record()} for order in ORDERS},
             "position_prior": prior})
     return decided
 
 
-def quality(judgments: list[dict], _labels: list[dict], config: dict[str, Any]) -> dict:
+def probs(judgment: Judgment) -> dict[str, float]:
+    assert judgment.probs is not None, f"the pairwise judgment {judgment.id} has no probabilities"
+    return judgment.probs
+
+
+def quality(judgments: list[Judgment], _labels: list[Label], config: dict[str, Any]) -> dict:
     """How far the run's judge can be trusted, from its verdicts in both orders: the share of pairs whose
     winner is the same in both orders, the share of raw verdicts naming slot A, the probability mass the
     judge put on the option tokens, and the distill count under the paper's raw rule and under the
     position-calibrated one."""
-    by_query: dict[str, dict[str, dict]] = {}
+    by_query: dict[str, dict[str, Judgment]] = {}
     for j in judgments:
-        by_query.setdefault(j["query_id"], {})[j["order"]] = j
+        by_query.setdefault(j.query_id, {})[j.slot] = j
     pairs = [orders for orders in by_query.values() if set(orders) == set(ORDERS)]
     if not pairs:
         return {"kind": KIND, "pairs": 0}
-    prior = position_prior([j["probs"] for orders in pairs for j in orders.values()])
-    raw = [{o: decide(orders[o]["probs"]) for o in ORDERS} for orders in pairs]
-    calibrated = [{o: decide(orders[o]["probs"], prior) for o in ORDERS} for orders in pairs]
-    masses = [j["option_mass"] for orders in pairs for j in orders.values() if j.get("option_mass") is not None]
+    prior = position_prior([probs(j) for orders in pairs for j in orders.values()])
+    raw = [{o: decide(probs(orders[o])) for o in ORDERS} for orders in pairs]
+    calibrated = [{o: decide(probs(orders[o]), prior) for o in ORDERS} for orders in pairs]
+    masses = [j.option_mass for orders in pairs for j in orders.values() if j.option_mass is not None]
     consistency = sum(winner(ORDERS[0], v[ORDERS[0]]) == winner(ORDERS[1], v[ORDERS[1]]) for v in raw) / len(raw)
     return {
         "kind": KIND,

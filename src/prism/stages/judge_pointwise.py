@@ -20,6 +20,7 @@ from prism.config import BootstrapConfig
 from prism.engines.base import OptionProbs, Prompt
 from prism.errors import PrismError
 from prism.stages.context import StageContext
+from prism.stages.records import Judgment, Label
 
 KIND = "pointwise"
 SLOTS = ("persona", "plain")  # the answers judged, each in a prompt of its own
@@ -83,38 +84,43 @@ def outcome_of(persona: float, plain: float, margin: float) -> str:
     return "win" if difference > margin else "loss" if difference < -margin else "tie"
 
 
-def decide_queries(judged: dict[str, dict[str, dict]], config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
+def decide_queries(judged: dict[str, dict[str, Judgment]], config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
     decided = {}
     for qid, variants in judged.items():
-        scores = {v: variants[v]["score"] for v in SLOTS}
+        scores = {v: score(variants[v]) for v in SLOTS}
         decided[qid] = (outcome_of(scores["persona"], scores["plain"], config.pointwise_margin),
                         {"scores": scores, "margin": config.pointwise_margin})
     return decided
 
 
-def quality(judgments: list[dict], _labels: list[dict], config: dict[str, Any]) -> dict:
+def score(judgment: Judgment) -> float:
+    assert judgment.score is not None, f"the judgment {judgment.id} has no score"
+    return judgment.score
+
+
+def quality(judgments: list[Judgment], _labels: list[Label], config: dict[str, Any]) -> dict:
     """Whether the ratings can tell answers apart: the spread of the scores, the share of pairs whose scores lie
     within the margin (a tie), the persona wins, and the probability the judge put on the rating tokens."""
     margin = config.get("pointwise_margin", 0.5)
-    by_query: dict[str, dict[str, dict]] = {}
+    by_query: dict[str, dict[str, Judgment]] = {}
     for j in judgments:
-        by_query.setdefault(j["query_id"], {})[j["variant"]] = j
+        by_query.setdefault(j.query_id, {})[j.slot] = j
     pairs = [v for v in by_query.values() if set(v) == set(SLOTS)]
     if not pairs:
         return {"kind": KIND, "pairs": 0}
-    scores = [j["score"] for v in pairs for j in v.values()]
-    differences = [v["persona"]["score"] - v["plain"]["score"] for v in pairs]
+    scores = [score(j) for v in pairs for j in v.values()]
+    differences = [score(v["persona"]) - score(v["plain"]) for v in pairs]
     within = sum(abs(d) <= margin for d in differences) / len(pairs)
     return {
         "kind": KIND, "pairs": len(pairs), "margin": margin,
         "score_mean": statistics.fmean(scores), "score_std": statistics.pstdev(scores),
         "score_min": min(scores), "score_max": max(scores),
-        "persona_score_mean": statistics.fmean(v["persona"]["score"] for v in pairs),
-        "plain_score_mean": statistics.fmean(v["plain"]["score"] for v in pairs),
+        "persona_score_mean": statistics.fmean(score(v["persona"]) for v in pairs),
+        "plain_score_mean": statistics.fmean(score(v["plain"]) for v in pairs),
         "difference_std": statistics.pstdev(differences),
         "within_margin_share": within,
         "persona_wins": sum(d > margin for d in differences), "plain_wins": sum(d < -margin for d in differences),
-        "rating_mass_mean": statistics.fmean(j["rating_mass"] for v in pairs for j in v.values()),
+        "rating_mass_mean": statistics.fmean(j.rating_mass or 0.0 for v in pairs for j in v.values()),
         "flat": within >= FLAT_SHARE,
     }
 

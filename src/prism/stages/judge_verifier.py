@@ -10,6 +10,7 @@ from typing import Any
 from prism.config import BootstrapConfig
 from prism.errors import PrismError
 from prism.stages.context import StageContext
+from prism.stages.records import Judgment, Label
 from prism.verifiers import Verifier, load_verifier, verifier_specs
 
 KIND = "verifier"
@@ -47,33 +48,33 @@ def outcome_of(persona: float, plain: float) -> str:
     return "win" if persona > plain else "loss" if persona < plain else "tie"
 
 
-def decide_queries(judged: dict[str, dict[str, dict]], _config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
+def decide_queries(judged: dict[str, dict[str, Judgment]], _config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
     decided = {}
     for qid, variants in judged.items():
-        scores = {v: variants[v]["score"] for v in SLOTS}
-        decided[qid] = (outcome_of(scores["persona"], scores["plain"]),
-                        {"scores": scores, "verifier": variants["persona"]["verifier"]})
+        scores = {v: variants[v].score for v in SLOTS}
+        assert None not in scores.values(), f"a verifier judgment of {qid} has no score"
+        decided[qid] = (outcome_of(scores["persona"], scores["plain"]),  # type: ignore[arg-type]
+                        {"scores": scores, "verifier": variants["persona"].verifier})
     return decided
 
 
-def quality(_judgments: list[dict], labels: list[dict], _config: dict[str, Any]) -> dict:
+def quality(_judgments: list[Judgment], labels: list[Label], _config: dict[str, Any]) -> dict:
     """Per domain, the pass rate (mean score) of each side and who won, from the labels."""
-    scored = [r for r in labels if "scores" in r]
+    scored = [(r, r.scores) for r in labels if r.scores is not None]
     if not scored:
         return {"kind": KIND, "pairs": 0}
+
+    def summary(rows: list[tuple[Label, dict[str, float]]]) -> dict[str, Any]:
+        return {"persona_pass_rate": statistics.fmean(s["persona"] for _, s in rows),
+                "plain_pass_rate": statistics.fmean(s["plain"] for _, s in rows),
+                "persona_wins": sum(r.outcome == "win" for r, _ in rows)}
+
     domains: dict[str, dict[str, Any]] = {}
-    for domain in dict.fromkeys(r["domain"] for r in scored):
-        rows = [r for r in scored if r["domain"] == domain]
-        domains[domain] = {
-            "n": len(rows), "verifier": rows[0].get("verifier"),
-            "persona_pass_rate": statistics.fmean(r["scores"]["persona"] for r in rows),
-            "plain_pass_rate": statistics.fmean(r["scores"]["plain"] for r in rows),
-            "persona_wins": sum(r["outcome"] == "win" for r in rows),
-            "plain_wins": sum(r["outcome"] == "loss" for r in rows)}
-    return {"kind": KIND, "pairs": len(scored),
-            "persona_pass_rate": statistics.fmean(r["scores"]["persona"] for r in scored),
-            "plain_pass_rate": statistics.fmean(r["scores"]["plain"] for r in scored),
-            "persona_wins": sum(r["outcome"] == "win" for r in scored), "domains": domains}
+    for domain in dict.fromkeys(r.domain for r, _ in scored):
+        rows = [(r, s) for r, s in scored if r.domain == domain]
+        domains[domain] = {"n": len(rows), "verifier": rows[0][0].verifier, **summary(rows),
+                           "plain_wins": sum(r.outcome == "loss" for r, _ in rows)}
+    return {"kind": KIND, "pairs": len(scored), **summary(scored), "domains": domains}
 
 
 def format_quality(quality: dict) -> list[str]:

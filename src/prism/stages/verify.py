@@ -2,10 +2,7 @@
 module each) judges every (plain, persona) pair; a query whose persona answer won is kept for distillation
 (label 1), everything else is retained (label 0).
 
-Every judgment record has `id`, `query_id` and `kind`, then what its judge measured (pairwise: the order and
-the A/B/TIE probabilities; pointwise: the answer, its rating distribution and expected rating; verifier: the
-answer, the verifier and its score). Every label record has the query, both answers, `judge`, `outcome`
-(win, loss or tie for the persona), `label`, and the judge's evidence (`verdicts` or `scores`).
+The records it writes are `records.Judgment` and `records.Label`.
 """
 
 from __future__ import annotations
@@ -18,14 +15,12 @@ from prism.config import BootstrapConfig, persona_slug, with_new_defaults
 from prism.stages import judge_pairwise, judge_pointwise, judge_verifier
 from prism.stages.context import StageContext
 from prism.stages.queries import kept_queries
+from prism.stages.records import Judgment, Label, read_judgments
+from prism.stages.records import write_labels as write_labels_file
 from prism.verifiers import source_digest
 
 JUDGES: dict[str, ModuleType] = {"pairwise": judge_pairwise, "pointwise": judge_pointwise,
                                  "verifier": judge_verifier}
-
-
-def kind_of(judgment: dict) -> str:
-    return judgment.get("kind", "pairwise")  # records made before other judges existed are pairwise
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -33,7 +28,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     judge = JUDGES[cfg.judge]
     queries = {q["id"]: q for q in kept_queries(run_dir.read("queries"))}
     answers = {(a["query_id"], a["variant"]): a["answer"] for a in run_dir.read("answers")}
-    done = {j["id"] for j in run_dir.read("judgments")}
+    done = {j.id for j in read_judgments(run_dir)}
     jobs = [(qid, slot) for qid in queries for slot in judge.SLOTS if f"{qid}:{slot}" not in done]
     # Judged in chunks, each saved before the next starts (a kill loses one chunk at most); whatever a chunk
     # made before an error (a verifier that raises) is saved too.
@@ -41,12 +36,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
         items = [(queries[qid], answers[(qid, "persona")], answers[(qid, "plain")], slot) for qid, slot in part]
-        records: list[dict] = []
+        records: list[Judgment] = []
         try:
-            for (qid, slot), record in zip(part, judge.judge(ctx, items)):
-                records.append({"id": f"{qid}:{slot}", "query_id": qid, "kind": judge.KIND, **record})
+            for (qid, slot), measured in zip(part, judge.judge(ctx, items)):
+                records.append(Judgment(id=f"{qid}:{slot}", query_id=qid, kind=judge.KIND, **measured))
         finally:
-            run_dir.append("judgments", records)
+            run_dir.append("judgments", [j.to_record() for j in records])
     write_labels(ctx)
     return {"verifier_sources": verifier_sources(cfg)} if judge.KIND == "verifier" else {}
 
@@ -63,27 +58,24 @@ def write_labels(ctx: StageContext) -> None:
     personas = {p["id"]: p for p in run_dir.read("personas")}
     queries = kept_queries(run_dir.read("queries"))
     answers = {(a["query_id"], a["variant"]): a["answer"] for a in run_dir.read("answers")}
-    slot_of = "order" if judge.KIND == "pairwise" else "variant"
-    judged: dict[str, dict[str, dict]] = {}
-    for j in run_dir.read("judgments"):
-        if kind_of(j) == judge.KIND:
-            judged.setdefault(j["query_id"], {})[j[slot_of]] = j
+    judged: dict[str, dict[str, Judgment]] = {}
+    for j in read_judgments(run_dir):
+        if j.kind == judge.KIND:
+            judged.setdefault(j.query_id, {})[j.slot] = j
     decided = judge.decide_queries({q["id"]: judged[q["id"]] for q in queries}, cfg)
     labels = []
     for q in queries:
         outcome, evidence = decided[q["id"]]
         label = int(outcome == "win")
-        labels.append({
-            "query_id": q["id"], "persona_id": q["persona_id"], "domain": q["domain"], "query": q["query"],
-            "persona": personas[q["persona_id"]]["persona"],
-            "persona_answer": answers[(q["id"], "persona")], "plain_answer": answers[(q["id"], "plain")],
-            "judge": judge.KIND, "outcome": outcome, "label": label, "split": "distill" if label else "retain",
-            **evidence,
-        })
-    run_dir.rewrite("labels", labels)
+        labels.append(Label(
+            query_id=q["id"], persona_id=q["persona_id"], domain=q["domain"], query=q["query"],
+            persona=personas[q["persona_id"]]["persona"], persona_answer=answers[(q["id"], "persona")],
+            plain_answer=answers[(q["id"], "plain")], label=label, split="distill" if label else "retain",
+            judge=judge.KIND, outcome=outcome, **evidence))
+    write_labels_file(run_dir, labels)
 
 
-def judge_quality(judgments: list[dict], labels: list[dict], config: dict[str, Any]) -> dict:
+def judge_quality(judgments: list[Judgment], labels: list[Label], config: dict[str, Any]) -> dict:
     """The figures that say whether to trust the labels, for the judge the run's config names."""
     config = with_new_defaults(config)
     return JUDGES[config["judge"]].quality(judgments, labels, config)
@@ -102,16 +94,16 @@ def judge_warning(quality: dict) -> str | None:
     return JUDGES[quality["kind"]].warning(quality)
 
 
-def kway_classes(labels: list[dict], min_wins: int) -> tuple[list[str], dict[str, int]]:
+def kway_classes(labels: list[Label], min_wins: int) -> tuple[list[str], dict[str, int]]:
     """k-way routing's classes from the labels: "base", then the persona of each domain with at least
     `min_wins` wins (in domain order); and the domains merged into base with their win counts."""
-    wins = Counter(r["domain"] for r in labels if r["label"] == 1)
-    domains = list(dict.fromkeys(r["domain"] for r in labels))
+    wins = Counter(r.domain for r in labels if r.label == 1)
+    domains = list(dict.fromkeys(r.domain for r in labels))
     kept = [d for d in domains if wins[d] >= min_wins]
     return ["base", *(persona_slug(d) for d in kept)], {d: wins[d] for d in domains if d not in kept}
 
 
-def kway_label(record: dict, classes: list[str]) -> int:
+def kway_label(record: Label, classes: list[str]) -> int:
     """A query's k-way class: its domain's persona when that persona won and has an adapter, else base."""
-    slug = persona_slug(record["domain"])
-    return classes.index(slug) if record["label"] == 1 and slug in classes else 0
+    slug = persona_slug(record.domain)
+    return classes.index(slug) if record.label == 1 and slug in classes else 0
