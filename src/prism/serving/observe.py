@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 
 from prism.inference.artifacts import adapter_key
 from prism.serving.metrics import ServingMetrics
+from prism.serving.replies import PrismInfo, errors
 from prism.serving.request_log import RequestLog
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/route": "route"}
@@ -28,7 +30,10 @@ def request_record(request: Request) -> dict[str, Any]:
 def install_observability(app: FastAPI, metrics: ServingMetrics | None, request_log: RequestLog | None,
                           threshold: Callable[[], float]) -> None:
     if metrics is not None:
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse, responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus's text format"},
+            401: {"description": errors(401)[401]["description"], "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})  # not in /metrics' own text type
         async def prometheus_metrics() -> Response:
             metrics.threshold.set(threshold())
             body, content_type = metrics.render()
@@ -97,15 +102,15 @@ class ObserveRequests:
             if not finished:  # the client went away, or the app failed before answering
                 self.finish(endpoint, status, time.perf_counter() - started, record)
 
-def note_decision(record: dict[str, Any], metrics: ServingMetrics | None, endpoint: str, info: dict[str, Any]
-                  ) -> None:
+def note_decision(record: dict[str, Any], metrics: ServingMetrics | None, endpoint: str, info: PrismInfo) -> None:
     """A route decision into the request's record and the gate-probability histogram. A k-way adapter's route
     is recorded (and counted in the metrics) as its adapter, `persona-<persona>`."""
-    record.update({k: info[k] for k in ("route", "gate_probability", "forced", "threshold")})
-    if "persona" in info:
-        record.update(route=adapter_key(info["persona"]), persona=info["persona"])
-    if metrics is not None and not info["forced"] and info["gate_probability"] is not None:
-        metrics.gate_probability.labels(endpoint).observe(info["gate_probability"])
+    record.update(route=info.route, gate_probability=info.gate_probability, forced=info.forced,
+                  threshold=info.threshold)
+    if info.persona is not None:
+        record.update(route=adapter_key(info.persona), persona=info.persona)
+    if metrics is not None and not info.forced and info.gate_probability is not None:
+        metrics.gate_probability.labels(endpoint).observe(info.gate_probability)
 
 
 def note_first_token(record: dict[str, Any], metrics: ServingMetrics | None) -> None:

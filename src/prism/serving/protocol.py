@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prism.inference.artifacts import adapter_key
 from prism.inference.base import RouteDecision
+from prism.serving.replies import ErrorDetail, ErrorResponse, ModelCard, ModelList, PrismInfo, errors
 
 MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
 KWAY_MODEL_PREFIX = "prism-" + adapter_key("")  # prism-persona-<persona>: a k-way adapter's forced route
@@ -61,23 +62,39 @@ class ChatCompletionRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class RouteRequest(BaseModel):
-    """POST /v1/route: one conversation (`messages`) or several (`batch`), routed without generating."""
+class RouteOne(BaseModel):
+    """POST /v1/route with one conversation."""
     model_config = ConfigDict(extra="forbid")
     model: str = "prism"
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
-    batch: list[list[ChatMessage]] | None = Field(None, min_length=1, max_length=1024)
-
-    @model_validator(mode="after")
-    def one_of_messages_or_batch(self) -> RouteRequest:
-        if (self.messages is None) == (self.batch is None):
-            raise ValueError("send exactly one of messages (one conversation) or batch (a list of them)")
-        if self.batch is not None and any(not conversation for conversation in self.batch):
-            raise ValueError("every conversation of the batch needs at least one message")
-        return self
+    messages: list[ChatMessage] = Field(min_length=1)
 
     def conversations(self) -> list[list[dict[str, str]]]:
-        return [as_dicts(c) for c in ([self.messages] if self.messages is not None else self.batch or [])]
+        return [as_dicts(self.messages)]
+
+
+class RouteBatch(BaseModel):
+    """POST /v1/route with a batch of conversations."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = "prism"
+    batch: list[Annotated[list[ChatMessage], Field(min_length=1)]] = Field(min_length=1, max_length=1024)
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        return [as_dicts(c) for c in self.batch]
+
+
+def _route_request_kind(value: Any) -> str | None:
+    if isinstance(value, RouteOne | RouteBatch):
+        return "messages" if isinstance(value, RouteOne) else "batch"
+    if isinstance(value, dict) and ("messages" in value) != ("batch" in value):
+        return "messages" if "messages" in value else "batch"
+    return None
+
+
+# one conversation (`messages`) or several (`batch`), exactly one of them: a oneOf in the OpenAPI document
+RouteRequest = Annotated[
+    Annotated[RouteOne, Tag("messages")] | Annotated[RouteBatch, Tag("batch")],
+    Discriminator(_route_request_kind, custom_error_type="one_of",
+                  custom_error_message="send exactly one of messages (one conversation) or batch (a list of them)")]
 
 
 def as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -100,11 +117,13 @@ def model_route(name: str) -> tuple[str, str | None]:
     return "persona", name.removeprefix(KWAY_MODEL_PREFIX)
 
 
-def decision_info(decision: RouteDecision, threshold: float) -> dict[str, Any]:
+def decision_info(decision: RouteDecision, threshold: float) -> PrismInfo:
     """The reply's `prism` object; a k-way adapter's answer also names its persona."""
-    info = {"route": decision.route, "gate_probability": decision.gate_probability, "forced": decision.forced,
-            "threshold": threshold}
-    return info if decision.persona is None else {**info, "persona": decision.persona}
+    info = PrismInfo(route=decision.route, gate_probability=decision.gate_probability, forced=decision.forced,
+                     threshold=threshold)
+    if decision.persona is not None:
+        info.persona = decision.persona
+    return info
 
 
 class ApiError(Exception):
@@ -114,8 +133,8 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        body = ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
 def served_models(has_adapter: bool, personas: Sequence[str] = ()) -> list[str]:
@@ -136,10 +155,9 @@ def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -
     """OpenAI-format errors for every failure, the optional bearer key on /v1/, /metrics and /admin/, and
     /v1/models (shared by `prism serve` and the routing sidecar)."""
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "prism"}
-                                           for name in models]}
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401))
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in models])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -148,7 +166,8 @@ def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+        # keep what the exception says in its headers: a 405 names the allowed methods (Allow, RFC 9110)
+        return ApiError(exc.status_code, str(exc.detail), code=code).response(exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,11 +14,12 @@ from prism.errors import PrismError
 from prism.inference.base import RouteDecider
 from prism.serving.metrics import ServingMetrics
 from prism.serving.protocol import ApiError
+from prism.serving.replies import Reloaded
 
 log = logging.getLogger("prism")
 
 
-def reload_run(model: RouteDecider, metrics: ServingMetrics | None) -> dict[str, Any]:
+def reload_run(model: RouteDecider, metrics: ServingMetrics | None) -> Reloaded:
     """POST /admin/reload and SIGHUP: the run's gate, threshold and adapter read again; on failure the old
     run keeps serving and the caller gets why."""
     try:
@@ -32,7 +33,7 @@ def reload_run(model: RouteDecider, metrics: ServingMetrics | None) -> dict[str,
     if metrics is not None:
         metrics.reloads.labels("ok").inc()
     log.info("reloaded %s: threshold %.4f", model.run_path, model.threshold)
-    return {"status": "reloaded", "run": str(model.run_path), **info.to_dict()}
+    return Reloaded(run=str(model.run_path), **info.to_dict())
 
 
 def reload_on_sighup(reload: Callable[[], Any]) -> None:

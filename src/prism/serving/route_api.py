@@ -9,17 +9,26 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from prism.inference.base import RouteDecider, RouteDecision
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import note_decision, request_record
-from prism.serving.protocol import RouteRequest, check_model, decision_info, model_route, up_to_last_user_turn
+from prism.serving.protocol import (
+    RouteOne,
+    RouteRequest,
+    check_model,
+    decision_info,
+    model_route,
+    up_to_last_user_turn,
+)
 from prism.serving.reload import reload_run
+from prism.serving.replies import PrismInfo, Reloaded, RouteList, errors, reply
 
 
 async def route_conversations(body: RouteRequest, request: Request, models: list[str],
                               decide: Callable[[list[list[dict[str, str]]]], list[RouteDecision]],
-                              threshold: Callable[[], float], metrics: ServingMetrics | None) -> dict[str, Any]:
+                              threshold: Callable[[], float], metrics: ServingMetrics | None) -> JSONResponse:
     """POST /v1/route on both servers: the gate's decision for each conversation, without generating."""
     record = request_record(request)
     record["model"] = body.model
@@ -33,11 +42,11 @@ async def route_conversations(body: RouteRequest, request: Request, models: list
     infos = [decision_info(d, threshold()) for d in decisions]
     for info in infos:
         note_decision({}, metrics, "route", info)
-    if body.messages is not None:
+    if isinstance(body, RouteOne):
         note_decision(record, None, "route", infos[0])
-        return infos[0]
-    record.update(route="batch", requests=len(infos), threshold=infos[0]["threshold"])
-    return {"object": "list", "data": infos}
+        return reply(infos[0])
+    record.update(route="batch", requests=len(infos), threshold=infos[0].threshold)
+    return reply(RouteList(data=infos))
 
 
 def install_route_and_reload(app: FastAPI, target: RouteDecider, models: list[str],
@@ -46,10 +55,10 @@ def install_route_and_reload(app: FastAPI, target: RouteDecider, models: list[st
     is what SIGHUP calls."""
     app.state.reload = lambda: reload_run(target, metrics)
 
-    @app.post("/admin/reload")
-    async def admin_reload() -> dict[str, Any]:
-        return await asyncio.to_thread(app.state.reload)
+    @app.post("/admin/reload", response_model=Reloaded, responses=errors(401, 409))
+    async def admin_reload() -> JSONResponse:
+        return reply(await asyncio.to_thread(app.state.reload))
 
-    @app.post("/v1/route")
+    @app.post("/v1/route", response_model=PrismInfo | RouteList, responses=errors(400, 401, 404, 422))
     async def route(body: RouteRequest, request: Request) -> Any:
         return await route_conversations(body, request, models, target.decide, lambda: target.threshold, metrics)

@@ -16,10 +16,11 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from prism.config import with_options
 from prism.errors import ContextLengthError, PrismError
@@ -39,6 +40,21 @@ from prism.serving.protocol import (
     served_models,
 )
 from prism.serving.reload import reload_on_sighup
+from prism.serving.replies import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    ErrorDetail,
+    ErrorResponse,
+    Health,
+    PrismInfo,
+    Usage,
+    chat_responses,
+    reply,
+)
 from prism.serving.request_log import RequestLog
 from prism.serving.route_api import install_route_and_reload
 
@@ -141,16 +157,19 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
     install_openai_edges(app, config.api_key, models)
     install_observability(app, observed, request_log, lambda: model.threshold)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "run": str(model.run_path), "engine": model.engine, "adapter": model.has_adapter,
-                "threshold": model.threshold, "waiting": batcher.waiting.qsize(), "batches": batcher.batches,
-                "routing": model.routing, **({"personas": list(model.personas)} if model.personas else {})}
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        status = Health(run=str(model.run_path), engine=model.engine, adapter=model.has_adapter,
+                        threshold=model.threshold, waiting=batcher.waiting.qsize(), batches=batcher.batches,
+                        routing=model.routing)
+        if model.personas:
+            status.personas = list(model.personas)
+        return status
 
     install_route_and_reload(app, model, models, observed)
     served = Served(model, batcher, models, config.default_max_tokens, observed, request_log)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses(500))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await complete_chat(served, body, request)
 
@@ -185,7 +204,7 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
         raise _as_api_error(first)
     prism = _prism_info(first, model.threshold)
     note_decision(record, observed, "chat", prism)
-    headers = {"x-prism-route": prism["route"]}
+    headers = {"x-prism-route": prism.route}
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         chunks = _sse_chunks(job, body, completion_id, prism, record, observed)
@@ -201,13 +220,11 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
             break
     done = event.completion
     note_usage(record, done)
-    return JSONResponse({
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                     "logprobs": None if done.logprobs is None else {"content": done.logprobs},
-                     "finish_reason": _finish_reason(done.finish_reason)}],
-        "usage": _usage(done), "prism": prism,
-    }, headers=headers)
+    choice = Choice(index=0, message=AssistantMessage(content="".join(text)),
+                    logprobs=None if done.logprobs is None else {"content": done.logprobs},
+                    finish_reason=_finish_reason(done.finish_reason))
+    return reply(ChatCompletion(id=completion_id, created=int(time.time()), model=body.model, choices=[choice],
+                                usage=_usage(done), prism=prism), headers)
 
 
 def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
@@ -255,7 +272,7 @@ def _as_api_error(exc: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
 
 
-def _prism_info(event: StreamEvent, threshold: float) -> dict[str, Any]:
+def _prism_info(event: StreamEvent, threshold: float) -> PrismInfo:
     assert event.decision is not None, "the first event of a request is its route"
     return decision_info(event.decision, threshold)
 
@@ -264,42 +281,45 @@ def note_usage(record: dict[str, Any], done: Completion) -> None:
     record.update(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
 
 
-def _finish_reason(reason: str) -> str:
+def _finish_reason(reason: str) -> Literal["stop", "length"]:
     return "length" if reason == "length" else "stop"
 
 
-def _usage(done: Any) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _usage(done: Completion) -> Usage:
+    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                 total_tokens=done.prompt_tokens + done.completion_tokens)
 
 
-async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str, prism: dict[str, Any],
+def server_sent(model: BaseModel) -> str:
+    return f"data: {json.dumps(model.model_dump(mode='json'))}\n\n"
+
+
+async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str, prism: PrismInfo,
                       record: dict[str, Any], metrics: ServingMetrics | None) -> AsyncIterator[str]:
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(data)}\n\n"
+    def chunk(delta: ChunkDelta, finish: Literal["stop", "length"] | None = None, **extra: Any) -> str:
+        choice = ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish)
+        return server_sent(ChatCompletionChunk(id=completion_id, created=created, model=body.model, choices=[choice],
+                                               **extra))
 
     try:
-        yield chunk({"role": "assistant", "content": ""}, prism=prism)
+        yield chunk(ChunkDelta(role="assistant", content=""), prism=prism)
         while True:
             event = await job.events.get()
             if isinstance(event, Exception):
                 error = _as_api_error(event)
-                yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type}})}\n\n"
+                yield server_sent(ErrorResponse(error=ErrorDetail(message=error.message, type=error.type)))
                 break
             if event.delta:
                 note_first_token(record, metrics)
-                yield chunk({"content": event.delta})
+                yield chunk(ChunkDelta(content=event.delta))
             if event.completion is not None:
                 note_usage(record, event.completion)
-                yield chunk({}, _finish_reason(event.completion.finish_reason))
+                yield chunk(ChunkDelta(), _finish_reason(event.completion.finish_reason))
                 if body.stream_options and body.stream_options.include_usage:
-                    data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": body.model, "choices": [], "usage": _usage(event.completion)}
-                    yield f"data: {json.dumps(data)}\n\n"
+                    yield server_sent(ChatCompletionChunk(id=completion_id, created=created, model=body.model,
+                                                          choices=[], usage=_usage(event.completion)))
                 break
         yield "data: [DONE]\n\n"
     finally:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -42,6 +43,7 @@ from prism.serving.protocol import (
     up_to_last_user_turn,
 )
 from prism.serving.reload import reload_on_sighup
+from prism.serving.replies import ChatCompletion, Health, PrismInfo, chat_responses
 from prism.serving.request_log import RequestLog
 from prism.serving.route_api import install_route_and_reload
 
@@ -76,14 +78,30 @@ def create_sidecar_app(router: Router, sidecar: SidecarConfig, config: ServeConf
 
     install_route_and_reload(app, router, models, observed)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "run": str(router.run_path), "upstream": upstream, "threshold": router.threshold,
-                "models": upstream_names, "loaded_share_of_model": router.loaded_share, "routing": router.routing}
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(run=str(router.run_path), upstream=upstream, threshold=router.threshold, models=upstream_names,
+                      loaded_share_of_model=router.loaded_share, routing=router.routing)
 
-    @app.post("/v1/chat/completions")
+    # the body is read as sent (and forwarded so): its schema is prism serve's, documented here
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses(502),
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}})
     async def chat_completions(request: Request) -> Any:
         return await forwarder.chat(request)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the chat request's schema the handler validates by hand."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(request_schema.pop("$defs", {}))
+            schemas["ChatCompletionRequest"] = request_schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     return app
 
@@ -107,7 +125,8 @@ class Forwarder:
         check_model(parsed.model, self.models)
         decision = await asyncio.to_thread(_route, self.router, parsed)
         upstream_model = self.upstream_names[decision.adapter or "base"]
-        info = {**decision_info(decision, self.router.threshold), "upstream_model": upstream_model}
+        info = decision_info(decision, self.router.threshold)
+        info.upstream_model = upstream_model
         note_decision(record, self.metrics, "chat", info)
         if self.request_log is not None and self.request_log.log_prompts:
             record["messages"] = as_dicts(parsed.messages)
@@ -132,7 +151,8 @@ class Forwarder:
         usage = data.get("usage") or {}
         if usage.get("prompt_tokens") is not None:
             record.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens", 0))
-        return JSONResponse({**data, "model": parsed.model, "prism": info}, headers=route_header)
+        return JSONResponse({**data, "model": parsed.model, "prism": info.model_dump(mode="json")},
+                            headers=route_header)
 
     def _failed(self, kind: str) -> None:
         if self.metrics is not None:
@@ -180,7 +200,7 @@ def _upstream_error(reply: httpx2.Response, headers: dict[str, str]) -> JSONResp
                     "upstream_error").response(headers)
 
 
-async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any], record: dict[str, Any],
+async def _relay(reply: httpx2.Response, model: str, info: PrismInfo, record: dict[str, Any],
                  metrics: ServingMetrics | None) -> AsyncIterator[str]:
     """The upstream's server-sent events, each chunk renamed to the client's model; the first carries `prism`."""
     first = True
@@ -200,7 +220,7 @@ async def _relay(reply: httpx2.Response, model: str, info: dict[str, Any], recor
             if isinstance(chunk, dict) and "error" not in chunk:
                 chunk["model"] = model
                 if first:
-                    chunk["prism"], first = info, False
+                    chunk["prism"], first = info.model_dump(mode="json"), False
                 if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or []):
                     note_first_token(record, metrics)
             yield f"data: {json.dumps(chunk)}\n\n"
