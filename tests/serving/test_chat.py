@@ -50,10 +50,29 @@ def test_context_overflow_is_reported_and_the_chat_goes_on(tiny_run):
     assert "maximum context length is 60" in text and "[base · gate" in text
 
 
+# `prism chat` in a child process whose model, once its reply has begun, waits until the signal arrives: the
+# SIGINT always lands mid-answer, however fast or loaded the machine (a long greedy reply could end first)
+WAITING_CHAT = """
+import sys, time
+from prism.lm.decoding import TextStream
+
+original = TextStream.add
+
+def add_then_wait_for_the_signal(self, token):
+    delta = original(self, token)
+    while True:
+        time.sleep(0.05)
+
+TextStream.add = add_then_wait_for_the_signal
+from prism.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_real_sigint_in_the_terminal_chat(tiny_run):
     process = subprocess.Popen(
-        [sys.executable, "-m", "prism.cli", "chat", str(tiny_run), "--device", "cpu", "--max-tokens", "3000",
-         "--temperature", "0"],  # greedy: this prompt's reply runs far past the moment of the signal
+        [sys.executable, "-c", WAITING_CHAT, "chat", str(tiny_run), "--device", "cpu", "--max-tokens", "8",
+         "--temperature", "0"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -62,9 +81,9 @@ def test_real_sigint_in_the_terminal_chat(tiny_run):
         seen = ""
         deadline = time.time() + 300  # generous: a loaded CI machine starts Python + torch slowly
         while "[base · gate" not in seen:
-            assert time.time() < deadline, seen
+            assert time.time() < deadline and process.poll() is None, seen
             seen += process.stdout.readline()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)  # the reply has begun and waits for this
         process.stdin.write("/quit\n")
         process.stdin.flush()
         rest, _ = process.communicate(timeout=300)
