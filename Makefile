@@ -28,6 +28,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q
 
 # Rebuild llama-cpp-python with the portable flags (after a build that fails PRISM's start-up probe).

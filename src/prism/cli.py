@@ -75,7 +75,7 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             parser.add_argument(flag, dest=field.name, type=_comma_list, default=default,
                                 help=help_text + " (comma-separated)")
         else:
-            # a parser raises PrismError, which argparse would not report: it runs in config_from_flags
+            # a parser raises PrismError, which argparse would not report: it runs in flag_values
             kind = str if "parse" in meta else kind
             parser.add_argument(flag, dest=field.name, type=kind, default=default, choices=meta.get("choices"),
                                 help=help_text)
