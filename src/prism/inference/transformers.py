@@ -7,10 +7,9 @@ routes share one batch through PEFT's mixed-batch LoRA forward (per-row adapter 
 a batch of one route takes PEFT's plain path instead. A k-way run's adapters (one per persona) are named
 adapters of the same PeftModel, beside the binary one. The adapter weights never move.
 
-Every forward pass (a prefill, a decode step, a scoring pass) runs inside `_routed`: it holds the model's
-lock, sets PEFT's state for the pass's rows and registers the hooks that hand the LoRA layers their rows'
-adapters, and undoes all of it when the pass ends. Between the passes of a stream nothing is held, so a
-caller that never finishes a stream blocks no one.
+Every forward pass (prefill, decode step, scoring pass) runs inside `_routed`: it holds the model's lock,
+sets PEFT's state for the pass's rows and hooks the LoRA layers their rows' adapters, and undoes all of it
+when the pass ends. Between the passes of a stream nothing is held: a stream left unfinished blocks no one.
 """
 
 from __future__ import annotations
@@ -67,6 +66,10 @@ class AdapterSet:
     names: dict[str, str]
     users: int = 0
     retired: bool = False
+
+    def row_name(self, decision: RouteDecision | None) -> str | None:
+        """The PEFT adapter name a row runs with (None: none, the base route or not decided yet)."""
+        return None if decision is None or decision.adapter is None else self.names[decision.adapter]
 
 
 class PrismModel(GatedModel):
@@ -234,10 +237,6 @@ class PrismModel(GatedModel):
         if rows and enable and len(set(rows)) == 1:
             self._activate(rows[0])  # type: ignore[arg-type]
 
-    def _row_adapter(self, decision: RouteDecision | None, adapters: AdapterSet) -> str | None:
-        """The PEFT adapter name a row runs with (None: none, the base route or not decided yet)."""
-        return None if decision is None or decision.adapter is None else adapters.names[decision.adapter]
-
     @contextlib.contextmanager
     def _current_adapters(self) -> Iterator[AdapterSet]:
         """The adapter set in force, kept loaded while the caller uses it (a reload meanwhile retires it)."""
@@ -302,7 +301,7 @@ class PrismModel(GatedModel):
 
         decisions = self._early_decisions(requests, prompts)
         in_prefill = [i for i, d in enumerate(decisions) if d is None]
-        rows = [self._row_adapter(d, adapters) for d in decisions]
+        rows = [adapters.row_name(d) for d in decisions]
         ids, mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
         positions = (mask.cumsum(1) - 1).clamp(min=0)
 
@@ -312,7 +311,7 @@ class PrismModel(GatedModel):
             features = hidden[in_prefill, -1].float().cpu()
             for i, decision in zip(in_prefill, self._gate_rows([requests[i] for i in in_prefill], features)):
                 decisions[i] = decision
-                rows[i] = self._row_adapter(decision, adapters)
+                rows[i] = adapters.row_name(decision)
             self._set_routes(rows)  # before blocks 1..N-1 run
 
         with self._routed(rows):

@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse
 
 from prism.inference.artifacts import adapter_key
 from prism.serving.metrics import ServingMetrics
-from prism.serving.replies import PrismInfo, errors
+from prism.serving.protocol import PrismInfo, errors
 from prism.serving.request_log import RequestLog
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/route": "route"}

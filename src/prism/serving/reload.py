@@ -13,8 +13,7 @@ from typing import Any
 from prism.errors import PrismError
 from prism.inference.base import RouteDecider
 from prism.serving.metrics import ServingMetrics
-from prism.serving.protocol import ApiError
-from prism.serving.replies import Reloaded
+from prism.serving.protocol import ApiError, Reloaded
 
 log = logging.getLogger("prism")
 

@@ -15,15 +15,19 @@ from prism.inference.base import RouteDecider, RouteDecision
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import note_decision, request_record
 from prism.serving.protocol import (
+    PrismInfo,
+    Reloaded,
+    RouteList,
     RouteOne,
     RouteRequest,
     check_model,
     decision_info,
+    errors,
     model_route,
+    reply,
     up_to_last_user_turn,
 )
 from prism.serving.reload import reload_run
-from prism.serving.replies import PrismInfo, Reloaded, RouteList, errors, reply
 
 
 async def route_conversations(body: RouteRequest, request: Request, models: list[str],

@@ -32,18 +32,10 @@ from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
     ApiError,
-    ChatCompletionRequest,
-    check_model,
-    decision_info,
-    install_openai_edges,
-    model_route,
-    served_models,
-)
-from prism.serving.reload import reload_on_sighup
-from prism.serving.replies import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     Choice,
     ChunkChoice,
     ChunkDelta,
@@ -53,8 +45,14 @@ from prism.serving.replies import (
     PrismInfo,
     Usage,
     chat_responses,
+    check_model,
+    decision_info,
+    install_openai_edges,
+    model_route,
     reply,
+    served_models,
 )
+from prism.serving.reload import reload_on_sighup
 from prism.serving.request_log import RequestLog
 from prism.serving.route_api import install_route_and_reload
 

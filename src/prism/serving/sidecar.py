@@ -33,8 +33,12 @@ from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
 from prism.serving.protocol import (
     ApiError,
+    ChatCompletion,
     ChatCompletionRequest,
+    Health,
+    PrismInfo,
     as_dicts,
+    chat_responses,
     check_model,
     decision_info,
     install_openai_edges,
@@ -43,7 +47,6 @@ from prism.serving.protocol import (
     up_to_last_user_turn,
 )
 from prism.serving.reload import reload_on_sighup
-from prism.serving.replies import ChatCompletion, Health, PrismInfo, chat_responses
 from prism.serving.request_log import RequestLog
 from prism.serving.route_api import install_route_and_reload
 
