@@ -27,7 +27,10 @@ def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
         weight.shape)
 
 
-def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
+def write_tiny_gguf(model_dir: Path, path: Path, quantized: bool = False) -> Path:
+    """The tiny model as a GGUF: F32, or (quantized) its matrices in Q4_1 as the embedded model's are, whose
+    llama.cpp kernels give a row the same result whatever the batch (F32 matrices round differently by batch
+    size, in the 6th digit)."""
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -45,7 +48,7 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(config["hidden_size"] // n_head)
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if quantized else gguf.LlamaFileType.ALL_F32)
 
     vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
     added = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
@@ -67,7 +70,15 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     writer.add_chat_template(tokenizer_config.get("chat_template") or
                              (model_dir / "chat_template.jinja").read_text())
 
-    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    def add_matrix(name: str, weight: np.ndarray) -> None:
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        if quantized:
+            q4 = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_1)
+            writer.add_tensor(name, q4, raw_shape=q4.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        else:
+            writer.add_tensor(name, weight)
+
+    add_matrix("token_embd.weight", weights["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
     for layer in range(config["num_hidden_layers"]):
         for hf, name in PROJECTIONS.items():
@@ -76,7 +87,10 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
                 weight = _permute(weight, n_head)
             elif name == "attn_k":
                 weight = _permute(weight, n_kv)
-            writer.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(weight, dtype=np.float32))
+            if weight.ndim == 2:
+                add_matrix(f"blk.{layer}.{name}.weight", weight)
+            else:
+                writer.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(weight, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -88,7 +102,7 @@ def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queri
                              cpp_route: str | None = None) -> tuple[float, float]:
     """(share of positions with the same greedy token, largest |logit difference| / logit range) over the
     queries, teacher-forced: both models read PyTorch's own greedy reply token by token. `cpp_route`: the
-    llama.cpp context to compare (default `route`)."""
+    llama.cpp route to compare (default `route`)."""
     same = total = 0
     worst = scale = 0.0
     conversations = [[{"role": "user", "content": query}] for query in queries]
@@ -100,8 +114,9 @@ def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queri
         ids = torch.tensor([prompt + continuation])
         with torch.no_grad(), (torch_model.adapter.disable_adapter() if route == "base" else nullcontext()):
             reference = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        context = cpp_model.context(cpp_route or route)
-        ours = context.teacher_forced_logits(prompt, continuation)[:, : reference.shape[1]]
+        # llama.cpp's logits after the prompt and after each continuation token but the last
+        ours = cpp_model.llama.logits(cpp_route or route, prompt + continuation[:-1], len(prompt) - 1)
+        ours = ours[:, : reference.shape[1]]
         same += int((reference.argmax(-1) == ours.argmax(-1)).sum())
         total += len(continuation)
         worst = max(worst, float((reference - ours).abs().max()))

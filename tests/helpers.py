@@ -42,7 +42,7 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0, hidden: int = 64) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -54,7 +54,7 @@ def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0) -> Path:
     fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
         initializer_range=INIT_STD, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
         bos_token_id=fast.bos_token_id,

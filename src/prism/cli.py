@@ -201,7 +201,8 @@ def run_chat(args: argparse.Namespace) -> None:
     from prism.inference.loading import load_gated_model
     from prism.serving.chat import chat
 
-    chat(load_gated_model(args.run, LoadConfig(**flag_values(args, LoadConfig))),
+    # one conversation: llama.cpp reserves one sequence's KV cache per route
+    chat(load_gated_model(args.run, LoadConfig(**flag_values(args, LoadConfig), max_num_seqs=1)),
          ChatConfig(**flag_values(args, ChatConfig)))
 
 
@@ -276,7 +277,8 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    load, config = LoadConfig(**flag_values(args, LoadConfig)), ServeConfig(**flag_values(args, ServeConfig))
+    config = ServeConfig(**flag_values(args, ServeConfig))
+    load = LoadConfig(**flag_values(args, LoadConfig), max_num_seqs=config.max_batch_size)
     sidecar = SidecarConfig(**flag_values(args, SidecarConfig))
     if sidecar.upstream:
         from prism.serving.sidecar import serve_sidecar

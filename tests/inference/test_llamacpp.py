@@ -24,6 +24,7 @@ from prism.inference.llamacpp import LlamaCppModel
 from prism.inference.transformers import PrismModel
 from prism.lm import llama, llama_probe
 from prism.lm.decoding import SamplingParams
+from prism.lm.llama_batch import load_weights
 
 if llama.llama_cpp_missing():
     if os.environ.get("CI"):  # the project installs it: a CI without it has a broken install step
@@ -113,7 +114,7 @@ def test_stream_sampling_stop_strings_and_context_limit(cpp_model):
                                     GenerationRequest(messages, "base", SamplingParams(max_tokens=6))]))
     assert [e.index for e in events if e.decision] == [0, 1]  # every route before any text
     assert events[0].decision.route == "persona" and events[1].decision.forced
-    done = [e.completion for e in events if e.completion]
+    done = [e.completion for e in sorted(events, key=lambda e: e.index) if e.completion]  # they finish in any order
     assert len(done) == 2
     stop = done[1].text[2:4]
     if stop.strip():
@@ -124,8 +125,7 @@ def test_stream_sampling_stop_strings_and_context_limit(cpp_model):
 
 
 def test_judge_verdicts_and_stage_generation_match_transformers(cpp_model, torch_model, tiny_gguf):
-    engine = LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf),
-                                          n_ctx=512)
+    engine = LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf))
     local = LocalEngine(torch_model.lm)
     prompts = [Prompt(q, system="Compare two answers.", assistant_prefix="Verdict:") for q in QUERIES]
     with torch_model.adapter.disable_adapter():
@@ -146,7 +146,7 @@ def test_the_pointwise_judge_rates_alike_on_llama_cpp_and_transformers(torch_mod
 
     from prism.stages import judge_pointwise
 
-    engine = LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf), n_ctx=512)
+    engine = LlamaCppEngine.open(str(torch_model.run_path), torch_model.tokenizer, gguf=str(tiny_gguf))
     items = [({"query": q}, f"a persona answer to {q}", f"a plain answer to {q}", variant)
              for q in QUERIES for variant in ("persona", "plain")]
     config = SimpleNamespace(judge_max_chars=1500, batch_size=4)
@@ -200,7 +200,7 @@ def test_a_build_that_dies_in_its_probe_falls_back_once_and_is_never_loaded(monk
                                                                                tiny_gguf: Path):
     """A llama.cpp build that kills its process (SIGILL, as a -march=native build does on a CPU that advertises
     AMX it cannot run) must cost a probe subprocess, not this process: auto falls back to transformers with one
-    line saying why and how to rebuild, --engine llamacpp is a clear error, open_llama refuses, and the verdict
+    line saying why and how to rebuild, --engine llamacpp is a clear error, loading the weights refuses, and the verdict
     is cached so the probe runs once per build and GGUF."""
     monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(llama, "_warned", set())
@@ -216,7 +216,7 @@ def test_a_build_that_dies_in_its_probe_falls_back_once_and_is_never_loaded(monk
     with pytest.raises(PrismError, match="SIGILL"):
         llama.resolve_backend("llamacpp", "org/model", str(tiny_gguf))
     with pytest.raises(PrismError, match="cannot run tiny-f32.gguf"):
-        llama.open_llama(tiny_gguf, n_ctx=64)
+        load_weights(tiny_gguf)
     assert runs.read_text() == "x", "the verdict is cached: one probe for four uses"
 
 
@@ -287,7 +287,7 @@ def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     for stage in ("personas", "queries", "answers", "verify"):
         assert manifest["stages"][stage]["engine"] == {"kind": "llamacpp", "model": str(tiny_gguf),
-                                                       "threads": llama.default_threads()}
+                                                       "threads": llama.default_threads(), "sequences": 8}
     assert manifest["stages"]["gate"]["engine"]["kind"] == "transformers"
     judgments = RunDir(tmp_path / "run").read("judgments")
     assert judgments and all(j["verdict_source"] == "logits" for j in judgments)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -200,6 +200,7 @@ class GatedModel(Gates, ABC):
     engine: str  # "transformers" or "llamacpp"
     tokenizer: Any
     max_model_len: int
+    continuous = False  # True: requests join a running batch one by one (`submit`), not batch by batch (`stream`)
 
     @property
     @abstractmethod
@@ -216,6 +217,17 @@ class GatedModel(Gates, ABC):
     @abstractmethod
     def reload(self) -> ReloadResult:
         """Read the run's gates, thresholds and adapters again without dropping requests in flight."""
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[StreamEvent | BaseException], None]) -> Any:
+        """Start one request in the running batch (a continuous model only); `on_event` gets its events."""
+        raise PrismError(f"the {self.engine} backend generates batch by batch: use stream()")
+
+    def observe_steps(self, on_step: Callable[[int], None]) -> None:
+        """Have `on_step` told the number of sequences in each decode step (a continuous model only)."""
+        raise PrismError(f"the {self.engine} backend generates batch by batch")
+
+    def close(self) -> None:
+        """Free what the backend holds outside Python's memory (llama.cpp's contexts); a no-op otherwise."""
 
     def check_persona_route(self, persona: str | None = None) -> None:
         if persona is not None:

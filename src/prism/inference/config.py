@@ -14,6 +14,7 @@ from prism.lm.llama import BACKENDS
 
 ROUTING_CHOICES = ("auto", "binary", "kway")
 PERSONA_MODELS = ("auto", "merged", "lora")
+KV_CACHE_DTYPES = ("f32", "f16")
 
 
 @dataclass
@@ -25,7 +26,15 @@ class LoadConfig:
     threshold: float | None = option("route to the adapter when P(persona) >= this (default: the run's saved "
                                      "threshold)", default=None)
     device: str = option("'auto', 'cpu', 'cuda', ...", default=DEFAULT_DEVICE)
-    max_model_len: int | None = option("context window in tokens (default: the model's)", default=None)
+    max_model_len: int | None = option("context window in tokens (default: the model's; llama.cpp: at most 2048, "
+                                       "which every sequence it decodes at once reserves)", default=None)
+    max_num_seqs: int = option(
+        "llamacpp: sequences decoded together per route, each with its own KV cache of --max-model-len tokens "
+        "(prism serve sets it to its --max-batch-size, prism chat to 1)", cli=False, default=8)
+    kv_cache_dtype: str = option(
+        "llamacpp: the KV cache's type: f32 (a request gets the same tokens whatever is decoded beside it) or f16 "
+        "(half the memory; log-probabilities then move by about 1e-3 with the batch)", choices=KV_CACHE_DTYPES,
+        default="f32")
     threads: int | None = option("llamacpp: CPU threads (default: every core this process may use)", default=None)
     persona_model: str = option("llamacpp: the persona route on the merged persona GGUF (`prism export gguf "
                                 "--merged`) or on the base GGUF with the LoRA; auto takes the merged one when it "
@@ -36,11 +45,12 @@ class LoadConfig:
     trust_remote_code: bool = option("allow the model's own code from the Hub (only if you trust it)", default=False)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("engine", BACKENDS), ("persona_model", PERSONA_MODELS), ("routing", ROUTING_CHOICES)):
+        for name, allowed in (("engine", BACKENDS), ("persona_model", PERSONA_MODELS), ("routing", ROUTING_CHOICES),
+                              ("kv_cache_dtype", KV_CACHE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise PrismError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.threshold is not None:
             check_threshold(self.threshold)
-        for name in ("max_model_len", "threads"):
+        for name in ("max_model_len", "threads", "max_num_seqs"):  # None where the option allows it
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")

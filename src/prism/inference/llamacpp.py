@@ -1,26 +1,26 @@
 """LlamaCppModel: a run on llama.cpp, generation on GGUF weights, routing still PRISM's.
 
 The gate reads block 0 computed in PyTorch (`Router`: tokenizer, embeddings and block 0 only). The reply
-then comes from one of the llama.cpp contexts over the run's GGUF: the base context, or the persona context,
-which holds the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token),
-else the base GGUF with the exported LoRA; a k-way run adds one context per persona adapter (its LoRA GGUF
-on the base GGUF). One context per route keeps each route's prompt cache warm and never switches adapters
-mid-stream; benchmarks/engines.py compares them with switching the adapter per request on one context.
+then comes from one route of a `BatchedLlama` over the run's GGUF: base, or the persona route, which runs on
+the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token), else on the base
+GGUF's weights with the exported LoRA; a k-way run adds one route per persona adapter (its LoRA on the base
+weights). The base weights are loaded once; each route is a llama.cpp context of `max_num_seqs` sequences.
 
-Requests run one at a time, on a worker thread that holds the contexts while it decodes and hands each event
-to the caller through a queue: the caller's generator holds no lock, and closing it stops the worker at the
-next token.
+Requests are decoded together, continuously: each joins its route's batch when a slot is free and leaves it
+when done (`submit`, what `prism serve` uses), and `stream` does the same for a list. Each request samples
+from its own seeded generator, so its reply does not depend on what else is decoded beside it.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from prism.config import with_options
 from prism.errors import PrismError
@@ -44,35 +44,35 @@ from prism.inference.gguf_export import (
     recorded_base_gguf,
 )
 from prism.inference.router import Router
-from prism.lm.decoding import TextStream
-from prism.lm.llama import LlamaContext, base_gguf_for, check_vocabulary, open_llama
+from prism.lm.decoding import TextStream, sample_token
+from prism.lm.llama import base_gguf_for, check_vocabulary, default_threads
+from prism.lm.llama_batch import BatchedLlama, RouteSpec
+from prism.lm.llama_batch import Sequence as LlamaSequence
 from prism.lm.models import encode
 from prism.runs import EXPORT_DIR
 
 log = logging.getLogger("prism")
-DEFAULT_CONTEXT = 4096  # when the model's config names no context window
+DEFAULT_SLOT_TOKENS = 2048  # a sequence's context when --max-model-len is not given (its KV cells are reserved)
 
 
 class LlamaCppModel(GatedModel):
-    """A bootstrapped run on llama.cpp: the same `generate`/`stream`/`decide` as PrismModel."""
+    """A bootstrapped run on llama.cpp: the same `generate`/`stream`/`decide` as PrismModel, and `submit` for
+    requests that join the running batch one by one."""
 
     engine = "llamacpp"
+    continuous = True
 
-    def __init__(self, router: Router, contexts: dict[str, LlamaContext | None], *, persona_source: str = "none",
-                 max_model_len: int | None = None, opener: PersonaOpener | None = None):
+    def __init__(self, router: Router, llama: BatchedLlama, *, persona_source: str = "none",
+                 opener: PersonaRoutes | None = None):
         self.router = router
-        self.opener = opener  # how the persona contexts were opened, to open them again on a reload
+        self.opener = opener  # how the persona routes were found, to find them again on a reload
         self.run = router.run
         self._use_gates(router.gates, router.routing)
         self.tokenizer = router.lm.tokenizer
-        # one context per route: base, the binary adapter ("persona") and each k-way adapter ("persona-<persona>")
-        self.contexts = contexts
-        base = contexts["base"]
-        assert base is not None
+        self.llama = llama  # routes: base, the binary adapter ("persona") and each k-way one ("persona-<persona>")
         self.persona_source = persona_source  # "merged", "lora" or "none"
-        self.max_model_len = min(max_model_len or base.n_ctx, base.n_ctx)
-        self.eos_ids = base.stop_ids(self.tokenizer)
-        self._lock = threading.Lock()  # held by the worker while it decodes, and by a reload
+        self.max_model_len = llama.slot_tokens
+        self.eos_ids = {self.tokenizer.eos_token_id, llama.weights.token_eos()} - {None, -1}
 
     @classmethod
     def from_run(cls, run: str | Path | FinishedRun, config: LoadConfig | None = None, **options: Any
@@ -84,88 +84,97 @@ class LlamaCppModel(GatedModel):
         run = run if isinstance(run, FinishedRun) else FinishedRun.open(run, config)
         base_path = base_gguf_for(run.config, config.gguf or recorded_base_gguf(run.path))
         router = Router.from_run(run, replace(config, device="cpu"))
-        context_size = (config.max_model_len or getattr(router.lm.model.config, "max_position_embeddings", None)
-                        or DEFAULT_CONTEXT)
-        base = LlamaContext(open_llama(base_path, n_ctx=context_size, n_threads=config.threads))
-        check_vocabulary(base, router.lm.tokenizer, base_path)
-        opener = PersonaOpener(base_path, config.persona_model, context_size, config.threads)
-        contexts, source = opener.open_all(run)
-        return cls(router, {"base": base, **contexts}, persona_source=source, max_model_len=config.max_model_len,
-                   opener=opener)
+        trained = getattr(router.lm.model.config, "max_position_embeddings", None) or DEFAULT_SLOT_TOKENS
+        opener = PersonaRoutes(base_path, config.persona_model)
+        routes, source = opener.routes(run)
+        llama = BatchedLlama({"base": RouteSpec(base_path), **routes}, slots=config.max_num_seqs,
+                             slot_tokens=config.max_model_len or min(trained, DEFAULT_SLOT_TOKENS),
+                             threads=config.threads or default_threads(), kv_type=config.kv_cache_dtype)
+        try:
+            check_vocabulary(llama.weights, router.lm.tokenizer, base_path)
+        except BaseException:
+            llama.close()
+            raise
+        log.info("llama.cpp: %d routes x %d sequences x %d tokens (KV cache %.2f GB)", len(llama.routes),
+                 llama.slots, llama.slot_tokens, llama.kv_bytes() / 1e9)
+        return cls(router, llama, persona_source=source, opener=opener)
 
     @property
     def has_adapter(self) -> bool:
-        return self.contexts.get("persona") is not None
+        return adapter_key(None) in self.llama.routes
 
     def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
                ) -> list[RouteDecision]:
         return self.router.decide(conversations, routing)
 
     def reload(self) -> ReloadResult:
-        """Read the run's gates, thresholds and adapters again (re-exporting the adapters when they changed)
-        between requests: the one being generated finishes on the old persona context. A failed reload changes
-        nothing."""
+        """Read the run's gates, thresholds and adapters again (re-exporting the adapters when they changed),
+        between decode steps: requests decoding when it happens finish on the old persona routes. A failed
+        reload changes nothing."""
         if self.opener is None:
-            raise PrismError("this model was not loaded with its persona contexts' settings: restart to reload")
+            raise PrismError("this model was not loaded with its persona routes' settings: restart to reload")
         run = self._reopen()
-        opened, source = self.opener.open_all(run)
-        with self._lock:
-            old = [self.contexts[key] for key in opened]
-            self.router.use_run(run)
-            self.contexts.update(opened)
-            self.persona_source = source
-            result = self._reloaded(run, persona_model=source)
-        for context in old:
-            if context is not None:
-                context.llm.close()
-        return result
+        routes, source = self.opener.routes(run)
+        self.llama.replace_routes(routes, keep=("base",))
+        self.router.use_run(run)
+        self.persona_source = source
+        return self._reloaded(run, persona_model=source)
 
-    def context(self, route: str) -> LlamaContext:
-        """The context of a route: "base", "persona" (the binary adapter) or "persona-<k-way persona>"."""
-        context = self.contexts.get(route)
-        if context is None:
-            self.check_persona_route(None if route == "persona" else route.removeprefix("persona-"))
-        assert context is not None
-        return context
+    def close(self) -> None:
+        self.llama.close()
+
+    def observe_steps(self, on_step: Callable[[int], None]) -> None:
+        self.llama.on_step = on_step
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
-        """Each request's route first (all of them), then each request's text and completion in turn."""
+        """Each request's route first (all of them), then the requests' text deltas as they are decoded,
+        together, and each one's completion."""
         if not requests:
             return
         requests = list(requests)
-        encoded = [encode(self.tokenizer, self.prompt(r.messages, r.assistant_prefix)) for r in requests]
-        for ids, request in zip(encoded, requests):
-            self.check_length(len(ids), request.params.max_tokens)
+        encoded = [self._encode(r) for r in requests]
         decisions = self._decisions(requests)
         for i, decision in enumerate(decisions):
-            self.context(decision.adapter or "base")
+            self._route(decision)
             yield StreamEvent(i, decision=decision)
-        events: queue.Queue[StreamEvent | BaseException | None] = queue.Queue()
-        stop = threading.Event()
-        worker = threading.Thread(target=self._replies, args=(requests, decisions, encoded, events, stop),
-                                  name="prism-llamacpp", daemon=True)
-        worker.start()
+        events: queue.Queue[StreamEvent | BaseException] = queue.Queue()
+        sequences = [self._sequence(i, r, d, ids, events.put) for i, (r, d, ids) in
+                     enumerate(zip(requests, decisions, encoded))]
         try:
-            while (event := events.get()) is not None:
+            for sequence, decision in zip(sequences, decisions):
+                self.llama.submit(self._route(decision), sequence)
+            pending = len(requests)
+            while pending:
+                event = events.get()
                 if isinstance(event, BaseException):
                     raise event
                 yield event
+                pending -= event.completion is not None
         finally:
-            stop.set()  # a caller that stops listening stops the worker at its next token
+            for sequence in sequences:
+                sequence.cancel()  # a caller that stops listening frees the slots at the next step
 
-    def _replies(self, requests: list[GenerationRequest], decisions: list[RouteDecision], encoded: list[list[int]],
-                 events: queue.Queue, stop: threading.Event) -> None:
-        try:
-            with self._lock:
-                for i, (request, ids) in enumerate(zip(requests, encoded)):
-                    for event in self._reply(i, request, decisions[i], ids):
-                        if stop.is_set():
-                            return
-                        events.put(event)
-        except BaseException as exc:  # handed to the caller, who raises it
-            events.put(exc)
-        finally:
-            events.put(None)
+    def submit(self, request: GenerationRequest, on_event: Callable[[StreamEvent | BaseException], None]
+               ) -> LlamaSequence:
+        """Queue one request on its route's batch and return at once: `on_event` gets its route, its text
+        deltas and its completion (or an exception), from the decoding thread. Cancel with request.cancel."""
+        ids = self._encode(request)
+        decision = self._decisions([request])[0]
+        route = self._route(decision)
+        on_event(StreamEvent(0, decision=decision))
+        return self.llama.submit(route, self._sequence(0, request, decision, ids, on_event))
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        ids = encode(self.tokenizer, self.prompt(request.messages, request.assistant_prefix))
+        self.check_length(len(ids), request.params.max_tokens)
+        return ids
+
+    def _route(self, decision: RouteDecision) -> str:
+        """The llama.cpp route of a decision: "base", "persona" (the binary adapter) or "persona-<persona>"."""
+        route = decision.adapter or "base"
+        if route not in self.llama.routes:
+            self.check_persona_route(decision.persona)
+        return route
 
     def _decisions(self, requests: list[GenerationRequest]) -> list[RouteDecision]:
         decisions: list[RouteDecision | None] = [forced_decision(r) if r.route != "auto" else None for r in requests]
@@ -177,49 +186,62 @@ class LlamaCppModel(GatedModel):
                 decisions[i] = decision
         return decisions  # type: ignore[return-value]
 
-    def _reply(self, index: int, request: GenerationRequest, decision: RouteDecision, ids: list[int]
-               ) -> Iterator[StreamEvent]:
-        context = self.context(decision.adapter or "base")
+    def _sequence(self, index: int, request: GenerationRequest, decision: RouteDecision, ids: list[int],
+                  emit: Callable[[StreamEvent | BaseException], None]) -> LlamaSequence:
+        """The request as a llama.cpp sequence: each next-token distribution sampled with the request's own
+        generator, and its events handed to `emit`."""
         text = TextStream(self.tokenizer, request.params.stop)
         logprobs: list[dict[str, Any]] | None = [] if request.params.logprobs is not None else None
-        for token, logits in context.sample(ids, request.params):
-            events = decode_step(index, request, decision, text, logprobs, token, logits, self.eos_ids, len(ids))
-            yield from events
-            if events and events[-1].completion is not None:
-                return
+        generator = request.params.generator()
+        finished = False
+
+        def step(events: list[StreamEvent]) -> bool:
+            nonlocal finished
+            for event in events:
+                emit(event)
+            finished = bool(events) and events[-1].completion is not None
+            return finished
+
+        def on_logits(logits: torch.Tensor) -> int | None:
+            token = sample_token(logits[-1], request.params, generator)
+            events = decode_step(index, request, decision, text, logprobs, token, logits[-1], self.eos_ids, len(ids))
+            return None if step(events) else token
+
+        def on_end(error: BaseException | None) -> None:
+            if error is not None:
+                emit(error)
+            elif not finished and request.cancel is not None and request.cancel.is_set():
+                # cancelled before its next token: the completion says so (decode_step reads no token then)
+                step(decode_step(index, request, decision, text, logprobs, -1, torch.empty(0), self.eos_ids, len(ids)))
+
+        return LlamaSequence(ids, on_logits, max_new_tokens=request.params.max_tokens, on_end=on_end,
+                             stop=request.cancel)
 
 
 @dataclass
-class PersonaOpener:
-    """Opens a run's persona contexts: for the binary adapter the merged persona GGUF when one is exported (and
+class PersonaRoutes:
+    """Finds a run's persona routes: for the binary adapter the merged persona GGUF when one is exported (and
     `persona_model` allows it), else the base GGUF with the run's LoRA; for each k-way persona the base GGUF with
     that persona's LoRA. A stale or missing export is exported first."""
 
     base_path: Path
     persona_model: str  # "auto", "merged" or "lora"
-    context_size: int
-    n_threads: int | None
 
-    def open_all(self, run: FinishedRun) -> tuple[dict[str, LlamaContext | None], str]:
-        """{"persona": the binary adapter's context (None without one), "persona-<p>": each k-way persona's},
+    def routes(self, run: FinishedRun) -> tuple[dict[str, RouteSpec], str]:
+        """{"persona": the binary adapter's route (absent without one), "persona-<p>": each k-way persona's},
         and what the binary one runs on ("merged", "lora" or "none")."""
         stale = [p for p in ([None] if run.has_adapter else []) + list(run.personas)
                  if not export_is_current(run.path, self.base_path, p)]
         if stale:
             log.info("exporting the run's adapters to %s for llama.cpp", run.path / EXPORT_DIR)
             export_run(run, base_gguf=self.base_path)
-        binary, source = self._binary(run) if run.has_adapter else (None, "none")
-        kway = {adapter_key(p): self._open(self.base_path, run.path / EXPORT_DIR / kway_adapter_file(p))
-                for p in run.personas}
-        return {adapter_key(None): binary, **kway}, source
-
-    def _binary(self, run: FinishedRun) -> tuple[LlamaContext, str]:
+        routes = {adapter_key(p): RouteSpec(self.base_path, run.path / EXPORT_DIR / kway_adapter_file(p))
+                  for p in run.personas}
+        if not run.has_adapter:
+            return routes, "none"
         merged = run.path / EXPORT_DIR / MERGED_FILE
         if self.persona_model == "merged" and not merged.is_file():
             raise PrismError(f"{merged} does not exist: run `prism export gguf {run.path} --merged` first")
         if self.persona_model in ("auto", "merged") and merged.is_file():
-            return self._open(merged), "merged"
-        return self._open(self.base_path, run.path / EXPORT_DIR / ADAPTER_FILE), "lora"
-
-    def _open(self, path: Path, lora: Path | None = None) -> LlamaContext:
-        return LlamaContext(open_llama(path, lora=lora, n_ctx=self.context_size, n_threads=self.n_threads))
+            return {adapter_key(None): RouteSpec(merged), **routes}, "merged"
+        return {adapter_key(None): RouteSpec(self.base_path, run.path / EXPORT_DIR / ADAPTER_FILE), **routes}, "lora"

@@ -71,7 +71,8 @@ class Job:
 
 class Batcher:
     """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
-    waiting max_wait_s for more to arrive) and runs them as one batch."""
+    waiting max_wait_s for more to arrive) and runs them as one batch. A model that batches continuously
+    (llama.cpp) gets each request as it arrives instead, and the batch sizes are its decode steps'."""
 
     def __init__(self, model: GatedModel, max_batch_size: int, max_wait_s: float = 0.01,
                  on_batch: Callable[[int], None] | None = None):
@@ -99,10 +100,19 @@ class Batcher:
         return job
 
     def _work(self) -> None:
+        continuous = self.model.continuous
+        if continuous and self.on_batch is not None:
+            self.model.observe_steps(self._observe_step)
         while True:
             first = self.waiting.get()
             if first is None:
                 return
+            if continuous:  # the model batches itself: each request joins its running batch at once
+                try:
+                    self.model.submit(first.request, first.put)
+                except Exception as exc:
+                    first.put(exc)
+                continue
             jobs = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(jobs) < self.max_batch_size:
@@ -115,6 +125,11 @@ class Batcher:
                     break
                 jobs.append(job)
             self._run(jobs)
+
+    def _observe_step(self, size: int) -> None:
+        self.batches += 1
+        assert self.on_batch is not None
+        self.on_batch(size)
 
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1

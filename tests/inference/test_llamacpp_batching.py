@@ -1,0 +1,208 @@
+"""Continuous batching on llama.cpp (prism.lm.llama_batch): a request's tokens do not depend on what is decoded
+beside it (routes mixed), a cancelled request frees its slot, a prompt beyond a slot is refused without touching
+the others, and a bootstrap on this engine resumes to the records of an uninterrupted one.
+
+The base GGUF here is the tiny model in Q4_1, as the embedded model is: llama.cpp's quantized kernels give a
+row the same result whatever the batch, where F32 matrices round differently by batch size (6th digit)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+import torch
+
+from gguf_helpers import write_tiny_gguf
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer
+from prism.errors import ContextLengthError
+from prism.inference.base import GenerationRequest
+from prism.inference.gguf_export import export_gguf
+from prism.inference.llamacpp import LlamaCppModel
+from prism.lm.decoding import SamplingParams
+from prism.lm.llama_batch import Sequence
+from prism.runs import RunDir
+from prism.stages.pipeline import bootstrap
+
+pytest.importorskip("llama_cpp")
+QUERIES = PERSONA_QUERIES + BASE_QUERIES + ["Name three colors.", "Why is the sky blue? Tell me in detail."]
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-q4_1.gguf", quantized=True)
+
+
+@pytest.fixture(scope="module")
+def q4_run(tiny_run: Path, q4_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("q4-run") / "run"
+    shutil.copytree(tiny_run, run)
+    export_gguf(run, base_gguf=q4_gguf, merged=True)  # the merged persona model in Q8_0: quantized kernels too
+    return run
+
+
+def load(run: Path, gguf: Path, **options) -> LlamaCppModel:
+    return LlamaCppModel.from_run(run, gguf=gguf, persona_model="merged", max_model_len=256, **options)
+
+
+def requests() -> list[GenerationRequest]:
+    """Greedy and seeded sampled requests on every route (gate-routed, forced base, forced persona)."""
+    made = []
+    for i, query in enumerate(QUERIES):
+        route = ("auto", "base", "persona")[i % 3]
+        sampling = {"temperature": 0.9, "top_p": 0.9, "seed": i} if i % 2 else {}
+        made.append(GenerationRequest([{"role": "user", "content": query}], route,
+                                      SamplingParams(max_tokens=12 + 3 * i, ignore_eos=True, logprobs=0, **sampling)))
+    return made
+
+
+def reply(completion) -> tuple:
+    return completion.route, completion.text, [entry["logprob"] for entry in completion.logprobs]
+
+
+def test_a_batch_of_requests_gets_what_each_gets_alone(q4_run, q4_gguf):
+    together = load(q4_run, q4_gguf, max_num_seqs=8)
+    batched = [reply(c) for c in together.generate_batch(requests())]
+    together.close()
+    alone = []
+    for request in requests():
+        model = load(q4_run, q4_gguf, max_num_seqs=8)  # a fresh model each: nothing cached from another request
+        alone.append(reply(model.generate_batch([request])[0]))
+        model.close()
+    assert {route for route, *_ in batched} == {"base", "persona"}
+    assert batched == alone  # the same tokens and the same log-probabilities, to the last bit
+
+
+def within(seconds: float, work):
+    """work()'s result, or a failure when it has not returned in time (a request stuck in its slot waits forever)."""
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(work()), daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    assert result, f"still waiting after {seconds} s: a slot was never freed"
+    return result[0]
+
+
+def test_a_cancelled_request_frees_its_slot(q4_run, q4_gguf):
+    model = load(q4_run, q4_gguf, max_num_seqs=1)  # one slot per route: a request left in it blocks the next
+    try:
+        cancel = threading.Event()
+        long = GenerationRequest([{"role": "user", "content": BASE_QUERIES[0]}], "base",
+                                 SamplingParams(max_tokens=200, ignore_eos=True), cancel=cancel)
+        stream = model.stream([long])
+        assert next(stream).decision is not None and next(stream).delta is not None
+        cancel.set()
+        done = within(60, lambda: next(e.completion for e in stream if e.completion is not None))
+        assert done.finish_reason == "cancelled" and done.completion_tokens < 200
+        abandoned = model.stream([GenerationRequest([{"role": "user", "content": BASE_QUERIES[1]}], "base",
+                                                    SamplingParams(max_tokens=200, ignore_eos=True))])
+        assert next(abandoned).decision is not None
+        assert within(60, lambda: next(abandoned)).delta is not None
+        abandoned.close()  # the caller stops listening: its sequence is cancelled at the next step
+        finished = within(60, lambda: model.generate(QUERIES[4], route="base", max_tokens=4))
+        assert finished.completion_tokens == 4
+        assert model.llama.route("base").active() == 0
+    finally:
+        model.close()
+
+
+def test_a_prompt_beyond_a_slot_is_refused_and_the_others_decode_unchanged(q4_run, q4_gguf):
+    from prism.serving.server import create_app
+
+    model = load(q4_run, q4_gguf, max_num_seqs=4)
+    expected = model.generate(PERSONA_QUERIES[0], route="persona", max_tokens=60).text
+    live = LiveServer(create_app(model, default_max_tokens=60)).start()
+    try:
+        with httpx2.Client(base_url=live.url, timeout=120) as http:
+            texts = []
+
+            def streamed() -> None:
+                body = {"model": "prism-persona", "stream": True, "max_tokens": 60, "temperature": 0,
+                        "messages": [{"role": "user", "content": PERSONA_QUERIES[0]}]}
+                with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    events = [json.loads(line[6:]) for line in response.iter_lines()
+                              if line.startswith("data: {")]
+                texts.append("".join(c["choices"][0]["delta"].get("content", "") for c in events if c["choices"]))
+
+            worker = threading.Thread(target=streamed)
+            worker.start()
+            time.sleep(0.2)
+            too_long = http.post("/v1/chat/completions", json={
+                "model": "prism-persona", "max_tokens": 8, "messages": [{"role": "user", "content": "word " * 400}]})
+            worker.join(timeout=120)
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+        assert texts == [expected]
+        with pytest.raises(ContextLengthError, match="256-token sequences"):
+            model.llama.submit("persona", Sequence(list(range(250)), lambda _logits: None, max_new_tokens=10))
+    finally:
+        live.stop()
+        model.close()
+
+
+def test_a_bootstrap_on_llama_cpp_killed_midway_resumes_to_the_records_of_an_uninterrupted_one(
+        tiny_config, q4_gguf, tmp_path, monkeypatch):
+    config = tiny_config(domains=["math", "safety"], queries_per_persona=4, batch_size=3, answer_temperature=1.0,
+                         engine="llamacpp", gguf=str(q4_gguf), distill_epochs=1)
+    bootstrap(config, tmp_path / "whole")
+    append = RunDir.append
+    saved = []
+
+    def killed_after_two_answers(self: RunDir, name: str, records) -> None:
+        if name == "answers" and len(saved) == 2:
+            raise KeyboardInterrupt  # in-process stand-in for SIGKILL: the stage stops between two saves
+        append(self, name, records)
+        if name == "answers":
+            saved.append(name)
+
+    monkeypatch.setattr(RunDir, "append", killed_after_two_answers)
+    with pytest.raises(KeyboardInterrupt):
+        bootstrap(config, tmp_path / "resumed")
+    monkeypatch.setattr(RunDir, "append", append)
+    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
+    assert 0 < len(resumed.read("answers")) < len(whole.read("answers"))
+    bootstrap(config, tmp_path / "resumed")
+    for name in ("personas", "queries", "answers", "judgments", "labels"):
+        assert sorted(resumed.read(name), key=lambda r: json.dumps(r, sort_keys=True)) == \
+            sorted(whole.read(name), key=lambda r: json.dumps(r, sort_keys=True)), name
+
+
+@pytest.mark.e2e
+def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_alone():
+    """On the embedded model: llama.cpp split three prompts of 32-34 tokens sharing one decode into ubatches of
+    equal ones and the third came out 0.46 off in a logit; the engine prefills each prompt in a decode of its own."""
+    from prism.lm.llama_batch import BatchedLlama, RouteSpec
+    from prism.lm.models import embedded_gguf_path
+
+    def first_logits(llama: BatchedLlama, prompts: list[list[int]]) -> list:
+        rows: dict[int, object] = {}
+
+        def keep(index: int):
+            def on_logits(logits: torch.Tensor) -> None:
+                rows[index] = logits[-1].clone()
+            return on_logits
+
+        llama.run("base", [Sequence(ids, keep(i)) for i, ids in enumerate(prompts)])
+        return [rows[i] for i in range(len(prompts))]
+
+    system = "<|im_start|>system\nYou are a careful expert who answers briefly.<|im_end|>\n"
+    texts = [f"{system}<|im_start|>user\nTell me about topic number {i} and {'more ' * i}.<|im_end|>\n"
+             "<|im_start|>assistant\n" for i in range(3)]
+    llama = BatchedLlama({"base": RouteSpec(embedded_gguf_path())}, slots=3, slot_tokens=256, threads=2,
+                         kv_type="f32")
+    try:
+        prompts = [llama.weights.tokenize(t.encode(), False, True) for t in texts]
+        assert [len(p) for p in prompts] == [32, 33, 34]
+        together = first_logits(llama, prompts)
+    finally:
+        llama.close()
+    for prompt, batched in zip(prompts, together):
+        alone = BatchedLlama({"base": RouteSpec(embedded_gguf_path())}, slots=3, slot_tokens=256, threads=2,
+                             kv_type="f32")
+        try:
+            assert torch.equal(first_logits(alone, [prompt])[0], batched)
+        finally:
+            alone.close()
