@@ -1,46 +1,42 @@
-"""The llama.cpp engine against transformers and against plain llama-cpp-python, on the embedded model.
-Every ratio compares systems measured side by side in this one run (interleaved, so drift hits all alike):
+"""llama.cpp's batched decoding against llama.cpp one request at a time and against transformers, on the
+embedded model, every ratio measured side by side in this one run:
 
-1. decode speed at batch 1, greedy: tokens per second after the first token, from (N - 1) / (T(N) - T(1)),
-   where T(n) is a request's wall time for n new tokens (end-of-text ignored), each from a cold prompt.
-   Systems: transformers (PrismModel, base and adapter route), the llama.cpp engine (base route, adapter
-   route on the LoRA GGUF, adapter route on the merged persona GGUF, and gated), plain llama-cpp-python
-   on the same GGUF (with and without the LoRA; its own generate loop and C sampler), and one llama.cpp
-   context that switches the adapter on or off per request (the engine's decode loop);
-2. time to first token of `prism serve` on each engine (streaming requests over loopback);
-3. the bootstrap's generating stages: answers (batched transformers vs llama.cpp one prompt at a time)
-   and judge verdicts.
+1. aggregate decode tok/s at 1, 8 and 32 concurrent streams (greedy, base route, end-of-text ignored):
+   N * (T - 1) / (W(T) - W(1)), where W(n) is the wall time of N requests of n new tokens each, so prefill
+   and the first token are left out. Systems: llama.cpp batched (`max_num_seqs` = 32), llama.cpp one at a
+   time (`max_num_seqs` = 1, what `prism chat` uses) and transformers batched (PrismModel);
+2. `prism serve` in its own process under 32 and 64 concurrent streaming clients (model 'prism', gated,
+   temperature 0.7), each engine in turn: tok/s in all, p50/p95 latency, p50/p95 time to first token;
+3. the tiny and small presets end to end (`prism bootstrap`) on each engine (full mode only).
 
-    .venv/bin/python benchmarks/engines.py [--run runs/small] [--tokens 64] [--rounds 3]
+    .venv/bin/python benchmarks/engines.py [--run runs/bench] [--tokens 64] [--quick] [--json FILE]
 
-The run needs an adapter and a gate (`prism bootstrap --preset tiny --out runs/bench` makes one).
+--quick measures only the two headline ratios (llama.cpp at 32 streams over one at a time, and prism serve
+on llama.cpp over transformers at 32 clients). The run needs an adapter and a gate; if --run has none, a
+tiny-preset bootstrap makes one there first (a few minutes).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
+import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prism.engines.base import Prompt
-from prism.engines.llamacpp import LlamaCppEngine
-from prism.engines.local import LocalEngine
-from prism.inference.base import GenerationRequest
-from prism.inference.gguf_export import ADAPTER_FILE, EXPORT_DIR, MERGED_FILE, export_gguf
-from prism.inference.llamacpp import LlamaCppModel
-from prism.inference.transformers import PrismModel
+from prism import bootstrap, load_gated_model, resolve_config
+from prism.inference.base import GatedModel, GenerationRequest
 from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
-from prism.lm.llama import LlamaContext, default_threads, open_llama
-from prism.lm.models import embedded_gguf_path, encode
+from prism.runs import RunDir
 from prism.serving.server import wait_until_healthy
 
 QUERIES = [
@@ -48,210 +44,173 @@ QUERIES = [
     "What is the capital of Australia?",
     "How should I store household chemicals safely?",
     "Explain recursion to a ten-year-old.",
+    "Give me three tips for a job interview.",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How do I make a cup of green tea?",
 ]
 
 
-def request_time(model, query: str, route: str, tokens: int) -> float:
-    # Every timed request starts from an empty prompt cache, as plain llama-cpp-python's reset does: with
-    # the cache kept, T(N) would follow T(1) of the same prompt and skip its prefill, inflating the rate.
-    for context in getattr(model, "contexts", {}).values():
-        if context is not None:
-            context.forget()
+def queries(count: int) -> list[str]:
+    # distinct prompts, so no stream reuses another's cached prefix
+    return [f"{QUERIES[i % len(QUERIES)]} (request {i})" for i in range(count)]
+
+
+def wall(model: GatedModel, prompts: list[str], tokens: int) -> float:
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    requests = [GenerationRequest([{"role": "user", "content": q}], "base", params) for q in prompts]
     started = time.perf_counter()
-    done = model.generate_batch([GenerationRequest([{"role": "user", "content": query}], route, params)])[0]
-    assert done.completion_tokens == tokens, done
-    return time.perf_counter() - started
+    done = model.generate_batch(requests)
+    elapsed = time.perf_counter() - started
+    assert all(c.completion_tokens == tokens for c in done), [c.completion_tokens for c in done]
+    return elapsed
 
 
-def plain_time(llm, prompt_ids: list[int], tokens: int) -> float:
-    """llama-cpp-python's own generate loop (its C sampler, greedy), no PRISM around it."""
-    llm.reset()
-    started = time.perf_counter()
-    for count, _token in enumerate(llm.generate(prompt_ids, temp=0.0, reset=True), start=1):
-        if count == tokens:
-            break
-    return time.perf_counter() - started
+def decode_rate(model: GatedModel, streams: int, tokens: int) -> float:
+    prompts = queries(streams)
+    wall(model, prompts, 2)  # warm-up: the same prompts, so both timed calls find them in the prompt cache alike
+    short, long = wall(model, prompts, 1), wall(model, prompts, tokens)
+    return streams * (tokens - 1) / max(long - short, 1e-9)
 
 
-class SwitchingContext:
-    """One llama.cpp context whose LoRA is set or cleared per request (llama_set_adapters_lora), decoded by
-    the engine's own loop. The KV cache of a prompt made under the other setting is stale, so a switch
-    drops the prompt cache."""
-
-    def __init__(self, base_gguf: Path, lora: Path, n_ctx: int):
-        import llama_cpp
-
-        self.api = llama_cpp
-        self.context = LlamaContext(open_llama(base_gguf, n_ctx=n_ctx))
-        self.adapter = llama_cpp.llama_adapter_lora_init(self.context.llm.model, str(lora).encode())
-        self.on: bool | None = None
-
-    def use(self, adapter_on: bool) -> None:
-        if adapter_on == self.on:
-            return
-        ctx = self.context.llm.ctx
-        if adapter_on:
-            adapters = (self.api.llama_adapter_lora_p_ctypes * 1)(self.adapter)
-            self.api.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-        else:
-            self.api.llama_set_adapters_lora(ctx, None, 0, None)
-        self.context.forget()
-        self.on = adapter_on
-
-    def time(self, prompt_ids: list[int], tokens: int, adapter_on: bool) -> float:
-        started = time.perf_counter()
-        self.use(adapter_on)
-        self.context.forget()  # a cold prompt every time, like every other system here
-        logits = self.context.prefill(prompt_ids)
-        for _ in range(tokens - 1):
-            logits = self.context.step(int(logits.argmax()))
-        return time.perf_counter() - started
+def decode_speeds(run: str, stream_counts: list[int], tokens: int) -> dict[str, dict[int, float]]:
+    systems = {"llama.cpp batched": dict(engine="llamacpp", max_num_seqs=max(stream_counts)),
+               "llama.cpp one at a time": dict(engine="llamacpp", max_num_seqs=1),
+               "transformers batched": dict(engine="transformers")}
+    models = {name: load_gated_model(run, **options) for name, options in systems.items()}
+    rates: dict[str, dict[int, float]] = {name: {} for name in systems}
+    print(f"1. aggregate decode tok/s, base route, greedy, {tokens} tokens per stream")
+    for streams in stream_counts:  # the systems interleaved at each count, so drift hits them alike
+        for name, model in models.items():
+            rates[name][streams] = decode_rate(model, streams, tokens)
+        print(f"   {streams:>2} streams: " + ", ".join(f"{name} {rates[name][streams]:6.1f}" for name in systems))
+    for model in models.values():
+        model.close()
+    return rates
 
 
-def decode_speeds(run: Path, tokens: int, rounds: int) -> dict[str, float]:
-    torch_model = PrismModel.from_run(run, device="cpu")
-    lora_model = LlamaCppModel.from_run(run, persona_model="lora", max_model_len=2048)
-    merged_model = LlamaCppModel.from_run(run, persona_model="merged", max_model_len=2048)
-    base_gguf = embedded_gguf_path()
-    plain = open_llama(base_gguf, n_ctx=2048)
-    plain_lora = open_llama(base_gguf, lora=run / EXPORT_DIR / ADAPTER_FILE, n_ctx=2048)
-    switching = SwitchingContext(base_gguf, run / EXPORT_DIR / ADAPTER_FILE, 2048)
-    prompts = {q: encode(torch_model.tokenizer, torch_model.prompt([{"role": "user", "content": q}])) for q in QUERIES}
-
-    systems: dict[str, Callable[[str, int], float]] = {
-        "transformers base": lambda q, n: request_time(torch_model, q, "base", n),
-        "transformers adapter": lambda q, n: request_time(torch_model, q, "persona", n),
-        "llamacpp base": lambda q, n: request_time(lora_model, q, "base", n),
-        "llamacpp adapter (LoRA)": lambda q, n: request_time(lora_model, q, "persona", n),
-        "llamacpp adapter (merged)": lambda q, n: request_time(merged_model, q, "persona", n),
-        "llamacpp gated (auto)": lambda q, n: request_time(merged_model, q, "auto", n),
-        "plain llama-cpp-python": lambda q, n: plain_time(plain, prompts[q], n),
-        "plain llama-cpp-python + LoRA": lambda q, n: plain_time(plain_lora, prompts[q], n),
-        "one context, adapter switched per request: on": lambda q, n: switching.time(prompts[q], n, True),
-        "one context, adapter switched per request: off": lambda q, n: switching.time(prompts[q], n, False),
-    }
-    for run_once in systems.values():  # warm up: first calls allocate buffers
-        run_once(QUERIES[0], 2)
-    full: dict[str, list[float]] = {name: [] for name in systems}
-    first: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(rounds):
-        for query in QUERIES:
-            for name, run_once in systems.items():
-                first[name].append(run_once(query, 1))
-                full[name].append(run_once(query, tokens))
-    speeds = {}
-    print(f"1. decode speed, batch 1, greedy, {tokens} tokens, {len(QUERIES)} prompts x {rounds} rounds, "
-          f"llama.cpp threads {default_threads()}")
-    for name in systems:
-        decode = (tokens - 1) / (statistics.median(full[name]) - statistics.median(first[name]))
-        speeds[name] = decode
-        print(f"   {name:<48} {decode:7.1f} tok/s   (first token {1000 * statistics.median(first[name]):6.1f} ms)")
-    gated = merged_model.decide([[{"role": "user", "content": q}] for q in QUERIES])
-    print(f"   (the gate sends {sum(d.route == 'persona' for d in gated)} of {len(QUERIES)} prompts to the adapter)")
-    ratio = speeds["llamacpp base"] / speeds["transformers base"]
-    print(f"   llama.cpp engine / transformers, base route: {ratio:.2f}x (target >= 4)")
-    ratio = speeds["llamacpp adapter (LoRA)"] / speeds["transformers adapter"]
-    print(f"   llama.cpp engine / transformers, adapter route (LoRA): {ratio:.2f}x")
-    ratio = speeds["llamacpp adapter (merged)"] / speeds["transformers adapter"]
-    print(f"   llama.cpp engine / transformers, adapter route (merged): {ratio:.2f}x")
-    print(f"   llama.cpp engine / plain llama-cpp-python, base route: "
-          f"{speeds['llamacpp base'] / speeds['plain llama-cpp-python']:.3f} (target >= 0.9)")
-    print(f"   llama.cpp engine / plain llama-cpp-python, LoRA route: "
-          f"{speeds['llamacpp adapter (LoRA)'] / speeds['plain llama-cpp-python + LoRA']:.3f} (target >= 0.9)")
-    print(f"   llama.cpp engine gated / plain llama-cpp-python: "
-          f"{speeds['llamacpp gated (auto)'] / speeds['plain llama-cpp-python']:.3f}")
-    return speeds
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def first_token_ms(url: str, model: str, query: str) -> float:
-    body = json.dumps({"model": model, "stream": True, "max_tokens": 8, "temperature": 0,
-                       "messages": [{"role": "user", "content": query}]}).encode()
-    request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=120) as response:
-        for line in response:
-            if line.startswith(b"data: ") and b'"content": "' in line and b'"content": ""' not in line:
-                elapsed = time.perf_counter() - started
-                response.read()
-                return 1000 * elapsed
-    raise RuntimeError("the stream held no text")
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, round(share * len(ordered)) - 1)]
 
 
-def serve_first_token(run: Path, rounds: int) -> None:
-    servers, ports = {}, {"transformers": 8731, "llamacpp": 8732}
+def serve_load(run: str, engine: str, clients: int, tokens: int) -> dict[str, float]:
+    import openai
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", run, "--port", str(port),
+                               "--engine", engine, "--max-batch-size", "32"], stderr=subprocess.DEVNULL)
     try:
-        for engine, port in ports.items():
-            servers[engine] = subprocess.Popen(
-                [sys.executable, "-m", "prism.cli", "serve", str(run), "--engine", engine, "--port", str(port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for engine, port in ports.items():
-            wait_until_healthy(f"http://127.0.0.1:{port}", process=servers[engine])
-        times: dict[str, list[float]] = {engine: [] for engine in ports}
-        for port in ports.values():
-            first_token_ms(f"http://127.0.0.1:{port}", "prism", QUERIES[0])  # warm up
-        for _ in range(rounds):
-            for query in QUERIES:
-                for engine, port in ports.items():
-                    times[engine].append(first_token_ms(f"http://127.0.0.1:{port}", "prism", query))
-        median = {engine: statistics.median(values) for engine, values in times.items()}
-        print(f"2. prism serve, time to first token (streaming, model prism, gated), median of {len(times['llamacpp'])}"
-              f" requests: transformers {median['transformers']:.1f} ms, llamacpp {median['llamacpp']:.1f} ms "
-              f"-> {median['transformers'] / median['llamacpp']:.2f}x faster")
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=300, process=server)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=900)
+        prompts = queries(clients)
+
+        def one(index: int) -> tuple[float, float, int]:
+            started = time.perf_counter()
+            first, produced = None, 0
+            chunks = client.chat.completions.create(
+                model="prism", messages=[{"role": "user", "content": prompts[index]}], max_tokens=tokens,
+                temperature=0.7, seed=index, stream=True, stream_options={"include_usage": True})
+            for chunk in chunks:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - started
+                if chunk.usage is not None:
+                    produced = chunk.usage.completion_tokens
+            latency = time.perf_counter() - started
+            return latency, latency if first is None else first, produced
+
+        one(0)  # warm-up
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, range(clients)))
+        elapsed = time.perf_counter() - started
     finally:
-        for process in servers.values():
-            process.terminate()
-            process.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=60)
+    latencies, ttft = [r[0] for r in results], [r[1] for r in results]
+    return {"tok_s": sum(r[2] for r in results) / elapsed, "p50_s": statistics.median(latencies),
+            "p95_s": percentile(latencies, 0.95), "ttft_p50_s": statistics.median(ttft),
+            "ttft_p95_s": percentile(ttft, 0.95)}
 
 
-def stage_speeds(run: Path, prompts_count: int, tokens: int) -> None:
-    torch_model = PrismModel.from_run(run, device="cpu")
-    local = LocalEngine(torch_model.lm)
-    cpp = LlamaCppEngine.open("embedded", torch_model.tokenizer, n_ctx=2048)
-    persona = "You are a meticulous expert who answers with care and structure."
-    prompts = [Prompt(QUERIES[i % len(QUERIES)] + f" (variant {i})", system=persona) for i in range(prompts_count)]
+def serve_loads(run: str, client_counts: list[int], tokens: int) -> dict[str, dict[int, dict[str, float]]]:
+    print(f"2. prism serve, model 'prism', streaming clients, up to {tokens} tokens each, temperature 0.7, "
+          "--max-batch-size 32")
+    results: dict[str, dict[int, dict[str, float]]] = {"llamacpp": {}, "transformers": {}}
+    for clients in client_counts:
+        for engine in results:
+            r = results[engine][clients] = serve_load(run, engine, clients, tokens)
+            print(f"   {engine:>12}, {clients} clients: {r['tok_s']:6.1f} tok/s, latency p50 {r['p50_s']:.1f} s "
+                  f"p95 {r['p95_s']:.1f} s, first token p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s")
+    return results
 
-    def answers(engine, batch_size: int) -> tuple[float, int]:
-        started = time.perf_counter()
-        made = sum(g.new_tokens for _, batch in engine.generate(prompts, max_new_tokens=tokens, temperature=0.7,
-                                                                  seeds=range(len(prompts)), batch_size=batch_size)
-                   for g in batch)
-        return time.perf_counter() - started, made
 
-    judge = [Prompt(f"Question: {q}\nAnswer A: yes.\nAnswer B: no.\nWhich answer is better? Reply A, B or TIE.",
-                    assistant_prefix="Verdict:") for q in QUERIES * 4]
-
-    def verdicts(engine) -> float:
-        started = time.perf_counter()
-        engine.option_probs(judge, ["A", "B", "TIE"], batch_size=16)
-        return time.perf_counter() - started
-
-    with torch_model.adapter.disable_adapter():
-        local_time, local_tokens = answers(local, 16)
-        cpp_time, cpp_tokens = answers(cpp, 16)
-        local_judge, cpp_judge = verdicts(local), verdicts(cpp)
-    print(f"3. bootstrap stages: {prompts_count} persona answers of up to {tokens} tokens (temperature 0.7): "
-          f"transformers batch 16 {local_tokens / local_time:.1f} tok/s ({local_time:.1f} s), "
-          f"llama.cpp one at a time {cpp_tokens / cpp_time:.1f} tok/s ({cpp_time:.1f} s) -> "
-          f"llama.cpp/transformers {(cpp_tokens / cpp_time) / (local_tokens / local_time):.2f}")
-    print(f"   {len(judge)} judge verdicts: transformers {local_judge:.2f} s, llama.cpp {cpp_judge:.2f} s")
+def preset_times(presets: list[str]) -> dict[str, dict[str, float]]:
+    print("3. prism bootstrap end to end (default domains), wall time")
+    times: dict[str, dict[str, float]] = {}
+    for preset in presets:
+        times[preset] = {}
+        for engine in ("llamacpp", "transformers"):
+            out = Path(tempfile.mkdtemp(prefix=f"prism-{preset}-{engine}-"))
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "prism.cli", "bootstrap", "--preset", preset, "--engine", engine,
+                            "--out", str(out / "run")], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            times[preset][engine] = time.perf_counter() - started
+            stages = json.loads((out / "run" / "manifest.json").read_text()).get("stages", {})
+            seconds = {name: round(s.get("seconds", 0.0)) for name, s in stages.items() if isinstance(s, dict)}
+            print(f"   {preset:>5} on {engine:>12}: {times[preset][engine] / 60:.1f} min  {seconds}")
+            shutil.rmtree(out)
+    return times
 
 
 def main() -> None:
     silence_library_warnings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/small")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--stage-prompts", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="runs/bench")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream or request")
+    parser.add_argument("--quick", action="store_true", help="only the two headline ratios (under 10 minutes)")
+    parser.add_argument("--json", help="write the measurements and ratios to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    run = Path(args.run)
-    if not (run / EXPORT_DIR / MERGED_FILE).is_file():
-        export_gguf(run, merged=True)
-    decode_speeds(run, args.tokens, args.rounds)
-    serve_first_token(run, args.rounds)
-    stage_speeds(run, args.stage_prompts, args.tokens)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    run = RunDir(args.run)
+    if not run.exists() or run.stage_status("distill") not in ("done", "skipped"):
+        print(f"no finished run in {args.run}: bootstrapping the tiny preset there first")
+        bootstrap(resolve_config(preset="tiny"), args.run)
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+
+    rates = decode_speeds(args.run, [32] if args.quick else [1, 8, 32], args.tokens)
+    loads = serve_loads(args.run, [32] if args.quick else [32, 64], args.tokens)
+    batched = rates["llama.cpp batched"]
+    ratios = {"llamacpp_batched_32_over_single": batched[32] / rates["llama.cpp one at a time"][32],
+              "llamacpp_batched_32_over_transformers_32": batched[32] / rates["transformers batched"][32]}
+    for clients in loads["llamacpp"]:
+        ratios[f"serve_llamacpp_over_transformers_{clients}"] = (loads["llamacpp"][clients]["tok_s"]
+                                                                 / loads["transformers"][clients]["tok_s"])
+    presets = {} if args.quick else preset_times(["tiny", "small"])
+    for preset, times in presets.items():
+        ratios[f"{preset}_transformers_over_llamacpp"] = times["transformers"] / times["llamacpp"]
+    print("ratios: " + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items()))
+    print("targets: llamacpp_batched_32_over_single >= 4, serve_llamacpp_over_transformers_32 >= 3, "
+          "small preset <= 5 min")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "tokens": args.tokens, "decode_tok_s": rates,
+                                               "serve": loads, "bootstrap_s": presets, "ratios": ratios},
+                                              indent=2) + "\n")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -1,70 +1,142 @@
-"""The bootstrap engine on llama.cpp: the generating stages and the judge, one prompt at a time over one
-`LlamaContext` (the run's tokenizer renders and tokenizes)."""
+"""The bootstrap engine on llama.cpp: the generating stages and the judge on a `BatchedLlama` over the model's
+GGUF, `batch_size` prompts decoded together (the judge's prompts prefilled together too, no decoding). Each
+prompt samples from its own seeded generator, so its text does not depend on what was decoded beside it (a
+resumed bootstrap gets what an uninterrupted one got); the run's tokenizer renders and tokenizes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from itertools import islice
+import queue
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_line, option_token_ids, options_from_logits
 from prism.errors import ContextLengthError
-from prism.lm.decoding import SamplingParams
-from prism.lm.llama import LlamaContext, base_gguf_for, check_vocabulary, open_llama
+from prism.lm.decoding import SamplingParams, sample_token
+from prism.lm.llama import base_gguf_for, check_vocabulary, default_threads
+from prism.lm.llama_batch import BatchedLlama, RouteSpec
+from prism.lm.llama_batch import Sequence as LlamaSequence
 from prism.lm.models import chat_prompt, encode
+
+FIRST_SLOT_TOKENS = 512  # a slot's size until a stage's prompts need more (each stage grows the slots to fit)
+# An F32 KV cache: a prompt's text does not depend on the batch (with F16 it does, by about 1e-3 in the
+# log-probabilities), and the judge stays within 1e-3 of the transformers engine; slots sized to each stage's
+# prompts keep it small (32 x 1024 tokens: 1.5 GB on the embedded model)
+KV_TYPE = "f32"
 
 
 class LlamaCppEngine:
-    """The bootstrap's generating stages (and the judge) on llama.cpp, one prompt at a time."""
+    """The bootstrap's generating stages (and the judge) on llama.cpp, `slots` prompts at a time."""
 
-    def __init__(self, context: LlamaContext, tokenizer: Any, source: Path):
-        self.context, self.tokenizer, self.source = context, tokenizer, source
-        self.eos_ids = context.stop_ids(tokenizer)
+    def __init__(self, llama: BatchedLlama, tokenizer: Any, source: Path):
+        self.llama, self.tokenizer, self.source = llama, tokenizer, source
+        self.eos_ids = {tokenizer.eos_token_id, llama.weights.token_eos()} - {None, -1}
+        self.max_tokens = llama.weights.n_ctx_train()  # what the model was trained on: slots grow up to it
 
     @classmethod
-    def open(cls, model: str, tokenizer: Any, gguf: str | None = None, n_ctx: int = 4096,
-             n_threads: int | None = None) -> LlamaCppEngine:
+    def open(cls, model: str, tokenizer: Any, gguf: str | None = None, n_threads: int | None = None,
+             slots: int = 32) -> LlamaCppEngine:
         path = base_gguf_for({"model": model}, gguf)
-        context = LlamaContext(open_llama(path, n_ctx=n_ctx, n_threads=n_threads))
-        check_vocabulary(context, tokenizer, path)
-        return cls(context, tokenizer, path)
+        llama = BatchedLlama({"base": RouteSpec(path)}, slots=slots, slot_tokens=FIRST_SLOT_TOKENS,
+                             threads=n_threads or default_threads(), kv_type=KV_TYPE)
+        try:
+            check_vocabulary(llama.weights, tokenizer, path)
+        except BaseException:
+            llama.close()
+            raise
+        return cls(llama, tokenizer, path)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "llamacpp", "model": str(self.source), "threads": self.context.llm.n_threads}
+        return {"kind": "llamacpp", "model": str(self.source), "threads": self.llama.threads,
+                "sequences": self.llama.slots}
 
     def _ids(self, prompt: Prompt) -> list[int]:
         text = chat_prompt(self.tokenizer, prompt.user, system=prompt.system, assistant_prefix=prompt.assistant_prefix)
         ids = encode(self.tokenizer, text)
-        if len(ids) >= self.context.n_ctx:
-            raise ContextLengthError(f"a prompt of {len(ids)} tokens does not fit llama.cpp's context of "
-                                     f"{self.context.n_ctx} tokens")
+        if len(ids) >= self.max_tokens:
+            raise ContextLengthError(f"a prompt of {len(ids)} tokens does not fit the model's context of "
+                                     f"{self.max_tokens} tokens")
         return ids
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
                  batch_size: int, desc: str = "generate", first_line_only: bool = False
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
-        for index, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt", leave=False)):
-            ids = self._ids(prompt)
-            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seeds[index])
-            budget = min(max_new_tokens, self.context.n_ctx - len(ids))
-            tokens, finished = [], False
-            for token, _logits in islice(self.context.sample(ids, params), budget):
-                if token in self.eos_ids:
-                    finished = True
-                    break
+        """Yields each prompt's generation as it finishes (in any order)."""
+        encoded = [self._ids(p) for p in prompts]
+        if not encoded:
+            return
+        self.llama.grow(min(self.max_tokens, max(len(ids) for ids in encoded) + max_new_tokens))
+        finished: queue.Queue[tuple[int, Generation] | BaseException] = queue.Queue()
+        sequences = [self._generation(i, ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                             seed=seeds[i]), first_line_only, finished.put)
+                     for i, ids in enumerate(encoded)]
+        yield from self._collect(sequences, finished, desc, "prompt")
+
+    def _generation(self, index: int, ids: list[int], params: SamplingParams, first_line_only: bool,
+                    put: Callable[[tuple[int, Generation] | BaseException], None]) -> LlamaSequence:
+        budget = min(params.max_tokens, self.llama.slot_tokens - len(ids))  # as much as the context leaves
+        generator, tokens = params.generator(), []
+
+        def on_logits(logits: torch.Tensor) -> int | None:
+            token = sample_token(logits[-1], params, generator)
+            ended = token in self.eos_ids
+            if not ended:
                 tokens.append(token)
-                if first_line_only and has_complete_line(self.tokenizer.decode(tokens, skip_special_tokens=True)):
-                    break
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            yield [index], [Generation(text, len(tokens), finished)]
+            if ended or len(tokens) >= budget or (first_line_only and has_complete_line(text)):
+                put((index, Generation(text, len(tokens), ended)))
+                return None
+            return token
+
+        return LlamaSequence(ids, on_logits, max_new_tokens=budget, on_end=_errors_to(put))
 
     def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,
                      desc: str = "score") -> list[OptionProbs]:
-        """The judge's verdicts from llama.cpp's next-token distribution after each prompt."""
+        """The judge's verdicts from llama.cpp's next-token distribution after each prompt (prefill only)."""
         option_ids = option_token_ids(self.tokenizer, options)
-        return [options_from_logits(self.context.prefill(self._ids(p)), option_ids)
-                for p in tqdm(prompts, desc=desc, leave=False)]
+        encoded = [self._ids(p) for p in prompts]
+        if not encoded:
+            return []
+        self.llama.grow(max(len(ids) for ids in encoded) + 1)
+        scored: queue.Queue[tuple[int, OptionProbs] | BaseException] = queue.Queue()
 
+        def verdict(index: int) -> Callable[[torch.Tensor], None]:
+            def on_logits(logits: torch.Tensor) -> None:
+                scored.put((index, options_from_logits(logits[-1], option_ids)))
+            return on_logits
+
+        sequences = [LlamaSequence(ids, verdict(i), on_end=_errors_to(scored.put)) for i, ids in enumerate(encoded)]
+        verdicts: list[OptionProbs | None] = [None] * len(sequences)
+        for indices, results in self._collect(sequences, scored, desc, "prompt"):
+            verdicts[indices[0]] = results[0]
+        return verdicts  # type: ignore[return-value]
+
+    def _collect(self, sequences: list[LlamaSequence], results: queue.Queue, desc: str, unit: str) -> Iterator[Any]:
+        """Submit every sequence and yield ([index], [result]) as each is put, with a progress bar; an error
+        (or the caller stopping) cancels the rest."""
+        try:
+            for sequence in sequences:
+                self.llama.submit("base", sequence)
+            with tqdm(total=len(sequences), desc=desc, unit=unit, leave=False) as bar:
+                for _ in sequences:
+                    item = results.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    bar.update()
+                    yield [item[0]], [item[1]]
+        finally:
+            for sequence in sequences:
+                sequence.cancel()
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+def _errors_to(put: Callable[[Any], None]) -> Callable[[BaseException | None], None]:
+    def on_end(error: BaseException | None) -> None:
+        if error is not None:
+            put(error)
+    return on_end

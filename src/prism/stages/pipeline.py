@@ -201,7 +201,8 @@ def _llamacpp_engine(config: BootstrapConfig) -> Engine | None:
         return None  # llama-cpp-python is missing: resolve_backend warned, transformers runs the stages
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model)[0],
                                               trust_remote_code=config.trust_remote_code)
-    return LlamaCppEngine.open(config.model, tokenizer, gguf=config.gguf, n_threads=config.threads or None)
+    return LlamaCppEngine.open(config.model, tokenizer, gguf=config.gguf, n_threads=config.threads or None,
+                               slots=config.batch_size)
 
 
 def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api_key: str | None = None
@@ -224,6 +225,9 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
         torch.set_num_threads(config.threads)
     ctx = StageContext(run=run, config=config, engine=make_engine(config, api_key))
     for stage in todo:
+        if stage not in ENGINE_STAGES and hasattr(ctx.engine, "close"):
+            ctx.engine.close()  # the stages left train on the local model: free llama.cpp's weights and caches
+            ctx.engine = None
         if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES):
             _load_local_model(ctx)
         if stage == "distill" and state.num_processes > 1:
