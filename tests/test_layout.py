@@ -20,6 +20,7 @@ ALLOWED = {
     "prism.inference": BASE | {"prism.lm"},
     "prism.serving": BASE | {"prism.lm", "prism.inference", "prism.library_warnings"},
     "prism.evaluation": BASE | {"prism.lm", "prism.engines", "prism.stages", "prism.inference"},
+    "prism.discovery": BASE | {"prism.lm", "prism.engines", "prism.stages"},
 }
 
 

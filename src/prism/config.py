@@ -65,10 +65,13 @@ RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_mod
                   "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
 ENGINES = ("transformers", "llamacpp", "openai")
 DEFAULT_DEVICE = "auto"  # torch's device: CUDA when there is one, else the CPU
+DEFAULT_SEED = 0
+LOCAL_ENGINE = "transformers"  # the model in this process, on PyTorch
 ROUTINGS = ("binary", "kway")
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
 JUDGES = ("pairwise", "pointwise", "verifier")
+QUERY_SOURCES = ("real", "synthetic")
 # Fields that decide only the verify stage and what follows it: a run may change them and keep its personas,
 # queries and answers (the verdicts, labels, gate and adapters are made again).
 JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_calibration", "judge_max_chars"}
@@ -101,7 +104,7 @@ class BootstrapConfig:
     personas_file: str | None = option("user-written personas (JSON/JSONL/YAML) instead of generated ones",
                                        flag="--personas", default=None)
     preset: str = option("size preset: tiny, small or paper", default=DEFAULT_PRESET)
-    seed: int = option("seed for every sampled step", default=0)
+    seed: int = option("seed for every sampled step", default=DEFAULT_SEED)
     trust_remote_code: bool = option("allow model code from the Hub (off unless you trust the model)", default=False)
 
     persona_max_tokens: int = option("max new tokens for a generated persona", default=120)
@@ -110,6 +113,12 @@ class BootstrapConfig:
     query_max_tokens: int = option("max new tokens per generated query", default=48)
     query_temperature: float = option("sampling temperature for queries", default=0.9)
     query_min_chars: int = option("queries of this many characters or fewer are dropped", default=15)
+    queries_file: str | None = option("real queries to use (JSONL of {\"query\", \"domain\"}, e.g. `prism discover`'s "
+                                      "queries.jsonl): up to --queries-per-persona of each domain, in file order",
+                                      flag="--queries", default=None)
+    queries_mix: list[str] | None = option("real (the --queries file's only), synthetic (generated only) or "
+                                           "real,synthetic (both); default real with --queries, else synthetic",
+                                           default=None)
     query_dedup_rouge_l: float = option("drop a query whose ROUGE-L F1 with a kept one reaches this", default=0.7)
     query_rounds: int = option("generation rounds to reach queries_per_persona", default=4)
     answer_max_tokens: int = option("max new tokens per answer", default=160)
@@ -172,9 +181,9 @@ class BootstrapConfig:
     threads: int = option("torch CPU threads (0 = torch's default)", default=0)
 
     engine: str = option("what runs the personas, queries, answers and verify stages: 'transformers' (this "
-                        "process, batched), 'llamacpp' (this process, llama.cpp on the model's GGUF, one prompt at "
-                        "a time) or 'openai' (an OpenAI-compatible server at --base-url); gate and distill always "
-                        "load the model here", default="transformers")
+                        "process, batched), 'llamacpp' (this process, llama.cpp on the model's GGUF, --batch-size "
+                        "prompts at once) or 'openai' (an OpenAI-compatible server at --base-url); gate and distill "
+                        "always load the model here", default=LOCAL_ENGINE)
     gguf: str | None = option("the llamacpp engine's GGUF of --model (default: the embedded model's own file)",
                              default=None)
     base_url: str | None = option("the openai engine's server, e.g. http://localhost:8000/v1", default=None)
@@ -211,6 +220,7 @@ class BootstrapConfig:
             raise PrismError(f"--routing kway names each adapter after its domain, and {self.domains} give the same "
                              f"name twice ({', '.join(slugs)}): rename a domain")
         self._validate_judge()
+        self._validate_queries()
         if self.judge_calibration not in ("position", "none"):
             raise PrismError(f"judge_calibration must be 'position' or 'none', not {self.judge_calibration!r}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
@@ -218,6 +228,23 @@ class BootstrapConfig:
                      "engine_concurrency", "kway_min_wins"):
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def query_sources(self) -> list[str]:
+        """Where the queries stage takes queries from: "real" (the --queries file) and/or "synthetic"."""
+        return self.queries_mix or (["real"] if self.queries_file else ["synthetic"])
+
+    def _validate_queries(self) -> None:
+        mix = self.queries_mix
+        if mix is not None:
+            self.queries_mix = mix = [m.strip() for m in mix if m and m.strip()]
+            wrong = [m for m in mix if m not in QUERY_SOURCES]
+            if wrong or not mix:
+                raise PrismError(f"--queries-mix takes real, synthetic or real,synthetic, got {','.join(mix)!r}")
+        if "real" in self.query_sources() and not self.queries_file:
+            raise PrismError("--queries-mix real needs the queries: --queries FILE (e.g. `prism discover`'s "
+                             "queries.jsonl)")
+        if self.queries_file and "real" not in self.query_sources():
+            raise PrismError("--queries is given but --queries-mix leaves real queries out: add real to it")
 
     def _validate_judge(self) -> None:
         if self.judge not in JUDGES:
@@ -292,8 +319,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise PrismError(f"config file {path} must hold a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    if "personas" in values:  # the CLI flag's name, accepted in files too
-        values["personas_file"] = values.pop("personas")
+    for flag_name, field_name in (("personas", "personas_file"), ("queries", "queries_file")):
+        if flag_name in values:  # the CLI flag's name, accepted in files too
+            values[field_name] = values.pop(flag_name)
     unknown = sorted(set(values) - set(FIELD_NAMES) - {"out"})
     if unknown:
         raise PrismError(f"config file {path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}")
