@@ -11,8 +11,10 @@ embedded model, every ratio measured side by side in this one run:
 
     .venv/bin/python benchmarks/engines.py [--run runs/bench] [--tokens 64] [--quick] [--json FILE]
 
---quick measures only the two headline ratios (llama.cpp at 32 streams over one at a time, and prism serve
-on llama.cpp over transformers at 32 clients). The run needs an adapter and a gate; if --run has none, a
+Nothing else should run meanwhile: llama.cpp's threads wait for each other at every layer, and another
+process on the same cores slowed one stream from 109 to under 5 tok/s here. --quick measures only the two
+headline ratios (llama.cpp at 32 streams over one at a time, and prism serve on llama.cpp over transformers
+at 32 clients). The run needs an adapter and a gate; if --run has none, a
 tiny-preset bootstrap makes one there first (a few minutes).
 """
 
@@ -73,16 +75,25 @@ def decode_rate(model: GatedModel, streams: int, tokens: int) -> float:
     return streams * (tokens - 1) / max(long - short, 1e-9)
 
 
-def decode_speeds(run: str, stream_counts: list[int], tokens: int) -> dict[str, dict[int, float]]:
+def median_rates(models: dict[str, GatedModel], streams: int, tokens: int, rounds: int) -> dict[str, float]:
+    """Each system's median over `rounds`, the systems taking turns within each round."""
+    measured: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            measured[name].append(decode_rate(model, streams, tokens))
+    return {name: statistics.median(values) for name, values in measured.items()}
+
+
+def decode_speeds(run: str, stream_counts: list[int], tokens: int, rounds: int) -> dict[str, dict[int, float]]:
     systems = {"llama.cpp batched": dict(engine="llamacpp", max_num_seqs=max(stream_counts)),
                "llama.cpp one at a time": dict(engine="llamacpp", max_num_seqs=1),
                "transformers batched": dict(engine="transformers")}
     models = {name: load_gated_model(run, **options) for name, options in systems.items()}
     rates: dict[str, dict[int, float]] = {name: {} for name in systems}
-    print(f"1. aggregate decode tok/s, base route, greedy, {tokens} tokens per stream")
-    for streams in stream_counts:  # the systems interleaved at each count, so drift hits them alike
-        for name, model in models.items():
-            rates[name][streams] = decode_rate(model, streams, tokens)
+    print(f"1. aggregate decode tok/s, base route, greedy, {tokens} tokens per stream, median of {rounds} rounds")
+    for streams in stream_counts:
+        for name, rate in median_rates(models, streams, tokens, rounds).items():
+            rates[name][streams] = rate
         print(f"   {streams:>2} streams: " + ", ".join(f"{name} {rates[name][streams]:6.1f}" for name in systems))
     for model in models.values():
         model.close()
@@ -177,6 +188,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream or request")
     parser.add_argument("--quick", action="store_true", help="only the two headline ratios (under 10 minutes)")
     parser.add_argument("--json", help="write the measurements and ratios to this file")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each decode measurement (median)")
+    parser.add_argument("--only", choices=("decode", "serve", "presets"), help="one part only (no ratios across parts)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -186,15 +199,19 @@ def main() -> None:
         bootstrap(resolve_config(preset="tiny"), args.run)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
 
-    rates = decode_speeds(args.run, [32] if args.quick else [1, 8, 32], args.tokens)
-    loads = serve_loads(args.run, [32] if args.quick else [32, 64], args.tokens)
-    batched = rates["llama.cpp batched"]
-    ratios = {"llamacpp_batched_32_over_single": batched[32] / rates["llama.cpp one at a time"][32],
-              "llamacpp_batched_32_over_transformers_32": batched[32] / rates["transformers batched"][32]}
-    for clients in loads["llamacpp"]:
+    wanted = {args.only} if args.only else {"decode", "serve", "presets"} - ({"presets"} if args.quick else set())
+    ratios: dict[str, float] = {}
+    rates = decode_speeds(args.run, [32] if args.quick else [1, 8, 32], args.tokens, args.rounds) \
+        if "decode" in wanted else {}
+    if rates:
+        batched = rates["llama.cpp batched"]
+        ratios["llamacpp_batched_32_over_single"] = batched[32] / rates["llama.cpp one at a time"][32]
+        ratios["llamacpp_batched_32_over_transformers_32"] = batched[32] / rates["transformers batched"][32]
+    loads = serve_loads(args.run, [32] if args.quick else [32, 64], args.tokens) if "serve" in wanted else {}
+    for clients in loads.get("llamacpp", {}):
         ratios[f"serve_llamacpp_over_transformers_{clients}"] = (loads["llamacpp"][clients]["tok_s"]
                                                                  / loads["transformers"][clients]["tok_s"])
-    presets = {} if args.quick else preset_times(["tiny", "small"])
+    presets = preset_times(["tiny", "small"]) if "presets" in wanted else {}
     for preset, times in presets.items():
         ratios[f"{preset}_transformers_over_llamacpp"] = times["transformers"] / times["llamacpp"]
     print("ratios: " + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items()))

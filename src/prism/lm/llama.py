@@ -66,6 +66,17 @@ def build_failure(gguf: Path) -> str | None:
     return f"this llama.cpp build cannot run {gguf.name} on this machine ({failure}): {REBUILD_HINT}"
 
 
+def warn_if_openmp() -> None:
+    """llama.cpp built with OpenMP (pip's default) shares libgomp with PyTorch, and once PyTorch has run a
+    parallel op libgomp no longer spins at llama.cpp's barriers: one stream on the embedded model decoded at 31
+    tok/s instead of 105 here (2 cores). `make` builds without it (scripts/llamacpp-cmake-args)."""
+    import llama_cpp
+
+    if "OPENMP = 1" in llama_cpp.llama_print_system_info().decode(errors="replace"):
+        _warn_once("this llama-cpp-python build runs llama.cpp's threads on OpenMP, which PyTorch's OpenMP threads "
+                   "slow down about 3x in this process: rebuild it with `make llamacpp` (GGML_OPENMP=OFF)")
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from prism.errors import ContextLengthError, PrismError
-from prism.lm.llama import build_failure
+from prism.lm.llama import build_failure, warn_if_openmp
 
 log = logging.getLogger("prism")
 N_BATCH = 512  # tokens per llama_decode (prefill chunks share it with the decoding sequences' one token each)
@@ -97,6 +97,7 @@ def load_weights(path: Path) -> Any:
     broken = build_failure(path)
     if broken:
         raise PrismError(broken)
+    warn_if_openmp()
     _quiet_logs()
     try:
         with suppress_stdout_stderr(disable=False):
@@ -104,6 +105,8 @@ def load_weights(path: Path) -> Any:
                                          verbose=False)
     except ValueError as exc:
         raise PrismError(f"llama.cpp cannot load {path}: {exc}") from None
+
+EAGER_ROUTE = "base"  # the route whose context opens with the engine; the others open at their first sequence
 
 
 class RouteContext:
@@ -113,8 +116,6 @@ class RouteContext:
     def __init__(self, weights: Any, *, lora: Path | None, slots: int, slot_tokens: int, threads: int,
                  kv_type: str):
         import llama_cpp
-        from llama_cpp import _internals
-        from llama_cpp._utils import suppress_stdout_stderr
 
         if not 1 <= slots <= N_BATCH:
             raise PrismError(f"a llama.cpp context holds 1 to {N_BATCH} sequences, got {slots}")
@@ -127,25 +128,34 @@ class RouteContext:
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.type_k = params.type_v = KV_TYPES[kv_type]
-        self.adapter = None
-        try:
-            with suppress_stdout_stderr(disable=False):
-                self.context = _internals.LlamaContext(model=weights, params=params, verbose=False)
-        except ValueError as exc:
-            raise PrismError(f"llama.cpp cannot make a context of {slots} x {self.slot_tokens} tokens: {exc}; lower "
-                             "--max-batch-size or --max-model-len") from None
+        self._params, self.context, self.adapter = params, None, None
         if lora is not None:
             self.adapter = llama_cpp.llama_adapter_lora_init(weights.model, str(lora).encode())
             if not self.adapter:
-                self.close()
                 raise PrismError(f"llama.cpp cannot load the LoRA {lora} on {weights.path_model}: export it again "
                                  "with `prism export gguf RUN`")
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
-            llama_cpp.llama_set_adapters_lora(self.context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         self.n_vocab = weights.n_vocab()
         self.slots = [_Slot(i) for i in range(slots)]
         self.waiting: deque[Sequence] = deque()
         self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+
+    def open(self) -> None:
+        """Allocate the context and its KV cache (slots x slot_tokens cells): at a route's first sequence, so a
+        route nobody asks for (a k-way persona without traffic) costs no memory."""
+        if self.context is not None:
+            return
+        from llama_cpp import _internals
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        try:
+            with suppress_stdout_stderr(disable=False):
+                self.context = _internals.LlamaContext(model=self.weights, params=self._params, verbose=False)
+        except ValueError as exc:
+            raise PrismError(f"llama.cpp cannot make a context of {len(self.slots)} x {self.slot_tokens} tokens: "
+                             f"{exc}; lower --max-batch-size or --max-model-len") from None
+        if self.adapter:
+            adapters = (self._llama.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            self._llama.llama_set_adapters_lora(self.context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
 
     @property
     def busy(self) -> bool:
@@ -156,6 +166,13 @@ class RouteContext:
 
     def admit(self) -> None:
         """Waiting sequences into free slots: the lowest ones, and among those the one sharing the longest prefix."""
+        if self.waiting and self.context is None:
+            try:
+                self.open()
+            except PrismError as exc:  # out of memory, say: these sequences fail, the other routes go on
+                while self.waiting:
+                    self.waiting.popleft().end(exc)
+                return
         while self.waiting:
             sequence = self.waiting[0]
             if sequence.is_cancelled():
@@ -260,7 +277,9 @@ class RouteContext:
         if getattr(self, "batch", None) is not None:
             self._llama.llama_batch_free(self.batch)
             self.batch = None
-        self.context.close()
+        if self.context is not None:
+            self.context.close()
+            self.context = None
         if self.adapter:
             self._llama.llama_adapter_lora_free(self.adapter)
             self.adapter = None
@@ -276,8 +295,6 @@ def _common_prefix(cached: list[int], ids: list[int], limit: int) -> int:
 
 
 _open_engines: weakref.WeakSet = weakref.WeakSet()
-
-
 @atexit.register
 def _close_open_engines() -> None:
     # llama-cpp-python frees its models in __del__, which at interpreter exit runs after its own module
@@ -329,6 +346,8 @@ class BatchedLlama:
                 opened[name] = RouteContext(self._weights[spec.model], lora=spec.lora, slots=self.slots,
                                             slot_tokens=slot_tokens or self.slot_tokens, threads=self.threads,
                                             kv_type=self.kv_type)
+                if name == EAGER_ROUTE:  # every request may land there: a context too big fails at start-up
+                    opened[name].open()
         except BaseException:
             for context in opened.values():
                 context.close()
@@ -336,7 +355,8 @@ class BatchedLlama:
         return opened
 
     def kv_bytes(self) -> int:
-        """The KV cache of every route's context, in bytes (what --max-batch-size and --max-model-len cost)."""
+        """The KV cache of every route's context once each is in use, in bytes (what --max-batch-size and
+        --max-model-len cost; a route's context is allocated at its first request)."""
         import llama_cpp
 
         total = 0

@@ -224,26 +224,30 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
     if config.threads:
         torch.set_num_threads(config.threads)
     ctx = StageContext(run=run, config=config, engine=make_engine(config, api_key))
-    for stage in todo:
-        if stage not in ENGINE_STAGES and hasattr(ctx.engine, "close"):
-            ctx.engine.close()  # the stages left train on the local model: free llama.cpp's weights and caches
-            ctx.engine = None
-        if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES):
-            _load_local_model(ctx)
-        if stage == "distill" and state.num_processes > 1:
-            distill_run(run.path, lm=ctx.lm)  # the same steps the other processes take
-            continue
-        log.info("stage %s", stage)
-        previous = run.manifest()["stages"].get(stage, {})
-        run.update_stage(stage, status="partial", started=previous.get("started") or now())
-        begun = time.time()
-        info = STAGE_FUNCTIONS[stage](ctx) or {}
-        _check_stage_output(run, config, stage)
-        seconds = previous.get("seconds", 0.0) + time.time() - begun
-        status = "skipped" if info.get("skipped") else "done"
-        engine = ctx.generator.describe() if stage in ENGINE_STAGES else {"kind": "transformers",
-                                                                          "model": ctx.model.identity.get("name")}
-        run.update_stage(stage, status=status, finished=now(), seconds=round(seconds, 2), engine=engine, **info)
+    try:
+        for stage in todo:
+            if stage not in ENGINE_STAGES and hasattr(ctx.engine, "close"):
+                ctx.engine.close()  # the stages left train on the local model: free llama.cpp's weights and caches
+                ctx.engine = None
+            if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES):
+                _load_local_model(ctx)
+            if stage == "distill" and state.num_processes > 1:
+                distill_run(run.path, lm=ctx.lm)  # the same steps the other processes take
+                continue
+            log.info("stage %s", stage)
+            previous = run.manifest()["stages"].get(stage, {})
+            run.update_stage(stage, status="partial", started=previous.get("started") or now())
+            begun = time.time()
+            info = STAGE_FUNCTIONS[stage](ctx) or {}
+            _check_stage_output(run, config, stage)
+            seconds = previous.get("seconds", 0.0) + time.time() - begun
+            status = "skipped" if info.get("skipped") else "done"
+            engine = ctx.generator.describe() if stage in ENGINE_STAGES else {"kind": "transformers",
+                                                                              "model": ctx.model.identity.get("name")}
+            run.update_stage(stage, status=status, finished=now(), seconds=round(seconds, 2), engine=engine, **info)
+    finally:  # an error or Ctrl-C leaves no llama.cpp context behind (the CLI may go on, a test surely does)
+        if hasattr(ctx.engine, "close"):
+            ctx.engine.close()
     return inspect_run(run.path)
 
 
