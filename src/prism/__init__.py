@@ -2,6 +2,7 @@
 
 from prism.config import DEFAULT_DOMAINS, PRESETS, BootstrapConfig, load_config_file, resolve_config
 from prism.errors import PrismError
+from prism.evaluation.harness import lm_eval
 from prism.inference.base import Completion, GatedModel, GenerationRequest, RouteDecision
 from prism.inference.gguf_export import export_gguf
 from prism.inference.loading import load_gated_model
@@ -30,6 +31,7 @@ __all__ = [
     "inspect_run",
     "load_config_file",
     "load_gated_model",
+    "lm_eval",
     "load_model",
     "resolve_config",
 ]

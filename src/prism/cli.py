@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from prism.config import BootstrapConfig, load_config_file, resolve_config
+from prism.discovery.config import DiscoverConfig
 from prism.errors import PrismError
 from prism.evaluation.calibrate import Objective, format_calibration
-from prism.evaluation.config import EvalConfig
+from prism.evaluation.config import CompareConfig, EvalConfig, HarnessConfig
 from prism.evaluation.persona_ab import SHARED_OPTIONS as AB_SHARED_OPTIONS
 from prism.evaluation.persona_ab import ABConfig
 from prism.evaluation.replicate import ReplicateConfig
@@ -167,6 +168,25 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     again.add_argument("--dry-run", action="store_true", help="print the estimate of the work and time, then stop")
     again.add_argument("--status", action="store_true", help="show which parts of --out are done, then stop")
 
+    finder = commands.add_parser("discover", help="domains from your own traffic: cluster a request log's prompts, "
+                                 "name the clusters, write the domains, real queries and a bootstrap config")
+    finder.add_argument("log", help="a --request-log file (written with --log-prompts), chat records with `messages`, "
+                        "or a JSONL, CSV or text file of prompts")
+    add_config_flags(finder, DiscoverConfig)
+
+    versions = commands.add_parser("compare", help="two runs on held-out prompts: routing shares per domain and the "
+                                   "judge's verdict of NEW's answers against OLD's")
+    versions.add_argument("old", help="the run in service")
+    versions.add_argument("new", help="the run that may replace it")
+    versions.add_argument("--queries", required=True, help="held-out prompts: JSONL of {\"query\", \"domain\"} "
+                          "(prism discover's holdout.jsonl)")
+    add_config_flags(versions, CompareConfig)
+
+    harness = commands.add_parser("lm-eval", help="lm-evaluation-harness tasks for base, persona, lora and prism, "
+                                  "routed per request; the harness's metrics in RUN/eval/lm_eval.json")
+    harness.add_argument("run", help="a bootstrapped run directory")
+    add_config_flags(harness, HarnessConfig)
+
     report = commands.add_parser("report", help="RUN/eval/report.md and report.html with plots, from results.json")
     report.add_argument("run", help="a run directory that has been through `prism eval`")
     report.add_argument("--screenshot", action="store_true",
@@ -250,6 +270,29 @@ def run_replicate(args: argparse.Namespace) -> None:
         print(f"table: {config.out}/eval/replication.md; with plots: prism report {config.out}")
 
 
+def run_discover(args: argparse.Namespace) -> None:
+    from prism.discovery.discover import discover, format_discovery
+
+    config = DiscoverConfig(**flag_values(args, DiscoverConfig))
+    print(format_discovery(discover(args.log, config), config.out))
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from prism.evaluation.compare_runs import compare_runs, format_comparison
+
+    config = CompareConfig(**flag_values(args, CompareConfig))
+    print(format_comparison(compare_runs(args.old, args.new, args.queries, config)))
+    print(f"details: {Path(config.out or Path(args.new) / 'compare') / 'compare.json'}")
+
+
+def run_lm_eval(args: argparse.Namespace) -> None:
+    from prism.evaluation.harness import RESULT_FILE, format_table, lm_eval
+
+    config = HarnessConfig(**flag_values(args, HarnessConfig))
+    print(format_table(lm_eval(args.run, config)))
+    print(f"results: {Path(config.out or Path(args.run) / 'eval') / RESULT_FILE}")
+
+
 def run_report(args: argparse.Namespace) -> None:
     from prism.evaluation.report import screenshot, write_report
 
@@ -294,7 +337,8 @@ def run_serve(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "bootstrap": run_bootstrap, "distill": run_distill, "inspect": run_inspect, "chat": run_chat,
     "serve": run_serve, "export": run_export, "eval": run_eval, "calibrate": run_calibrate, "ab": run_ab,
-    "replicate": run_replicate, "report": run_report,
+    "replicate": run_replicate, "lm-eval": run_lm_eval, "discover": run_discover, "compare": run_compare,
+    "report": run_report,
 }
 
 

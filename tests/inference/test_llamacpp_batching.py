@@ -206,3 +206,25 @@ def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_a
             assert torch.equal(first_logits(alone, [prompt])[0], batched)
         finally:
             alone.close()
+
+
+def test_sequences_scored_together_on_mixed_routes_get_their_scores_alone(q4_run, q4_gguf):
+    """What `prism lm-eval --engine llamacpp` scores with: each token's log-probability, every route at once."""
+    from prism.inference.base import RouteDecision
+    from prism.lm.models import encode
+
+    model = load(q4_run, q4_gguf, max_num_seqs=4)
+    try:
+        ids = [encode(model.tokenizer, q) for q in QUERIES]
+        decisions = [RouteDecision(("base", "persona")[i % 2], None, forced=True) for i in range(len(ids))]
+        together = model.score_tokens(ids, decisions)
+        alone = [model.score_tokens([i], [d])[0] for i, d in zip(ids, decisions)]
+        assert [s.logprobs for s in together] == [s.logprobs for s in alone]
+        assert all(len(s.logprobs) == len(i) - 1 for s, i in zip(together, ids))
+        other_route = model.score_tokens([ids[0]], [RouteDecision("persona", None, forced=True)])[0]
+        assert other_route.logprobs != together[0].logprobs  # the routes differ, so equality above is no accident
+        logits = model.llama.logits("base", ids[0], logits_from=0)[:-1]
+        expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids[0][1:])[:, None])[:, 0]
+        assert together[0].logprobs == pytest.approx(expected.tolist(), abs=1e-6)
+    finally:
+        model.close()

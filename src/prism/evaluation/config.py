@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism.config import option
+from prism.config import DEFAULT_DEVICE, LOCAL_ENGINE, option
 from prism.errors import PrismError
 from prism.verifiers import check_spec
 
@@ -127,3 +127,57 @@ class EvalConfig:
             check_spec(self.verifier)
         if "base" not in self.systems:
             self.systems.insert(0, "base")  # every comparison is against base
+
+
+HARNESS_SYSTEMS = ("base", "persona", "lora", "prism")
+HARNESS_BATCH = 16  # `prism lm-eval`: a route forced, or the gate's
+
+
+@dataclass
+class HarnessConfig:
+    """`prism lm-eval`: which harness tasks, for which systems, and how."""
+
+    tasks: list[str] = option("harness tasks: prism_mmlu, prism_arc (the project's, offline) or "
+                              "any task the harness or --include-path defines",
+                              default_factory=lambda: ["prism_arc"])
+    systems: list[str] = option("base, persona, lora, prism",
+                                default_factory=lambda: ["base", "persona", "lora", "prism"])
+    include_path: str | None = option("a folder of the harness's task YAML files", default=None)
+    limit: int | None = option("documents per task (default: all)", default=None)
+    num_fewshot: int | None = option("few-shot examples (default: the task's own)", default=None)
+    batch_size: int = option("requests per scoring batch (routes mixed in a batch)", default=HARNESS_BATCH)
+    out: str | None = option("where lm_eval.json goes (default: RUN/eval)", default=None)
+    data_dir: str | None = option("benchmark data of prism_mmlu and prism_arc (mmlu/, arc/); default "
+                                  "$PRISM_BENCHMARKS or ../shared/benchmarks", default=None)
+    engine: str = option("transformers (as prism eval scores) or llamacpp (the run's GGUF)", default=LOCAL_ENGINE,
+                         choices=("transformers", "llamacpp"))
+    persona_domain: str | None = option("system persona: the run's domain whose persona every task gets "
+                                        "(default: the MMLU subject's domain, STEM for ARC)", default=None)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in HARNESS_SYSTEMS]
+        if unknown or not self.systems:
+            raise PrismError(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(HARNESS_SYSTEMS)}")
+        if not self.tasks:
+            raise PrismError("--tasks is empty: name at least one task, e.g. --tasks prism_arc")
+        for name in ("limit", "batch_size", "num_fewshot"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "num_fewshot" else 1):
+                raise PrismError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+@dataclass
+class CompareConfig:
+    """`prism compare OLD NEW`: the held-out prompts and how both runs answer them."""
+
+    out: str | None = option("where the answers, verdicts and compare.json go (default: NEW/compare)", default=None)
+    max_tokens: int = option("answer cap of both runs (greedy)", default=128)
+    limit: int | None = option("at most this many prompts (default: all)", default=None)
+    batch_size: int = option("prompts generated or judged together", default=16)
+    device: str = option("'auto', 'cpu', 'cuda', ...", default=DEFAULT_DEVICE)
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "batch_size", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PrismError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

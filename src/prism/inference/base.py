@@ -97,6 +97,22 @@ def gate_decisions_on(gate: Gate, features: torch.Tensor) -> list[RouteDecision]
 
 
 @dataclass
+class TokenScores:
+    """A token sequence scored as it stands: for each token after the first, its log-probability given the
+    tokens before it, and whether it was the most probable one (the harness's `is_greedy`)."""
+
+    logprobs: list[float]
+    greedy: list[bool]
+
+
+def token_scores(logits: torch.Tensor, ids: Sequence[int]) -> TokenScores:
+    """From the logits at positions 0..n-2, each predicting the token after it."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(list(ids[1:]))
+    return TokenScores(logprobs.gather(1, targets[:, None])[:, 0].tolist(), (logprobs.argmax(-1) == targets).tolist())
+
+
+@dataclass
 class ReloadResult:
     """What a reload read: the threshold in force, whether the run has the binary adapter, its k-way personas,
     how many reloads this model has taken, and on llama.cpp which persona model the binary route runs on."""
@@ -213,6 +229,22 @@ class GatedModel(Gates, ABC):
     def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
                ) -> list[RouteDecision]:
         """The route of each conversation by the gate of `routing` (None: this model's), without generating."""
+
+    @abstractmethod
+    def score_tokens(self, sequences: Sequence[list[int]], decisions: Sequence[RouteDecision]) -> list[TokenScores]:
+        """Each token sequence scored as it stands (no chat template added), on its decision's route, the
+        sequences batched together (mixed routes included)."""
+
+    def check_scorable(self, sequences: Sequence[list[int]], decisions: Sequence[RouteDecision]) -> None:
+        if len(sequences) != len(decisions):
+            raise PrismError(f"{len(sequences)} sequences but {len(decisions)} route decisions")
+        for ids in sequences:
+            if len(ids) < 2:
+                raise PrismError("a scored sequence needs two tokens at least (the first one has no prediction)")
+            self.check_length(len(ids), 0)
+        for decision in decisions:
+            if decision.route == "persona":
+                self.check_persona_route(decision.persona)
 
     @abstractmethod
     def reload(self) -> ReloadResult:

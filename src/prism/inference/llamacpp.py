@@ -31,8 +31,10 @@ from prism.inference.base import (
     ReloadResult,
     RouteDecision,
     StreamEvent,
+    TokenScores,
     decode_step,
     forced_decision,
+    token_scores,
 )
 from prism.inference.config import LoadConfig
 from prism.inference.gguf_export import (
@@ -95,7 +97,8 @@ class LlamaCppModel(GatedModel):
         except BaseException:
             llama.close()
             raise
-        log.info("llama.cpp: %d routes x %d sequences x %d tokens (KV cache %.2f GB)", len(llama.routes),
+        log.info("llama.cpp: %d routes x %d sequences x %d tokens (KV cache up to %.2f GB, each route's at its "
+                 "first request)", len(llama.routes),
                  llama.slots, llama.slot_tokens, llama.kv_bytes() / 1e9)
         return cls(router, llama, persona_source=source, opener=opener)
 
@@ -163,6 +166,30 @@ class LlamaCppModel(GatedModel):
         route = self._route(decision)
         on_event(StreamEvent(0, decision=decision))
         return self.llama.submit(route, self._sequence(0, request, decision, ids, on_event))
+
+    def score_tokens(self, sequences: Sequence[list[int]], decisions: Sequence[RouteDecision]) -> list[TokenScores]:
+        self.check_scorable(sequences, decisions)
+        scores: list[TokenScores | None] = [None] * len(sequences)
+
+        def keep(index: int) -> Callable[[torch.Tensor], None]:
+            def on_logits(logits: torch.Tensor) -> None:  # one row per position: the last predicts nothing scored
+                scores[index] = token_scores(logits[:-1], sequences[index])
+            return on_logits
+
+        submitted = []
+        try:  # every route's sequences at once: each route's context decodes its own batch
+            for i, (ids, decision) in enumerate(zip(sequences, decisions)):
+                submitted.append(self.llama.submit(self._route(decision), LlamaSequence(list(ids), keep(i),
+                                                                                        logits_from=0)))
+            for sequence in submitted:
+                sequence.done.wait()
+        finally:
+            for sequence in submitted:
+                sequence.cancel()
+        for sequence in submitted:
+            if sequence.error is not None:
+                raise sequence.error
+        return scores  # type: ignore[return-value]
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         ids = encode(self.tokenizer, self.prompt(request.messages, request.assistant_prefix))

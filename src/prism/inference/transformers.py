@@ -34,9 +34,11 @@ from prism.inference.base import (
     ReloadResult,
     RouteDecision,
     StreamEvent,
+    TokenScores,
     decode_step,
     forced_decision,
     gate_decisions_on,
+    token_scores,
 )
 from prism.inference.config import LoadConfig
 from prism.inference.router import gate_decisions
@@ -287,6 +289,17 @@ class PrismModel(GatedModel):
             predicted = logprobs[row, keep - count - 1 : keep - 1]
             values.append((float(predicted.gather(1, torch.tensor(ids[-count:])[:, None]).sum()), count))
         return values, decisions
+
+    @torch.no_grad()
+    def score_tokens(self, sequences: Sequence[list[int]], decisions: Sequence[RouteDecision]) -> list[TokenScores]:
+        self.check_scorable(sequences, decisions)
+        if not sequences:
+            return []
+        lm = self.lm
+        ids, mask = pad_batch(list(sequences), lm.tokenizer.pad_token_id, side="right")  # positions from 0 in every row
+        with self._current_adapters() as adapters, self._routed([adapters.row_name(d) for d in decisions]):
+            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        return [token_scores(logits[row, : len(seq) - 1].cpu(), seq) for row, seq in enumerate(sequences)]
 
     def _prefill(self, requests: list[GenerationRequest], max_tokens: list[int], adapters: AdapterSet,
                  use_cache: bool = True, logits_to_keep: int = 1) -> tuple:
