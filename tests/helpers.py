@@ -250,3 +250,33 @@ def run_chat(model, lines, **kwargs) -> str:
     out = io.StringIO()
     chat(model, ChatConfig(max_tokens=6, temperature=0.0, top_p=1.0, **kwargs), read=read, out=out)
     return out.getvalue()
+
+
+def whole_and_resumed(config, tmp_path, monkeypatch) -> tuple:
+    """The same bootstrap twice: uninterrupted in tmp_path/whole, and in tmp_path/resumed stopped after two saves
+    of answers (an in-process stand-in for SIGKILL: the stage stops between two saves) and run again."""
+    from prism.runs import RunDir
+    from prism.stages.pipeline import bootstrap
+
+    bootstrap(config, tmp_path / "whole")
+    append = RunDir.append
+    saved = []
+
+    def killed_after_two_answer_saves(self: RunDir, name: str, records) -> None:
+        if name == "answers" and len(saved) == 2:
+            raise KeyboardInterrupt
+        append(self, name, records)
+        if name == "answers":
+            saved.append(name)
+
+    monkeypatch.setattr(RunDir, "append", killed_after_two_answer_saves)
+    try:
+        bootstrap(config, tmp_path / "resumed")
+        raise AssertionError("the bootstrap was not interrupted: it saved its answers fewer than three times")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(RunDir, "append", append)
+    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
+    assert 0 < len(resumed.read("answers")) < len(whole.read("answers"))
+    bootstrap(config, tmp_path / "resumed")
+    return whole, resumed

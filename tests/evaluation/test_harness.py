@@ -169,3 +169,15 @@ def test_bad_tasks_are_clear_errors(tiny_run, tmp_path):
         lm_eval(tiny_run, tasks=["remote_only"], systems=["base"], include_path=str(tasks), out=str(tmp_path))
     with pytest.raises(PrismError, match="--systems: unknown nosystem"):
         lm_eval(tiny_run, tasks=["prism_arc"], systems=["nosystem"])
+
+
+def test_generate_until_answers_the_context_on_its_route_and_stops_at_until(tiny_run):
+    model = PrismModel.from_run(tiny_run, device="cpu")
+    options = {"until": ["e"], "max_gen_toks": 6}
+    requests = [Instance("generate_until", {}, (q, options), 0, ("tiny_gen", 0, 1)) for q in QUESTIONS]
+    texts = PrismLM(system="prism", model=model, batch_size=1).generate_until(requests)
+    decisions = model.decide([[{"role": "user", "content": q}] for q in QUESTIONS])
+    assert {d.route for d in decisions} == {"base", "persona"}
+    for question, text, decision in zip(QUESTIONS, texts, decisions):
+        assert text == model.generate(question, route=decision.route, max_tokens=6, stop=["e"]).text
+        assert "e" not in text

@@ -60,10 +60,17 @@ def test_held_out_queries_are_generated_scored_and_summarized(verifier_run):
     assert answered <= {f"heldout:{q['id']}" for q in held if q["status"] == "kept"}
     bootstrap_query = "How do I write a poem about the sea?"
     assert all(q["query"] != bootstrap_query for q in held if f"heldout:{q['id']}" in answered)
+    assert "lm-evaluation-harness" not in write_report(verifier_run)[0].read_text()  # no lm_eval.json yet
+    harness = {"systems": {"base": {"prism_arc": {"acc,none": 0.25, "acc_stderr,none": 0.01}},
+                           "prism": {"prism_arc": {"acc,none": 0.5, "acc_stderr,none": 0.02}}},
+               "routing": {"prism_arc": 0.4}}
+    (verifier_run / "eval" / "lm_eval.json").write_text(json.dumps(harness))
     written = write_report(verifier_run)
     report = written[0].read_text()
     assert "## Verified: held-out queries scored by the run's verifiers" in report and "| writing |" in report
     assert any(p.name == "verified.png" for p in written)
+    assert "## lm-evaluation-harness" in report and "| prism_arc | acc | 0.2500 ± 0.0100 | 0.5000 ± 0.0200 |" in report
+    (verifier_run / "eval" / "lm_eval.json").unlink()
 
 
 def test_a_user_file_of_queries_and_another_verifier(verifier_run, tmp_path):

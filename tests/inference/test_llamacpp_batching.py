@@ -18,15 +18,13 @@ import pytest
 import torch
 
 from gguf_helpers import write_tiny_gguf
-from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, whole_and_resumed
 from prism.errors import ContextLengthError
 from prism.inference.base import GenerationRequest
 from prism.inference.gguf_export import export_gguf
 from prism.inference.llamacpp import LlamaCppModel
 from prism.lm.decoding import SamplingParams
 from prism.lm.llama_batch import Sequence
-from prism.runs import RunDir
-from prism.stages.pipeline import bootstrap
 
 pytest.importorskip("llama_cpp")
 QUERIES = PERSONA_QUERIES + BASE_QUERIES + ["Name three colors.", "Why is the sky blue? Tell me in detail."]
@@ -147,24 +145,7 @@ def test_a_bootstrap_on_llama_cpp_killed_midway_resumes_to_the_records_of_an_uni
         tiny_config, q4_gguf, tmp_path, monkeypatch):
     config = tiny_config(domains=["math", "safety"], queries_per_persona=4, batch_size=3, answer_temperature=1.0,
                          engine="llamacpp", gguf=str(q4_gguf), distill_epochs=1)
-    bootstrap(config, tmp_path / "whole")
-    append = RunDir.append
-    saved = []
-
-    def killed_after_two_answers(self: RunDir, name: str, records) -> None:
-        if name == "answers" and len(saved) == 2:
-            raise KeyboardInterrupt  # in-process stand-in for SIGKILL: the stage stops between two saves
-        append(self, name, records)
-        if name == "answers":
-            saved.append(name)
-
-    monkeypatch.setattr(RunDir, "append", killed_after_two_answers)
-    with pytest.raises(KeyboardInterrupt):
-        bootstrap(config, tmp_path / "resumed")
-    monkeypatch.setattr(RunDir, "append", append)
-    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
-    assert 0 < len(resumed.read("answers")) < len(whole.read("answers"))
-    bootstrap(config, tmp_path / "resumed")
+    whole, resumed = whole_and_resumed(config, tmp_path, monkeypatch)
     for name in ("personas", "queries", "answers", "judgments", "labels"):
         assert sorted(resumed.read(name), key=lambda r: json.dumps(r, sort_keys=True)) == \
             sorted(whole.read(name), key=lambda r: json.dumps(r, sort_keys=True)), name

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from helpers import whole_and_resumed
 from prism.cli import main
 from prism.runs import STAGES, RunDir
 from prism.stages import pipeline
@@ -244,24 +245,7 @@ def test_a_run_killed_midway_and_resumed_writes_the_records_of_an_uninterrupted_
     """Each record samples from a stream seeded by the run seed and its own id: where the kill fell, and so
     which batches the resumed stage forms, must not change what any record gets."""
     config = tiny_config(domains=["math", "safety"], queries_per_persona=4, batch_size=3, answer_temperature=1.0)
-    bootstrap(config, tmp_path / "whole")
-    append = RunDir.append
-    saved = []
-
-    def killed_after_two_answer_batches(self: RunDir, name: str, records) -> None:
-        if name == "answers" and len(saved) == 2:
-            raise KeyboardInterrupt  # in-process stand-in for SIGKILL: the stage stops between two saves
-        append(self, name, records)
-        if name == "answers":
-            saved.append(name)
-
-    monkeypatch.setattr(RunDir, "append", killed_after_two_answer_batches)
-    with pytest.raises(KeyboardInterrupt):
-        bootstrap(config, tmp_path / "resumed")
-    monkeypatch.setattr(RunDir, "append", append)
-    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
-    assert 0 < len(resumed.read("answers")) < len(whole.read("answers"))
-    bootstrap(config, tmp_path / "resumed")
+    whole, resumed = whole_and_resumed(config, tmp_path, monkeypatch)
     for name in ("personas", "queries", "answers", "labels"):
         key = "id" if name != "labels" else "query_id"
         assert sorted(resumed.read(name), key=lambda r: r[key]) == sorted(whole.read(name), key=lambda r: r[key])

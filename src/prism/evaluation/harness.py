@@ -28,6 +28,7 @@ SHIPPED_TASKS = ("prism_mmlu", "prism_arc")  # prism_arc: the group of prism_arc
 SHIPPED_FILES = ("prism_mmlu", "prism_arc", "prism_arc_easy", "prism_arc_challenge")
 TASK_FILES = Path(__file__).with_name("harness_tasks")
 RESULT_FILE = "lm_eval.json"
+OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 def require_lm_eval() -> None:
@@ -51,8 +52,16 @@ def lm_eval(run: str | Path, config: HarnessConfig | None = None, **options: Any
     {"systems": {system: {task: {metric: value}}}, "routing": {task: share of requests on an adapter}}."""
     config = with_options(HarnessConfig, config, **options)
     require_lm_eval()
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # no hub here: a task's data must be local or cached
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline = {name: "1" for name in OFFLINE_VARIABLES if name not in os.environ}  # what the user set stays
+    os.environ.update(offline)  # no hub here: a task's data must be local or in the datasets cache
+    try:
+        return _evaluate(run, config)
+    finally:
+        for name in offline:
+            os.environ.pop(name, None)
+
+
+def _evaluate(run: str | Path, config: HarnessConfig) -> dict[str, Any]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from prism.errors import PrismError
 from prism.evaluation.calibrate import load_calibration
 from prism.evaluation.config import EvalConfig
+from prism.evaluation.harness import RESULT_FILE as HARNESS_RESULT_FILE
+from prism.evaluation.harness import format_table as format_harness_table
 from prism.evaluation.plots import (
     Figures,
     calibration_plot,
@@ -50,6 +52,14 @@ def _replication_section(run: RunDir) -> list[str]:
     return ["## Replication of the paper's Table 1 (`prism replicate`)\n\n" + format_replication(table) + note]
 
 
+def _harness_section(run: RunDir) -> list[str]:
+    path = run.path / EVAL_DIR / HARNESS_RESULT_FILE
+    if not path.is_file():
+        return []
+    return ["## lm-evaluation-harness (`prism lm-eval`)\n\nThe harness's own metrics, ± its stderr.\n\n"
+            + format_harness_table(json.loads(path.read_text()))]
+
+
 def write_report(run_path: str | Path) -> list[Path]:
     run = RunDir(run_path)
     results = Results.load(run.path)
@@ -86,6 +96,7 @@ def write_report(run_path: str | Path) -> list[Path]:
         *verified_section(results),
         *kway_section(run.path),
         *_replication_section(run),
+        *_harness_section(run),
         "## Reproduce\n\n```\n" + f"prism bootstrap --config <config below> --out {run.path}\n{command}\n"
         f"prism report {run.path}\n```",
         "## Configuration\n\n```json\n" + json.dumps({"bootstrap": manifest.get("config"), "eval": shown_config},

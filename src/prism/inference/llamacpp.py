@@ -176,19 +176,8 @@ class LlamaCppModel(GatedModel):
                 scores[index] = token_scores(logits[:-1], sequences[index])
             return on_logits
 
-        submitted = []
-        try:  # every route's sequences at once: each route's context decodes its own batch
-            for i, (ids, decision) in enumerate(zip(sequences, decisions)):
-                submitted.append(self.llama.submit(self._route(decision), LlamaSequence(list(ids), keep(i),
-                                                                                        logits_from=0)))
-            for sequence in submitted:
-                sequence.done.wait()
-        finally:
-            for sequence in submitted:
-                sequence.cancel()
-        for sequence in submitted:
-            if sequence.error is not None:
-                raise sequence.error
+        self.llama.run_routed((self._route(decision), LlamaSequence(list(ids), keep(i), logits_from=0))
+                              for i, (ids, decision) in enumerate(zip(sequences, decisions)))
         return scores  # type: ignore[return-value]
 
     def _encode(self, request: GenerationRequest) -> list[int]:

@@ -423,9 +423,13 @@ class BatchedLlama:
 
     def run(self, route: str, sequences: Iterable[Sequence]) -> list[Sequence]:
         """Submit the sequences and wait for all; the first error is raised. Interrupted, it cancels them."""
+        return self.run_routed((route, sequence) for sequence in sequences)
+
+    def run_routed(self, work: Iterable[tuple[str, Sequence]]) -> list[Sequence]:
+        """`run` for (route, sequence) pairs: every route's context decodes its own batch meanwhile."""
         submitted = []
         try:
-            for sequence in sequences:
+            for route, sequence in work:
                 submitted.append(self.submit(route, sequence))
             for sequence in submitted:
                 sequence.done.wait()
