@@ -208,7 +208,10 @@ def test_on_the_embedded_model_the_clusters_recover_known_intents(tmp_path):
     embedded model's middle block, mean-pooled, clustered by KMeans with k = 9."""
     from prism.evaluation.data import default_data_dir
 
-    benchmarks = default_data_dir()
+    try:
+        benchmarks = default_data_dir()
+    except PrismError as exc:
+        pytest.skip(f"the benchmark files this test reads are not here: {exc}")
     questions = [json.loads(line) for line in (benchmarks / "mt_bench" / "question.jsonl").read_text().splitlines()]
     with (benchmarks / "jbb" / "harmful.csv").open() as handle:
         goals = [row["Goal"] for row in csv.DictReader(handle)][:40]
@@ -230,3 +233,41 @@ def test_on_the_embedded_model_the_clusters_recover_known_intents(tmp_path):
 
 
 ARI_FLOOR = 0.45  # measured 0.54 (mean of 3 KMeans seeds; seed 0: see the closing note of the issue) on this machine
+
+
+def test_the_loop_from_served_traffic_to_a_new_run_compared_with_the_old(tiny_run, tiny_model_dir, tiny_config,
+                                                                          tmp_path):
+    import httpx2
+
+    from helpers import LiveServer
+    from prism.evaluation.compare_runs import compare_runs
+    from prism.inference.transformers import PrismModel
+    from prism.serving.request_log import RequestLog
+    from prism.serving.server import create_app
+    from prism.stages.pipeline import bootstrap
+
+    served = PrismModel.from_run(tiny_run, device="cpu", max_model_len=256)
+    log = RequestLog(tmp_path / "requests.jsonl", log_prompts=True)  # 1. serve, logging the prompts
+    live = LiveServer(create_app(served, default_max_tokens=2, request_log=log, metrics=False)).start()
+    try:
+        for take in range(5):
+            for query in PERSONA_QUERIES + BASE_QUERIES:
+                reply = httpx2.post(live.url + "/v1/chat/completions", timeout=60, json={
+                    "model": "prism", "messages": [{"role": "user", "content": f"{query} (take {take})"}]})
+                assert reply.status_code == 200
+    finally:
+        live.stop()
+        log.close()
+    found = tmp_path / "found"  # 2. domains from the traffic
+    main(["discover", str(tmp_path / "requests.jsonl"), "--out", str(found), "--model", str(tiny_model_dir),
+          "--clusters", "2", "--min-cluster-size", "2", "--device", "cpu"])
+    domains = yaml.safe_load((found / "domains.yaml").read_text())["domains"]
+    new = tmp_path / "v2"  # 3. a run on them, from the logged queries (the tiny sizes of the test config)
+    bootstrap(tiny_config(**load_config_file(found / "prism.yaml"), queries_per_persona=2, distill_epochs=1), new)
+    queries = RunDir(new).read("queries")
+    assert queries and {q["source"] for q in queries} == {"real"} and {q["domain"] for q in queries} <= set(domains)
+    result = compare_runs(tiny_run, new, found / "holdout.jsonl", max_tokens=2, device="cpu")  # 4. old vs new
+    held = [json.loads(line) for line in (found / "holdout.jsonl").read_text().splitlines()]
+    assert set(result["routing"]["new"]) == {h["domain"] for h in held} and result["prompts"] == len(held) == 4
+    assert result["verdict"]["overall"]["n"] == 4
+    assert PrismModel.from_run(new, device="cpu").generate("Hello", max_tokens=2).completion_tokens >= 1  # 5. serve

@@ -68,8 +68,10 @@ def build_failure(gguf: Path) -> str | None:
 
 def warn_if_openmp() -> None:
     """llama.cpp built with OpenMP (pip's default) shares libgomp with PyTorch, and once PyTorch has run a
-    parallel op libgomp no longer spins at llama.cpp's barriers: one stream on the embedded model decoded at 31
-    tok/s instead of 105 here (2 cores). `make` builds without it (scripts/llamacpp-cmake-args)."""
+    parallel op, llama.cpp's threads ran 3x slower: one stream on the embedded model decoded at 31 tok/s instead
+    of 105 here (2 cores), with OMP_WAIT_POLICY=PASSIVE or GOMP_SPINCOUNT=0 no better; most likely libgomp's
+    throttled waiting once it manages more threads than cores. `make` builds without it
+    (scripts/llamacpp-cmake-args)."""
     import llama_cpp
 
     if "OPENMP = 1" in llama_cpp.llama_print_system_info().decode(errors="replace"):
