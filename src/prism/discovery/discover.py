@@ -54,8 +54,13 @@ def discover(log_file: str | Path, config: DiscoverConfig | None = None, **optio
     cluster_s = time.perf_counter() - started
     ids = sorted(found.centroids, key=lambda c: -int((found.labels == c).sum()))
     central = {c: clustering.central(found, c, config.examples) for c in ids}
-    names = dict(zip(ids, name_clusters(_engine(config, lm), [[texts[i] for i in central[c]] for c in ids],
-                                        batch_size=config.batch_size, seed=config.seed)))
+    engine = _engine(config, lm)
+    try:
+        names = dict(zip(ids, name_clusters(engine, [[texts[i] for i in central[c]] for c in ids],
+                                            batch_size=config.batch_size, seed=config.seed)))
+    finally:
+        if hasattr(engine, "close"):  # llama.cpp's contexts
+            engine.close()
     if (found.labels == clustering.OTHER).any():
         names[clustering.OTHER] = "other"
         central[clustering.OTHER] = clustering.central(found, clustering.OTHER, config.examples)
