@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
 from prism.runs import RunDir
 from prism.serving.server import wait_until_healthy
+from serving import free_port  # benchmarks/serving.py, beside this script
 
 QUERIES = [
     "Write a short poem about the sea at night.",
@@ -98,12 +98,6 @@ def decode_speeds(run: str, stream_counts: list[int], tokens: int, rounds: int) 
     for model in models.values():
         model.close()
     return rates
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], share: float) -> float:

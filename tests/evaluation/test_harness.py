@@ -181,3 +181,27 @@ def test_generate_until_answers_the_context_on_its_route_and_stops_at_until(tiny
     for question, text, decision in zip(QUESTIONS, texts, decisions):
         assert text == model.generate(question, route=decision.route, max_tokens=6, stop=["e"]).text
         assert "e" not in text
+
+
+def test_system_persona_scores_with_the_persona_of_the_requests_domain(tiny_run, tmp_path):
+    import shutil
+
+    from prism.runs import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    RunDir(run / "eval").append("personas", [{"id": "stem", "domain": "science, technology, engineering and "
+                                              "mathematics", "persona": "You are a careful scientist."}])
+    model = PrismModel.from_run(run, device="cpu")
+    persona = PrismLM(system="persona", model=model)
+    arc = Instance("loglikelihood", {}, ("What do plants need?", " light"), 0, ("prism_arc_easy", 0, 1))
+    expected = [{"role": "system", "content": "You are a careful scientist."},
+                {"role": "user", "content": "What do plants need?"}]
+    assert persona._messages(arc) == expected
+    ids = encode(model.tokenizer, model.prompt(expected) + " light")
+    count = len(ids) - len(encode(model.tokenizer, model.prompt(expected)))
+    [own] = model.score_tokens([ids], [RouteDecision("base", None, forced=True)])
+    assert persona.loglikelihood([arc])[0][0] == pytest.approx(sum(own.logprobs[-count:]), abs=1e-6)
+    virology = Instance("loglikelihood", {"subject": "virology"}, ("Which virus?", " A"), 0, ("prism_mmlu", 0, 1))
+    with pytest.raises(PrismError, match="no persona for the domain 'business, medicine and general knowledge'"):
+        persona.loglikelihood([virology])

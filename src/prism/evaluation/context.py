@@ -28,7 +28,7 @@ from prism.inference.base import GenerationRequest, gate_prompt
 from prism.inference.transformers import PrismModel
 from prism.lm.batching import block0_features, length_sorted_batches
 from prism.lm.decoding import SamplingParams
-from prism.runs import RunDir
+from prism.runs import EVAL_DIR, RunDir
 from prism.stages import personas
 from prism.stages.context import StageContext
 
@@ -40,6 +40,13 @@ def messages_for(system: str, user: str, persona: str | None, history: list[dict
     head = [{"role": "system", "content": persona}] if system == "persona" and persona else \
         [{"role": "system", "content": ""}] if system == "nosystem" else []
     return head + list(history or []) + [{"role": "user", "content": user}]
+
+
+def run_personas(run: RunDir) -> dict[str, str]:
+    """Domain (lower case) -> persona: the run's own, then those `prism eval` wrote for benchmark domains into
+    RUN/eval/personas.jsonl (the run's own win)."""
+    records = run.read("personas") + RunDir(run.path / EVAL_DIR).read("personas")
+    return {r["domain"].lower(): r["persona"] for r in reversed(records)}
 
 
 class Evaluation:
@@ -123,11 +130,7 @@ class Evaluation:
                                       *(MMLU_PERSONA_DOMAINS.values() if benches & {"mmlu", "arc"} else ()),
                                       *((SAFETY_DOMAIN,) if benches & set(REFUSAL_BENCHES) else ()))}
 
-        def known_personas() -> dict[str, str]:
-            records = self.run.read("personas") + self.store.read("personas")
-            return {r["domain"].lower(): r["persona"] for r in reversed(records)}  # the run's own win
-
-        known = known_personas()
+        known = run_personas(self.run)
         missing = sorted(wanted - set(known))
         if missing and "persona" in self.config.systems:
             log.info("writing personas for %d benchmark domains the run lacks", len(missing))
@@ -137,7 +140,7 @@ class Evaluation:
                                         "judge": "pairwise", "verifier": None, "verifiers": {}})
             with self.model.adapter.disable_adapter() if self.model.adapter is not None else nullcontext():
                 personas.run(StageContext(run=self.store, config=config, lm=self.model.lm))
-            known = known_personas()
+            known = run_personas(self.run)
         return known
 
     def persona_for(self, domain: str) -> str | None:

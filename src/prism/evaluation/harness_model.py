@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from prism.config import LOCAL_ENGINE
 from prism.errors import PrismError
 from prism.evaluation.config import HARNESS_BATCH, HARNESS_SYSTEMS, MMLU_PERSONA_DOMAINS
-from prism.evaluation.context import messages_for
+from prism.evaluation.context import messages_for, run_personas
 from prism.evaluation.data import SUBJECT_DOMAIN
 from prism.inference.base import GatedModel, GenerationRequest, RouteDecision
 from prism.lm.decoding import SamplingParams
@@ -58,7 +58,7 @@ class PrismLM(LM):
             raise PrismError("system=lora needs the run's adapter, and this run has none (distill was skipped)")
         self.model, self.system, self.persona_domain = model, system, persona_domain
         self.batch_size = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else HARNESS_BATCH
-        self.personas = _run_personas(model) if system == "persona" else {}
+        self.personas = run_personas(RunDir(model.run_path)) if system == "persona" and model.run_path else {}
         self.decisions: dict[str, list[RouteDecision]] = defaultdict(list)  # per task, one per distinct context
         self._decided: dict[tuple[str | None, str], RouteDecision] = {}
 
@@ -159,15 +159,6 @@ class PrismLM(LM):
                              "--systems persona` once (it writes the benchmark domains' personas into RUN/eval), or "
                              f"pass persona_domain= one of {', '.join(sorted(self.personas)) or 'none'}")
         return persona
-
-
-def _run_personas(model: GatedModel) -> dict[str, str]:
-    """Domain (lower case) -> persona: the run's own, then those `prism eval` wrote for benchmark domains."""
-    if model.run_path is None:
-        return {}
-    run = RunDir(model.run_path)
-    records = run.read("personas") + RunDir(run.path / "eval").read("personas")
-    return {r["domain"].lower(): r["persona"] for r in reversed(records)}
 
 
 def _batches(requests: list[Any], size: int, disable: bool, desc: str) -> Iterator[list[Any]]:
