@@ -4,9 +4,11 @@ embedded model, every ratio measured side by side in this one run:
 1. aggregate decode tok/s at 1, 8 and 32 concurrent streams (greedy, base route, end-of-text ignored):
    N * (T - 1) / (W(T) - W(1)), where W(n) is the wall time of N requests of n new tokens each, so prefill
    and the first token are left out. Systems: llama.cpp batched (`max_num_seqs` = 32), llama.cpp one at a
-   time (`max_num_seqs` = 1, what `prism chat` uses) and transformers batched (PrismModel);
+   time (`max_num_seqs` = 1, what `prism chat` uses) and transformers batched (PrismModel); llama.cpp batched
+   decodes with `--gguf-weights auto` (the Q4_1 file re-encoded to Q8_0), and once more as the file is (as-is);
 2. `prism serve` in its own process under 32 and 64 concurrent streaming clients (model 'prism', gated,
-   temperature 0.7), each engine in turn: tok/s in all, p50/p95 latency, p50/p95 time to first token;
+   temperature 0.7), each engine in turn, after one warm-up round of the same clients (a server that has been
+   up: each route's context open): tok/s in all, p50/p95 latency, p50/p95 time to first token;
 3. the tiny and small presets end to end (`prism bootstrap`) on each engine (full mode only).
 
     .venv/bin/python benchmarks/engines.py [--run runs/bench] [--tokens 64] [--quick] [--json FILE]
@@ -86,11 +88,15 @@ def median_rates(models: dict[str, GatedModel], streams: int, tokens: int, round
 
 def decode_speeds(run: str, stream_counts: list[int], tokens: int, rounds: int) -> dict[str, dict[int, float]]:
     systems = {"llama.cpp batched": dict(engine="llamacpp", max_num_seqs=max(stream_counts)),
+               "llama.cpp batched as-is": dict(engine="llamacpp", max_num_seqs=max(stream_counts),
+                                               gguf_weights="as-is"),
                "llama.cpp one at a time": dict(engine="llamacpp", max_num_seqs=1),
                "transformers batched": dict(engine="transformers")}
     models = {name: load_gated_model(run, **options) for name, options in systems.items()}
     rates: dict[str, dict[int, float]] = {name: {} for name in systems}
-    print(f"1. aggregate decode tok/s, base route, greedy, {tokens} tokens per stream, median of {rounds} rounds")
+    print(f"1. aggregate decode tok/s, base route, greedy, {tokens} tokens per stream, median of {rounds} rounds; "
+          "llama.cpp weights: " + ", ".join(f"{name} {model.weights_type}" for name, model in models.items()
+                                              if hasattr(model, "weights_type")))
     for streams in stream_counts:
         for name, rate in median_rates(models, streams, tokens, rounds).items():
             rates[name][streams] = rate
@@ -130,7 +136,8 @@ def serve_load(run: str, engine: str, clients: int, tokens: int) -> dict[str, fl
             latency = time.perf_counter() - started
             return latency, latency if first is None else first, produced
 
-        one(0)  # warm-up
+        with ThreadPoolExecutor(clients) as pool:  # warm-up: every route the gate picks has its context open
+            list(pool.map(one, range(clients)))
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(one, range(clients)))

@@ -61,9 +61,14 @@ DEFAULT_PRESET = "small"
 
 # Fields that change how a run is executed but not what it computes (a run may be resumed with
 # another engine: the manifest records which engine made each stage).
-RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "base_url", "engine_model", "engine_concurrency",
-                  "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
+RUNTIME_FIELDS = {"device", "threads", "engine", "gguf", "gguf_weights", "base_url", "engine_model",
+                  "engine_concurrency", "engine_timeout", "engine_max_retries", "distill_gradient_checkpointing"}
 ENGINES = ("transformers", "llamacpp", "openai")
+GGUF_WEIGHTS = ("auto", "as-is", "q8_0", "f16")  # what llama.cpp decodes with (prism.lm.llama_weights)
+DEFAULT_GGUF_WEIGHTS = GGUF_WEIGHTS[0]
+GGUF_WEIGHTS_HELP = ("the weights llama.cpp decodes with: as-is (the GGUF's own), q8_0 or f16 (re-encoded once by "
+                     "llama.cpp's quantizer, cached); auto: q8_0 when several sequences decode at once on a CPU and "
+                     "the GGUF's type has no batched kernel there (Q4_1, the embedded model's)")
 DEFAULT_DEVICE = "auto"  # torch's device: CUDA when there is one, else the CPU
 DEFAULT_SEED = 0
 LOCAL_ENGINE = "transformers"  # the model in this process, on PyTorch
@@ -186,6 +191,8 @@ class BootstrapConfig:
                         "always load the model here", default=LOCAL_ENGINE)
     gguf: str | None = option("the llamacpp engine's GGUF of --model (default: the embedded model's own file)",
                              default=None)
+    gguf_weights: str = option(f"the llamacpp engine: {GGUF_WEIGHTS_HELP}", choices=GGUF_WEIGHTS,
+                              default=DEFAULT_GGUF_WEIGHTS)
     base_url: str | None = option("the openai engine's server, e.g. http://localhost:8000/v1", default=None)
     engine_model: str | None = option("the model name the openai engine's server knows (serving --model)",
                                      default=None)
@@ -210,6 +217,8 @@ class BootstrapConfig:
                              f"{self.distill_gradient_checkpointing!r}")
         if self.engine not in ENGINES:
             raise PrismError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.gguf_weights not in GGUF_WEIGHTS:
+            raise PrismError(f"--gguf-weights must be one of {', '.join(GGUF_WEIGHTS)}, got {self.gguf_weights!r}")
         if self.engine == "openai" and not (self.base_url and self.engine_model):
             raise PrismError("--engine openai needs --base-url (e.g. http://localhost:8000/v1) and --engine-model "
                              "(the model name that server serves: the same weights as --model)")

@@ -286,7 +286,7 @@ def test_bootstrap_stages_on_llama_cpp(tiny_config, tiny_gguf, tmp_path):
     assert summary["counts"]["answers"] == 2 * summary["counts"]["queries"] > 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     for stage in ("personas", "queries", "answers", "verify"):
-        assert manifest["stages"][stage]["engine"] == {"kind": "llamacpp", "model": str(tiny_gguf),
+        assert manifest["stages"][stage]["engine"] == {"kind": "llamacpp", "model": str(tiny_gguf), "weights": "as-is",
                                                        "threads": llama.default_threads(), "sequences": 8}
     assert manifest["stages"]["gate"]["engine"]["kind"] == "transformers"
     judgments = RunDir(tmp_path / "run").read("judgments")

@@ -75,6 +75,37 @@ def test_a_batch_of_requests_gets_what_each_gets_alone(q4_run, q4_gguf):
     assert batched == alone  # the same tokens and the same log-probabilities, to the last bit
 
 
+def test_each_decode_step_is_one_run_of_sequences_and_leaves_each_slot_its_own_tokens(q4_run, q4_gguf, monkeypatch):
+    """llama.cpp computes a batch in one graph only over consecutive sequence ids: once requests of different
+    lengths finish, the slots between the decoding ones decode a placeholder, which must leave no cell behind."""
+    import llama_cpp
+
+    decoded = llama_cpp.llama_decode
+    steps: list[list[int]] = []
+
+    def recording(ctx, batch):
+        if all(batch.pos[i] >= 0 for i in range(batch.n_tokens)):
+            seq_ids = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+            if len(set(seq_ids)) == len(seq_ids):  # one token per sequence: a decode step
+                steps.append(seq_ids)
+        return decoded(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    model = load(q4_run, q4_gguf, max_num_seqs=8)
+    try:
+        assert model.llama.route("base").shared_prefill  # the tiny Q4_1 re-encoded to Q8_0 for 8 sequences
+        made = [GenerationRequest([{"role": "user", "content": q}], "base", SamplingParams(max_tokens=3 + 5 * (i % 3),
+                                  ignore_eos=True)) for i, q in enumerate(QUERIES[:6])]
+        assert [c.completion_tokens for c in model.generate_batch(made)] == [r.params.max_tokens for r in made]
+        assert any(len(step) < 6 and len(step) > 1 for step in steps)  # finished ones left gaps at some steps
+        assert all(step == list(range(step[0], step[0] + len(step))) for step in steps), steps
+        context = model.llama.route("base")
+        for slot in context.slots:  # each slot's cells hold exactly the tokens it keeps for the next prompt
+            assert llama_cpp.llama_memory_seq_pos_max(context.context.memory, slot.seq_id) == len(slot.cached) - 1
+    finally:
+        model.close()
+
+
 def within(seconds: float, work):
     """work()'s result, or a failure when it has not returned in time (a request stuck in its slot waits forever)."""
     result: list = []
@@ -152,11 +183,17 @@ def test_a_bootstrap_on_llama_cpp_killed_midway_resumes_to_the_records_of_an_uni
 
 
 @pytest.mark.e2e
-def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_alone():
-    """On the embedded model: llama.cpp split three prompts of 32-34 tokens sharing one decode into ubatches of
-    equal ones and the third came out 0.46 off in a logit; the engine prefills each prompt in a decode of its own."""
+@pytest.mark.parametrize("weights", ["as-is", "q8_0"])
+def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_alone(weights):
+    """On the embedded model: llama.cpp splits three prompts of 32-34 tokens sharing one decode into ubatches of
+    equal ones, and on its Q4_1 weights the third came out 0.46 off in a logit, so there each prompt prefills in a
+    decode of its own; re-encoded to Q8_0 (what several sequences decode with), they prefill in one decode."""
     from prism.lm.llama_batch import BatchedLlama, RouteSpec
+    from prism.lm.llama_weights import decode_weights
     from prism.lm.models import embedded_gguf_path
+
+    path, made = decode_weights(embedded_gguf_path(), weights, sequences=3)
+    assert made == weights
 
     def first_logits(llama: BatchedLlama, prompts: list[list[int]]) -> list:
         rows: dict[int, object] = {}
@@ -172,17 +209,16 @@ def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_a
     system = "<|im_start|>system\nYou are a careful expert who answers briefly.<|im_end|>\n"
     texts = [f"{system}<|im_start|>user\nTell me about topic number {i} and {'more ' * i}.<|im_end|>\n"
              "<|im_start|>assistant\n" for i in range(3)]
-    llama = BatchedLlama({"base": RouteSpec(embedded_gguf_path())}, slots=3, slot_tokens=256, threads=2,
-                         kv_type="f32")
+    llama = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f32")
     try:
+        assert llama.route("base").shared_prefill == (weights == "q8_0")
         prompts = [llama.weights.tokenize(t.encode(), False, True) for t in texts]
         assert [len(p) for p in prompts] == [32, 33, 34]
         together = first_logits(llama, prompts)
     finally:
         llama.close()
     for prompt, batched in zip(prompts, together):
-        alone = BatchedLlama({"base": RouteSpec(embedded_gguf_path())}, slots=3, slot_tokens=256, threads=2,
-                             kv_type="f32")
+        alone = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f32")
         try:
             assert torch.equal(first_logits(alone, [prompt])[0], batched)
         finally:

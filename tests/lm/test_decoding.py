@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from prism.errors import PrismError
-from prism.lm.decoding import SamplingParams, TextStream, sample_token
+from prism.lm.decoding import SamplingParams, TextStream, draw, sample_token
 
 
 def test_greedy_and_nucleus_sampling():
@@ -13,6 +13,18 @@ def test_greedy_and_nucleus_sampling():
     assert {sample_token(logits, SamplingParams(temperature=2.0, top_p=0.3), generator) for _ in range(20)} == {1}
     drawn = {sample_token(logits, SamplingParams(temperature=1.0), generator) for _ in range(200)}
     assert {1, 2} <= drawn
+
+
+def test_a_draw_follows_the_distribution_and_never_takes_an_entry_without_mass():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # massless entries first, between and last
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([draw(probs * 7.0, generator) for _ in range(20_000)]), minlength=6)
+    assert counts[[0, 2, 5]].tolist() == [0, 0, 0]
+    # 20,000 draws: each share within 0.015 of its probability (over 4 standard deviations)
+    assert torch.allclose(counts / 20_000, probs, atol=0.015), counts
+    one_hot = torch.zeros(49_152)
+    one_hot[-1] = 1.0  # the whole mass on the last entry: every uniform lands there
+    assert {draw(one_hot, generator) for _ in range(50)} == {49_151}
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(stop=[""])])

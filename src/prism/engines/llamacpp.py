@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prism.config import DEFAULT_GGUF_WEIGHTS
 from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_line, option_token_ids, options_from_logits
 from prism.errors import ContextLengthError
 from prism.lm.decoding import SamplingParams, sample_token
 from prism.lm.llama import base_gguf_for, check_vocabulary, default_threads
 from prism.lm.llama_batch import BatchedLlama, RouteSpec
 from prism.lm.llama_batch import Sequence as LlamaSequence
+from prism.lm.llama_weights import decode_weights
 from prism.lm.models import chat_prompt, encode
 
 FIRST_SLOT_TOKENS = 512  # a slot's size until a stage's prompts need more (each stage grows the slots to fit)
@@ -31,27 +33,28 @@ KV_TYPE = "f32"
 class LlamaCppEngine:
     """The bootstrap's generating stages (and the judge) on llama.cpp, `slots` prompts at a time."""
 
-    def __init__(self, llama: BatchedLlama, tokenizer: Any, source: Path):
-        self.llama, self.tokenizer, self.source = llama, tokenizer, source
+    def __init__(self, llama: BatchedLlama, tokenizer: Any, source: Path, weights_type: str = "as-is"):
+        self.llama, self.tokenizer, self.source, self.weights_type = llama, tokenizer, source, weights_type
         self.eos_ids = {tokenizer.eos_token_id, llama.weights.token_eos()} - {None, -1}
         self.max_tokens = llama.weights.n_ctx_train()  # what the model was trained on: slots grow up to it
 
     @classmethod
     def open(cls, model: str, tokenizer: Any, gguf: str | None = None, n_threads: int | None = None,
-             slots: int = 32) -> LlamaCppEngine:
+             slots: int = 32, gguf_weights: str = DEFAULT_GGUF_WEIGHTS) -> LlamaCppEngine:
         path = base_gguf_for({"model": model}, gguf)
-        llama = BatchedLlama({"base": RouteSpec(path)}, slots=slots, slot_tokens=FIRST_SLOT_TOKENS,
+        weights, weights_type = decode_weights(path, gguf_weights, slots)
+        llama = BatchedLlama({"base": RouteSpec(weights)}, slots=slots, slot_tokens=FIRST_SLOT_TOKENS,
                              threads=n_threads or default_threads(), kv_type=KV_TYPE)
         try:
             check_vocabulary(llama.weights, tokenizer, path)
         except BaseException:
             llama.close()
             raise
-        return cls(llama, tokenizer, path)
+        return cls(llama, tokenizer, path, weights_type)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "llamacpp", "model": str(self.source), "threads": self.llama.threads,
-                "sequences": self.llama.slots}
+        return {"kind": "llamacpp", "model": str(self.source), "weights": self.weights_type,
+                "threads": self.llama.threads, "sequences": self.llama.slots}
 
     def _ids(self, prompt: Prompt) -> list[int]:
         text = chat_prompt(self.tokenizer, prompt.user, system=prompt.system, assistant_prefix=prompt.assistant_prefix)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prism.config import DEFAULT_DEVICE, option
+from prism.config import DEFAULT_DEVICE, DEFAULT_GGUF_WEIGHTS, GGUF_WEIGHTS, GGUF_WEIGHTS_HELP, option
 from prism.errors import PrismError
 from prism.lm.gate import check_threshold
 from prism.lm.llama import BACKENDS
@@ -35,6 +35,8 @@ class LoadConfig:
         "llamacpp: the KV cache's type: f32 (a request gets the same tokens whatever is decoded beside it) or f16 "
         "(half the memory; log-probabilities then move by about 1e-3 with the batch)", choices=KV_CACHE_DTYPES,
         default="f32")
+    gguf_weights: str = option(f"llamacpp: {GGUF_WEIGHTS_HELP}", choices=GGUF_WEIGHTS,
+                              default=DEFAULT_GGUF_WEIGHTS)
     threads: int | None = option("llamacpp: CPU threads (default: every core this process may use)", default=None)
     persona_model: str = option("llamacpp: the persona route on the merged persona GGUF (`prism export gguf "
                                 "--merged`) or on the base GGUF with the LoRA; auto takes the merged one when it "
@@ -46,7 +48,7 @@ class LoadConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("engine", BACKENDS), ("persona_model", PERSONA_MODELS), ("routing", ROUTING_CHOICES),
-                              ("kv_cache_dtype", KV_CACHE_DTYPES)):
+                              ("kv_cache_dtype", KV_CACHE_DTYPES), ("gguf_weights", GGUF_WEIGHTS)):
             if getattr(self, name) not in allowed:
                 raise PrismError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.threshold is not None:

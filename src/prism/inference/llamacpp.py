@@ -50,6 +50,7 @@ from prism.lm.decoding import TextStream, sample_token
 from prism.lm.llama import base_gguf_for, check_vocabulary, default_threads
 from prism.lm.llama_batch import BatchedLlama, RouteSpec
 from prism.lm.llama_batch import Sequence as LlamaSequence
+from prism.lm.llama_weights import decode_weights
 from prism.lm.models import encode
 from prism.runs import EXPORT_DIR
 
@@ -65,7 +66,7 @@ class LlamaCppModel(GatedModel):
     continuous = True
 
     def __init__(self, router: Router, llama: BatchedLlama, *, persona_source: str = "none",
-                 opener: PersonaRoutes | None = None):
+                 opener: PersonaRoutes | None = None, weights_type: str = "as-is"):
         self.router = router
         self.opener = opener  # how the persona routes were found, to find them again on a reload
         self.run = router.run
@@ -73,6 +74,7 @@ class LlamaCppModel(GatedModel):
         self.tokenizer = router.lm.tokenizer
         self.llama = llama  # routes: base, the binary adapter ("persona") and each k-way one ("persona-<persona>")
         self.persona_source = persona_source  # "merged", "lora" or "none"
+        self.weights_type = weights_type  # the base weights: "as-is" (the GGUF's own) or the type re-encoded to
         self.max_model_len = llama.slot_tokens
         self.eos_ids = {self.tokenizer.eos_token_id, llama.weights.token_eos()} - {None, -1}
 
@@ -87,9 +89,10 @@ class LlamaCppModel(GatedModel):
         base_path = base_gguf_for(run.config, config.gguf or recorded_base_gguf(run.path))
         router = Router.from_run(run, replace(config, device="cpu"))
         trained = getattr(router.lm.model.config, "max_position_embeddings", None) or DEFAULT_SLOT_TOKENS
-        opener = PersonaRoutes(base_path, config.persona_model)
+        weights, weights_type = decode_weights(base_path, config.gguf_weights, config.max_num_seqs)
+        opener = PersonaRoutes(base_path, config.persona_model, config.gguf_weights, config.max_num_seqs)
         routes, source = opener.routes(run)
-        llama = BatchedLlama({"base": RouteSpec(base_path), **routes}, slots=config.max_num_seqs,
+        llama = BatchedLlama({"base": RouteSpec(weights), **routes}, slots=config.max_num_seqs,
                              slot_tokens=config.max_model_len or min(trained, DEFAULT_SLOT_TOKENS),
                              threads=config.threads or default_threads(), kv_type=config.kv_cache_dtype)
         try:
@@ -98,9 +101,9 @@ class LlamaCppModel(GatedModel):
             llama.close()
             raise
         log.info("llama.cpp: %d routes x %d sequences x %d tokens (KV cache up to %.2f GB, each route's at its "
-                 "first request)", len(llama.routes),
-                 llama.slots, llama.slot_tokens, llama.kv_bytes() / 1e9)
-        return cls(router, llama, persona_source=source, opener=opener)
+                 "first request), base weights %s", len(llama.routes), llama.slots, llama.slot_tokens,
+                 llama.kv_bytes() / 1e9, weights_type)
+        return cls(router, llama, persona_source=source, opener=opener, weights_type=weights_type)
 
     @property
     def has_adapter(self) -> bool:
@@ -240,8 +243,13 @@ class PersonaRoutes:
     `persona_model` allows it), else the base GGUF with the run's LoRA; for each k-way persona the base GGUF with
     that persona's LoRA. A stale or missing export is exported first."""
 
-    base_path: Path
+    base_path: Path  # the base GGUF the adapters are exported against
     persona_model: str  # "auto", "merged" or "lora"
+    gguf_weights: str = "as-is"  # what the routes decode with (prism.lm.llama_weights.decode_weights)
+    sequences: int = 1
+
+    def weights(self, path: Path) -> Path:
+        return decode_weights(path, self.gguf_weights, self.sequences)[0]
 
     def routes(self, run: FinishedRun) -> tuple[dict[str, RouteSpec], str]:
         """{"persona": the binary adapter's route (absent without one), "persona-<p>": each k-way persona's},
@@ -251,7 +259,8 @@ class PersonaRoutes:
         if stale:
             log.info("exporting the run's adapters to %s for llama.cpp", run.path / EXPORT_DIR)
             export_run(run, base_gguf=self.base_path)
-        routes = {adapter_key(p): RouteSpec(self.base_path, run.path / EXPORT_DIR / kway_adapter_file(p))
+        base = self.weights(self.base_path)
+        routes = {adapter_key(p): RouteSpec(base, run.path / EXPORT_DIR / kway_adapter_file(p))
                   for p in run.personas}
         if not run.has_adapter:
             return routes, "none"
@@ -259,5 +268,5 @@ class PersonaRoutes:
         if self.persona_model == "merged" and not merged.is_file():
             raise PrismError(f"{merged} does not exist: run `prism export gguf {run.path} --merged` first")
         if self.persona_model in ("auto", "merged") and merged.is_file():
-            return {adapter_key(None): RouteSpec(merged), **routes}, "merged"
-        return {adapter_key(None): RouteSpec(self.base_path, run.path / EXPORT_DIR / ADAPTER_FILE), **routes}, "lora"
+            return {adapter_key(None): RouteSpec(self.weights(merged)), **routes}, "merged"
+        return {adapter_key(None): RouteSpec(base, run.path / EXPORT_DIR / ADAPTER_FILE), **routes}, "lora"

@@ -70,15 +70,16 @@ def _cache_path(gguf: Path) -> Path:
     return cache_dir() / "llamacpp-probe" / f"{key.hexdigest()[:32]}.json"
 
 
-def _describe_failure(returncode: int, stderr: str) -> str:
+def describe_failure(returncode: int, stderr: str, process: str = "the probe process") -> str:
+    """How a llama.cpp child process ended: the signal that killed it, or its exit code and last message."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return f"the probe process was killed by {name} ({signal.strsignal(-returncode) or 'unknown signal'})"
+        return f"{process} was killed by {name} ({signal.strsignal(-returncode) or 'unknown signal'})"
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message")
-    return f"the probe process failed with exit code {returncode}: {last[:300]}"
+    return f"{process} failed with exit code {returncode}: {last[:300]}"
 
 
 def probe_failure(gguf: str | Path) -> str | None:
@@ -96,7 +97,7 @@ def probe_failure(gguf: str | Path) -> str | None:
         done = subprocess.run(probe_command(gguf), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"the probe did not finish within {PROBE_TIMEOUT_S} s"  # not cached: a busy machine may be why
-    failure = None if done.returncode == 0 else _describe_failure(done.returncode, done.stderr)
+    failure = None if done.returncode == 0 else describe_failure(done.returncode, done.stderr)
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cached, {"gguf": str(gguf), "failure": failure})
     return failure

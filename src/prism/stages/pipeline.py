@@ -202,7 +202,7 @@ def _llamacpp_engine(config: BootstrapConfig) -> Engine | None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model)[0],
                                               trust_remote_code=config.trust_remote_code)
     return LlamaCppEngine.open(config.model, tokenizer, gguf=config.gguf, n_threads=config.threads or None,
-                               slots=config.batch_size)
+                               slots=config.batch_size, gguf_weights=config.gguf_weights)
 
 
 def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api_key: str | None = None
