@@ -62,13 +62,15 @@ def reply(completion) -> tuple:
     return completion.route, completion.text, [entry["logprob"] for entry in completion.logprobs]
 
 
-def test_a_batch_of_requests_gets_what_each_gets_alone(q4_run, q4_gguf):
-    together = load(q4_run, q4_gguf, max_num_seqs=8)
+@pytest.mark.parametrize("weights", ["auto", "as-is"])  # re-encoded to Q8_0 (prompts prefill together), Q4_1
+def test_a_batch_of_requests_gets_what_each_gets_alone(q4_run, q4_gguf, weights):
+    together = load(q4_run, q4_gguf, max_num_seqs=8, gguf_weights=weights)
+    assert together.weights_type == {"auto": "q8_0", "as-is": "as-is"}[weights]
     batched = [reply(c) for c in together.generate_batch(requests())]
     together.close()
     alone = []
     for request in requests():
-        model = load(q4_run, q4_gguf, max_num_seqs=8)  # a fresh model each: nothing cached from another request
+        model = load(q4_run, q4_gguf, max_num_seqs=8, gguf_weights=weights)  # a fresh model each: nothing cached
         alone.append(reply(model.generate_batch([request])[0]))
         model.close()
     assert {route for route, *_ in batched} == {"base", "persona"}
