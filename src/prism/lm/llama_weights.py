@@ -49,8 +49,9 @@ def file_types(path: Path) -> set[str]:
 
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
-        raise PrismError(f"{path} is not a readable GGUF file: {exc}") from None
+    except Exception as exc:  # gguf's reader raises what its parsing hits first on a damaged file
+        raise PrismError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}): pass the GGUF of the "
+                         "run's base model with --gguf") from None
     return {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
 
 
