@@ -90,7 +90,7 @@ class LlamaCppModel(GatedModel):
         router = Router.from_run(run, replace(config, device="cpu"))
         trained = getattr(router.lm.model.config, "max_position_embeddings", None) or DEFAULT_SLOT_TOKENS
         weights, weights_type = decode_weights(base_path, config.gguf_weights, config.max_num_seqs)
-        opener = PersonaRoutes(base_path, config.persona_model, config.gguf_weights, config.max_num_seqs)
+        opener = PersonaRoutes(base_path, config.persona_model, weights, config.gguf_weights, config.max_num_seqs)
         routes, source = opener.routes(run)
         llama = BatchedLlama({"base": RouteSpec(weights), **routes}, slots=config.max_num_seqs,
                              slot_tokens=config.max_model_len or min(trained, DEFAULT_SLOT_TOKENS),
@@ -245,11 +245,9 @@ class PersonaRoutes:
 
     base_path: Path  # the base GGUF the adapters are exported against
     persona_model: str  # "auto", "merged" or "lora"
-    gguf_weights: str = "as-is"  # what the routes decode with (prism.lm.llama_weights.decode_weights)
+    base_weights: Path  # what the base route decodes (base_path or its re-encoding): the LoRA routes' weights too
+    gguf_weights: str = "as-is"  # how a merged persona GGUF is decoded (prism.lm.llama_weights.decode_weights)
     sequences: int = 1
-
-    def weights(self, path: Path) -> Path:
-        return decode_weights(path, self.gguf_weights, self.sequences)[0]
 
     def routes(self, run: FinishedRun) -> tuple[dict[str, RouteSpec], str]:
         """{"persona": the binary adapter's route (absent without one), "persona-<p>": each k-way persona's},
@@ -259,8 +257,7 @@ class PersonaRoutes:
         if stale:
             log.info("exporting the run's adapters to %s for llama.cpp", run.path / EXPORT_DIR)
             export_run(run, base_gguf=self.base_path)
-        base = self.weights(self.base_path)
-        routes = {adapter_key(p): RouteSpec(base, run.path / EXPORT_DIR / kway_adapter_file(p))
+        routes = {adapter_key(p): RouteSpec(self.base_weights, run.path / EXPORT_DIR / kway_adapter_file(p))
                   for p in run.personas}
         if not run.has_adapter:
             return routes, "none"
@@ -268,5 +265,6 @@ class PersonaRoutes:
         if self.persona_model == "merged" and not merged.is_file():
             raise PrismError(f"{merged} does not exist: run `prism export gguf {run.path} --merged` first")
         if self.persona_model in ("auto", "merged") and merged.is_file():
-            return {adapter_key(None): RouteSpec(self.weights(merged)), **routes}, "merged"
-        return {adapter_key(None): RouteSpec(base, run.path / EXPORT_DIR / ADAPTER_FILE), **routes}, "lora"
+            merged_weights, _ = decode_weights(merged, self.gguf_weights, self.sequences)
+            return {adapter_key(None): RouteSpec(merged_weights), **routes}, "merged"
+        return {adapter_key(None): RouteSpec(self.base_weights, run.path / EXPORT_DIR / ADAPTER_FILE), **routes}, "lora"

@@ -339,6 +339,7 @@ class BatchedLlama:
     def __init__(self, routes: dict[str, RouteSpec], *, slots: int, slot_tokens: int, threads: int, kv_type: str):
         self.slots, self.slot_tokens, self.threads, self.kv_type = slots, slot_tokens, threads, kv_type
         self._weights: dict[Path, Any] = {}
+        self._shared_prefill: dict[Path, bool] = {}  # per GGUF, read with its weights
         self.routes: dict[str, RouteContext] = {}
         self._retired: list[RouteContext] = []
         self._cond = threading.Condition()
@@ -364,9 +365,10 @@ class BatchedLlama:
             for name, spec in routes.items():
                 if spec.model not in self._weights:
                     self._weights[spec.model] = load_weights(spec.model)
+                    self._shared_prefill[spec.model] = prefills_together(spec.model)
                 opened[name] = RouteContext(self._weights[spec.model], lora=spec.lora, slots=self.slots,
                                             slot_tokens=slot_tokens or self.slot_tokens, threads=self.threads,
-                                            kv_type=self.kv_type, shared_prefill=prefills_together(spec.model))
+                                            kv_type=self.kv_type, shared_prefill=self._shared_prefill[spec.model])
                 if name == EAGER_ROUTE:  # every request may land there: a context too big fails at start-up
                     opened[name].open()
         except BaseException:
@@ -507,4 +509,4 @@ class BatchedLlama:
         self.routes, self._retired = {}, []
         for weights in self._weights.values():
             weights.close()
-        self._weights = {}
+        self._weights, self._shared_prefill = {}, {}
