@@ -211,7 +211,7 @@ def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_a
     system = "<|im_start|>system\nYou are a careful expert who answers briefly.<|im_end|>\n"
     texts = [f"{system}<|im_start|>user\nTell me about topic number {i} and {'more ' * i}.<|im_end|>\n"
              "<|im_start|>assistant\n" for i in range(3)]
-    llama = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f32")
+    llama = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f16")
     try:
         assert llama.route("base").shared_prefill == (weights == "q8_0")
         prompts = [llama.weights.tokenize(t.encode(), False, True) for t in texts]
@@ -220,7 +220,7 @@ def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_a
     finally:
         llama.close()
     for prompt, batched in zip(prompts, together):
-        alone = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f32")
+        alone = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f16")
         try:
             assert torch.equal(first_logits(alone, [prompt])[0], batched)
         finally:
@@ -247,3 +247,63 @@ def test_sequences_scored_together_on_mixed_routes_get_their_scores_alone(q4_run
         assert together[0].logprobs == pytest.approx(expected.tolist(), abs=1e-6)
     finally:
         model.close()
+
+
+def last_logits(llama, prompts: list[list[int]], new_tokens: int = 0) -> list[torch.Tensor]:
+    """Each prompt's next-token logits, then those after each of `new_tokens` greedy tokens, all decoded at once."""
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompts))}
+
+    def keep(index: int):
+        def on_logits(logits: torch.Tensor) -> int | None:
+            rows[index].append(logits[-1].clone())
+            return int(logits[-1].argmax()) if len(rows[index]) <= new_tokens else None
+        return on_logits
+
+    llama.run("base", [Sequence(ids, keep(i), max_new_tokens=new_tokens) for i, ids in enumerate(prompts)])
+    return [torch.stack(rows[i]) for i in range(len(prompts))]
+
+
+# Q8_0 (prompts prefill together) and Q4_1 (one by one), under flash attention (f16) and without it (f32)
+@pytest.mark.parametrize(("weights", "kv_type"), [("auto", "f16"), ("as-is", "f16"), ("auto", "f32")])
+def test_a_prompt_gets_the_same_logits_prefilled_whole_after_a_cached_prefix_or_beside_others(q4_gguf, weights,
+                                                                                               kv_type):
+    """Flash attention rounds otherwise for 64 query rows of a sequence or more: prompts prefill in chunks of 63."""
+    from prism.lm.llama_batch import BatchedLlama, RouteSpec
+    from prism.lm.llama_weights import decode_weights
+
+    path, _ = decode_weights(q4_gguf, weights, sequences=3)
+    prefix = [(7 * i) % 200 + 10 for i in range(100)]
+    prompt, other = prefix + list(range(20, 50)), prefix + list(range(60, 80))
+
+    def engine() -> BatchedLlama:
+        return BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type=kv_type)
+
+    with_engine = engine()
+    try:
+        whole = last_logits(with_engine, [prompt])[0]
+        last_logits(with_engine, [other])  # leaves the 100-token prefix cached
+        assert with_engine.route("base").slots[0].cached[:100] == prefix
+        after_prefix = last_logits(with_engine, [prompt])[0]
+    finally:
+        with_engine.close()
+    beside_engine = engine()
+    try:
+        beside = last_logits(beside_engine, [list(range(30, 95)), prompt, list(range(100, 190))])[1]
+    finally:
+        beside_engine.close()
+    assert torch.equal(after_prefix, whole) and torch.equal(beside, whole)
+
+
+def test_a_long_sequence_decoding_alone_gets_what_it_gets_beside_another(q4_gguf):
+    """One query row of one sequence over 512 KV cells or more takes flash attention's split kernel: a sequence
+    decoding alone gets a neighbour decoding a placeholder."""
+    from prism.lm.llama_batch import BatchedLlama, RouteSpec
+
+    prompt = [(11 * i) % 300 + 5 for i in range(300)]  # 300 cells: llama.cpp attends over 512 of them
+    llama = BatchedLlama({"base": RouteSpec(q4_gguf)}, slots=2, slot_tokens=512, threads=2, kv_type="f16")
+    try:
+        alone = last_logits(llama, [prompt], new_tokens=6)[0]
+        beside = last_logits(llama, [prompt[:-1] + [1], prompt], new_tokens=6)[1]
+    finally:
+        llama.close()
+    assert torch.equal(beside, alone)

@@ -14,7 +14,7 @@ from prism.lm.llama import BACKENDS
 
 ROUTING_CHOICES = ("auto", "binary", "kway")
 PERSONA_MODELS = ("auto", "merged", "lora")
-KV_CACHE_DTYPES = ("f32", "f16")
+KV_CACHE_DTYPES = ("f16", "f32")
 
 
 @dataclass
@@ -32,9 +32,10 @@ class LoadConfig:
         "llamacpp: sequences decoded together per route, each with its own KV cache of --max-model-len tokens "
         "(prism serve sets it to its --max-batch-size, prism chat to 1)", cli=False, default=8)
     kv_cache_dtype: str = option(
-        "llamacpp: the KV cache's type: f32 (a request gets the same tokens whatever is decoded beside it) or f16 "
-        "(half the memory; log-probabilities then move by about 1e-3 with the batch)", choices=KV_CACHE_DTYPES,
-        default="f32")
+        "llamacpp: the KV cache's type, and with it the attention: f16 under flash attention (llama.cpp's "
+        "defaults, faster) or f32 without it (twice the memory; attention in full precision, as PyTorch's); either "
+        "way a request gets the same tokens whatever is decoded beside it",
+        choices=KV_CACHE_DTYPES, default="f16")
     gguf_weights: str = option(f"llamacpp: {GGUF_WEIGHTS_HELP}", choices=GGUF_WEIGHTS,
                               default=DEFAULT_GGUF_WEIGHTS)
     threads: int | None = option("llamacpp: CPU threads (default: every core this process may use)", default=None)

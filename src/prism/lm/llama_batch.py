@@ -6,7 +6,8 @@ as a merged persona model) gets one context with `slots` sequences. llama.cpp ap
 context, not to a sequence, so sequences of different routes cannot share a decode: the worker thread steps
 the busy routes' contexts one after the other. Each slot has its own KV cells (llama.cpp's non-unified cache):
 a sequence's logits do not depend on what else is in the batch (measured: identical to decoding it alone, where
-the unified cache moved logits by up to 0.5 on the embedded model), a prompt longer than a slot is refused before
+the unified cache moved logits by up to 0.5 on the embedded model; under flash attention with the two rules at
+PREFILL_CHUNK and LONE_SPLIT_FROM), a prompt longer than a slot is refused before
 it reaches llama.cpp, and it can never take another sequence's cells. A busy slot range is kept compact (the
 lowest free slot first): llama.cpp attends over every slot between the lowest and the highest one in a batch.
 
@@ -37,7 +38,21 @@ from prism.lm.llama_weights import prefills_together
 
 log = logging.getLogger("prism")
 N_BATCH = 512  # tokens per llama_decode (prefill chunks share it with the decoding sequences' one token each)
+# The KV cache's type, and with it the attention: F16 under flash attention (llama.cpp's defaults; 32 streams
+# decoded 418 tok/s against 319 with F32 and without it, on the embedded model), or F32 without flash
+# attention (full-precision attention as PyTorch computes it: flash attention would cast F32 keys and values
+# to F16 anyway)
 KV_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16, GGML_TYPE_F32
+# Two of llama.cpp's CPU flash-attention kernels round otherwise than its row kernel, so a sequence's logits
+# would depend on the batch (9 of 32 greedy MT-Bench replies of the embedded model changed; with both rules,
+# none did). A tiled kernel takes 64 query rows of a sequence or more (GGML_FA_TILE_Q): prompts prefill in
+# chunks of at most 63 tokens, so every position is computed alike, whether its prompt comes whole, after a
+# cached prefix or beside others.
+PREFILL_CHUNK = 63
+# And one query row of one sequence is split over the KV cells once it attends over 512 of them (llama.cpp pads
+# the cells attended to 256): from this many cached tokens on, a sequence decoding alone gets a neighbour
+# decoding a placeholder (always giving one cost a stream 26% of its speed on the embedded model).
+LONE_SPLIT_FROM = 256
 
 
 @dataclass(eq=False)
@@ -128,7 +143,9 @@ class RouteContext:
         params.n_ctx, params.n_seq_max, params.kv_unified = self.slot_tokens * slots, slots, False
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_threads = params.n_threads_batch = threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.flash_attention = kv_type == "f16"  # see KV_TYPES; AUTO: wherever the build runs it (a CPU does)
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if self.flash_attention
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.type_k = params.type_v = KV_TYPES[kv_type]
         self._params, self.context, self.adapter = params, None, None
         if lora is not None:
@@ -185,8 +202,8 @@ class RouteContext:
                 return
             busy_top = max((s.seq_id for s in self.slots if s.sequence is not None), default=-1)
             candidates = [s for s in free if s.seq_id <= max(busy_top, free[0].seq_id)]
-            # a prompt feeds two tokens at least: llama.cpp's F32 attention takes another kernel for one query row
-            # than for several, which rounds differently (and 8-bit activations can make that visible)
+            # a prompt feeds two tokens at least: llama.cpp's attention takes another kernel for one query row of
+            # one sequence than for several rows, which rounds differently (see _decode)
             limit = max(0, min(len(sequence.ids) - 2, sequence.first_logits))
             slot = max(candidates, key=lambda s: (_common_prefix(s.cached, sequence.ids, limit), -s.seq_id))
             keep = _common_prefix(slot.cached, sequence.ids, limit)
@@ -196,9 +213,9 @@ class RouteContext:
             slot.sequence, slot.feed, slot.rows = self.waiting.popleft(), list(sequence.ids[keep:]), []
 
     def step(self) -> int:
-        """One llama_decode over every sequence feeding one token, then prompts in chunks, up to N_BATCH prompt
-        tokens in all (in one decode with shared_prefill, else each prompt in a decode of its own); returns the
-        tokens decoded."""
+        """One llama_decode over every sequence feeding one token, then prompts in chunks (of PREFILL_CHUNK tokens
+        at most under flash attention), up to N_BATCH prompt tokens in all (in one decode with shared_prefill,
+        else each chunk in a decode of its own); returns the tokens decoded."""
         for slot in self.slots:
             if slot.sequence is not None and slot.sequence.is_cancelled():
                 self._finish(slot)
@@ -207,7 +224,8 @@ class RouteContext:
         budget, shared = N_BATCH, []
         for slot in (s for s in busy if len(s.feed) > 1 and s.sequence is not None):
             # alone, a prompt's chunks are the same whatever else runs; shared, they fill the decode
-            count = min(len(slot.feed), budget if self.shared_prefill else N_BATCH)
+            count = min(len(slot.feed), PREFILL_CHUNK if self.flash_attention else N_BATCH,
+                        budget if self.shared_prefill else N_BATCH)
             count -= len(slot.feed) - count == 1  # never a chunk of one token (see admit)
             if budget <= 0 or count < 2:
                 break
@@ -222,10 +240,16 @@ class RouteContext:
         """One llama_decode of these (slot, token count) feeds, in slot order. llama.cpp computes a batch as one
         graph only over consecutive sequence ids (split_equal, sequential): with `fill_gaps` each slot between
         two feeding ones decodes a placeholder token, dropped after, instead of the batch splitting in two (32
-        streams with some finished: 10 tokens took 77 ms against 56 for 14 unbroken, on the embedded model)."""
+        streams with some finished: 10 tokens took 77 ms against 56 for 14 unbroken, on the embedded model). A
+        long sequence feeding one token alone gets a neighbour decoding a placeholder as well (LONE_SPLIT_FROM):
+        llama.cpp's flash attention splits one query row of one sequence over its KV cells, which rounds
+        otherwise than one row of each of several sequences."""
         batch, n, taken, placeholders = self.batch, 0, [], []
         feeding = {slot.seq_id: count for slot, count in feeds}
         low, high = (min(feeding), max(feeding)) if feeding else (0, -1)
+        if (fill_gaps and self.flash_attention and len(feeds) == 1 and len(feeds[0][0].cached) >= LONE_SPLIT_FROM
+                and len(self.slots) > 1):
+            low, high = (low, high + 1) if high + 1 < len(self.slots) else (low - 1, high)
         for slot in self.slots[low:high + 1]:
             count = feeding.get(slot.seq_id, 0)
             start = len(slot.cached)
@@ -272,7 +296,8 @@ class RouteContext:
         del slot.feed[:count]
         if slot.feed:
             return
-        logits, slot.rows = torch.from_numpy(np.stack(slot.rows)), []
+        rows, slot.rows = slot.rows, []
+        logits = torch.from_numpy(rows[0][None] if len(rows) == 1 else np.stack(rows))  # a decode step: no copy
         try:
             token = sequence.on_logits(logits)
         except Exception as exc:  # the caller's own failure ends its sequence, not the others
