@@ -45,9 +45,11 @@ class SamplingParams:
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from a row's next-token logits (1-D) under that row's temperature and nucleus."""
     if params.temperature == 0.0:
-        # numpy's argmax: torch's took 65 us over a 49,152-token vocabulary on the 2-core development machine, 2.5
-        # here, for every token of every greedy stream (both take the first of equal maxima)
-        return int(logits.detach().float().cpu().numpy().argmax())
+        if logits.device.type == "cpu":
+            # numpy's argmax: torch's took 65 us over a 49,152-token vocabulary on the 2-core development machine,
+            # numpy's 2.5, for every token of every greedy stream (both take the first of equal maxima)
+            return int(logits.detach().float().numpy().argmax())
+        return int(logits.argmax())
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
