@@ -247,9 +247,11 @@ class RouteContext:
         batch, n, taken, placeholders = self.batch, 0, [], []
         feeding = {slot.seq_id: count for slot, count in feeds}
         low, high = (min(feeding), max(feeding)) if feeding else (0, -1)
-        if (fill_gaps and self.flash_attention and len(feeds) == 1 and len(feeds[0][0].cached) >= LONE_SPLIT_FROM
-                and len(self.slots) > 1):
-            low, high = (low, high + 1) if high + 1 < len(self.slots) else (low - 1, high)
+        if fill_gaps and self.flash_attention and len(feeds) == 1 and len(feeds[0][0].cached) >= LONE_SPLIT_FROM:
+            for neighbour in (high + 1, low - 1):  # one with a free cell for the placeholder
+                if 0 <= neighbour < len(self.slots) and len(self.slots[neighbour].cached) < self.slot_tokens:
+                    low, high = min(low, neighbour), max(high, neighbour)
+                    break
         for slot in self.slots[low:high + 1]:
             count = feeding.get(slot.seq_id, 0)
             start = len(slot.cached)
