@@ -184,6 +184,20 @@ def test_a_bootstrap_on_llama_cpp_killed_midway_resumes_to_the_records_of_an_uni
             sorted(whole.read(name), key=lambda r: json.dumps(r, sort_keys=True)), name
 
 
+def last_logits(llama, prompts: list[list[int]], new_tokens: int = 0) -> list[torch.Tensor]:
+    """Each prompt's next-token logits, then those after each of `new_tokens` greedy tokens, all decoded at once."""
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompts))}
+
+    def keep(index: int):
+        def on_logits(logits: torch.Tensor) -> int | None:
+            rows[index].append(logits[-1].clone())
+            return int(logits[-1].argmax()) if len(rows[index]) <= new_tokens else None
+        return on_logits
+
+    llama.run("base", [Sequence(ids, keep(i), max_new_tokens=new_tokens) for i, ids in enumerate(prompts)])
+    return [torch.stack(rows[i]) for i in range(len(prompts))]
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("weights", ["as-is", "q8_0"])
 def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_alone(weights):
@@ -197,17 +211,6 @@ def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_a
     path, made = decode_weights(embedded_gguf_path(), weights, sequences=3)
     assert made == weights
 
-    def first_logits(llama: BatchedLlama, prompts: list[list[int]]) -> list:
-        rows: dict[int, object] = {}
-
-        def keep(index: int):
-            def on_logits(logits: torch.Tensor) -> None:
-                rows[index] = logits[-1].clone()
-            return on_logits
-
-        llama.run("base", [Sequence(ids, keep(i)) for i, ids in enumerate(prompts)])
-        return [rows[i] for i in range(len(prompts))]
-
     system = "<|im_start|>system\nYou are a careful expert who answers briefly.<|im_end|>\n"
     texts = [f"{system}<|im_start|>user\nTell me about topic number {i} and {'more ' * i}.<|im_end|>\n"
              "<|im_start|>assistant\n" for i in range(3)]
@@ -216,13 +219,13 @@ def test_prompts_of_unequal_lengths_prefilled_together_get_the_logits_they_get_a
         assert llama.route("base").shared_prefill == (weights == "q8_0")
         prompts = [llama.weights.tokenize(t.encode(), False, True) for t in texts]
         assert [len(p) for p in prompts] == [32, 33, 34]
-        together = first_logits(llama, prompts)
+        together = last_logits(llama, prompts)
     finally:
         llama.close()
     for prompt, batched in zip(prompts, together):
         alone = BatchedLlama({"base": RouteSpec(path)}, slots=3, slot_tokens=256, threads=2, kv_type="f16")
         try:
-            assert torch.equal(first_logits(alone, [prompt])[0], batched)
+            assert torch.equal(last_logits(alone, [prompt])[0], batched)
         finally:
             alone.close()
 
@@ -247,20 +250,6 @@ def test_sequences_scored_together_on_mixed_routes_get_their_scores_alone(q4_run
         assert together[0].logprobs == pytest.approx(expected.tolist(), abs=1e-6)
     finally:
         model.close()
-
-
-def last_logits(llama, prompts: list[list[int]], new_tokens: int = 0) -> list[torch.Tensor]:
-    """Each prompt's next-token logits, then those after each of `new_tokens` greedy tokens, all decoded at once."""
-    rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompts))}
-
-    def keep(index: int):
-        def on_logits(logits: torch.Tensor) -> int | None:
-            rows[index].append(logits[-1].clone())
-            return int(logits[-1].argmax()) if len(rows[index]) <= new_tokens else None
-        return on_logits
-
-    llama.run("base", [Sequence(ids, keep(i), max_new_tokens=new_tokens) for i, ids in enumerate(prompts)])
-    return [torch.stack(rows[i]) for i in range(len(prompts))]
 
 
 # Q8_0 (prompts prefill together) and Q4_1 (one by one), under flash attention (f16) and without it (f32)

@@ -26,7 +26,7 @@ from prism.lm.models import chat_prompt, encode
 FIRST_SLOT_TOKENS = 512  # a slot's size until a stage's prompts need more (each stage grows the slots to fit)
 # An F32 KV cache, so attention without flash attention (see lm/llama_batch.KV_TYPES): the judge's verdicts stay
 # within 1e-3 of the transformers engine (F16 under flash attention: 1.8e-3 off on the tiny test model), and its
-# long verdict prompts prefill faster so (548 against 488 tok/s for 479 tokens on the embedded model), while the
+# long verdict prompts prefill faster that way (548 against 488 tok/s for 479 tokens on the embedded model), while the
 # answers decode slower (319 against 418 tok/s at 32 streams); slots sized to each stage's prompts keep it small
 # (32 x 1024 tokens: 1.5 GB on the embedded model)
 KV_TYPE = "f32"
