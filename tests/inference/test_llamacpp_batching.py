@@ -79,17 +79,20 @@ def test_a_batch_of_requests_gets_what_each_gets_alone(q4_run, q4_gguf, weights)
 
 def test_each_decode_step_is_one_run_of_sequences_and_leaves_each_slot_its_own_tokens(q4_run, q4_gguf, monkeypatch):
     """llama.cpp computes a batch in one graph only over consecutive sequence ids: once requests of different
-    lengths finish, the slots between the decoding ones decode a placeholder, which must leave no cell behind."""
+    lengths finish, with nobody waiting, the highest decoding sequences move down into the freed slots, so no
+    step decodes a placeholder in a gap, and every slot's cells hold exactly the tokens it keeps."""
     import llama_cpp
 
     decoded = llama_cpp.llama_decode
     steps: list[list[int]] = []
+    placeholders = []
 
     def recording(ctx, batch):
         if all(batch.pos[i] >= 0 for i in range(batch.n_tokens)):
             seq_ids = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
             if len(set(seq_ids)) == len(seq_ids):  # one token per sequence: a decode step
                 steps.append(seq_ids)
+                placeholders.extend(seq_ids[i] for i in range(batch.n_tokens) if not batch.logits[i])
         return decoded(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", recording)
@@ -99,8 +102,9 @@ def test_each_decode_step_is_one_run_of_sequences_and_leaves_each_slot_its_own_t
         made = [GenerationRequest([{"role": "user", "content": q}], "base", SamplingParams(max_tokens=3 + 5 * (i % 3),
                                   ignore_eos=True)) for i, q in enumerate(QUERIES[:6])]
         assert [c.completion_tokens for c in model.generate_batch(made)] == [r.params.max_tokens for r in made]
-        assert any(len(step) < 6 and len(step) > 1 for step in steps)  # finished ones left gaps at some steps
-        assert all(step == list(range(step[0], step[0] + len(step))) for step in steps), steps
+        assert any(len(step) < 6 and len(step) > 1 for step in steps)  # some finished before the others
+        assert all(step == list(range(len(step))) for step in steps), steps
+        assert placeholders == []
         context = model.llama.route("base")
         for slot in context.slots:  # each slot's cells hold exactly the tokens it keeps for the next prompt
             assert llama_cpp.llama_memory_seq_pos_max(context.context.memory, slot.seq_id) == len(slot.cached) - 1

@@ -211,6 +211,25 @@ class RouteContext:
                 self._llama.llama_memory_seq_rm(self.context.memory, slot.seq_id, keep, -1)
                 del slot.cached[keep:]
             slot.sequence, slot.feed, slot.rows = self.waiting.popleft(), list(sequence.ids[keep:]), []
+        if not self.waiting:
+            self._compact()
+
+    def _compact(self) -> None:
+        """With nobody waiting, move the highest busy slot's sequence into the lowest free slot below it, until
+        the busy slots are consecutive: a free slot between busy ones would decode a placeholder at every step
+        (see _decode), where a move copies the slot's cells once (llama.cpp copies a whole slot between
+        non-unified streams). The moved sequence attends over the same cells as before, at the same positions;
+        the free slot it leaves keeps them for a prompt with the same prefix."""
+        while True:
+            free = [s for s in self.slots if s.sequence is None]
+            busy = [s for s in self.slots if s.sequence is not None]
+            if not free or not busy or free[0].seq_id > busy[-1].seq_id:
+                return
+            hole, top = free[0], busy[-1]
+            self._llama.llama_memory_seq_cp(self.context.memory, top.seq_id, hole.seq_id, -1, -1)
+            hole.cached, hole.sequence, hole.feed, hole.rows = top.cached, top.sequence, top.feed, top.rows
+            # the cells stay where they were as well: a later prompt with the same prefix may start from them
+            top.cached, top.sequence, top.feed, top.rows = list(top.cached), None, [], []
 
     def step(self) -> int:
         """One llama_decode over every sequence feeding one token, then prompts in chunks (of PREFILL_CHUNK tokens
