@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from prism.errors import PrismError
-from prism.lm.decoding import SamplingParams, TextStream, draw, sample_token
+from prism.lm.decoding import DRAW_BLOCK, SamplingParams, TextStream, _nucleus, draw, sample_token
 
 
 def test_greedy_and_nucleus_sampling():
@@ -25,6 +26,41 @@ def test_a_draw_follows_the_distribution_and_never_takes_an_entry_without_mass()
     one_hot = torch.zeros(49_152)
     one_hot[-1] = 1.0  # the whole mass on the last entry: every uniform lands there
     assert {draw(one_hot, generator) for _ in range(50)} == {49_151}
+
+
+def test_a_draw_takes_the_entry_a_whole_cumulative_sum_would_take():
+    """The two-level search (block sums, then one block) picks, for each uniform, the first entry whose
+    cumulative sum passes it, as a search over the whole cumulative sum does: lengths that are not a multiple of
+    the block, massless entries, mass in one block only."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        size = int(rng.integers(1, 3 * DRAW_BLOCK + 7))
+        probs = rng.exponential(size=size) * (rng.random(size) < rng.uniform(0.05, 1.0))
+        if trial % 10 == 0:  # everything in one block
+            probs[:] = 0.0
+            probs[int(rng.integers(size))] = rng.uniform(0.1, 3.0)
+        if not probs.any():
+            probs[-1] = 1.0
+        seed = int(rng.integers(2**31))
+        cumulative = np.cumsum(probs)
+        uniform = float(torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        expected = int(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"))
+        assert draw(probs, torch.Generator().manual_seed(seed)) == expected, (trial, size)
+
+
+def test_the_nucleus_is_the_most_likely_entries_up_to_top_p_of_the_mass():
+    """The nucleus found among the most likely few hundred entries (more when the distribution is flat) is the
+    one a sort of the whole vector gives."""
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        weights = np.exp(rng.standard_normal(int(rng.integers(2, 5000))) * rng.uniform(0.01, 5)).astype(np.float32)
+        top_p = float(rng.uniform(0.05, 0.99))
+        order = np.argsort(-weights, kind="stable")
+        above = np.cumsum(weights[order], dtype=np.float64) - weights[order]
+        expected = np.sort(order[above < top_p * weights.sum(dtype=np.float64)])
+        kept = _nucleus(weights, top_p)
+        assert np.flatnonzero(kept).tolist() == expected.tolist(), trial
+        assert np.array_equal(kept[expected], weights[expected])
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(stop=[""])])
