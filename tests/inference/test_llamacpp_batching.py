@@ -178,6 +178,42 @@ def test_a_prompt_beyond_a_slot_is_refused_and_the_others_decode_unchanged(q4_ru
         model.close()
 
 
+def test_requests_submitted_together_share_one_gate_forward_and_a_refused_one_holds_back_none(q4_run, q4_gguf,
+                                                                                              monkeypatch):
+    """`prism serve` submits the requests waiting at once together: their routes come from one gate forward, and
+    one refused (beyond the context) gets its error while the others decode."""
+    import queue
+
+    model = load(q4_run, q4_gguf, max_num_seqs=4)
+    forwards = []
+    decide = model.router.decide_each
+
+    def counted(conversations, routings):
+        forwards.append(len(conversations))
+        return decide(conversations, routings)
+
+    monkeypatch.setattr(model.router, "decide_each", counted)
+    made = [GenerationRequest([{"role": "user", "content": q}], "auto", SamplingParams(max_tokens=4, ignore_eos=True))
+            for q in QUERIES[:3]]
+    too_long = GenerationRequest([{"role": "user", "content": "word " * 400}], "auto", SamplingParams(max_tokens=4))
+    submitted = [made[0], too_long, *made[1:]]
+    received = [queue.Queue() for _ in submitted]
+    try:
+        model.submit(submitted, [r.put for r in received])
+        ends = []
+        for events in received:
+            while True:
+                event = events.get(timeout=120)
+                if isinstance(event, BaseException) or event.completion is not None:
+                    ends.append(event)
+                    break
+    finally:
+        model.close()
+    assert forwards == [3]
+    assert isinstance(ends[1], ContextLengthError)
+    assert [ends[i].completion.completion_tokens for i in (0, 2, 3)] == [4, 4, 4]
+
+
 def test_a_bootstrap_on_llama_cpp_killed_midway_resumes_to_the_records_of_an_uninterrupted_one(
         tiny_config, q4_gguf, tmp_path, monkeypatch):
     config = tiny_config(domains=["math", "safety"], queries_per_persona=4, batch_size=3, answer_temperature=1.0,

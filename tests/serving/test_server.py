@@ -226,3 +226,57 @@ def test_our_calls_raise_no_warning_in_a_chat_turn_and_a_server_request(server, 
                                                      temperature=0, max_tokens=6))
     assert text.count("tok/s)") == 2 and reply.choices[0].message.content and chunks
     assert not [r for r in caplog.records if "deprecat" in r.getMessage().lower()]
+
+
+def test_the_decoding_threads_events_wait_for_its_flush_and_keep_their_order():
+    """EventPost: the thread that flushes (the llama.cpp worker) hands its events to the event loop at its
+    flush, in the order it put them; another thread's event is delivered without one."""
+    import asyncio
+    import queue
+    import threading
+    import time
+
+    from prism.serving.server import EventPost
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    events: asyncio.Queue = asyncio.Queue()
+    post = EventPost(loop)
+
+    def received(expected: int) -> list:
+        """What the loop has been handed, once `expected` items are there (or 30 s have passed)."""
+        deadline = time.monotonic() + 30
+        while True:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=30)  # earlier deliveries ran
+            if events.qsize() >= expected or time.monotonic() > deadline:
+                return [events.get_nowait() for _ in range(events.qsize())]
+            time.sleep(0.01)
+
+    orders: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+
+    def decoding_thread() -> None:
+        post.flush()  # from now on this thread's events wait for its flushes
+        for item in (1, 2, 3):
+            post.put(events, item)
+        done.put("put")
+        orders.get(timeout=30)
+        post.flush()
+        done.put("flushed")
+
+    worker = threading.Thread(target=decoding_thread)
+    worker.start()
+    try:
+        assert done.get(timeout=30) == "put"
+        time.sleep(0.2)
+        assert received(0) == []  # nothing before the flush
+        orders.put("flush")
+        assert done.get(timeout=30) == "flushed"
+        assert received(3) == [1, 2, 3]
+        post.put(events, "other")  # from another thread: delivered without a flush
+        assert received(1) == ["other"]
+    finally:
+        worker.join(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=30)

@@ -250,12 +250,15 @@ class GatedModel(Gates, ABC):
     def reload(self) -> ReloadResult:
         """Read the run's gates, thresholds and adapters again without dropping requests in flight."""
 
-    def submit(self, request: GenerationRequest, on_event: Callable[[StreamEvent | BaseException], None]) -> Any:
-        """Start one request in the running batch (a continuous model only); `on_event` gets its events."""
+    def submit(self, requests: Sequence[GenerationRequest],
+               on_events: Sequence[Callable[[StreamEvent | BaseException], None]]) -> None:
+        """Start requests in the running batch (a continuous model only), their routes decided together;
+        `on_events[i]` gets request i's events, or the error that refused it."""
         raise PrismError(f"the {self.engine} backend generates batch by batch: use stream()")
 
     def observe_steps(self, on_step: Callable[[int], None]) -> None:
-        """Have `on_step` told the number of sequences in each decode step (a continuous model only)."""
+        """Have `on_step` told, after each decode step, the number of sequences it decoded (0: none), in the
+        decoding thread (a continuous model only)."""
         raise PrismError(f"the {self.engine} backend generates batch by batch")
 
     def close(self) -> None:

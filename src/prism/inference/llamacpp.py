@@ -7,8 +7,9 @@ GGUF's weights with the exported LoRA; a k-way run adds one route per persona ad
 weights). The base weights are loaded once; each route is a llama.cpp context of `max_num_seqs` sequences.
 
 Requests are decoded together, continuously: each joins its route's batch when a slot is free and leaves it
-when done (`submit`, what `prism serve` uses), and `stream` does the same for a list. Each request samples
-from its own seeded generator, so its reply does not depend on what else is decoded beside it.
+when done (`submit`, what `prism serve` uses; the requests waiting at once get their routes in one gate forward),
+and `stream` does the same for a list. Each request samples from its own seeded generator, so its reply does
+not depend on what else is decoded beside it.
 """
 
 from __future__ import annotations
@@ -160,15 +161,26 @@ class LlamaCppModel(GatedModel):
             for sequence in sequences:
                 sequence.cancel()  # a caller that stops listening frees the slots at the next step
 
-    def submit(self, request: GenerationRequest, on_event: Callable[[StreamEvent | BaseException], None]
-               ) -> LlamaSequence:
-        """Queue one request on its route's batch and return at once: `on_event` gets its route, its text
-        deltas and its completion (or an exception), from the decoding thread. Cancel with request.cancel."""
-        ids = self._encode(request)
-        decision = self._decisions([request])[0]
-        route = self._route(decision)
-        on_event(StreamEvent(0, decision=decision))
-        return self.llama.submit(route, self._sequence(0, request, decision, ids, on_event))
+    def submit(self, requests: Sequence[GenerationRequest],
+               on_events: Sequence[Callable[[StreamEvent | BaseException], None]]) -> None:
+        """Queue requests on their routes' batches and return at once, their routes decided in one gate forward:
+        `on_events[i]` gets request i's route, its text deltas and its completion (or the exception that ended
+        or refused it), from the decoding thread. A request refused (too long, an unknown persona) does not
+        hold the others back. Cancel one with its request.cancel."""
+        encoded: dict[int, list[int]] = {}
+        for i, request in enumerate(requests):
+            try:
+                encoded[i] = self._encode(request)
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the batch's
+                on_events[i](exc)
+        decisions = self._decisions([requests[i] for i in encoded])
+        for (i, ids), decision in zip(encoded.items(), decisions):
+            try:
+                route = self._route(decision)
+                on_events[i](StreamEvent(0, decision=decision))
+                self.llama.submit(route, self._sequence(0, requests[i], decision, ids, on_events[i]))
+            except Exception as exc:  # noqa: BLE001
+                on_events[i](exc)
 
     def score_tokens(self, sequences: Sequence[list[int]], decisions: Sequence[RouteDecision]) -> list[TokenScores]:
         self.check_scorable(sequences, decisions)

@@ -392,7 +392,8 @@ class BatchedLlama:
         self._stepping = threading.Lock()  # held by the worker while it steps: nothing closes a context meanwhile
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.on_step: Callable[[int], None] | None = None  # told how many sequences each decode step ran
+        # told after each route's step, in the worker thread, how many sequences it decoded (0: none)
+        self.on_step: Callable[[int], None] | None = None
         _open_engines.add(self)
         try:
             self.routes = self._open(routes)
@@ -533,8 +534,9 @@ class BatchedLlama:
             with self._stepping:  # outside the condition: a submit never waits for a decode
                 for context in busy:
                     running = context.active()
-                    if context.step() and self.on_step is not None:
-                        self.on_step(running)
+                    decoded = context.step()
+                    if self.on_step is not None:
+                        self.on_step(running if decoded else 0)
                 with self._cond:
                     idle = [c for c in self._retired if not c.busy]
                     self._retired = [c for c in self._retired if c.busy]

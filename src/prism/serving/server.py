@@ -59,14 +59,51 @@ from prism.serving.route_api import install_route_and_reload
 log = logging.getLogger("prism")
 
 
+class EventPost:
+    """Hands events from other threads to the event loop, with one wake-up for many. The decoding thread's events
+    wait for the end of its step (`flush`, from that thread): woken at each one, the loop took the interpreter
+    from the decoding thread between any two of its calls into C, and a step's work between two decodes took
+    about 4 times its time alone (32 streams on the 2-core development machine)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, StreamEvent | Exception]] = []
+        self._scheduled = False  # a delivery is on its way: it takes what is pending when it runs
+        self._flusher: int | None = None  # the thread whose events wait for its flush (the decoding thread)
+        self._lock = threading.Lock()
+
+    def put(self, events: asyncio.Queue, item: StreamEvent | Exception) -> None:
+        with self._lock:
+            self._pending.append((events, item))
+            if self._scheduled or threading.get_ident() == self._flusher:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def flush(self) -> None:
+        """Deliver what is pending; from now on the calling thread's events wait for its next flush."""
+        with self._lock:
+            self._flusher = threading.get_ident()
+            if self._scheduled or not self._pending:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for events, item in pending:
+            events.put_nowait(item)
+
+
 @dataclass
 class Job:
     request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
+    post: EventPost
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def put(self, item: StreamEvent | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        self.post.put(self.events, item)
 
 
 class Batcher:
@@ -83,6 +120,7 @@ class Batcher:
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0
         self.thread: threading.Thread | None = None
+        self._post: EventPost | None = None
 
     def start(self) -> None:
         # a new thread each time: the same app may be started again after a shutdown
@@ -95,23 +133,28 @@ class Batcher:
             self.thread.join(timeout=30)
 
     def submit(self, request: GenerationRequest) -> Job:
-        job = Job(request, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._post is None or self._post.loop is not loop:  # the app may run again, on another loop
+            self._post = EventPost(loop)
+        job = Job(request, self._post)
         self.waiting.put(job)
         return job
 
     def _work(self) -> None:
         continuous = self.model.continuous
-        if continuous and self.on_batch is not None:
+        if continuous:
             self.model.observe_steps(self._observe_step)
         while True:
             first = self.waiting.get()
             if first is None:
                 return
-            if continuous:  # the model batches itself: each request joins its running batch at once
+            if continuous:  # the model batches itself: the requests waiting now join its running batch at once
+                jobs = [first, *self._waiting_now()]
                 try:
-                    self.model.submit(first.request, first.put)
+                    self.model.submit([job.request for job in jobs], [job.put for job in jobs])
                 except Exception as exc:
-                    first.put(exc)
+                    for job in jobs:
+                        job.put(exc)
                 continue
             jobs = [first]
             deadline = time.monotonic() + self.max_wait_s
@@ -126,10 +169,26 @@ class Batcher:
                 jobs.append(job)
             self._run(jobs)
 
+    def _waiting_now(self) -> list[Job]:
+        """The jobs queued behind the first, without waiting (their routes are decided in one gate forward)."""
+        jobs: list[Job] = []
+        while True:
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is None:
+                self.waiting.put(None)  # stop after these
+                return jobs
+            jobs.append(job)
+
     def _observe_step(self, size: int) -> None:
-        self.batches += 1
-        assert self.on_batch is not None
-        self.on_batch(size)
+        if self._post is not None:
+            self._post.flush()  # the step's events, in one delivery
+        if size:
+            self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(size)
 
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
