@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from starlette.datastructures import URL, Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prism.inference.artifacts import adapter_key
@@ -341,13 +342,26 @@ def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -
         param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
         return ApiError(422, f"invalid request: {details}", param=param, code="invalid_value").response()
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith(PROTECTED):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    if api_key:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
+
+
+class ApiKeyCheck:
+    """ASGI middleware: the protected paths answer 401 without 'Authorization: Bearer <key>'. Plain ASGI, as
+    ObserveRequests: Starlette's @app.middleware passes every streamed chunk through a memory stream between
+    two tasks."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and URL(scope=scope).path.startswith(PROTECTED):
+            given = Headers(scope=scope).get("authorization", "")
+            if not secrets.compare_digest(given.encode(), self.expected):
                 message = "missing API key" if not given else "incorrect API key"
-                return ApiError(401, f"{message}: send 'Authorization: Bearer <key>'",
-                                "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+                refused = ApiError(401, f"{message}: send 'Authorization: Bearer <key>'", "authentication_error",
+                                   code="invalid_api_key").response()
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
