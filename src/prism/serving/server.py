@@ -62,8 +62,8 @@ log = logging.getLogger("prism")
 class EventPost:
     """Hands events from other threads to the event loop, with one wake-up for many. The decoding thread's events
     wait for the end of its step (`flush`, from that thread): woken at each one, the loop took the interpreter
-    from the decoding thread between any two of its calls into C, and a step's work between two decodes took
-    about 4 times its time alone (32 streams on the 2-core development machine)."""
+    from the decoding thread between any two of its calls into C, and a token's work between two decodes took
+    849 us against 314 this way (32 streaming clients on llama.cpp, the 2-core development machine)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -149,38 +149,29 @@ class Batcher:
             if first is None:
                 return
             if continuous:  # the model batches itself: the requests waiting now join its running batch at once
-                jobs = [first, *self._waiting_now()]
+                jobs = self._gather(first, wait_s=0.0)
                 try:
                     self.model.submit([job.request for job in jobs], [job.put for job in jobs])
                 except Exception as exc:
                     for job in jobs:
                         job.put(exc)
                 continue
-            jobs = [first]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(jobs) < self.max_batch_size:
-                try:
-                    job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.waiting.put(None)  # stop after this batch
-                    break
-                jobs.append(job)
-            self._run(jobs)
+            self._run(self._gather(first, wait_s=self.max_wait_s))
 
-    def _waiting_now(self) -> list[Job]:
-        """The jobs queued behind the first, without waiting (their routes are decided in one gate forward)."""
-        jobs: list[Job] = []
-        while True:
+    def _gather(self, first: Job, wait_s: float) -> list[Job]:
+        """`first` and the jobs queued behind it, up to max_batch_size, waiting up to `wait_s` for more."""
+        jobs = [first]
+        deadline = time.monotonic() + wait_s
+        while len(jobs) < self.max_batch_size:
             try:
-                job = self.waiting.get_nowait()
+                job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                return jobs
+                break
             if job is None:
-                self.waiting.put(None)  # stop after these
-                return jobs
+                self.waiting.put(None)  # stop after this batch
+                break
             jobs.append(job)
+        return jobs
 
     def _observe_step(self, size: int) -> None:
         if self._post is not None:
