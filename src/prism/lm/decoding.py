@@ -101,7 +101,7 @@ def draw(probs: np.ndarray | torch.Tensor, generator: torch.Generator) -> int:
         low = int(starts[block])
         within = np.cumsum(probs[low:low + DRAW_BLOCK], dtype=np.float64) + (blocks[block - 1] if block else 0.0)
         index = low + int(np.searchsorted(within, target, side="right"))
-        if index < low + len(within) and probs[index] > 0:
+        if index < low + len(within):  # a cumulative sum passes the target only at an entry with mass
             return index
         last = np.flatnonzero(probs[low:low + DRAW_BLOCK])  # rounding passed the block's end: its last entry with mass
         if len(last):
