@@ -90,3 +90,32 @@ def test_kway_min_wins_is_part_of_a_kway_runs_identity_only():
     assert resolve_config(kway_min_wins=2).fingerprint() == resolve_config(kway_min_wins=9).fingerprint()
     assert (resolve_config(routing="kway", kway_min_wins=2).fingerprint()
             != resolve_config(routing="kway", kway_min_wins=9).fingerprint())
+
+
+def test_every_list_option_takes_a_yaml_list_or_a_comma_separated_string(tmp_path):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"query": "What is the capital of France?", "domain": "facts"}\n')
+    path = tmp_path / "prism.yaml"
+    path.write_text(f"domains: facts\nqueries: {queries}\nqueries_mix: real\nlora_target_modules: q_proj, v_proj\n")
+    config = resolve_config(load_config_file(path))
+    assert config.queries_mix == ["real"] and config.domains == ["facts"]
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    path.write_text(f"domains: [facts]\nqueries: {queries}\nqueries_mix: [real, synthetic]\n")
+    assert resolve_config(load_config_file(path)).queries_mix == ["real", "synthetic"]
+    assert resolve_config(domains=["facts"], queries_file=str(queries), queries_mix="real,synthetic").queries_mix == [
+        "real", "synthetic"]  # the Python API and the command line's text alike
+
+
+def test_a_config_file_maps_domains_to_personas_and_example_queries(tmp_path):
+    path = tmp_path / "prism.yaml"
+    path.write_text("domains:\n  geography:\n    persona: You are a geographer.\n    examples:\n"
+                    "      - What is the capital of Peru?\n      - Which river flows through Cairo?\n  cooking:\n")
+    config = resolve_config(load_config_file(path))
+    assert config.domains == ["geography", "cooking"]
+    assert config.domain_personas == {"geography": "You are a geographer."}
+    assert config.domain_examples == {"geography": ["What is the capital of Peru?", "Which river flows through Cairo?"]}
+    path.write_text("domains:\n  geography:\n    persona: x\n    exemples: [a]\n")
+    with pytest.raises(PrismError, match="domain 'geography': give a mapping with 'persona'"):
+        resolve_config(load_config_file(path))
+    with pytest.raises(PrismError, match="examples name domains the run does not have: cooking"):
+        resolve_config(domains=["geography"], domain_examples={"cooking": ["How do I boil an egg?"]})

@@ -79,7 +79,8 @@ JUDGES = ("pairwise", "pointwise", "verifier")
 QUERY_SOURCES = ("real", "synthetic")
 # Fields that decide only the verify stage and what follows it: a run may change them and keep its personas,
 # queries and answers (the verdicts, labels, gate and adapters are made again).
-JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_calibration", "judge_max_chars"}
+JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_calibration", "judge_max_chars",
+                "distill_min_win_rate"}
 # Fields that matter to a run only under one setting of another field: outside it they are not its identity.
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
@@ -118,6 +119,16 @@ class BootstrapConfig:
     query_max_tokens: int = option("max new tokens per generated query", default=48)
     query_temperature: float = option("sampling temperature for queries", default=0.9)
     query_min_chars: int = option("queries of this many characters or fewer are dropped", default=15)
+    domain_personas: dict[str, str] = option(
+        "persona text per domain, from a config file (domains: {name: {persona: ...}}); a domain it does not name gets "
+        "a generated persona", cli=False, default_factory=dict)
+    domain_examples: dict[str, list[str]] = option(
+        "a few example queries per domain, from a config file (domains: {name: {examples: [...]}}) or Python: shown "
+        "to the model when it writes queries, never used as queries themselves", cli=False, default_factory=dict)
+    examples_file: str | None = option("example queries per domain (JSONL of {\"domain\", \"query\"}), added to "
+                                       "domain_examples", flag="--examples", default=None)
+    query_examples_shown: int = option("example queries shown in each query-writing prompt (drawn per query)",
+                                       default=3)
     queries_file: str | None = option("real queries to use (JSONL of {\"query\", \"domain\"}, e.g. `prism discover`'s "
                                       "queries.jsonl): up to --queries-per-persona of each domain, in file order",
                                       flag="--queries", default=None)
@@ -146,6 +157,10 @@ class BootstrapConfig:
         "pairwise judge: 'position' divides out the judge's average preference for slot A/B before deciding; 'none'",
         default="position",
     )
+    label_samples: int = option("K: answers per side per query, each pair judged; a query's label is its persona "
+                                "win rate over the K pairs (ties count half)", default=1)
+    distill_min_win_rate: float = option("a query's persona answer is distilled when its win rate reaches this (with "
+                                         "K=1: a win)", default=0.75)
     batch_size: int = option("prompts per generation / scoring batch", default=32)
 
     routing: str = option(
@@ -160,6 +175,9 @@ class BootstrapConfig:
     gate_lr: float = option("gate learning rate (AdamW)", default=1e-3)
     gate_epochs: int = option("gate training epochs", default=30)
     gate_folds: int = option("k for k-fold held-out accuracy when data is small", default=5)
+    gate_prior_strength: float = option(
+        "the gate learns each query's persona win rate shrunk toward its domain's: (K * rate + m * domain rate) / "
+        "(K + m), m this strength (0: the query's own rate)", default=2.0)
 
     lora_r: int = option("LoRA rank", default=16)
     lora_alpha: int = option("LoRA alpha", default=32)
@@ -202,6 +220,7 @@ class BootstrapConfig:
                                     default=8)
 
     def __post_init__(self) -> None:
+        split_list_fields(self)
         self.validate()
 
     def validate(self) -> None:
@@ -232,11 +251,33 @@ class BootstrapConfig:
         self._validate_queries()
         if self.judge_calibration not in ("position", "none"):
             raise PrismError(f"judge_calibration must be 'position' or 'none', not {self.judge_calibration!r}")
+        self._validate_domain_extras()
+        if not 0.0 < self.distill_min_win_rate <= 1.0:
+            raise PrismError(f"distill_min_win_rate is a share of wins: pass a value in (0, 1], got "
+                             f"{self.distill_min_win_rate}")
+        if self.gate_prior_strength < 0:
+            raise PrismError(f"gate_prior_strength must not be negative, got {self.gate_prior_strength}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
                      "distill_micro_batch_size", "lora_r", "gate_epochs", "persona_attempts", "query_rounds",
-                     "engine_concurrency", "kway_min_wins"):
+                     "engine_concurrency", "kway_min_wins", "label_samples", "query_examples_shown"):
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def _validate_domain_extras(self) -> None:
+        for name, kind in (("domain_personas", str), ("domain_examples", list)):
+            mapping = getattr(self, name)
+            if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, kind)
+                                                        for k, v in mapping.items()):
+                what = "persona texts" if kind is str else "lists of queries"
+                raise PrismError(f"{name} must map domain names to {what}, got {mapping!r}")
+        self.domain_examples = {domain: [str(q).strip() for q in queries if str(q).strip()]
+                                for domain, queries in self.domain_examples.items()}
+        if not self.personas_file:
+            named = {d.lower() for d in [*self.domain_personas, *self.domain_examples]}
+            unknown = sorted(named - {d.lower() for d in self.domains})
+            if unknown:
+                raise PrismError(f"personas or examples name domains the run does not have: {', '.join(unknown)} "
+                                 f"(domains: {', '.join(self.domains)})")
 
     def query_sources(self) -> list[str]:
         """Where the queries stage takes queries from: "real" (the --queries file) and/or "synthetic"."""
@@ -294,6 +335,19 @@ class BootstrapConfig:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def split_list_fields(config: Any) -> None:
+    """Every list field of a config takes a list or a comma-separated string (`queries_mix: real` in a YAML file,
+    `--queries-mix real,synthetic` on the command line, a string from Python), never a string's letters."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, str) and _is_list_type(item.type):
+            setattr(config, item.name, [part.strip() for part in value.split(",") if part.strip()])
+
+
+def _is_list_type(hint: Any) -> bool:
+    return (hint if isinstance(hint, str) else repr(hint)).startswith("list[")
+
+
 FIELD_NAMES = [f.name for f in dataclasses.fields(BootstrapConfig)]
 Config = TypeVar("Config")
 
@@ -337,6 +391,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def domain_mapping(domains: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's `domains: {name: {persona: ..., examples: [...]}}` (or {name: None}) as the fields it sets:
+    the domain names, and each domain's persona and example queries where given."""
+    personas, examples = dict(values.get("domain_personas") or {}), dict(values.get("domain_examples") or {})
+    for name, entry in domains.items():
+        entry = entry if entry is not None else {}
+        if not isinstance(entry, dict) or set(entry) - {"persona", "examples"}:
+            raise PrismError(f"domain {name!r}: give a mapping with 'persona' (text) and/or 'examples' (a list of "
+                             f"queries), got {entry!r}")
+        if entry.get("persona") is not None:
+            personas[str(name)] = str(entry["persona"])
+        if entry.get("examples") is not None:
+            listed = entry["examples"]
+            examples[str(name)] = [listed] if isinstance(listed, str) else list(listed)
+    return {"domains": [str(name) for name in domains], "domain_personas": personas, "domain_examples": examples}
+
+
 def resolve_config(file_values: dict[str, Any] | None = None, **overrides: Any) -> BootstrapConfig:
     """Merge preset < config file < explicit overrides (CLI flags or Python keyword arguments)."""
     values = {k: v for k, v in (file_values or {}).items() if k != "out"}  # where to write is not config
@@ -347,8 +418,8 @@ def resolve_config(file_values: dict[str, Any] | None = None, **overrides: Any) 
     preset = values.get("preset", DEFAULT_PRESET)
     if preset not in PRESETS:
         raise PrismError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if isinstance(values.get("domains"), str):
-        values["domains"] = values["domains"].split(",")
+    if isinstance(values.get("domains"), dict):
+        values.update(domain_mapping(values["domains"], values))
     merged = {**PRESETS[preset], **values}
     try:
         return BootstrapConfig(**merged)

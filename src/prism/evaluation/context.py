@@ -137,7 +137,8 @@ class Evaluation:
             base_config = self.run.manifest().get("config", {})
             # a config for the persona stage alone: the run's judge settings name the run's domains, not these
             config = BootstrapConfig(**{**with_new_defaults(base_config), "domains": missing, "personas_file": None,
-                                        "judge": "pairwise", "verifier": None, "verifiers": {}})
+                                        "judge": "pairwise", "verifier": None, "verifiers": {},
+                                        "domain_personas": {}, "domain_examples": {}})
             with self.model.adapter.disable_adapter() if self.model.adapter is not None else nullcontext():
                 personas.run(StageContext(run=self.store, config=config, lm=self.model.lm))
             known = run_personas(self.run)

@@ -9,7 +9,8 @@ from typing import Any
 from prism.lm.gate import GATE_WEIGHTS
 from prism.runs import FILES, GATE_DIR, STAGES, RunDir, adapter_dir, has_adapter_weights
 from prism.stages import queries, verify
-from prism.stages.records import read_judgments, read_labels
+from prism.stages.gate import separability_warning
+from prism.stages.records import Label, read_judgments, read_labels
 
 
 def inspect_run(path: str | Path) -> dict[str, Any]:
@@ -39,7 +40,9 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
     gate_info = stages.get("gate", {})
     summary["gate"] = {k: gate_info.get(k) for k in (
         "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",
-        "majority_baseline", "examples", "positives", "constant_route") if k in gate_info}
+        "majority_baseline", "examples", "positives", "constant_route", "targets") if k in gate_info}
+    summary["domain_separability"] = gate_info.get("domain_separability")
+    summary["labels"] = label_summary(labels, stages.get("verify", {}))
     distill_info = stages.get("distill", {})
     summary["adapter"] = {k: distill_info.get(k) for k in ("trainable_params", "share_of_base") if k in distill_info}
     summary["distill"] = {k: distill_info.get(k) for k in ("persona_signal", "loss_first", "loss_last", "steps",
@@ -62,6 +65,16 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
     return summary
 
 
+def label_summary(labels: list[Label], verify_info: dict[str, Any]) -> dict[str, Any]:
+    """The labels' samples and reliability: K answer pairs per query, the mean persona win rate, and the agreement
+    of two disjoint halves of the K samples (from K = 2)."""
+    if not labels:
+        return {}
+    return {"label_samples": max(r.samples for r in labels),
+            "mean_win_rate": sum(r.persona_win_rate for r in labels) / len(labels),
+            "reliability": verify_info.get("label_reliability")}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     stages = "  ".join(f"{name}={status}" for name, status in summary["stages"].items())
     c = summary["counts"]
@@ -71,6 +84,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"counts   personas {c['personas']}, queries {c['queries']} (of {c['query_candidates']} candidates), "
         f"answers {c['answers']}, judgments {c['judgments']}, distill {c['distill']}, retain {c['retain']}",
     ]
+    labels = summary.get("labels") or {}
+    if labels:
+        reliability = labels.get("reliability")
+        agreement = (f"; split-half agreement {reliability['split_half_agreement']:.2f} over {reliability['queries']} "
+                     "queries" if reliability else "")
+        lines.append(f"labels   {labels['label_samples']} answer pair(s) per query, mean persona win rate "
+                     f"{labels['mean_win_rate']:.2f}{agreement}")
+    separability = summary.get("domain_separability")
+    if separability and separability.get("accuracy") is not None:
+        lines.append(f"domains  a probe tells the {separability['domains']} domains apart from the gate's feature at "
+                     f"{separability['accuracy']:.2f} out-of-fold (chance {separability['chance']:.2f})")
     gate = summary.get("gate") or {}
     if gate.get("kind") == "constant":
         target = "the adapter" if gate["constant_route"] else "the base model"
@@ -95,9 +119,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     judge = summary.get("verify") or {}
     if judge.get("pairs"):
         lines[3:3] = verify.format_judge_quality(judge)
-    warning = verify.judge_warning(judge)
-    if warning:
-        lines.append(warning)  # the last line a bootstrap prints
+    for warning in (separability_warning(separability), verify.judge_warning(judge)):
+        if warning:
+            lines.append(warning)  # the last lines a bootstrap prints
     return "\n".join(lines)
 
 

@@ -93,15 +93,16 @@ def judge(ctx: StageContext, items: list[tuple[dict, str, str, str]]) -> Iterato
                "verdict_source": verdict.source, "raw_verdict": decide(verdict.probs)}
 
 
-def decide_queries(judged: dict[str, dict[str, Judgment]], config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
+def decide_queries(judged: dict[tuple[str, int], dict[str, Judgment]], config: BootstrapConfig
+                   ) -> dict[tuple[str, int], tuple[str, dict]]:
     """Each query's outcome and what its label records: the verdict per order (position-calibrated when the
     run's rule says so, with the prior over the whole run)."""
     prior = (position_prior([probs(j) for orders in judged.values() for j in orders.values()])
              if config.judge_calibration == "position" else None)
     decided = {}
-    for qid, orders in judged.items():
+    for pair, orders in judged.items():
         verdicts = {order: decide(probs(orders[order]), prior) for order in ORDERS}
-        decided[qid] = (outcome_of(verdicts), {
+        decided[pair] = (outcome_of(verdicts), {
             "verdicts": {order: {"calibrated": verdicts[order], **orders[order].to_record()} for order in ORDERS},
             "position_prior": prior})
     return decided
@@ -117,10 +118,10 @@ def quality(judgments: list[Judgment], _labels: list[Label], config: dict[str, A
     winner is the same in both orders, the share of raw verdicts naming slot A, the probability mass the
     judge put on the option tokens, and the distill count under the paper's raw rule and under the
     position-calibrated one."""
-    by_query: dict[str, dict[str, Judgment]] = {}
+    by_pair: dict[tuple[str, int], dict[str, Judgment]] = {}
     for j in judgments:
-        by_query.setdefault(j.query_id, {})[j.slot] = j
-    pairs = [orders for orders in by_query.values() if set(orders) == set(ORDERS)]
+        by_pair.setdefault(j.pair, {})[j.slot] = j
+    pairs = [orders for orders in by_pair.values() if set(orders) == set(ORDERS)]
     if not pairs:
         return {"kind": KIND, "pairs": 0}
     prior = position_prior([probs(j) for orders in pairs for j in orders.values()])

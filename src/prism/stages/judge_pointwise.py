@@ -84,11 +84,12 @@ def outcome_of(persona: float, plain: float, margin: float) -> str:
     return "win" if difference > margin else "loss" if difference < -margin else "tie"
 
 
-def decide_queries(judged: dict[str, dict[str, Judgment]], config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
+def decide_queries(judged: dict[tuple[str, int], dict[str, Judgment]], config: BootstrapConfig
+                   ) -> dict[tuple[str, int], tuple[str, dict]]:
     decided = {}
-    for qid, variants in judged.items():
+    for pair, variants in judged.items():
         scores = {v: score(variants[v]) for v in SLOTS}
-        decided[qid] = (outcome_of(scores["persona"], scores["plain"], config.pointwise_margin),
+        decided[pair] = (outcome_of(scores["persona"], scores["plain"], config.pointwise_margin),
                         {"scores": scores, "margin": config.pointwise_margin})
     return decided
 
@@ -102,10 +103,10 @@ def quality(judgments: list[Judgment], _labels: list[Label], config: dict[str, A
     """Whether the ratings can tell answers apart: the spread of the scores, the share of pairs whose scores lie
     within the margin (a tie), the persona wins, and the probability the judge put on the rating tokens."""
     margin = config.get("pointwise_margin", 0.5)
-    by_query: dict[str, dict[str, Judgment]] = {}
+    by_pair: dict[tuple[str, int], dict[str, Judgment]] = {}
     for j in judgments:
-        by_query.setdefault(j.query_id, {})[j.slot] = j
-    pairs = [v for v in by_query.values() if set(v) == set(SLOTS)]
+        by_pair.setdefault(j.pair, {})[j.slot] = j
+    pairs = [v for v in by_pair.values() if set(v) == set(SLOTS)]
     if not pairs:
         return {"kind": KIND, "pairs": 0}
     scores = [score(j) for v in pairs for j in v.values()]

@@ -48,33 +48,46 @@ def outcome_of(persona: float, plain: float) -> str:
     return "win" if persona > plain else "loss" if persona < plain else "tie"
 
 
-def decide_queries(judged: dict[str, dict[str, Judgment]], _config: BootstrapConfig) -> dict[str, tuple[str, dict]]:
+def decide_queries(judged: dict[tuple[str, int], dict[str, Judgment]], _config: BootstrapConfig
+                   ) -> dict[tuple[str, int], tuple[str, dict]]:
     decided = {}
-    for qid, variants in judged.items():
+    for pair, variants in judged.items():
         scores = {v: variants[v].score for v in SLOTS}
-        assert None not in scores.values(), f"a verifier judgment of {qid} has no score"
-        decided[qid] = (outcome_of(scores["persona"], scores["plain"]),  # type: ignore[arg-type]
+        assert None not in scores.values(), f"a verifier judgment of {pair} has no score"
+        decided[pair] = (outcome_of(scores["persona"], scores["plain"]),  # type: ignore[arg-type]
                         {"scores": scores, "verifier": variants["persona"].verifier})
     return decided
 
 
-def quality(_judgments: list[Judgment], labels: list[Label], _config: dict[str, Any]) -> dict:
-    """Per domain, the pass rate (mean score) of each side and who won, from the labels."""
-    scored = [(r, r.scores) for r in labels if r.scores is not None]
-    if not scored:
+def quality(judgments: list[Judgment], labels: list[Label], _config: dict[str, Any]) -> dict:
+    """Per domain, the pass rate (mean score) of each side over every judged answer (all K samples), and the
+    queries each side won, from the labels."""
+    domain_of = {r.query_id: r.domain for r in labels}
+    by_pair: dict[tuple[str, int], dict[str, Judgment]] = {}
+    for j in judgments:
+        if j.kind == KIND and j.query_id in domain_of:
+            by_pair.setdefault(j.pair, {})[j.slot] = j
+    pairs = [(domain_of[query_id], v) for (query_id, _), v in by_pair.items() if set(v) == set(SLOTS)]
+    if not pairs:
         return {"kind": KIND, "pairs": 0}
 
-    def summary(rows: list[tuple[Label, dict[str, float]]]) -> dict[str, Any]:
-        return {"persona_pass_rate": statistics.fmean(s["persona"] for _, s in rows),
-                "plain_pass_rate": statistics.fmean(s["plain"] for _, s in rows),
-                "persona_wins": sum(r.outcome == "win" for r, _ in rows)}
+    def pass_rate(rows: list[dict[str, Judgment]], slot: str) -> float:
+        return statistics.fmean(float(v[slot].score or 0.0) for v in rows)
 
+    def summary(rows: list[dict[str, Judgment]], outcomes: list[str]) -> dict[str, Any]:
+        return {"persona_pass_rate": pass_rate(rows, "persona"), "plain_pass_rate": pass_rate(rows, "plain"),
+                "persona_wins": outcomes.count("win")}
+
+    outcomes = {r.query_id: r.outcome or ("win" if r.label else "tie") for r in labels}
     domains: dict[str, dict[str, Any]] = {}
-    for domain in dict.fromkeys(r.domain for r, _ in scored):
-        rows = [(r, s) for r, s in scored if r.domain == domain]
-        domains[domain] = {"n": len(rows), "verifier": rows[0][0].verifier, **summary(rows),
-                           "plain_wins": sum(r.outcome == "loss" for r, _ in rows)}
-    return {"kind": KIND, "pairs": len(scored), **summary(scored), "domains": domains}
+    for domain in dict.fromkeys(r.domain for r in labels):
+        rows = [v for d, v in pairs if d == domain]
+        won = [outcomes[r.query_id] for r in labels if r.domain == domain]
+        if rows:
+            domains[domain] = {"n": len(won), "verifier": rows[0]["persona"].verifier, **summary(rows, won),
+                               "plain_wins": won.count("loss")}
+    return {"kind": KIND, "pairs": len(labels), **summary([v for _, v in pairs], list(outcomes.values())),
+            "domains": domains}
 
 
 def format_quality(quality: dict) -> list[str]:

@@ -101,7 +101,10 @@ def run(ctx: StageContext) -> None:
             for p in items if p["domain"] not in done
         ])
         return
-    pending = [d for d in cfg.domains if d not in done]
+    given = {d.lower(): text for d, text in cfg.domain_personas.items()}
+    run_dir.append("personas", [{"id": slug(d), "domain": d, "persona": given[d.lower()].strip(), "source": "config"}
+                                for d in cfg.domains if d not in done and d.lower() in given])
+    pending = [d for d in cfg.domains if d not in done and d.lower() not in given]
     for attempt in range(cfg.persona_attempts):
         if not pending:
             return

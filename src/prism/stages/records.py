@@ -9,6 +9,7 @@ persona (win, loss or tie), the 0/1 `label`, and the judge's evidence (`verdicts
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -36,6 +37,12 @@ class Judgment:
     rating_mass: float | None = None  # pointwise: the probability the rating tokens held
     score: float | None = None  # pointwise: the expected rating; verifier: the verifier's score
     verifier: str | None = None  # verifier: its spec
+    sample: int | None = None  # with label_samples K > 1: which of the K answer pairs (None: the first)
+
+    @property
+    def pair(self) -> tuple[str, int]:
+        """The answer pair the judgment is of: (query id, sample)."""
+        return self.query_id, self.sample or 0
 
     @property
     def slot(self) -> str:
@@ -66,9 +73,44 @@ class Label:
     scores: dict[str, float] | None = None  # pointwise, verifier: the persona's and the plain answer's score
     margin: float | None = None  # pointwise: what the persona's score had to beat the plain one's by
     verifier: str | None = None
+    # With label_samples K: the outcome of each of the K answer pairs, the persona win rate over them (ties count
+    # half) and its 95% Wilson interval. The answers and evidence above are of the first pair the persona won (else
+    # the first pair). Labels written before K existed have none of these: their win rate follows from `outcome`.
+    sample_outcomes: list[str] | None = None
+    win_rate: float | None = None
+    win_rate_interval: list[float] | None = None
+    sample: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "position_prior"}
+
+    @property
+    def persona_win_rate(self) -> float:
+        """The persona's win rate over the query's answer pairs, ties counting half."""
+        if self.win_rate is not None:
+            return self.win_rate
+        if self.outcome is None:
+            return float(self.label)
+        return OUTCOME_SCORE[self.outcome]
+
+    @property
+    def samples(self) -> int:
+        return len(self.sample_outcomes) if self.sample_outcomes else 1
+
+
+OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def win_rate(outcomes: list[str]) -> float:
+    """The persona's win rate over answer pairs: a win counts 1, a tie half, a loss 0."""
+    return sum(OUTCOME_SCORE[o] for o in outcomes) / len(outcomes)
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of a rate measured over n trials."""
+    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return [max(0.0, center - half), min(1.0, center + half)]
 
 
 def read_judgments(run: RunDir) -> list[Judgment]:
