@@ -129,9 +129,8 @@ class ScriptedEngine:
 def test_example_queries_are_shown_to_the_model_and_never_become_queries(tmp_path):
     examples = {"geography": ["What is the capital of Peru?", "Which river flows through Cairo?",
                               "How tall is Mount Kilimanjaro?"]}
-    config = resolve_config(domains={"geography": {"persona": "You are a geographer.", "examples": examples["geography"]},
-                                     "cooking": None},
-                            queries_per_persona=6)
+    geography = {"persona": "You are a geographer.", "examples": examples["geography"]}
+    config = resolve_config(domains={"geography": geography, "cooking": None}, queries_per_persona=6)
     run = RunDir(tmp_path / "run")
     engine = ScriptedEngine()
     ctx = StageContext(run=run, config=config, engine=engine)
