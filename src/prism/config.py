@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_cal
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
                       "judge_calibration": ("judge", "pairwise")}
+
+
+def default_data_dir() -> Path:
+    """$PRISM_BENCHMARKS, else the project's shared offline copy when it is there."""
+    candidates = [os.environ.get("PRISM_BENCHMARKS"), "../shared/benchmarks", "shared/benchmarks"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise PrismError("no benchmark data found: pass --data-dir DIR (with mmlu/, arc/, mt_bench/, jbb/ inside) "
+                     "or set PRISM_BENCHMARKS")
 
 
 def persona_slug(domain: str) -> str:
@@ -175,6 +186,11 @@ class BootstrapConfig:
     gate_lr: float = option("gate learning rate (AdamW)", default=1e-3)
     gate_epochs: int = option("gate training epochs", default=30)
     gate_folds: int = option("k for k-fold held-out accuracy when data is small", default=5)
+    negatives: str | None = option(
+        "clean negatives for the gate: questions with gold answers (mmlu: the shipped MMLU dev split, or a JSONL of "
+        "{question, choices, answer}) answered with and without a persona; where the persona does not raise "
+        "correctness, the question is a base example", default=None)
+    negatives_count: int = option("gold questions scored for --negatives", default=40)
     gate_prior_strength: float = option(
         "the gate learns each query's persona win rate shrunk toward its domain's: (K * rate + m * domain rate) / "
         "(K + m), m this strength (0: the query's own rate)", default=2.0)
@@ -259,7 +275,8 @@ class BootstrapConfig:
             raise PrismError(f"gate_prior_strength must not be negative, got {self.gate_prior_strength}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
                      "distill_micro_batch_size", "lora_r", "gate_epochs", "persona_attempts", "query_rounds",
-                     "engine_concurrency", "kway_min_wins", "label_samples", "query_examples_shown"):
+                     "engine_concurrency", "kway_min_wins", "label_samples", "query_examples_shown",
+                     "negatives_count"):
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -22,6 +22,7 @@ FILES = {
     "answers": "answers.jsonl",
     "judgments": "judgments.jsonl",
     "labels": "labels.jsonl",
+    "negatives": "negatives.jsonl",
     "distill_log": "distill_log.jsonl",
 }
 MANIFEST = "manifest.json"

@@ -1,15 +1,19 @@
 """Labels with their uncertainty (K answer pairs per query, win rates, shrinkage), the domain separability probe,
 and example queries that guide the query stage without becoming queries."""
 
+import json
+
 import pytest
 import torch
 
 from helpers import whole_and_resumed
 from prism.config import resolve_config
 from prism.engines.base import Generation
+from prism.errors import PrismError
 from prism.runs import RunDir
-from prism.stages import gate, queries, verify
+from prism.stages import gate, negatives, queries, verify
 from prism.stages.context import StageContext
+from prism.stages.pipeline import bootstrap
 from prism.stages.records import read_labels, win_rate
 
 
@@ -148,3 +152,23 @@ def test_example_queries_are_shown_to_the_model_and_never_become_queries(tmp_pat
     assert all("examples_shown" not in r for r in records if r["domain"] == "cooking")
     assert all(r["source"] == "synthetic" for r in records) and info["examples"]["per_domain"] == {"geography": 3}
     assert any("Questions users ask about geography" in p.user for p in engine.prompts)
+
+
+def test_gold_questions_the_persona_does_not_help_become_base_examples_for_the_gate(tiny_config, tmp_path):
+    gold = tmp_path / "gold.jsonl"
+    rows = [{"question": f"Which number is {n}?", "choices": ["one", "two", "three"], "answer": n % 3} for n in range(5)]
+    rows.append({"question": "Which letter comes first?", "choices": ["A", "B"], "answer": "A"})
+    gold.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config(domains=["math", "safety"], queries_per_persona=2, negatives=str(gold), negatives_count=5)
+    summary = bootstrap(config, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    records = run.read("negatives")
+    assert [r["id"] for r in records] == [f"negative/{i}" for i in range(5)]  # the first negatives_count questions
+    assert all(r["base_example"] == (not (r["persona_correct"] and not r["plain_correct"])) for r in records)
+    info = run.manifest()["stages"]["gate"]["negatives"]
+    assert info["questions"] == 5 and info["base_examples"] == sum(r["base_example"] for r in records)
+    labels = read_labels(run)
+    assert summary["gate"]["examples"] == len(labels) + info["base_examples"]
+    gold.write_text('{"question": "Which?", "choices": ["x"], "answer": 0}\n')
+    with pytest.raises(PrismError, match="line 1: needs \"question\", \"choices\" \\(2-10\\)"):
+        negatives.read_gold_questions(str(gold))

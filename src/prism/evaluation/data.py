@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from prism.config import default_data_dir
 from prism.errors import PrismError
 
 LETTERS = "ABCDEFGHIJ"
@@ -41,16 +41,6 @@ MMLU_DOMAINS = {
     ),
 }
 SUBJECT_DOMAIN = {subject: domain for domain, subjects in MMLU_DOMAINS.items() for subject in subjects.split()}
-
-
-def default_data_dir() -> Path:
-    """$PRISM_BENCHMARKS, else the project's shared offline copy when it is there."""
-    candidates = [os.environ.get("PRISM_BENCHMARKS"), "../shared/benchmarks", "shared/benchmarks"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise PrismError("no benchmark data found: pass --data-dir DIR (with mmlu/, arc/, mt_bench/, jbb/ inside) "
-                     "or set PRISM_BENCHMARKS")
 
 
 # A benchmark's source is either a local data root in the layout of ../shared/benchmarks (mmlu/, arc/,

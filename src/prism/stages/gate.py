@@ -19,6 +19,7 @@ from prism.lm.batching import block0_features
 from prism.lm.gate import GATE_CONFIG, Gate, GateConfig
 from prism.lm.models import chat_prompt, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE
+from prism.stages import negatives
 from prism.stages.context import StageContext
 from prism.stages.records import read_labels
 from prism.stages.verify import kway_classes, kway_label
@@ -196,27 +197,37 @@ def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Ten
             "train_accuracy": train_accuracy, "majority_baseline": majority, **metrics}
 
 
+NEGATIVES_DOMAIN = "(gold questions)"  # the clean negatives' group: their targets shrink toward 0, their own rate
+
+
 def run(ctx: StageContext) -> dict:
     cfg, run_dir = ctx.config, ctx.run
     records = read_labels(run_dir)
     if not records:
         raise PrismError("the gate has no labelled queries to learn from: the verify stage produced none")
-    rates = torch.tensor([r.persona_win_rate for r in records])
-    samples = torch.tensor([float(r.samples) for r in records])
-    domains = [r.domain for r in records]
+    info: dict[str, Any] = {}
+    negative_info = negatives.run(ctx)
+    extra = negatives.base_examples(ctx) if negative_info else []
+    if negative_info:
+        info["negatives"] = negative_info
+    queries = [r.query for r in records] + extra
+    rates = torch.tensor([r.persona_win_rate for r in records] + [0.0] * len(extra))
+    samples = torch.tensor([float(r.samples) for r in records] + [1.0] * len(extra))
+    domains = [r.domain for r in records] + [NEGATIVES_DOMAIN] * len(extra)
+    labelled = [r.domain for r in records]
     # the gate's class: the persona does better than base on this query (its win rate, ties half, above 0.5)
     labels = (rates > 0.5).long()
     kway = kway_classes(records, cfg.kway_min_wins) if cfg.routing == "kway" else None
-    kway_labels = torch.tensor([kway_label(r, kway[0]) for r in records]) if kway else None
+    kway_labels = torch.tensor([kway_label(r, kway[0]) for r in records] + [0] * len(extra)) if kway else None
     features = None
-    info: dict[str, Any] = {}
-    if len(set(domains)) > 1 or len(labels.unique()) > 1 or (kway_labels is not None and len(kway_labels.unique()) > 1):
-        prompts = [chat_prompt(ctx.model.tokenizer, r.query) for r in records]
+    if len(set(labelled)) > 1 or len(labels.unique()) > 1 or (kway_labels is not None
+                                                               and len(kway_labels.unique()) > 1):
+        prompts = [chat_prompt(ctx.model.tokenizer, q) for q in queries]
         feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code)
         features = block0_features(feature_model, prompts, cfg.batch_size)
-    if features is not None and len(set(domains)) > 1:
-        separability = domain_separability(features, domains, cfg.seed)
-        warning = separability_warning(separability)
+    if features is not None and len(set(labelled)) > 1:
+        info["domain_separability"] = domain_separability(features[: len(records)], labelled, cfg.seed)
+        warning = separability_warning(info["domain_separability"])
         if warning:
             log.warning(warning)
     hidden = ctx.model.model.config.hidden_size
@@ -236,8 +247,6 @@ def run(ctx: StageContext) -> dict:
         info.update(fit_gate(ctx, features, labels, GateConfig(input_dim=hidden, hidden=cfg.gate_hidden,
                                                                dropout=cfg.gate_dropout), GATE_DIR, soft_targets),
                     targets=targets_info)
-    if features is not None and len(set(domains)) > 1:
-        info["domain_separability"] = separability
     if kway is not None and kway_labels is not None:
         classes, merged = kway
         config = GateConfig(input_dim=hidden, hidden=cfg.gate_hidden, dropout=cfg.gate_dropout, classes=classes)
