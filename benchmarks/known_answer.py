@@ -10,6 +10,7 @@ base on the helped domains and the gate sends little of the control domain to th
 
     .venv/bin/python benchmarks/known_answer.py [--quick] [--out runs/known-answer] [--json FILE]
         [--routing binary|kway] [--queries N] [--heldout N] [--answer-tokens N] [--epochs N] [--seed S]
+        [--examples] [--label-samples K]
 
 A verifier is not a judge of quality: the adapter is rewarded for brevity, not for better answers.
 """
@@ -43,12 +44,24 @@ class Domain:
     persona: str
     verifier: str
     helped: bool  # whether the persona is expected to help by this domain's verifier
+    examples: tuple[str, ...] = ()  # a few queries of the domain, shown to the query writer with --examples
 
 
 DOMAINS = (
-    Domain("quick one-line facts", TERSE, "max-words:25", helped=True),
-    Domain("short definitions of words", TERSE, "max-words:25", helped=True),
-    Domain("in-depth explanations", TERSE, "min-words:80", helped=False),  # the control
+    Domain("quick one-line facts", TERSE, "max-words:25", helped=True, examples=(
+        "What is the capital of Japan?", "Who painted the Mona Lisa?", "How many legs does a spider have?",
+        "At what temperature does water boil in Celsius?", "Which planet is closest to the Sun?",
+        "In what year did the Second World War end?")),
+    Domain("short definitions of words", TERSE, "max-words:25", helped=True, examples=(
+        "What does the word 'ephemeral' mean?", "Define 'ubiquitous'.", "What is the meaning of 'candid'?",
+        "What does 'meticulous' mean?", "Give a short definition of 'resilient'.",
+        "What does the word 'frugal' mean?")),
+    Domain("in-depth explanations", TERSE, "min-words:80", helped=False, examples=(  # the control
+        "Explain in detail how the immune system fights a viral infection.",
+        "Can you explain thoroughly how inflation affects an economy?",
+        "Explain step by step how a computer runs a program.",
+        "Give a detailed explanation of how photosynthesis works.", "Explain in depth why the Roman Empire declined.",
+        "Describe in detail how new vaccines are developed and tested.")),
 )
 SIZES = {"quick": {"queries": 8, "heldout": 8}, "full": {"queries": 24, "heldout": 24}}
 
@@ -58,11 +71,13 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     personas = out / "personas.yaml"
     personas.write_text(yaml.safe_dump({d.name: d.persona for d in DOMAINS}, sort_keys=False))
+    examples = {d.name: list(d.examples) for d in DOMAINS} if args.examples else {}
     config = resolve_config(model=args.model, personas_file=str(personas), domains=[d.name for d in DOMAINS],
                             preset="tiny", queries_per_persona=args.queries, answer_max_tokens=args.answer_tokens,
                             distill_epochs=args.epochs, judge="verifier",
                             verifiers={d.name: d.verifier for d in DOMAINS}, routing=args.routing,
-                            kway_min_wins=args.kway_min_wins, seed=args.seed, device="cpu")
+                            kway_min_wins=args.kway_min_wins, seed=args.seed, device="cpu",
+                            domain_examples=examples, label_samples=args.label_samples)
     started = time.perf_counter()
     summary = bootstrap(config, out / "run")
     bootstrap_seconds = time.perf_counter() - started
@@ -116,6 +131,7 @@ def collect(run: Path, summary: dict[str, Any], results: dict[str, Any], systems
                  "majority_baseline": gate.get("majority_baseline"), "heldout_method": gate.get("heldout_method"),
                  "train_accuracy": gate.get("train_accuracy"), "kind": gate.get("kind")},
         "distill_examples": summary["counts"]["distill"], "queries": summary["counts"]["queries"],
+        "domain_separability": summary.get("domain_separability"), "labels": summary.get("labels"),
         "distill": summary.get("distill"),
         "headline": {"lora_vs_base_helped": paired_gain(run, "lora", helped),
                      "prism_vs_base_helped": paired_gain(run, "prism", helped),
@@ -163,6 +179,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"gate: held-out accuracy {_number(gate['heldout_accuracy'])} ({gate['heldout_method']}), balanced "
                  f"{_number(gate['balanced_accuracy'])}, majority-class baseline {_number(gate['majority_baseline'])}; "
                  f"distill examples {report['distill_examples']} of {report['queries']} queries")
+    separability = report.get("domain_separability") or {}
+    if separability.get("accuracy") is not None:
+        lines.append(f"domain separability (probe on the gate's feature, out-of-fold): {separability['accuracy']:.3f}, "
+                     f"chance {separability['chance']:.3f}")
+    labels = report.get("labels") or {}
+    if labels.get("reliability"):
+        lines.append(f"labels: {labels['label_samples']} answer pairs per query, split-half agreement "
+                     f"{labels['reliability']['split_half_agreement']:.3f}")
     if (report["distill"] or {}).get("skipped"):
         lines.append(f"distill skipped: {report['distill']['skipped']} (no adapter: lora is missing and prism is base)")
     if "kway" in report:
@@ -192,6 +216,9 @@ def main() -> None:
     parser.add_argument("--kway-min-wins", type=int, default=2,
                         help="with --routing kway: wins a domain needs for its own adapter (the bootstrap's default is "
                         "4, more than a quick run's 8 queries per domain give)")
+    parser.add_argument("--examples", action="store_true", help="give each domain a few example queries (shown to the "
+                        "query writer few-shot, never used as queries)")
+    parser.add_argument("--label-samples", type=int, default=1, help="K answer pairs per query (the label's win rate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args()
