@@ -69,12 +69,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_real_sigint_in_the_terminal_chat(tiny_run):
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# "ignored": the chat started as a background job of a non-interactive shell is (`make test &` beside a CPU hog):
+# it inherits SIGINT ignored, which Python keeps unless the chat takes SIGINT itself
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_real_sigint_in_the_terminal_chat(tiny_run, inherited):
     process = subprocess.Popen(
         [sys.executable, "-c", WAITING_CHAT, "chat", str(tiny_run), "--device", "cpu", "--max-tokens", "8",
          "--temperature", "0"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=ignore_sigint if inherited == "ignored" else None)
     try:
         process.stdin.write(BASE_QUERIES[0] + "\n")
         process.stdin.flush()

@@ -156,7 +156,8 @@ def test_example_queries_are_shown_to_the_model_and_never_become_queries(tmp_pat
 
 def test_gold_questions_the_persona_does_not_help_become_base_examples_for_the_gate(tiny_config, tmp_path):
     gold = tmp_path / "gold.jsonl"
-    rows = [{"question": f"Which number is {n}?", "choices": ["one", "two", "three"], "answer": n % 3} for n in range(5)]
+    rows = [{"question": f"Which number is {n}?", "choices": ["one", "two", "three"], "answer": n % 3}
+            for n in range(5)]
     rows.append({"question": "Which letter comes first?", "choices": ["A", "B"], "answer": "A"})
     gold.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = tiny_config(domains=["math", "safety"], queries_per_persona=2, negatives=str(gold), negatives_count=5)

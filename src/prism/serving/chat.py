@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from prism.errors import PrismError
@@ -32,10 +34,31 @@ def parse_route(model: GatedModel, text: str) -> tuple[str, str | None]:
     raise PrismError(f"unknown route {text!r}: choose one of {', '.join([*ROUTES, *model.personas])}")
 
 
+@contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the chat, whatever SIGINT's disposition the process inherited. A process
+    started as a background job of a non-interactive shell (`make test &`, a script's `cmd &`) inherits SIGINT
+    ignored, and Python then leaves it ignored: Ctrl-C did nothing and an answer could not be stopped. The
+    inherited disposition is restored when the chat ends. Off the main thread Python cannot set handlers: as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def chat(model: GatedModel, config: ChatConfig | None = None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> None:
     """Read-answer loop, as `config` says (the route to start on, a system message, sampling). Each answer streams
-    as it is generated, after a line naming its route."""
+    as it is generated, after a line naming its route; Ctrl-C stops an answer and keeps the chat."""
+    with ctrl_c_interrupts():
+        _chat(model, config, read, out)
+
+
+def _chat(model: GatedModel, config: ChatConfig | None, read: Callable[[str], str], out: TextIO) -> None:
     config = config or ChatConfig()
     params, system = config.sampling(), config.system
     with contextlib.suppress(ImportError):
