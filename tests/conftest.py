@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import build_tiny_kway_run, build_tiny_model, build_tiny_run
 from prism.config import resolve_config
 from prism.lm.models import LoadedModel, load_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One PyTorch thread in the suite and in the prism commands it starts. CI's 2 cores are shared with other work:
+    torch's OpenMP team of 2 spins at every barrier while another process holds a core, so a loaded machine ran the
+    suite several times slower, where one thread costs the tiny models nothing and the real 135M one little."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

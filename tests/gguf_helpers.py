@@ -98,27 +98,43 @@ def write_tiny_gguf(model_dir: Path, path: Path, quantized: bool = False) -> Pat
     return path
 
 
-def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queries: list[str], positions: int,
-                             cpp_route: str | None = None) -> tuple[float, float]:
-    """(share of positions with the same greedy token, largest |logit difference| / logit range) over the
-    queries, teacher-forced: both models read PyTorch's own greedy reply token by token. `cpp_route`: the
-    llama.cpp route to compare (default `route`)."""
-    same = total = 0
-    worst = scale = 0.0
+def torch_reference(torch_model: Any, route: str, queries: list[str], positions: int) -> list[tuple]:
+    """PyTorch's side of a teacher-forced comparison, per query: the prompt's ids, PyTorch's own greedy reply (up to
+    `positions` tokens) and its logits at each position. It depends on the route alone, so one reference serves
+    every llama.cpp model compared against it."""
     conversations = [[{"role": "user", "content": query}] for query in queries]
     params = SamplingParams(max_tokens=positions, ignore_eos=True)
     replies = torch_model.generate_batch([GenerationRequest(m, route, params) for m in conversations])
+    reference = []
     for messages, reply in zip(conversations, replies):
         continuation = encode(torch_model.tokenizer, reply.text)[:positions]
         prompt = encode(torch_model.tokenizer, torch_model.prompt(messages))
         ids = torch.tensor([prompt + continuation])
         with torch.no_grad(), (torch_model.adapter.disable_adapter() if route == "base" else nullcontext()):
-            reference = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            logits = torch_model.lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        reference.append((prompt, continuation, logits))
+    return reference
+
+
+def agreement_with(reference: list[tuple], cpp_model: Any, cpp_route: str) -> tuple[float, float]:
+    """(share of positions with the same greedy token, largest |logit difference| / logit range) of a llama.cpp
+    route against a `torch_reference`."""
+    same = total = 0
+    worst = scale = 0.0
+    for prompt, continuation, logits in reference:
         # llama.cpp's logits after the prompt and after each continuation token but the last
-        ours = cpp_model.llama.logits(cpp_route or route, prompt + continuation[:-1], len(prompt) - 1)
-        ours = ours[:, : reference.shape[1]]
-        same += int((reference.argmax(-1) == ours.argmax(-1)).sum())
+        ours = cpp_model.llama.logits(cpp_route, prompt + continuation[:-1], len(prompt) - 1)
+        ours = ours[:, : logits.shape[1]]
+        same += int((logits.argmax(-1) == ours.argmax(-1)).sum())
         total += len(continuation)
-        worst = max(worst, float((reference - ours).abs().max()))
-        scale = max(scale, float(reference.max() - reference.min()))
+        worst = max(worst, float((logits - ours).abs().max()))
+        scale = max(scale, float(logits.max() - logits.min()))
     return same / total, worst / scale
+
+
+def teacher_forced_agreement(torch_model: Any, cpp_model: Any, route: str, queries: list[str], positions: int,
+                             cpp_route: str | None = None) -> tuple[float, float]:
+    """(share of positions with the same greedy token, largest |logit difference| / logit range) over the
+    queries, teacher-forced: both models read PyTorch's own greedy reply token by token. `cpp_route`: the
+    llama.cpp route to compare (default `route`)."""
+    return agreement_with(torch_reference(torch_model, route, queries, positions), cpp_model, cpp_route or route)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gguf_helpers import teacher_forced_agreement
+from gguf_helpers import agreement_with, torch_reference
 from prism.inference.llamacpp import LlamaCppModel
 from prism.inference.transformers import PrismModel
 from prism.lm import llama
@@ -75,6 +75,7 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
         return
     queries = [r["query"] for r in RunDir(run).read("labels")][:16]
     torch_model = PrismModel.from_run(run, device="cpu", routing="binary")
+    references = {route: torch_reference(torch_model, route, queries, 32) for route in ("persona", "base")}
     for persona in ("lora", "merged"):
         if persona == "merged":
             assert subprocess.run([sys.executable, "-m", "prism.cli", "export", "gguf", str(run), "--merged"],
@@ -84,7 +85,7 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
                                                gguf_weights=weights)
             assert cpp_model.persona_source == persona and cpp_model.weights_type == weights
             for route in ("persona", "base"):
-                agreement, _ = teacher_forced_agreement(torch_model, cpp_model, route, queries, 32)
+                agreement, _ = agreement_with(references[route], cpp_model, route)
                 assert agreement >= 0.95, f"{persona}/{weights}/{route}: {agreement:.3f}"
             cpp_model.close()
     # and the k-way routing on llama.cpp: a context per persona adapter (its LoRA GGUF exported on load)
