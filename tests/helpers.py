@@ -280,3 +280,16 @@ def whole_and_resumed(config, tmp_path, monkeypatch) -> tuple:
     assert 0 < len(resumed.read("answers")) < len(whole.read("answers"))
     bootstrap(config, tmp_path / "resumed")
     return whole, resumed
+
+
+def epoch_mean_losses(run: Path) -> list[float]:
+    """The distillation loss of each epoch, token-weighted over its steps (RUN/distill_log.jsonl). Every epoch
+    passes over the same examples, so epochs compare like with like where single steps (different batches) do
+    not: the last step's loss can exceed the first's while every epoch's mean falls."""
+    from prism.runs import RunDir
+
+    totals: dict[int, list[float]] = {}
+    for row in RunDir(run).read("distill_log"):
+        loss, tokens = totals.setdefault(row["epoch"], [0.0, 0.0])
+        totals[row["epoch"]] = [loss + row["loss"] * row["tokens"], tokens + row["tokens"]]
+    return [loss / tokens for _, (loss, tokens) in sorted(totals.items())]

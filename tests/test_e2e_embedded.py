@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gguf_helpers import agreement_with, torch_reference
+from helpers import epoch_mean_losses
 from prism.inference.llamacpp import LlamaCppModel
 from prism.inference.transformers import PrismModel
 from prism.lm import llama
@@ -30,7 +31,8 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
     assert summary["stages"] == {s: "done" for s in STAGES}
     assert summary["counts"]["personas"] == 10
     assert summary["counts"]["distill"] >= 1, "the tiny preset must leave the adapter something to learn"
-    assert summary["distill"]["loss_last"] < summary["distill"]["loss_first"]
+    epochs = epoch_mean_losses(run)  # a step's loss depends on its batch: epochs compare the same examples
+    assert len(epochs) >= 2 and epochs[-1] < 0.9 * epochs[0], epochs
 
     lm = load_model("embedded")
     gate = Gate.load(run / "gate")

@@ -196,3 +196,24 @@ def test_gradient_checkpointing_recomputes_and_changes_no_gradient(tiny_lm, monk
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, recomputed))
     assert use_gradient_checkpointing(resolve_config(model="x", distill_gradient_checkpointing="on"), tiny_lm)
     assert not use_gradient_checkpointing(resolve_config(model="x"), tiny_lm)  # auto, on a CPU
+
+
+@pytest.mark.parametrize("lr", [2e-3, 0.0])
+def test_the_epoch_mean_loss_falls_when_the_adapter_learns_and_only_then(tiny_config, tmp_path, lr):
+    """The check the embedded e2e test makes of its distillation, on the tiny model (whose own judge never lets the
+    persona win: three labels are set to distil by hand); lr 0 is its negative control."""
+    from helpers import epoch_mean_losses
+    from prism.runs import RunDir
+    from prism.stages.pipeline import bootstrap, distill_run
+
+    run = tmp_path / "run"
+    bootstrap(tiny_config(domains=["math", "safety"], distill_epochs=4, distill_lr=lr, lora_dropout=0.0,
+                          answer_max_tokens=24), run)
+    labels = RunDir(run).read("labels")
+    for record in labels[:3]:
+        record.update(label=1, split="distill", outcome="win")
+    RunDir(run).rewrite("labels", labels)
+    distill_run(run, force=True)
+    epochs = epoch_mean_losses(run)
+    assert len(epochs) == 4
+    assert (epochs[-1] < 0.9 * epochs[0]) == (lr > 0), epochs
