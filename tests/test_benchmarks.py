@@ -54,3 +54,14 @@ def test_the_known_answer_experiment_runs_end_to_end_at_the_tiny_model(tiny_mode
     assert report["distill_examples"] == sum(
         r["label"] for r in map(json.loads, (tmp_path / "ka" / "run" / "labels.jsonl").read_text().splitlines()))
     assert "headline: lora vs base on the helped domains" in done.stdout
+
+
+def test_the_label_samples_benchmark_measures_each_k_on_the_tiny_model(tiny_model_dir, tmp_path):
+    report = tmp_path / "k.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "label_samples.py"), "--model", str(tiny_model_dir),
+                           "--domains", "math,safety", "--samples", "1,2", "--out", str(tmp_path / "runs"),
+                           "--json", str(report)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(report.read_text())
+    assert [r["label_samples"] for r in rows] == [1, 2] and "K=2 over K=1" in done.stdout
+    assert rows[1]["reliability"] is not None and rows[0]["reliability"] is None
