@@ -29,7 +29,7 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mkdocs build --strict
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # Rebuild llama-cpp-python with the portable flags (after a build that fails PRISM's start-up probe).
 llamacpp: install
