@@ -67,3 +67,12 @@ def test_a_flag_whose_text_does_not_parse_is_a_one_line_error(capsys, tmp_path):
     assert main(["eval", str(tmp_path), "--limit", "mmlu=many"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("prism: error: --limit 'mmlu=many'") and "Traceback" not in err
+
+
+def test_version_prints_the_installed_version(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"prism {importlib.metadata.version('prism-routing')}"

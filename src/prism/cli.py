@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -95,9 +96,17 @@ def flag_values(args: argparse.Namespace, config_class: type, only: tuple[str, .
     return values
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("prism-routing")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM: persona routing via intent-based self-modeling")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"prism {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     boot = commands.add_parser("bootstrap", help="personas -> queries -> answers -> verify -> gate -> adapter")
