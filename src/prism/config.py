@@ -290,11 +290,14 @@ class BootstrapConfig:
         self.domain_examples = {domain: [str(q).strip() for q in queries if str(q).strip()]
                                 for domain, queries in self.domain_examples.items()}
         if not self.personas_file:
-            named = {d.lower() for d in [*self.domain_personas, *self.domain_examples]}
-            unknown = sorted(named - {d.lower() for d in self.domains})
-            if unknown:
-                raise PrismError(f"personas or examples name domains the run does not have: {', '.join(unknown)} "
-                                 f"(domains: {', '.join(self.domains)})")
+            self._check_named_domains([*self.domain_personas, *self.domain_examples], "personas or examples")
+
+    def _check_named_domains(self, named: list[str], what: str) -> None:
+        """A per-domain setting may name only the run's domains (case-insensitive)."""
+        unknown = sorted({d.lower() for d in named} - {d.lower() for d in self.domains})
+        if unknown:
+            raise PrismError(f"{what} name domains the run does not have: {', '.join(unknown)} "
+                             f"(domains: {', '.join(self.domains)})")
 
     def query_sources(self) -> list[str]:
         """Where the queries stage takes queries from: "real" (the --queries file) and/or "synthetic"."""
@@ -332,10 +335,7 @@ class BootstrapConfig:
             raise PrismError("--judge verifier needs a check: --verifier SPEC (e.g. max-words:25), or a per-domain "
                              "mapping in the config file (verifiers: {domain: spec})")
         if not self.personas_file:  # with a personas file the domains are known once it is read
-            unknown = sorted(set(d.lower() for d in self.verifiers) - {d.lower() for d in self.domains})
-            if unknown:
-                raise PrismError(f"verifiers name domains the run does not have: {', '.join(unknown)} "
-                                 f"(domains: {', '.join(self.domains)})")
+            self._check_named_domains(list(self.verifiers), "verifiers")
             verifier_specs(self.domains, self.verifier, self.verifiers)
 
     def to_dict(self) -> dict[str, Any]:
