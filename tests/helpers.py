@@ -70,25 +70,27 @@ PERSONA_QUERIES = ["How do I write a poem about the sea?", "Compare two answers 
 BASE_QUERIES = ["What is the capital of France?", "Explain recursion in Python."]
 
 
-def build_tiny_run(directory: Path, model_dir: Path) -> Path:
+def build_tiny_run(directory: Path, model_dir: Path, gate_layer: int = 0, gate_pool: str = "last") -> Path:
     """A finished run directory on the tiny model, without the minutes of a bootstrap: an adapter with
-    random (visibly non-zero) LoRA weights, and a gate fitted to route PERSONA_QUERIES to it."""
+    random (visibly non-zero) LoRA weights on the blocks above `gate_layer`, and a gate fitted to route
+    PERSONA_QUERIES to it (reading that block, pooled by `gate_pool`)."""
     from peft import get_peft_model
 
-    from prism.lm.batching import block0_features
+    from prism.lm.batching import gate_features
     from prism.lm.gate import GateConfig
     from prism.lm.models import chat_prompt, layers_pattern
     from prism.runs import STAGES, RunDir
     from prism.stages.distill import lora_config
     from prism.stages.gate import train_gate
 
-    config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu")
+    config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu",
+                            gate_layer=gate_layer, gate_pool=gate_pool)
     lm = load_model(str(model_dir), device="cpu")
     queries = PERSONA_QUERIES + BASE_QUERIES
-    features = block0_features(lm, [chat_prompt(lm.tokenizer, q) for q in queries])
+    features = gate_features(lm, [chat_prompt(lm.tokenizer, q) for q in queries], gate_layer, gate_pool)
     labels = torch.tensor([1] * len(PERSONA_QUERIES) + [0] * len(BASE_QUERIES))
-    gate = train_gate(features, labels, GateConfig(input_dim=features.shape[1], hidden=32), epochs=200, lr=1e-2,
-                      seed=0)
+    gate = train_gate(features, labels, GateConfig(input_dim=features.shape[1], hidden=32, layer=gate_layer,
+                                                   pool=gate_pool), epochs=200, lr=1e-2, seed=0)
     assert gate.route(features).tolist() == labels.tolist(), "the fixture's gate must separate its queries"
     gate.save(directory / "gate")
 
@@ -128,7 +130,7 @@ def build_tiny_kway_run(directory: Path, model_dir: Path) -> Path:
 
     build_tiny_run(directory, model_dir)
     config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu",
-                            routing="kway", domains=KWAY_PERSONAS)
+                            routing="kway", domains=KWAY_PERSONAS, gate_pool="last")
     lm = load_model(str(model_dir), device="cpu")
     queries = [WRITING_QUERY, REVIEW_QUERY, *BASE_QUERIES]
     features = block0_features(lm, [chat_prompt(lm.tokenizer, q) for q in queries])

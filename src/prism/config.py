@@ -74,6 +74,8 @@ DEFAULT_DEVICE = "auto"  # torch's device: CUDA when there is one, else the CPU
 DEFAULT_SEED = 0
 LOCAL_ENGINE = "transformers"  # the model in this process, on PyTorch
 ROUTINGS = ("binary", "kway")
+GATE_POOLS = ("last", "mean")  # the gate feature's pooling over the prompt's tokens
+GATE_CLASSIFIERS = ("auto", "logistic", "mlp", "knn")
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
 JUDGES = ("pairwise", "pointwise", "verifier")
@@ -82,6 +84,12 @@ QUERY_SOURCES = ("real", "synthetic")
 # queries and answers (the verdicts, labels, gate and adapters are made again).
 JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_calibration", "judge_max_chars",
                 "distill_min_win_rate"}
+# Fields that decide only the gate stage (gate_layer also the adapters, which train above it): a run may change
+# them and keep everything up to its labels.
+GATE_FIELDS = {"gate_layer", "gate_pool", "gate_classifier", "gate_hidden", "gate_dropout", "gate_lr", "gate_epochs",
+               "gate_folds", "gate_prior_strength"}
+# What a run recorded before a field existed meant: its gate read the last token with the MLP.
+OLD_RUN_DEFAULTS = {"gate_pool": "last", "gate_classifier": "mlp"}
 # Fields that matter to a run only under one setting of another field: outside it they are not its identity.
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
@@ -181,11 +189,19 @@ class BootstrapConfig:
     kway_min_wins: int = option("k-way: a persona needs this many both-order wins for its own adapter; a domain "
                                 "with fewer routes to base", default=4)
 
+    gate_layer: int = option(
+        "the decoder block whose hidden states the gate reads; the adapter trains only on the blocks above it, so "
+        "the prefill up to it is shared by both routes", default=0)
+    gate_pool: str = option("the gate's pooling of that block's states: 'mean' over the prompt from the user turn "
+                            "on, or the 'last' prompt token (the paper's)", choices=GATE_POOLS, default="mean")
+    gate_classifier: str = option(
+        "the gate's classifier: 'auto' (chosen by cross-validation among L2 logistic regression, k nearest "
+        "neighbours and the MLP) or one of them", choices=GATE_CLASSIFIERS, default="auto")
     gate_hidden: int = option("gate MLP hidden size", default=256)
     gate_dropout: float = option("gate MLP dropout", default=0.1)
     gate_lr: float = option("gate learning rate (AdamW)", default=1e-3)
     gate_epochs: int = option("gate training epochs", default=30)
-    gate_folds: int = option("k for k-fold held-out accuracy when data is small", default=5)
+    gate_folds: int = option("k of the gate's outer cross-validation (its held-out scores and threshold)", default=5)
     negatives: str | None = option(
         "clean negatives for the gate: questions with gold answers (mmlu: the shipped MMLU dev split, or a JSONL of "
         "{question, choices, answer}) answered with and without a persona; where the persona does not raise "
@@ -382,9 +398,10 @@ def with_options(config_class: type[Config], config: Config | None = None, **opt
 
 def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A config a run recorded, with the defaults of fields added since (a run made before `routing` existed
-    is a binary run, and resumes as one)."""
+    is a binary run, and resumes as one), or what the run did before the field existed (OLD_RUN_DEFAULTS)."""
     defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(BootstrapConfig)}
+    defaults.update(OLD_RUN_DEFAULTS)
     return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 

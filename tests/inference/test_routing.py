@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from helpers import BASE_QUERIES, PERSONA_QUERIES
+from helpers import BASE_QUERIES, PERSONA_QUERIES, build_tiny_run
 from prism.errors import ContextLengthError, PrismError
 from prism.inference.base import GenerationRequest
 from prism.inference.transformers import PrismModel
@@ -180,45 +180,59 @@ def test_continuation_logprobs_match_a_plain_forward(prism_model):
     assert [d.route for d in decisions] == ["base", "base"]
 
 
-def test_one_gate_feature_on_every_path_and_dtype(tiny_run, tiny_model_dir, tmp_path):
-    """The gate's probability of one single-turn prompt is the same from PrismModel's prefill hook, from the
-    gate stage's training path (block0_features) and from the sidecar's Router; and a model run in bf16
-    routes on the float32 block 0 it was trained on, not on its own bf16 block 0. The gate is an untrained
-    one with probabilities near 0.5 (the fixture's trained gate saturates at 1.0, where anything agrees)."""
-    import shutil
-
+@pytest.mark.parametrize(("layer", "pool"), [(0, "last"), (1, "mean")])
+def test_one_gate_feature_on_every_path_and_dtype(tiny_model_dir, tmp_path, layer, pool):
+    """The gate's probability of single-turn prompts is the same from PrismModel's prefill hook (a batch of two
+    prompts of different lengths: left padding), from the gate stage's training path (gate_features) and from the
+    sidecar's Router, at the run's gate layer and pooling; and a model run in bf16 routes on the float32 blocks it
+    was trained on, not on its own bf16 ones. The gate is an untrained one with probabilities near 0.5 (the
+    fixture's trained gate saturates at 1.0, where anything agrees)."""
     from prism.inference.router import Router
-    from prism.lm.batching import block0_features
+    from prism.lm.batching import gate_features
     from prism.lm.gate import Gate, GateConfig
     from prism.lm.models import gate_feature_model
 
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    run = build_tiny_run(tmp_path / "run", tiny_model_dir, gate_layer=layer, gate_pool=pool)
     torch.manual_seed(0)
-    fresh = Gate(GateConfig(input_dim=json.loads((tiny_run / "gate" / "config.json").read_text())["input_dim"],
-                            hidden=32))
+    fresh = Gate(GateConfig(input_dim=json.loads((run / "gate" / "config.json").read_text())["input_dim"],
+                            hidden=32, layer=layer, pool=pool))
     fresh.std.fill_(4.0)
     fresh.save(run / "gate")
-    query = PERSONA_QUERIES[0]
+    queries = [PERSONA_QUERIES[0], "Why?"]
     model = PrismModel.from_run(run, device="cpu")
     assert model.gate_lm is model.lm  # float32: the decision comes from the shared prefill
-    hooked = model.generate(query, max_tokens=1).gate_probability
-    features = block0_features(model.lm, [chat_prompt(model.tokenizer, query)])
-    trained = float(fresh.persona_probability(features)[0])
-    assert 0.05 < trained < 0.95
-    routed = Router.from_run(run, device="cpu").decide([user(query)])[0].gate_probability
+    hooked = [c.gate_probability for c in model.generate_batch(
+        [GenerationRequest(user(q), "auto", SamplingParams(max_tokens=1)) for q in queries])]
+    features = gate_features(model.lm, [chat_prompt(model.tokenizer, q) for q in queries], layer, pool)
+    trained = fresh.persona_probability(features).tolist()
+    assert all(0.05 < p < 0.95 for p in trained)
+    routed = [d.gate_probability for d in Router.from_run(run, device="cpu").decide([user(q) for q in queries])]
     assert hooked == pytest.approx(trained, abs=1e-5) and routed == pytest.approx(trained, abs=1e-5)
 
     half = load_model(str(tiny_model_dir), device="cpu")
     half.model.to(torch.bfloat16)
     adapter = PeftModel.from_pretrained(half.model, str(run / "adapter"), adapter_name="persona")
-    bf16 = PrismModel(half, Gate.load(run / "gate"), adapter, gate_lm=gate_feature_model(half, str(tiny_model_dir)))
+    bf16 = PrismModel(half, Gate.load(run / "gate"), adapter,
+                      gate_lm=gate_feature_model(half, str(tiny_model_dir), layer=layer))
     assert bf16.gate_lm is not bf16.lm
-    assert bf16.generate(query, max_tokens=1).gate_probability == pytest.approx(trained, abs=1e-5)
-    # the negative control: the bf16 model's own block 0 is another feature, and moves the probability
-    own = block0_features(half, [chat_prompt(half.tokenizer, query)])
-    assert not torch.allclose(own, features, atol=1e-3)
-    assert abs(float(fresh.persona_probability(own)[0]) - trained) > 1e-5
+    assert bf16.generate(queries[0], max_tokens=1).gate_probability == pytest.approx(trained[0], abs=1e-5)
+    # the negative control: the bf16 model's own blocks give another feature, and move the probability
+    own = gate_features(half, [chat_prompt(half.tokenizer, queries[0])], layer, pool)
+    assert not torch.allclose(own, features[:1], atol=1e-3)
+    assert abs(float(fresh.persona_probability(own)[0]) - trained[0]) > 1e-5
+
+
+def test_an_adapter_on_the_gates_layer_does_not_load(tiny_model_dir, tmp_path):
+    """The gate decides on its layer's output before any adapter runs: an adapter that changes that layer would
+    make the shared prefill wrong, so the run does not load."""
+    from prism.lm.gate import Gate
+
+    run = build_tiny_run(tmp_path / "run", tiny_model_dir)  # LoRA on blocks 1 and 2
+    gate = Gate.load(run / "gate")
+    gate.config.layer = 1
+    gate.save(run / "gate")
+    with pytest.raises(PrismError, match="at or below the gate's layer 1"):
+        PrismModel.from_run(run, device="cpu")
 
 
 def scaled_adapter(run, factor):

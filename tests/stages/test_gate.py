@@ -1,9 +1,11 @@
+import pytest
 import torch
 
-from prism.lm.batching import block0_features
+from prism.lm.batching import block0_features, gate_features
 from prism.lm.gate import Gate, GateConfig
 from prism.lm.models import chat_prompt, encode
-from prism.stages.gate import class_weights, heldout_accuracy, stratified_folds, train_gate
+from prism.stages.gate import as_targets, train_gate
+from prism.stages.gate_selection import CANDIDATES, Candidate, class_weights, fit, nested_cv, select, threshold_for_gain
 
 
 def test_feature_is_block0_output_at_last_token_of_the_inference_prompt(tiny_lm):
@@ -19,28 +21,87 @@ def test_feature_is_block0_output_at_last_token_of_the_inference_prompt(tiny_lm)
     assert all(p.endswith("<|im_start|>assistant\n") and "You are a helpful assistant." in p for p in prompts)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_mean_feature_pools_the_users_turn_of_the_chosen_layer(tiny_lm, layer):
+    """The mean feature: hidden_states[layer + 1] averaged over the tokens from the user's text on (the template's
+    fixed prefix, its default system prompt, left out), batched with right padding, the last feature its last
+    token."""
+    tokenizer = tiny_lm.tokenizer
+    queries = ["What is the capital of France?", "Explain recursion in Python, please, with an example."]
+    prompts = [chat_prompt(tokenizer, q) for q in queries]
+    mean = gate_features(tiny_lm, prompts, layer, "mean", batch_size=2)
+    last = gate_features(tiny_lm, prompts, layer, "last", batch_size=2)
+    prefix = encode(tokenizer, prompts[0].split(queries[0])[0])  # the template up to the user's text
+    for prompt, pooled, at_last in zip(prompts, mean, last):
+        ids = encode(tokenizer, prompt)
+        assert ids[: len(prefix)] == prefix
+        with torch.no_grad():
+            hidden = tiny_lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1]
+        torch.testing.assert_close(pooled, hidden[0, len(prefix):].mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(at_last, hidden[0, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_class_weights_balance_the_classes():
-    weights = class_weights(torch.tensor([0, 0, 0, 1]))
+    weights = class_weights(as_targets(torch.tensor([0, 0, 0, 1]), 2))
     assert torch.allclose(weights, torch.tensor([4 / 6, 4 / 2]))
 
 
-def test_gate_learns_a_separable_rule_and_reports_heldout_accuracy():
+def test_nested_cross_validation_scores_a_learnable_rule_and_a_rule_of_noise():
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(60, 16, generator=generator)
+    features = torch.randn(80, 16, generator=generator)
     labels = (features[:, 3] > 0.5).long()  # an imbalanced but learnable rule
     config = GateConfig(input_dim=16, hidden=32)
-    gate = train_gate(features, labels, config, epochs=60, lr=1e-2, seed=0)
-    assert (gate.route(features) == labels).float().mean() > 0.95
-    metrics = heldout_accuracy(features, labels, config, epochs=60, lr=1e-2, folds=5, seed=0)
-    assert metrics["heldout_method"] == "stratified 5-fold cross-validation"
-    assert metrics["heldout_accuracy"] > 0.8
+
+    def targets_for(rows):
+        return as_targets(labels[rows], 2)
+
+    learnable = nested_cv(features, labels, targets_for, config, CANDIDATES[:4], folds=5, epochs=60, lr=1e-2, seed=0)
+    assert learnable["heldout_accuracy"] > 0.85 and learnable["heldout_auroc"] > 0.9
+    low, high = learnable["heldout_intervals"]["auroc"]
+    assert low <= learnable["heldout_auroc"] <= high
+    assert len(learnable["oof_adapter_probability"]) == 80
+    noise = torch.randint(0, 2, (80,), generator=generator)
+    random = nested_cv(features, noise, lambda rows: as_targets(noise[rows], 2), config, CANDIDATES[:4], folds=5,
+                       epochs=60, lr=1e-2, seed=0)
+    assert random["heldout_auroc"] < 0.7  # what it reports on rows it never saw is not what it fitted
 
 
-def test_stratified_folds_cover_everything_once():
-    labels = torch.tensor([0] * 10 + [1] * 4)
-    folds = stratified_folds(labels, 4, seed=0)
-    assert sorted(torch.cat(folds).tolist()) == list(range(14))
-    assert all(int(labels[f].sum()) == 1 for f in folds)  # every fold holds a positive
+def test_the_classifier_is_chosen_by_its_cross_validated_score():
+    """Labels by distance from the centre: no linear rule separates them, the nearest neighbours do."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(120, 4, generator=generator)
+    labels = (features.norm(dim=1) > 2.0).long()
+    candidates = (Candidate("logistic", {"C": 1.0}), Candidate("knn", {"neighbors": 5}))
+    chosen, scores = select(features, labels, lambda rows: as_targets(labels[rows], 2), GateConfig(input_dim=4),
+                            candidates, epochs=1, lr=1e-2, seed=0)
+    assert chosen.kind == "knn" and scores["knn neighbors=5"] < scores["logistic C=1"]
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES[::2], ids=lambda c: c.name)
+def test_every_kind_fits_soft_targets_and_round_trips(tmp_path, candidate):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 6, generator=generator)
+    rate = torch.sigmoid(3 * features[:, 0])  # a persona win rate that rises with the first feature
+    gate = fit(candidate, features, torch.stack([1 - rate, rate], 1), GateConfig(input_dim=6, hidden=16), epochs=80,
+               lr=1e-2, seed=0)
+    probability = gate.persona_probability(features)
+    assert float(torch.corrcoef(torch.stack([probability, rate]))[0, 1]) > 0.6
+    gate.save(tmp_path)
+    loaded = Gate.load(tmp_path)
+    assert loaded.config.kind == candidate.kind
+    torch.testing.assert_close(loaded.persona_probability(features), probability)
+
+
+def test_the_threshold_routes_the_rows_that_gain_and_base_when_none_does():
+    probabilities = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.2])
+    gains = torch.tensor([1.0, 0.5, -1.0, 1.5, -1.0])  # the best cut routes the top four: 2.0
+    chosen = threshold_for_gain(probabilities, gains)
+    assert chosen["threshold"] == pytest.approx(0.4) and chosen["oof_routed_share"] == pytest.approx(0.8)
+    assert chosen["oof_gain_per_query"] == pytest.approx(2.0 / 5)
+    tie = threshold_for_gain(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1.0, -1.0, 1.0]))
+    assert tie["threshold"] == pytest.approx(0.85)  # routing one or all three gains 1: the higher threshold
+    losing = threshold_for_gain(torch.tensor([0.9, 0.5]), torch.tensor([-1.0, -0.5]))
+    assert losing["threshold"] == 1.0 and losing["oof_routed_share"] == 0.0
 
 
 def test_gate_save_load_round_trip(tmp_path):

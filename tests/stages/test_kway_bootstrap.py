@@ -56,7 +56,7 @@ def test_kway_bootstrap_trains_one_adapter_per_kept_persona_and_a_gate_over_them
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "gate" / "config.json").is_file()
     gate = Gate.load(run / "kway" / "gate")
     assert gate.config.classes == expected
-    assert gate.net[-1].out_features == len(expected)
+    assert gate.class_probabilities(torch.zeros(1, gate.config.input_dim)).shape == (1, len(expected))
     for persona in expected[1:]:
         adapter = run / "kway" / "adapters" / persona
         assert json.loads((adapter / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2]

@@ -26,7 +26,7 @@ from prism.evaluation.judge import Judge, JudgePrompt
 from prism.evaluation.metrics import prism_cache_name
 from prism.inference.base import GenerationRequest, gate_prompt
 from prism.inference.transformers import PrismModel
-from prism.lm.batching import block0_features, length_sorted_batches
+from prism.lm.batching import gate_features, length_sorted_batches
 from prism.lm.decoding import SamplingParams
 from prism.runs import EVAL_DIR, RunDir
 from prism.stages import personas
@@ -88,7 +88,8 @@ class Evaluation:
     def best_personas(self, conversations: list[list[dict[str, str]]]) -> list[str | None]:
         """The k-way gate's most probable adapter for each conversation, whatever its threshold."""
         gate = self.model.gates["kway"]
-        features = block0_features(self.model.gate_lm, [gate_prompt(self.model.tokenizer, m) for m in conversations])
+        features = gate_features(self.model.gate_lm, [gate_prompt(self.model.tokenizer, m) for m in conversations],
+                                 gate.config.layer, gate.config.pool)
         return [gate.persona_of(c) for c in gate.best_adapter(features).tolist()]
 
     def source(self, bench: str) -> str | Path:

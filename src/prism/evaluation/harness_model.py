@@ -3,8 +3,8 @@
 Each request is presented to the run as `prism serve` presents a chat request: the harness's context is the
 user turn, rendered with the run's chat template (the persona in the system prompt for system=persona), and
 a continuation is scored as the start of the assistant's reply. The route is decided per request as in
-serving: `prism` asks the gate (block 0 of the rendered user turn), `base` and `lora` force the base model or
-the adapter, `persona` is the base model with the persona of the request's domain, chosen as `prism eval`
+serving: `prism` asks the gate (its layer's states over the rendered user turn), `base` and `lora` force the base
+model or the adapter, `persona` is the base model with the persona of the request's domain, chosen as `prism eval`
 chooses it. `loglikelihood_rolling` scores a document's own text (no template), in windows of the context.
 Requests are scored in batches that mix routes, through `GatedModel.score_tokens` and `generate_batch`.
 

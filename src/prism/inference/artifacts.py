@@ -4,6 +4,7 @@ to found and checked. PrismModel, LlamaCppModel and the Router are made from one
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,23 @@ def run_adapter_dirs(run_path: Path, gates: dict[str, Gate]) -> dict[str, Path]:
     check_adapter_for_gate(gates["binary"], bool(dirs))
     if "kway" in gates:
         dirs.update({adapter_key(p): checked_adapter_dir(run_path, p) for p in gate_personas(gates["kway"])})
+    check_adapters_above_gate(gates, dirs)
     return dirs
+
+
+def check_adapters_above_gate(gates: dict[str, Gate], adapters: dict[str, Path]) -> None:
+    """Every adapter leaves the blocks up to the gate's layer alone: the gate decides on their output during the
+    shared prefill, before any adapter runs."""
+    layer = next(iter(gates.values())).config.layer
+    for directory in adapters.values():
+        try:
+            layers = json.loads((directory / ADAPTER_CONFIG).read_text()).get("layers_to_transform")
+        except (OSError, ValueError) as exc:
+            raise PrismError(f"cannot read the adapter config in {directory}: {exc}") from None
+        if layers is None or min([layers] if isinstance(layers, int) else layers) <= layer:
+            raise PrismError(f"the adapter in {directory} changes decoder blocks at or below the gate's layer {layer} "
+                             f"(layers_to_transform: {layers}): the gate reads those blocks' output before any adapter "
+                             "runs, so it needs LoRA above them only; re-run the distill stage with this gate layer")
 
 
 def check_adapter_for_gate(gate: Gate, has_adapter: bool) -> None:

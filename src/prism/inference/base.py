@@ -159,8 +159,17 @@ class Gates:
     reloads: int = 0
 
     def _use_gates(self, gates: dict[str, Gate], routing: str | None = None) -> None:
+        features = {(g.config.layer, g.config.pool) for g in gates.values()}
+        if len(features) > 1:
+            raise PrismError(f"the run's gates read different features (layer, pool): {sorted(features)}; re-run the "
+                             "gate stage so that they share one")
         self.gates = gates
         self.routing = routing or ("kway" if "kway" in gates else "binary")
+
+    @property
+    def gate_layer(self) -> int:
+        """The decoder block the gates read: the prefill up to it is the same on every route."""
+        return self.gate.config.layer
 
     @property
     def gate(self) -> Gate:
@@ -203,6 +212,10 @@ class Gates:
 
     def _reloaded(self, run: FinishedRun, **extra: Any) -> ReloadResult:
         """Take `run`'s gates as this model's (the routing stays), and say what the reload read."""
+        layer = next(iter(run.gates.values())).config.layer
+        if layer != self.gate_layer:
+            raise PrismError(f"the reloaded run's gate reads decoder block {layer}, the loaded model's prefill was set "
+                             f"up for block {self.gate_layer}: restart to serve it")
         self.run = run
         self._use_gates(run.gates, self.routing)
         self.reloads += 1

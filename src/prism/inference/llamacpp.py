@@ -1,9 +1,9 @@
 """LlamaCppModel: a run on llama.cpp, generation on GGUF weights, routing still PRISM's.
 
-The gate reads block 0 computed in PyTorch (`Router`: tokenizer, embeddings and block 0 only). The reply
-then comes from one route of a `BatchedLlama` over the run's GGUF: base, or the persona route, which runs on
-the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token), else on the base
-GGUF's weights with the exported LoRA; a k-way run adds one route per persona adapter (its LoRA on the base
+The gate reads its blocks computed in PyTorch (`Router`: tokenizer, embeddings and blocks up to the gate's layer
+only). The reply then comes from one route of a `BatchedLlama` over the run's GGUF: base, or the persona route,
+which runs on the merged persona GGUF when `prism export gguf --merged` wrote one (no LoRA cost per token), else on
+the base GGUF's weights with the exported LoRA; a k-way run adds one route per persona adapter (its LoRA on the base
 weights). The base weights are loaded once; each route is a llama.cpp context of `max_num_seqs` sequences.
 
 Requests are decoded together, continuously: each joins its route's batch when a slot is free and leaves it

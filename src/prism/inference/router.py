@@ -1,5 +1,6 @@
-"""Route decisions: the gate on block 0 of the base model, for a batch of conversations. `Router` is the
-gate alone (tokenizer, embeddings and block 0 loaded, nothing else), for the sidecar and the llama.cpp backend."""
+"""Route decisions: the gate on the base model's blocks up to its layer, for a batch of conversations. `Router` is
+the gate alone (tokenizer, embeddings and blocks 0..gate layer loaded, nothing else), for the sidecar and the
+llama.cpp backend."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from prism.config import with_options
 from prism.inference.artifacts import FinishedRun
 from prism.inference.base import Gates, ReloadResult, RouteDecision, gate_decisions_on, gate_prompt
 from prism.inference.config import LoadConfig
-from prism.lm.batching import block0_features
+from prism.lm.batching import gate_features
 from prism.lm.gate import Gate
-from prism.lm.models import LoadedModel, load_block0
+from prism.lm.models import LoadedModel, load_first_blocks
 
 
 def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dict[str, str]]]) -> list[RouteDecision]:
-    """The gate's route for each conversation: embeddings and block 0 of `lm`, then the gate."""
+    """The gate's route for each conversation: embeddings and blocks 0..gate layer of `lm`, then the gate."""
     if gate.config.constant_route is not None:  # no features needed
         return gate_decisions_on(gate, torch.zeros(len(conversations), gate.config.input_dim))
     return prompt_decisions(lm, gate, [gate_prompt(lm.tokenizer, m) for m in conversations])
@@ -27,12 +28,13 @@ def gate_decisions(lm: LoadedModel, gate: Gate, conversations: Sequence[list[dic
 
 def prompt_decisions(lm: LoadedModel, gate: Gate, gate_prompts: list[str]) -> list[RouteDecision]:
     """The gate's route for each already-rendered gate prompt."""
-    return gate_decisions_on(gate, block0_features(lm, gate_prompts))
+    return gate_decisions_on(gate, gate_features(lm, gate_prompts, gate.config.layer, gate.config.pool))
 
 
 class Router(Gates):
     """The gate alone, in front of another server or of llama.cpp: the tokenizer, the embeddings and decoder
-    block 0 of the base model (the rest is never loaded) and the run's gates. Decides exactly as PrismModel does."""
+    blocks 0..gate layer of the base model (the rest is never loaded) and the run's gates. Decides exactly as
+    PrismModel does."""
 
     def __init__(self, lm: LoadedModel, run: FinishedRun):
         self.lm, self.run = lm, run
@@ -45,7 +47,8 @@ class Router(Gates):
         to load it."""
         config = with_options(LoadConfig, config, **options)
         run = run if isinstance(run, FinishedRun) else FinishedRun.open(run, config)
-        return cls(load_block0(run.model, device=config.device, trust_remote_code=config.trust_remote_code), run)
+        return cls(load_first_blocks(run.model, device=config.device, trust_remote_code=config.trust_remote_code,
+                               layer=run.gate.config.layer), run)
 
     @property
     def has_adapter(self) -> bool:

@@ -1,10 +1,10 @@
 """PrismModel: the base model, the run's LoRA adapter(s) and its gates behind one generate call (transformers).
 
-Routing costs one small MLP per request. Block 0 carries no LoRA, so its output is the same on every
-route: the prefill runs the embeddings and block 0 once, a hook on block 0 evaluates the gate on that
-hidden state, and blocks 1..N-1 then run each row with its route's adapter or none. Rows of different
-routes share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` = none);
-a batch of one route takes PEFT's plain path instead. A k-way run's adapters (one per persona) are named
+Routing costs one small classifier per request. The blocks up to the gate's layer (block 0 by default) carry no
+LoRA, so their output is the same on every route: the prefill runs them once, a hook on the gate's layer evaluates
+the gate on its pooled hidden states, and the blocks above then run each row with its route's adapter or none. Rows
+of different routes share one batch through PEFT's mixed-batch LoRA forward (per-row adapter names, `__base__` =
+none); a batch of one route takes PEFT's plain path instead. A k-way run's adapters (one per persona) are named
 adapters of the same PeftModel, beside the binary one. The adapter weights never move.
 
 Every forward pass (prefill, decode step, scoring pass) runs inside `_routed`: it holds the model's lock,
@@ -42,7 +42,7 @@ from prism.inference.base import (
 )
 from prism.inference.config import LoadConfig
 from prism.inference.router import gate_decisions
-from prism.lm.batching import block0_features, pad_batch
+from prism.lm.batching import gate_features, pad_batch, pool_mask, pool_states, template_prefix_ids
 from prism.lm.decoding import TextStream, sample_tokens
 from prism.lm.gate import Gate
 from prism.lm.models import (
@@ -83,8 +83,8 @@ class PrismModel(GatedModel):
                  run: FinishedRun | None = None, max_model_len: int | None = None,
                  gate_lm: LoadedModel | None = None):
         self.lm = lm
-        # the gate's float32 block 0: `lm` itself when it runs in float32 (then routing shares the prefill),
-        # else a float32 copy of its embeddings and block 0 (see gate_feature_model)
+        # the gate's float32 blocks: `lm` itself when it runs in float32 (then routing shares the prefill),
+        # else a float32 copy of its embeddings and blocks up to the gate's layer (see gate_feature_model)
         self.gate_lm = gate_lm or lm
         self.tokenizer = lm.tokenizer
         self.run = run
@@ -130,7 +130,7 @@ class PrismModel(GatedModel):
             else:
                 adapter.load_adapter(str(directory), adapter_name=key, autocast_adapter_dtype=False)
         return cls(lm, run.gate, adapter, run=run, max_model_len=config.max_model_len,
-                   gate_lm=gate_feature_model(lm, run.model, config.trust_remote_code))
+                   gate_lm=gate_feature_model(lm, run.model, config.trust_remote_code, run.gate.config.layer))
 
     @property
     def adapter_names(self) -> dict[str, str]:
@@ -147,8 +147,8 @@ class PrismModel(GatedModel):
 
     def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
                ) -> list[RouteDecision]:
-        """The gate's route for each conversation, without generating (embeddings and block 0 only)."""
-        with self._lock:  # a prefill's gate hook sits on the same block 0
+        """The gate's route for each conversation, without generating (embeddings and blocks up to the gate's)."""
+        with self._lock:  # a prefill's gate hook sits on the same block
             return gate_decisions(self.gate_lm, self.gate_for(routing), conversations)
 
     def reload(self) -> ReloadResult:
@@ -204,7 +204,7 @@ class PrismModel(GatedModel):
     @contextlib.contextmanager
     def _routed(self, rows: list[str | None]) -> Iterator[None]:
         """One forward pass with each row on its PEFT adapter (None: no adapter). The pass may change `rows` (the
-        gate decides on block 0's output, before the LoRA layers of blocks 1..N-1 run): the hooks read them
+        gate decides on its layer's output, before the LoRA layers above it run): the hooks read them
         when each layer runs. A batch of one route takes PEFT's plain paths, adapters off or one adapter on for
         every row; only a mixed batch pays for per-row names (gather and scatter in every LoRA layer)."""
 
@@ -318,17 +318,19 @@ class PrismModel(GatedModel):
         ids, mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
         positions = (mask.cumsum(1) - 1).clamp(min=0)
 
-        def gate_on_block0(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        def gate_on_its_layer(_module: torch.nn.Module, _inputs: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            # left padding puts every prompt's last token at the end
-            features = hidden[in_prefill, -1].float().cpu()
+            pooled = pool_mask([encoded[i] for i in in_prefill], hidden.shape[1], "left", self.gate.config.pool,
+                               template_prefix_ids(tokenizer))
+            features = pool_states(hidden[in_prefill], pooled)
             for i, decision in zip(in_prefill, self._gate_rows([requests[i] for i in in_prefill], features)):
                 decisions[i] = decision
                 rows[i] = adapters.row_name(decision)
-            self._set_routes(rows)  # before blocks 1..N-1 run
+            self._set_routes(rows)  # before the blocks above the gate's layer (the adapters') run
 
         with self._routed(rows):
-            handle = decoder_layers(lm.model)[0].register_forward_hook(gate_on_block0) if in_prefill else None
+            hook = decoder_layers(lm.model)[self.gate_layer].register_forward_hook
+            handle = hook(gate_on_its_layer) if in_prefill else None
             try:
                 out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                position_ids=positions.to(lm.device), use_cache=use_cache,
@@ -381,7 +383,7 @@ class PrismModel(GatedModel):
     def _early_decisions(self, requests: list[GenerationRequest], prompts: list[str]) -> list[RouteDecision | None]:
         """Routes known before the prefill: forced ones, a constant gate, and conversations whose prompt is
         not the gate's prompt (multi-turn or a custom system message), or every one when the model is not
-        float32: those get a float32 block-0-only pass over the gate prompt. None = decided by the gate
+        float32: those get a float32 pass over the gate prompt, up to the gate's layer. None = decided by the gate
         during this batch's own prefill."""
         decisions: list[RouteDecision | None] = []
         separate: dict[int, str] = {}  # row -> its gate prompt
@@ -397,8 +399,8 @@ class PrismModel(GatedModel):
                 if prompt != gate_prompt or self.gate_lm is not self.lm:  # includes any assistant prefix
                     separate[i] = gate_prompt
         if separate:
-            with self._lock:  # the gate's own block-0 pass: no prefill hook may fire on it
-                features = block0_features(self.gate_lm, list(separate.values()))
+            with self._lock:  # the gate's own pass: no prefill hook may fire on it
+                features = gate_features(self.gate_lm, list(separate.values()), self.gate_layer, self.gate.config.pool)
             for i, decision in zip(separate, self._gate_rows([requests[i] for i in separate], features)):
                 decisions[i] = decision
         return decisions

@@ -1,8 +1,10 @@
-"""The gate: a small MLP on the base model's hidden state after block 0 (last prompt token, no persona)
-that says per query whether the adapter should answer (binary), or which of base and k persona adapters
-should (k-way, `classes`): an adapter answers when P(not base) reaches the threshold, and then the most
-probable adapter. Its module, config and saved form live here,
-between the stage that trains it (prism.stages.gate) and the inference that applies it."""
+"""The gate: a small classifier on the base model's hidden state after decoder block `layer` (pooled over the
+prompt, no persona) that says per query whether the adapter should answer (binary), or which of base and k persona
+adapters should (k-way, `classes`): an adapter answers when P(not base) reaches the threshold, and then the most
+probable adapter. Its kind is one of a small family (L2 logistic regression, an MLP, k nearest neighbours on the
+standardized feature), chosen by cross-validation when it is trained. Its module, config and saved form
+(safetensors + config.json) live here, between the stage that trains it (prism.stages.gate) and the inference that
+applies it."""
 
 from __future__ import annotations
 
@@ -14,12 +16,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prism.config import GATE_CLASSIFIERS
 from prism.errors import PrismError
 from prism.runs import write_json_atomic
 
 GATE_WEIGHTS, GATE_CONFIG = "gate.safetensors", "config.json"  # a saved gate's files
-FEATURE = ("hidden state after decoder block 0 (hidden_states[1]) at the last token of the base chat prompt, "
-           "embeddings and block 0 computed in float32")
+KINDS = GATE_CLASSIFIERS[1:]  # "auto" is a choice among them
+
+
+def feature_description(layer: int, pool: str) -> str:
+    where = ("the last token" if pool == "last" else
+             "the mean over the tokens from the user turn on (the template's fixed prefix left out)")
+    return (f"hidden state after decoder block {layer} (hidden_states[{layer + 1}]) at {where} of the base chat "
+            f"prompt, embeddings and blocks 0..{layer} computed in float32")
+
+
+FEATURE = feature_description(0, "last")
 
 
 @dataclass
@@ -31,6 +43,15 @@ class GateConfig:
     constant_route: int | None = None  # set when the data held one class only: no MLP, a fixed class
     feature: str = FEATURE
     classes: list[str] | None = None  # k-way: "base", then each adapter's persona; None = binary (base, adapter)
+    layer: int = 0  # the feature: decoder block `layer`'s output ...
+    pool: str = "last"  # ... at the prompt's last token, or its mean from the user turn on ("mean")
+    kind: str = "mlp"  # one of KINDS
+    neighbors: int = 0  # knn: how many stored rows vote
+    memory: int = 0  # knn: how many training rows are stored
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PrismError(f"unknown gate kind {self.kind!r}: use one of {', '.join(KINDS)}")
 
     @property
     def num_classes(self) -> int:
@@ -41,18 +62,30 @@ class Gate(nn.Module):
     def __init__(self, config: GateConfig):
         super().__init__()
         self.config = config
-        # Block-0 states have a few huge dimensions; standardizing keeps them from swamping the MLP.
+        # Early blocks' states have a few huge dimensions; standardizing keeps them from swamping the classifier.
         self.register_buffer("mean", torch.zeros(config.input_dim))
         self.register_buffer("std", torch.ones(config.input_dim))
-        self.net = nn.Sequential(
-            nn.Linear(config.input_dim, config.hidden),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, config.num_classes),
-        )
+        if config.kind == "knn":  # the standardized training rows and their class probabilities
+            self.register_buffer("points", torch.zeros(config.memory, config.input_dim))
+            self.register_buffer("targets", torch.zeros(config.memory, config.num_classes))
+        elif config.kind == "logistic":
+            self.net = nn.Linear(config.input_dim, config.num_classes)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(config.input_dim, config.hidden),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.hidden, config.num_classes),
+            )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net((features - self.mean) / self.std)
+        """Logits: softmax gives each class's probability."""
+        standardized = (features - self.mean) / self.std
+        if self.config.kind != "knn":
+            return self.net(standardized)
+        k = min(self.config.neighbors, len(self.points))
+        nearest = torch.cdist(standardized, self.points).topk(k, dim=1, largest=False).indices
+        return torch.log(self.targets[nearest].mean(1).clamp(min=1e-6))
 
     @torch.no_grad()
     def class_probabilities(self, features: torch.Tensor) -> torch.Tensor:
@@ -77,6 +110,10 @@ class Gate(nn.Module):
         k-way: the most probable adapter, when P(an adapter) reaches the threshold)."""
         probability, routed = self._route(self.class_probabilities(features))
         return list(zip(probability.tolist(), routed.tolist()))
+
+    def decide_tensors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decide` as tensors: P(an adapter should answer) and the class routed to, per row."""
+        return self._route(self.class_probabilities(features))
 
     def persona_of(self, route_class: int) -> str | None:
         """The k-way persona of a class (None for base, and for the adapter of a binary gate)."""

@@ -169,9 +169,10 @@ def checkpoint_parameters(path: str) -> int | None:
     return total or None
 
 
-def load_block0(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote_code: bool = False) -> LoadedModel:
-    """The tokenizer, embeddings and decoder block 0 of a model, and nothing else: what the gate reads.
-    The config is cut to one layer before loading, so the other layers' weights are never read."""
+def load_first_blocks(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote_code: bool = False,
+                layer: int = 0) -> LoadedModel:
+    """The tokenizer, embeddings and decoder blocks 0..`layer` of a model, and nothing else: what the gate reads.
+    The config is cut to those layers before loading, so the other layers' weights are never read."""
     from transformers import AutoModel
 
     path, identity = resolve_model(name)
@@ -180,7 +181,9 @@ def load_block0(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         layers = config.num_hidden_layers
-        config.num_hidden_layers = 1
+        if not 0 <= layer < layers:
+            raise PrismError(f"the gate layer must be a decoder block of {name!r}, 0 to {layers - 1}; got {layer}")
+        config.num_hidden_layers = layer + 1
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists every skipped layer: skipping them is the point
         try:
@@ -198,13 +201,13 @@ def load_block0(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
 
 
-def gate_feature_model(lm: LoadedModel, name: str, trust_remote_code: bool = False) -> LoadedModel:
-    """What the gate's feature is computed on: embeddings and block 0 in float32, on every device and engine.
-    A float32 model serves itself; a model run in bf16 (on CUDA) gets a float32 copy of its embeddings and
-    block 0 beside it (a small share of its weights), so training and routing read the same numbers."""
+def gate_feature_model(lm: LoadedModel, name: str, trust_remote_code: bool = False, layer: int = 0) -> LoadedModel:
+    """What the gate's feature is computed on: embeddings and blocks 0..`layer` in float32, on every device and
+    engine. A float32 model serves itself; a model run in bf16 (on CUDA) gets a float32 copy of its embeddings and
+    those blocks beside it, so training and routing read the same numbers."""
     if next(lm.model.parameters()).dtype == torch.float32:
         return lm
-    return load_block0(name, device=str(lm.device), trust_remote_code=trust_remote_code)
+    return load_first_blocks(name, device=str(lm.device), trust_remote_code=trust_remote_code, layer=layer)
 
 
 def cache_argument(model: torch.nn.Module) -> str:

@@ -1,8 +1,8 @@
 """A routing sidecar in front of an OpenAI-compatible server that holds the base model and the adapter
 (vLLM with `--enable-lora --lora-modules NAME=RUN/adapter`).
 
-The sidecar loads only what the gate reads (tokenizer, embeddings, decoder block 0, the gate), decides
-each request's route, and forwards the request, streaming included, to the upstream server under the
+The sidecar loads only what the gate reads (tokenizer, embeddings, decoder blocks up to the gate's layer, the
+gate), decides each request's route, and forwards the request, streaming included, to the upstream server under the
 base or the adapter model name. Replies come back as the upstream wrote them, with the model name the
 client asked for, a `prism` object and an `x-prism-route` header, as `prism serve` does.
 """

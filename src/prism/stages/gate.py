@@ -1,6 +1,7 @@
-"""Stage 5: a small MLP on the base model's hidden state after block 0 (last prompt token, no persona)
-that decides per query: base model (0) or adapter (1), trained on each query's persona win rate shrunk toward its
-domain's (a soft target). Before it trains, a linear probe says how well that feature tells the run's domains
+"""Stage 5: a small classifier on the base model's hidden state after block `gate_layer` (pooled over the prompt, no
+persona) that decides per query: base model (0) or adapter (1), trained on each query's persona win rate shrunk
+toward its domain's (a soft target); its kind chosen and its threshold set by cross-validation
+(prism.stages.gate_selection). Before it trains, a linear probe says how well that feature tells the run's domains
 apart (no gate routes better than its input allows). A k-way run also trains one over base and each kept
 persona's adapter (RUN/kway/gate), on the same features."""
 
@@ -8,31 +9,23 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from prism.errors import PrismError
-from prism.lm.batching import block0_features
-from prism.lm.gate import GATE_CONFIG, Gate, GateConfig
+from prism.lm.batching import gate_features
+from prism.lm.gate import GATE_CONFIG, Gate, GateConfig, feature_description
 from prism.lm.models import chat_prompt, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE
 from prism.stages import negatives
 from prism.stages.context import StageContext
+from prism.stages.gate_selection import CANDIDATES, Targets, candidates_for, fit, nested_cv, select, threshold_for_gain
 from prism.stages.records import read_labels
 from prism.stages.verify import kway_classes, kway_label
 
 log = logging.getLogger("prism")
-SINGLE_SPLIT_MIN = 200  # below this many examples, held-out accuracy comes from k-fold
-
-
-def class_weights(labels: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
-    """w_c = N / (C N_c), so every route counts equally however rare the persona wins are; `labels` are classes, or
-    (N, C) class probabilities whose sums per class are the (soft) counts."""
-    counts = labels.sum(0) if labels.is_floating_point() else torch.bincount(labels, minlength=num_classes).float()
-    return len(labels) / (num_classes * counts.clamp(min=1))
 
 
 def as_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -43,31 +36,10 @@ def as_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
-               seed: int, minibatch: int = 32) -> Gate:
-    """The gate trained on `labels`: classes (long), or (N, C) class probabilities (the soft targets of win rates)."""
-    torch.manual_seed(seed)
-    gate = Gate(config)
-    gate.mean.copy_(features.mean(0))
-    gate.std.copy_(features.std(0).clamp(min=1e-4) if len(features) > 1 else torch.ones(features.shape[1]))
-    targets = as_targets(labels, config.num_classes)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(targets, config.num_classes))
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    gate.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(targets), generator=generator).split(minibatch):
-            optimizer.zero_grad()
-            loss_fn(gate(features[batch]), targets[batch]).backward()
-            optimizer.step()
-    return gate.eval()
-
-
-def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
-    """The test indices of each of k stratified folds (scikit-learn's StratifiedKFold, shuffled by `seed`)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [torch.tensor(sorted(test)) for _, test in splitter.split(labels.numpy().reshape(-1, 1), labels.numpy())]
+               seed: int) -> Gate:
+    """A gate of `config.kind` (default the MLP) trained on `labels`: classes (long), or (N, C) class probabilities."""
+    candidate = next(c for c in CANDIDATES if c.kind == config.kind)
+    return fit(candidate, features, as_targets(labels, config.num_classes), config, epochs=epochs, lr=lr, seed=seed)
 
 
 def shrunk_win_rates(rates: torch.Tensor, samples: torch.Tensor, domains: list[str], strength: float,
@@ -82,41 +54,6 @@ def shrunk_win_rates(rates: torch.Tensor, samples: torch.Tensor, domains: list[s
     means = {d: sum(v) / len(v) for d, v in totals.items()}
     prior = torch.tensor([means.get(d, float(rates[i])) for i, d in enumerate(domains)])
     return (samples * rates + strength * prior) / (samples + strength), means
-
-
-def heldout_accuracy(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
-                     folds: int, seed: int,
-                     targets_for: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Accuracy on examples the gate did not train on: one stratified 80/20 split on large data,
-    k-fold cross-validation on small data; with the balanced accuracy and each class's recall. `labels` are the
-    classes scored; `targets_for(train rows)` gives the training rows' targets (default: their labels), computed
-    from the training rows alone."""
-    minority = int(torch.bincount(labels, minlength=config.num_classes).min())
-    if minority < 2:
-        return {"heldout_accuracy": None, "heldout_method": "none (fewer than 2 examples of a class)"}
-    k = 5 if len(labels) >= SINGLE_SPLIT_MIN else min(folds, minority)
-    splits = stratified_folds(labels, k, seed)
-    evaluate = splits[:1] if len(labels) >= SINGLE_SPLIT_MIN else splits
-    correct = total = 0
-    balanced = []
-    hits, seen = torch.zeros(config.num_classes), torch.zeros(config.num_classes)
-    for test in evaluate:
-        train = torch.tensor(sorted(set(range(len(labels))) - set(test.tolist())))
-        targets = targets_for(train) if targets_for is not None else labels[train]
-        gate = train_gate(features[train], targets, config, epochs=epochs, lr=lr, seed=seed)
-        predicted = gate.route(features[test])
-        correct += int((predicted == labels[test]).sum())
-        total += len(test)
-        recalls = [float((predicted[labels[test] == c] == c).float().mean()) for c in range(config.num_classes)
-                   if (labels[test] == c).any()]
-        balanced.append(sum(recalls) / len(recalls))
-        hits += torch.bincount(labels[test][predicted == labels[test]], minlength=config.num_classes)
-        seen += torch.bincount(labels[test], minlength=config.num_classes)
-    method = "stratified 80/20 split" if len(evaluate) == 1 else f"stratified {k}-fold cross-validation"
-    names = config.classes or ["base", "persona"]
-    return {"heldout_accuracy": correct / total, "heldout_balanced_accuracy": sum(balanced) / len(balanced),
-            "heldout_recall": {name: float(h / n) for name, h, n in zip(names, hits, seen) if n},
-            "heldout_method": method}
 
 
 SEPARABILITY_FOLDS = 5
@@ -171,10 +108,15 @@ def separability_warning(separability: dict[str, Any] | None) -> str | None:
 
 
 def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Tensor, config: GateConfig,
-             directory: str, targets_for: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Train the gate on `labels` (or on the soft targets `targets_for(rows)` gives; held-out metrics first), save it
-    under RUN/`directory`, return its metrics. Data of one class gives a constant gate (no features needed)."""
+             directory: str, targets_for: Targets | None = None, gains: torch.Tensor | None = None) -> dict:
+    """Choose the gate's classifier by cross-validation on `labels` (fitted to the soft targets `targets_for(rows)`
+    gives, or to the labels), score that choice on rows it never saw, pick the threshold that maximises the
+    out-of-fold `gains` of the routed rows (binary; none given: 0.5), fit on every row and save it under
+    RUN/`directory`; return its metrics. Data of one class gives a constant gate (no features needed)."""
     cfg = ctx.config
+    if targets_for is None:
+        def targets_for(rows: torch.Tensor) -> torch.Tensor:
+            return as_targets(labels[rows], config.num_classes)
     counts = torch.bincount(labels, minlength=config.num_classes).tolist()
     majority = max(counts) / len(labels)
     if sum(c > 0 for c in counts) == 1:
@@ -186,14 +128,21 @@ def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Ten
         return {"kind": "constant", "constant_route": config.constant_route, "examples": len(labels),
                 "train_accuracy": 1.0, "heldout_accuracy": None, "majority_baseline": majority}
     assert features is not None
-    metrics = heldout_accuracy(features, labels, config, epochs=cfg.gate_epochs, lr=cfg.gate_lr,
-                               folds=cfg.gate_folds, seed=cfg.seed, targets_for=targets_for)
+    family = candidates_for(cfg.gate_classifier)
+    training = {"epochs": cfg.gate_epochs, "lr": cfg.gate_lr, "seed": cfg.seed}
+    metrics = nested_cv(features, labels, targets_for, config, family, folds=cfg.gate_folds, **training)
+    oof = metrics.pop("oof_adapter_probability", None)
     everything = torch.arange(len(labels))
-    gate = train_gate(features, targets_for(everything) if targets_for is not None else labels, config,
-                      epochs=cfg.gate_epochs, lr=cfg.gate_lr, seed=cfg.seed)
+    candidate, scores = select(features, labels, targets_for, config, family, **training)
+    threshold: dict[str, Any] = {"threshold": config.threshold, "chosen_by": "default"}
+    if gains is not None and oof is not None:
+        threshold = {**threshold_for_gain(oof, gains), "chosen_by": "out-of-fold expected gain"}
+    gate = fit(candidate, features, targets_for(everything), replace(config, threshold=threshold["threshold"]),
+               **training)
     gate.save(ctx.run.path / directory)
     train_accuracy = float((gate.route(features) == labels).float().mean())
-    return {"kind": "mlp", "examples": len(labels), "positives": len(labels) - counts[0],
+    return {"kind": candidate.kind, "classifier": {"chosen": candidate.name, "inner_cv_brier": scores},
+            "threshold": threshold, "examples": len(labels), "positives": len(labels) - counts[0],
             "train_accuracy": train_accuracy, "majority_baseline": majority, **metrics}
 
 
@@ -223,14 +172,16 @@ def run(ctx: StageContext) -> dict:
     if len(set(labelled)) > 1 or len(labels.unique()) > 1 or (kway_labels is not None
                                                                and len(kway_labels.unique()) > 1):
         prompts = [chat_prompt(ctx.model.tokenizer, q) for q in queries]
-        feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code)
-        features = block0_features(feature_model, prompts, cfg.batch_size)
+        feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code, cfg.gate_layer)
+        features = gate_features(feature_model, prompts, cfg.gate_layer, cfg.gate_pool, cfg.batch_size)
     if features is not None and len(set(labelled)) > 1:
         info["domain_separability"] = domain_separability(features[: len(records)], labelled, cfg.seed)
         warning = separability_warning(info["domain_separability"])
         if warning:
             log.warning(warning)
-    hidden = ctx.model.model.config.hidden_size
+    base_config = GateConfig(input_dim=ctx.model.model.config.hidden_size, hidden=cfg.gate_hidden,
+                             dropout=cfg.gate_dropout, layer=cfg.gate_layer, pool=cfg.gate_pool,
+                             feature=feature_description(cfg.gate_layer, cfg.gate_pool))
 
     def soft_targets(rows: torch.Tensor) -> torch.Tensor:
         shrunk, _ = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength, fit_rows=rows)
@@ -244,12 +195,12 @@ def run(ctx: StageContext) -> dict:
     if kept and (run_dir.path / GATE_DIR / GATE_CONFIG).is_file():
         info.update(kept)
     else:
-        info.update(fit_gate(ctx, features, labels, GateConfig(input_dim=hidden, hidden=cfg.gate_hidden,
-                                                               dropout=cfg.gate_dropout), GATE_DIR, soft_targets),
+        # routing a query to the adapter gains its wins and costs its losses: win rate (ties half) - loss rate
+        info.update(fit_gate(ctx, features, labels, base_config, GATE_DIR, soft_targets, gains=2 * rates - 1),
                     targets=targets_info)
     if kway is not None and kway_labels is not None:
         classes, merged = kway
-        config = GateConfig(input_dim=hidden, hidden=cfg.gate_hidden, dropout=cfg.gate_dropout, classes=classes)
+        config = replace(base_config, classes=classes)
         info["kway"] = {"classes": classes, "merged_into_base": merged, "min_wins": cfg.kway_min_wins,
                         "class_counts": torch.bincount(kway_labels, minlength=len(classes)).tolist(),
                         **fit_gate(ctx, features, kway_labels, config, KWAY_GATE)}

@@ -39,8 +39,9 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
     summary["verify"] = verify.judge_quality(judgments, labels, manifest.get("config", {}))
     gate_info = stages.get("gate", {})
     summary["gate"] = {k: gate_info.get(k) for k in (
-        "kind", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_method", "train_accuracy",
-        "majority_baseline", "examples", "positives", "constant_route", "targets") if k in gate_info}
+        "kind", "classifier", "heldout_accuracy", "heldout_balanced_accuracy", "heldout_auroc", "heldout_intervals",
+        "heldout_recall", "heldout_method", "threshold", "train_accuracy", "majority_baseline", "examples",
+        "positives", "constant_route", "targets") if k in gate_info}
     summary["domain_separability"] = gate_info.get("domain_separability")
     summary["labels"] = label_summary(labels, stages.get("verify", {}))
     distill_info = stages.get("distill", {})
@@ -53,9 +54,10 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
         summary["kway"] = {
             "classes": kway_gate["classes"], "merged_into_base": kway_gate["merged_into_base"],
             "min_wins": kway_gate["min_wins"], "class_counts": kway_gate["class_counts"],
-            "gate": {k: kway_gate.get(k) for k in ("kind", "heldout_accuracy", "heldout_balanced_accuracy",
-                                                   "heldout_recall", "heldout_method", "train_accuracy",
-                                                   "majority_baseline", "constant_route") if k in kway_gate},
+            "gate": {k: kway_gate.get(k) for k in ("kind", "classifier", "heldout_accuracy",
+                                                   "heldout_balanced_accuracy", "heldout_auroc", "heldout_recall",
+                                                   "heldout_method", "train_accuracy", "majority_baseline",
+                                                   "constant_route") if k in kway_gate},
             "adapters": {name: {k: a.get(k) for k in ("examples", "steps", "loss_first", "loss_last", "persona_signal")}
                          for name, a in adapters.items()},
         }
@@ -100,10 +102,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         target = "the adapter" if gate["constant_route"] else "the base model"
         lines.append(f"gate     constant: every query goes to {target}")
     elif gate:
-        held = gate.get("heldout_accuracy")
-        held_text = "n/a" if held is None else f"{held:.3f} ({gate.get('heldout_method')})"
-        lines.append(f"gate     held-out accuracy {held_text}, train {gate['train_accuracy']:.3f}, "
-                     f"majority-class baseline {gate['majority_baseline']:.3f}")
+        lines.extend(format_gate(gate))
     adapter = summary.get("adapter") or {}
     if adapter:
         lines.append(f"adapter  {adapter['trainable_params']:,} trainable parameters "
@@ -123,6 +122,32 @@ def format_summary(summary: dict[str, Any]) -> str:
         if warning:
             lines.append(warning)  # the last lines a bootstrap prints
     return "\n".join(lines)
+
+
+def _with_interval(gate: dict[str, Any], key: str) -> str:
+    value = gate.get(f"heldout_{key}")
+    if value is None:
+        return "n/a"
+    interval = (gate.get("heldout_intervals") or {}).get(key)
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def format_gate(gate: dict[str, Any]) -> list[str]:
+    """The gate's lines: its classifier, its scores on rows it never saw beside the majority baseline, its
+    threshold and what routing with it gained out of fold."""
+    chosen = (gate.get("classifier") or {}).get("chosen") or gate.get("kind")
+    lines = [f"gate     {chosen}: held-out accuracy {_with_interval(gate, 'accuracy')}, balanced "
+             f"{_with_interval(gate, 'balanced_accuracy')}, AUROC {_with_interval(gate, 'auroc')}; majority-class "
+             f"baseline {gate['majority_baseline']:.3f}, train {gate['train_accuracy']:.3f}"]
+    if gate.get("heldout_method"):
+        lines.append(f"         ({gate['heldout_method']})")
+    threshold = gate.get("threshold")
+    if isinstance(threshold, dict) and "oof_gain_per_query" in threshold:
+        lines.append(f"         threshold {threshold['threshold']:.3f} ({threshold['chosen_by']}): routes "
+                     f"{100 * threshold['oof_routed_share']:.0f}% to the adapter, gain per query (win rate - loss "
+                     f"rate) {threshold['oof_gain_per_query']:+.3f} against {threshold['oof_gain_all_adapter']:+.3f} "
+                     "with every query on the adapter and 0 with none")
+    return lines
 
 
 def format_kway(kway: dict[str, Any] | None) -> list[str]:
