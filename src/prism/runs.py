@@ -190,6 +190,7 @@ def set_aside(root: Path, names: Iterable[str]) -> Path | None:
         folder = root / f"replaced-{stamp}-{count}"
     folder.mkdir()
     for name in present:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)  # a nested name (kway/gate) keeps its path
         (root / name).rename(folder / name)
     return folder
 

@@ -71,7 +71,9 @@ def test_bootstrap_end_to_end_writes_every_artifact(tiny_config, tmp_path, monke
     assert summary["distill"]["persona_signal"] > 1e-3  # the teacher saw the persona
     assert summary["verify"]["pairs"] == counts["queries"] and summary["verify"]["distill_calibrated_rule"] >= 2
     assert summary["adapter"]["trainable_params"] > 0
-    assert summary["gate"]["kind"] == "mlp" and summary["gate"]["heldout_accuracy"] is not None
+    gate = summary["gate"]
+    assert gate["kind"] in ("logistic", "mlp", "knn") and gate["kind"] == gate["classifier"]["chosen"].split()[0]
+    assert gate["heldout_accuracy"] is not None and 0 <= gate["threshold"]["threshold"] <= 1
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2]
@@ -175,6 +177,28 @@ def test_config_mismatch_is_refused_then_force_moves_the_old_run_aside(tiny_conf
     assert RunDir(run).manifest()["config"]["queries_per_persona"] == 3
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and (aside[0] / "answers.jsonl").is_file()
+
+
+def test_other_gate_settings_keep_the_labels_and_train_the_gate_again(tiny_config, tmp_path, monkeypatch):
+    """Another pooling or classifier: only the gate stage runs again; another gate layer: the adapter too, on the
+    blocks above the new layer. The answers and labels are the run's own, and the old outputs are set aside."""
+    plant_a_judge_that_prefers_some_persona_answers(monkeypatch)
+    run = tmp_path / "run"
+    bootstrap(tiny_config(gate_pool="last", gate_classifier="mlp"), run)
+    kept = {name: (run / name).stat().st_mtime_ns for name in ("answers.jsonl", "labels.jsonl")}
+    adapter = (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    summary = bootstrap(tiny_config(gate_pool="mean", gate_classifier="logistic"), run)
+    assert json.loads((run / "gate" / "config.json").read_text())["pool"] == "mean"
+    assert summary["gate"]["kind"] == "logistic"
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
+    assert [p.name for p in run.glob("replaced-*/gate")] == ["gate"]
+
+    bootstrap(tiny_config(gate_pool="mean", gate_classifier="logistic", gate_layer=1), run)
+    assert json.loads((run / "gate" / "config.json").read_text())["layer"] == 1
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [2]
+    assert {name: (run / name).stat().st_mtime_ns for name in kept} == kept
+    assert len(list(run.glob("replaced-*/adapter"))) == 1
 
 
 def test_inspect_json_has_the_documented_keys(tiny_config, tmp_path, capsys):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prism.config import JUDGE_FIELDS, ROUTING_FIELDS, BootstrapConfig, with_new_defaults
+from prism.config import GATE_FIELDS, JUDGE_FIELDS, ROUTING_FIELDS, BootstrapConfig, with_new_defaults
 from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
@@ -23,12 +23,15 @@ from prism.lm.gate import GATE_CONFIG
 from prism.lm.models import LoadedModel, load_model
 from prism.runs import (
     ADAPTER_DIR,
+    EVAL_DIR,
+    EXPORT_DIR,
     FILES,
     FINISHED,
     GATE_DIR,
     JUDGED_OUTPUTS,
     KWAY_ADAPTERS,
     KWAY_DIR,
+    KWAY_GATE,
     STAGES,
     RunDir,
     adapter_dir,
@@ -85,6 +88,9 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
                    if old_identity.get(k) != config.identity().get(k)}
         if changed <= ROUTING_FIELDS and not force:
             change_routing(run, old, config)
+            return
+        if changed <= GATE_FIELDS and not force:
+            change_gate(run, old, config, sorted(changed))
             return
         if changed <= ROUTING_FIELDS | JUDGE_FIELDS and not force:
             change_judge(run, old, config, sorted(changed & JUDGE_FIELDS))
@@ -144,6 +150,29 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
     log.warning("%s: routing %s -> %s: the personas, queries, answers and verdicts are kept%s", run.path,
                 routing(old), routing(config.to_dict()),
                 "; the gate and distill stages run again for the k-way part" if config.routing == "kway" else "")
+
+
+def change_gate(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig, changed: list[str]) -> None:
+    """A run asked for with other gate settings: its personas, queries, answers and labels are kept; its gates and
+    eval records are set aside in RUN/replaced-<time>/ and the gate stage runs again; with another gate layer the
+    adapters (and their exports) too, since they train only on the blocks above it."""
+    old = with_new_defaults(manifest["config"])
+    names, stages = [GATE_DIR, EVAL_DIR], ["gate"]
+    if "gate_layer" in changed:
+        names += [ADAPTER_DIR, KWAY_DIR, EXPORT_DIR, FILES["distill_log"],
+                  *(p.name for p in run.path.glob(f"{distill.CHECKPOINT}*"))]
+        stages.append("distill")
+    elif (run.path / KWAY_GATE).exists():
+        names.append(KWAY_GATE)
+    aside = set_aside(run.path, names)
+    for stage in stages:
+        manifest["stages"][stage] = {"status": "pending"}
+    manifest["config"] = config.to_dict()
+    manifest["config_fingerprint"] = config.fingerprint()
+    run.save_manifest(manifest)
+    changes = "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+    log.warning("%s: %s: everything up to the labels is kept; %s run again%s", run.path, changes,
+                " and ".join(stages), f" (the old outputs are in {aside})" if aside else "")
 
 
 def changed_verifiers(manifest: dict[str, Any], config: BootstrapConfig) -> list[str]:
