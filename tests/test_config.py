@@ -119,3 +119,14 @@ def test_a_config_file_maps_domains_to_personas_and_example_queries(tmp_path):
         resolve_config(load_config_file(path))
     with pytest.raises(PrismError, match="examples name domains the run does not have: cooking"):
         resolve_config(domains=["geography"], domain_examples={"cooking": ["How do I boil an egg?"]})
+
+
+def test_the_gate_layer_defaults_to_a_fifteenth_of_the_depth_and_is_checked():
+    config = resolve_config(domains=["facts"])
+    assert config.gate_layer is None and config.gate_pool == "mean" and config.gate_classifier == "auto"
+    assert [config.gate_layer_of(n) for n in (3, 24, 30, 80)] == [0, 2, 2, 5]
+    assert resolve_config(domains=["facts"], gate_layer=7).gate_layer_of(30) == 7
+    with pytest.raises(PrismError, match="gate_layer is a decoder block, 0 or more; got -1"):
+        resolve_config(domains=["facts"], gate_layer=-1)
+    with pytest.raises(PrismError, match="gate_pool"):
+        resolve_config(domains=["facts"], gate_pool="max")

@@ -12,7 +12,7 @@ from helpers import epoch_mean_losses
 from prism.inference.llamacpp import LlamaCppModel
 from prism.inference.transformers import PrismModel
 from prism.lm import llama
-from prism.lm.batching import block0_features
+from prism.lm.batching import gate_features
 from prism.lm.gate import Gate
 from prism.lm.models import chat_prompt, encode, load_model
 from prism.runs import STAGES, RunDir
@@ -38,7 +38,7 @@ def test_tiny_preset_on_the_embedded_model(tmp_path):
     gate = Gate.load(run / "gate")
     record = next(r for r in RunDir(run).read("labels") if r["label"] == 1)
     prompt = chat_prompt(lm.tokenizer, record["query"])
-    probability = gate.persona_probability(block0_features(lm, [prompt]))
+    probability = gate.persona_probability(gate_features(lm, [prompt], gate.config.layer, gate.config.pool))
     assert probability.shape == (1,) and 0.0 <= float(probability[0]) <= 1.0
 
     ids = torch.tensor([encode(lm.tokenizer, prompt)])

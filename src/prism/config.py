@@ -75,6 +75,7 @@ DEFAULT_SEED = 0
 LOCAL_ENGINE = "transformers"  # the model in this process, on PyTorch
 ROUTINGS = ("binary", "kway")
 GATE_POOLS = ("last", "mean")  # the gate feature's pooling over the prompt's tokens
+GATE_DEPTH_SHARE_INVERSE = 15  # the default gate block: 1/15 of the depth (2 of 30: measured, docs/results.md)
 GATE_CLASSIFIERS = ("auto", "logistic", "mlp", "knn")
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
@@ -88,8 +89,6 @@ JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_cal
 # them and keep everything up to its labels.
 GATE_FIELDS = {"gate_layer", "gate_pool", "gate_classifier", "gate_hidden", "gate_dropout", "gate_lr", "gate_epochs",
                "gate_folds", "gate_prior_strength"}
-# What a run recorded before a field existed meant: its gate read the last token with the MLP.
-OLD_RUN_DEFAULTS = {"gate_pool": "last", "gate_classifier": "mlp"}
 # Fields that matter to a run only under one setting of another field: outside it they are not its identity.
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
@@ -189,9 +188,10 @@ class BootstrapConfig:
     kway_min_wins: int = option("k-way: a persona needs this many both-order wins for its own adapter; a domain "
                                 "with fewer routes to base", default=4)
 
-    gate_layer: int = option(
+    gate_layer: int | None = option(
         "the decoder block whose hidden states the gate reads; the adapter trains only on the blocks above it, so "
-        "the prefill up to it is shared by both routes", default=0)
+        "the prefill up to it is shared by both routes (default: the block at 1/15 of the depth, block 2 of the "
+        "embedded 30-block model: the best of blocks 0-8 measured on its known-answer runs)", default=None)
     gate_pool: str = option("the gate's pooling of that block's states: 'mean' over the prompt from the user turn "
                             "on, or the 'last' prompt token (the paper's)", choices=GATE_POOLS, default="mean")
     gate_classifier: str = option(
@@ -275,6 +275,11 @@ class BootstrapConfig:
                              "(the model name that server serves: the same weights as --model)")
         if self.routing not in ROUTINGS:
             raise PrismError(f"unknown routing {self.routing!r}: choose one of {', '.join(ROUTINGS)}")
+        if self.gate_pool not in GATE_POOLS:
+            raise PrismError(f"unknown gate_pool {self.gate_pool!r}: choose one of {', '.join(GATE_POOLS)}")
+        if self.gate_classifier not in GATE_CLASSIFIERS:
+            raise PrismError(f"unknown gate_classifier {self.gate_classifier!r}: choose one of "
+                             f"{', '.join(GATE_CLASSIFIERS)}")
         slugs = [persona_slug(d) for d in self.domains]
         if self.routing == "kway" and len(set(slugs)) != len(slugs):
             raise PrismError(f"--routing kway names each adapter after its domain, and {self.domains} give the same "
@@ -287,6 +292,9 @@ class BootstrapConfig:
         if not 0.0 < self.distill_min_win_rate <= 1.0:
             raise PrismError(f"distill_min_win_rate is a share of wins: pass a value in (0, 1], got "
                              f"{self.distill_min_win_rate}")
+        if self.gate_layer is not None and self.gate_layer < 0:
+            raise PrismError(f"gate_layer is a decoder block, 0 or more; got {self.gate_layer} (omit it for the "
+                             "default, the block at 1/15 of the model's depth)")
         if self.gate_prior_strength < 0:
             raise PrismError(f"gate_prior_strength must not be negative, got {self.gate_prior_strength}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",
@@ -364,6 +372,10 @@ class BootstrapConfig:
         return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS
                 and (k not in CONDITIONAL_FIELDS or values[CONDITIONAL_FIELDS[k][0]] == CONDITIONAL_FIELDS[k][1])}
 
+    def gate_layer_of(self, num_layers: int) -> int:
+        """The gate's block in a model of `num_layers` blocks: `gate_layer`, or the block at 1/15 of the depth."""
+        return self.gate_layer if self.gate_layer is not None else round(num_layers / GATE_DEPTH_SHARE_INVERSE)
+
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -398,10 +410,10 @@ def with_options(config_class: type[Config], config: Config | None = None, **opt
 
 def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A config a run recorded, with the defaults of fields added since (a run made before `routing` existed
-    is a binary run, and resumes as one), or what the run did before the field existed (OLD_RUN_DEFAULTS)."""
+    is a binary run, and resumes as one). A gate trained before gate_layer and gate_pool existed says what it reads
+    in its own config.json (block 0, last token); the run resumes as it is."""
     defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(BootstrapConfig)}
-    defaults.update(OLD_RUN_DEFAULTS)
     return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 

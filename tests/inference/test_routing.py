@@ -323,3 +323,32 @@ def test_a_stream_left_open_blocks_no_one_and_leaves_no_hook_behind(tiny_run):
         if event.completion is not None:
             texts[event.index] = event.completion.text
     assert texts == {0: alone[0].text, 1: alone[1].text}
+
+
+def test_a_run_made_before_gate_layers_and_pooling_routes_as_before(tiny_run, tmp_path):
+    """A gate saved before `layer`, `pool` and `kind` existed (block 0, last token, the MLP) and a manifest without
+    the gate_* fields: the run loads and routes on the block-0 last-token feature, on both paths."""
+    import shutil
+
+    from prism.inference.router import Router
+    from prism.lm.batching import block0_features
+    from prism.lm.gate import Gate
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    config = json.loads((run / "gate" / "config.json").read_text())
+    old = {k: v for k, v in config.items() if k not in ("layer", "pool", "kind", "neighbors", "memory")}
+    (run / "gate" / "config.json").write_text(json.dumps(old))
+    manifest = RunDir(run).manifest()
+    manifest["config"] = {k: v for k, v in manifest["config"].items() if not k.startswith("gate_")}
+    RunDir(run).save_manifest(manifest)
+
+    gate = Gate.load(run / "gate")
+    assert (gate.config.layer, gate.config.pool, gate.config.kind) == (0, "last", "mlp")
+    model = PrismModel.from_run(run, device="cpu")
+    queries = PERSONA_QUERIES + BASE_QUERIES
+    expected = gate.persona_probability(block0_features(model.lm, [chat_prompt(model.tokenizer, q) for q in queries]))
+    served = [model.generate(q, max_tokens=1) for q in queries]
+    assert [c.gate_probability for c in served] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [c.route for c in served] == ["persona"] * len(PERSONA_QUERIES) + ["base"] * len(BASE_QUERIES)
+    routed = Router.from_run(run, device="cpu").decide([user(q) for q in queries])
+    assert [d.gate_probability for d in routed] == pytest.approx(expected.tolist(), abs=1e-5)

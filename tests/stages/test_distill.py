@@ -3,7 +3,8 @@ import torch
 from peft import get_peft_model
 
 from prism.config import resolve_config
-from prism.lm.batching import block0_features
+from prism.errors import PrismError
+from prism.lm.batching import gate_features
 from prism.lm.models import chat_prompt, decoder_layers, layers_pattern, supports_system_role
 from prism.stages.distill import (
     Example,
@@ -84,29 +85,38 @@ def test_step0_loss_is_zero_without_the_persona_and_positive_with_it(tiny_lm):
     assert signals["persona"] > 1e-3
 
 
-def test_no_lora_in_block0_and_block0_output_identical_with_adapter_on_and_off(tiny_lm):
-    config = resolve_config(model="x")
+@pytest.mark.parametrize("gate_layer", [0, 1])
+def test_no_lora_up_to_the_gate_layer_and_its_output_identical_with_adapter_on_and_off(tiny_lm, gate_layer):
+    """With gate_layer L the adapter has no LoRA weight in blocks 0..L, so a routed request's prefill through L is
+    base's: the gate's feature (both poolings) is the same vector with the adapter on and off."""
+    config = resolve_config(model="x", gate_layer=gate_layer)
     model = get_peft_model(tiny_lm.model, lora_config(config, len(decoder_layers(tiny_lm.model)),
                                                      layers_pattern(tiny_lm.model)))
     lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
-    assert lora_names and not any(".layers.0." in n for n in lora_names)
-    assert {n.split(".layers.")[1].split(".")[0] for n in lora_names} == {"1", "2"}
+    blocks = {int(n.split(".layers.")[1].split(".")[0]) for n in lora_names}
+    assert lora_names and blocks == set(range(gate_layer + 1, 3))
     with torch.no_grad():  # make the adapter non-trivial so "identical" means something
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_()
     tiny_lm.model = model
     prompts = [chat_prompt(tiny_lm.tokenizer, q) for q, _ in DATA]
-    with_adapter = block0_features(tiny_lm, prompts)
-    with model.disable_adapter():
-        without_adapter = block0_features(tiny_lm, prompts)
-    assert torch.equal(with_adapter, without_adapter)
+    for pool in ("last", "mean"):
+        with_adapter = gate_features(tiny_lm, prompts, gate_layer, pool)
+        with model.disable_adapter():
+            without_adapter = gate_features(tiny_lm, prompts, gate_layer, pool)
+        assert torch.equal(with_adapter, without_adapter)
     ids = torch.tensor([tiny_lm.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         on = model(input_ids=ids).logits
         with model.disable_adapter():
             off = model(input_ids=ids).logits
     assert not torch.allclose(on, off)  # ... while the full model does change
+
+
+def test_a_gate_layer_with_no_block_above_it_is_one_clear_error(tiny_lm):
+    with pytest.raises(PrismError, match="gate_layer 2 leaves no block above it for the adapter: this model has 3"):
+        lora_config(resolve_config(model="x", gate_layer=2), 3, "layers")
 
 
 # ChatML whose template refuses a system turn, as Gemma's and Mistral's early templates do.

@@ -116,3 +116,32 @@ def test_gate_save_load_round_trip(tmp_path):
 def test_constant_gate_routes_everything_one_way(tmp_path):
     Gate(GateConfig(input_dim=4, constant_route=0)).save(tmp_path)
     assert Gate.load(tmp_path).route(torch.randn(5, 4)).tolist() == [0] * 5
+
+
+def test_the_shipped_threshold_is_chosen_on_out_of_fold_probabilities(tmp_path):
+    """The saved gate's threshold is the gain-maximising cut of the outer folds' probabilities, never of the
+    shipped gate's own probabilities on the rows it was fitted to (a kNN gate counts each row's own vote there)."""
+    from types import SimpleNamespace
+
+    from prism.config import resolve_config
+    from prism.stages.gate import fit_gate
+
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(60, 8, generator=generator)
+    labels = (features[:, 0] + torch.randn(60, generator=generator) > 0).long()
+    gains = torch.where(labels == 1, 1.0, -1.0) * torch.rand(60, generator=generator)
+    config = resolve_config(model="x", gate_classifier="knn", gate_folds=5, seed=0)
+    ctx = SimpleNamespace(config=config, run=SimpleNamespace(path=tmp_path))
+    info = fit_gate(ctx, features, labels, GateConfig(input_dim=8), "gate", gains=gains)
+
+    def targets_for(rows):
+        return as_targets(labels[rows], 2)
+
+    scored = nested_cv(features, labels, targets_for, GateConfig(input_dim=8), CANDIDATES[3:5], folds=5,
+                       epochs=config.gate_epochs, lr=config.gate_lr, seed=0)
+    expected = threshold_for_gain(scored["oof_adapter_probability"], gains)["threshold"]
+    shipped = Gate.load(tmp_path / "gate")
+    assert info["threshold"]["threshold"] == pytest.approx(expected)
+    assert shipped.config.threshold == pytest.approx(expected)
+    in_sample = threshold_for_gain(shipped.persona_probability(features), gains)["threshold"]
+    assert in_sample != pytest.approx(expected)

@@ -143,13 +143,14 @@ def persona_signal(model: torch.nn.Module, examples: list[Example], targets: lis
 def lora_config(cfg: BootstrapConfig, num_layers: int, pattern: str) -> LoraConfig:
     """LoRA on the blocks above the gate's layer only: up to it both routes compute the same states, so the gate
     decides on them during the shared prefill."""
-    if cfg.gate_layer >= num_layers - 1:
-        raise PrismError(f"gate_layer {cfg.gate_layer} leaves no block above it for the adapter: this model has "
+    gate_layer = cfg.gate_layer_of(num_layers)
+    if not 0 <= gate_layer < num_layers - 1:
+        raise PrismError(f"gate_layer {gate_layer} leaves no block above it for the adapter: this model has "
                          f"{num_layers} blocks, so pass a gate layer from 0 to {num_layers - 2}")
     return LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules),
-        layers_to_transform=list(range(cfg.gate_layer + 1, num_layers)), layers_pattern=pattern,
+        layers_to_transform=list(range(gate_layer + 1, num_layers)), layers_pattern=pattern,
         task_type="CAUSAL_LM",
     )
 

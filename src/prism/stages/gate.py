@@ -17,7 +17,7 @@ import torch
 from prism.errors import PrismError
 from prism.lm.batching import gate_features
 from prism.lm.gate import GATE_CONFIG, Gate, GateConfig, feature_description
-from prism.lm.models import chat_prompt, gate_feature_model
+from prism.lm.models import chat_prompt, decoder_layers, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE
 from prism.stages import negatives
 from prism.stages.context import StageContext
@@ -168,26 +168,28 @@ def run(ctx: StageContext) -> dict:
     labels = (rates > 0.5).long()
     kway = kway_classes(records, cfg.kway_min_wins) if cfg.routing == "kway" else None
     kway_labels = torch.tensor([kway_label(r, kway[0]) for r in records] + [0] * len(extra)) if kway else None
+    layer = cfg.gate_layer_of(len(decoder_layers(ctx.model.model)))
+    info["layer"], info["pool"] = layer, cfg.gate_pool
     features = None
     if len(set(labelled)) > 1 or len(labels.unique()) > 1 or (kway_labels is not None
                                                                and len(kway_labels.unique()) > 1):
         prompts = [chat_prompt(ctx.model.tokenizer, q) for q in queries]
-        feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code, cfg.gate_layer)
-        features = gate_features(feature_model, prompts, cfg.gate_layer, cfg.gate_pool, cfg.batch_size)
+        feature_model = gate_feature_model(ctx.model, cfg.model, cfg.trust_remote_code, layer)
+        features = gate_features(feature_model, prompts, layer, cfg.gate_pool, cfg.batch_size)
     if features is not None and len(set(labelled)) > 1:
         info["domain_separability"] = domain_separability(features[: len(records)], labelled, cfg.seed)
         warning = separability_warning(info["domain_separability"])
         if warning:
             log.warning(warning)
     base_config = GateConfig(input_dim=ctx.model.model.config.hidden_size, hidden=cfg.gate_hidden,
-                             dropout=cfg.gate_dropout, layer=cfg.gate_layer, pool=cfg.gate_pool,
-                             feature=feature_description(cfg.gate_layer, cfg.gate_pool))
+                             dropout=cfg.gate_dropout, layer=layer, pool=cfg.gate_pool,
+                             feature=feature_description(layer, cfg.gate_pool))
 
     def soft_targets(rows: torch.Tensor) -> torch.Tensor:
         shrunk, _ = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength, fit_rows=rows)
         return torch.stack([1 - shrunk[rows], shrunk[rows]], dim=1)
 
-    _, domain_rates = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength)
+    shrunk, domain_rates = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength)
     targets_info = {"kind": "persona win rate shrunk toward its domain's", "prior_strength": cfg.gate_prior_strength,
                     "label_samples": int(samples.max()), "domain_win_rates": domain_rates}
     # a binary run turned k-way keeps its binary gate (and a threshold calibrated for it)
@@ -195,8 +197,9 @@ def run(ctx: StageContext) -> dict:
     if kept and (run_dir.path / GATE_DIR / GATE_CONFIG).is_file():
         info.update(kept)
     else:
-        # routing a query to the adapter gains its wins and costs its losses: win rate (ties half) - loss rate
-        info.update(fit_gate(ctx, features, labels, base_config, GATE_DIR, soft_targets, gains=2 * rates - 1),
+        # routing a query to the adapter gains its wins and costs its losses: win rate (ties half) - loss rate, from
+        # the rate shrunk toward its domain's (a tie in a domain the persona loses is no free pass to the adapter)
+        info.update(fit_gate(ctx, features, labels, base_config, GATE_DIR, soft_targets, gains=2 * shrunk - 1),
                     targets=targets_info)
     if kway is not None and kway_labels is not None:
         classes, merged = kway
