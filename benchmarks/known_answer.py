@@ -8,9 +8,16 @@ method with the verifier judge (queries, answers, verify, gate, distill), then a
 domain with base, persona, lora and prism and scores them by the same verifiers. If PRISM works, lora beats
 base on the helped domains and the gate sends little of the control domain to the adapter.
 
-    .venv/bin/python benchmarks/known_answer.py [--quick] [--out runs/known-answer] [--json FILE]
+    .venv/bin/python benchmarks/known_answer.py [--quick] [--real] [--out runs/known-answer] [--json FILE]
         [--routing binary|kway] [--queries N] [--heldout N] [--answer-tokens N] [--epochs N] [--seed S]
         [--examples] [--label-samples K]
+
+With --real the domains are made of real prompts from the shipped benchmark files instead of generated ones:
+ARC questions asked as open questions (the terse persona helps by max-words:25) and MT-Bench's writing, roleplay
+and humanities prompts (it hurts by min-words:80); the bootstrap's queries and the held-out ones are disjoint.
+Every table has an `oracle` row (each domain on the better of base and lora), and the headline says PRISM's mean
+pass rate as a share of the oracle's; the report also gives the share of MMLU, ARC (multiple choice) and JBB
+prompts the gate sends to the adapter.
 
 A verifier is not a judge of quality: the adapter is rewarded for brevity, not for better answers.
 """
@@ -63,30 +70,97 @@ DOMAINS = (
         "Give a detailed explanation of how photosynthesis works.", "Explain in depth why the Roman Empire declined.",
         "Describe in detail how new vaccines are developed and tested.")),
 )
-SIZES = {"quick": {"queries": 8, "heldout": 8}, "full": {"queries": 24, "heldout": 24}}
+SIZES = {"quick": {"queries": 8, "heldout": 8}, "demo": {"queries": 16, "heldout": 12},
+         "full": {"queries": 24, "heldout": 24}}
+REAL_DOMAINS = (
+    Domain("science questions", TERSE, "max-words:25", helped=True),
+    Domain("writing, roleplay and humanities", TERSE, "min-words:80", helped=False),
+)
+MTBENCH_CATEGORIES = ("writing", "roleplay", "humanities")
+ROUTED_SHARE_PROMPTS = 100  # MMLU, ARC and JBB prompts the gate is asked about
+
+
+def real_prompts(seed: int, queries: int, heldout: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Bootstrap and held-out prompts of REAL_DOMAINS, disjoint, shuffled by `seed`: ARC-Easy and ARC-Challenge
+    question stems (no options), and the first turns of MT-Bench's writing, roleplay and humanities questions
+    (30 in all: split in half when fewer than asked)."""
+    import random
+
+    from prism.config import default_data_dir
+    from prism.evaluation.data import load_arc, load_mtbench
+
+    data = default_data_dir()
+    science = [i["question"] for split in ("easy", "challenge") for i in load_arc(data, split=split)]
+    writing = [q["turns"][0] for q in load_mtbench(data)["questions"] if q["category"] in MTBENCH_CATEGORIES]
+    train, test = [], []
+    for domain, pool in zip(REAL_DOMAINS, (science, writing)):
+        random.Random(seed).shuffle(pool)
+        n_train = min(queries, len(pool) // 2)
+        n_test = min(heldout, len(pool) - n_train)
+        train += [{"domain": domain.name, "query": q} for q in pool[:n_train]]
+        test += [{"domain": domain.name, "query": q} for q in pool[n_train:n_train + n_test]]
+    return train, test
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    domains = REAL_DOMAINS if args.real else DOMAINS
     personas = out / "personas.yaml"
-    personas.write_text(yaml.safe_dump({d.name: d.persona for d in DOMAINS}, sort_keys=False))
-    examples = {d.name: list(d.examples) for d in DOMAINS} if args.examples else {}
-    config = resolve_config(model=args.model, personas_file=str(personas), domains=[d.name for d in DOMAINS],
+    personas.write_text(yaml.safe_dump({d.name: d.persona for d in domains}, sort_keys=False))
+    examples = {d.name: list(d.examples) for d in domains} if args.examples else {}
+    real: dict[str, Any] = {}
+    if args.real:
+        train, test = real_prompts(args.seed, args.queries, args.heldout)
+        real = {"queries_file": str(write_jsonl(out / "bootstrap_prompts.jsonl", train))}
+        heldout = {"data": {"verified": str(write_jsonl(out / "heldout_prompts.jsonl", test))}}
+    else:
+        heldout = {"limit": {"verified": args.heldout}}
+    config = resolve_config(model=args.model, personas_file=str(personas), domains=[d.name for d in domains],
                             preset="tiny", queries_per_persona=args.queries, answer_max_tokens=args.answer_tokens,
                             distill_epochs=args.epochs, judge="verifier",
-                            verifiers={d.name: d.verifier for d in DOMAINS}, routing=args.routing,
+                            verifiers={d.name: d.verifier for d in domains}, routing=args.routing,
                             kway_min_wins=args.kway_min_wins, seed=args.seed, device="cpu",
-                            domain_examples=examples, label_samples=args.label_samples)
+                            domain_examples=examples, label_samples=args.label_samples, gate_layer=args.gate_layer,
+                            gate_pool=args.gate_pool, gate_classifier=args.gate_classifier, **real)
     started = time.perf_counter()
     summary = bootstrap(config, out / "run")
     bootstrap_seconds = time.perf_counter() - started
     systems = ["base", "persona", "lora", "prism", *(["kway", "kway-lora"] if args.routing == "kway" else [])]
     started = time.perf_counter()
-    results = evaluate(out / "run", EvalConfig(benches=["verified"], systems=systems,
-                                               limit={"verified": args.heldout}), device="cpu")
+    results = evaluate(out / "run", EvalConfig(benches=["verified"], systems=systems, **heldout), device="cpu")
     eval_seconds = time.perf_counter() - started
-    return collect(out / "run", summary, results, systems, bootstrap_seconds, eval_seconds)
+    report = collect(out / "run", domains, summary, results, systems, bootstrap_seconds, eval_seconds)
+    report["routed_shares"] = benchmark_routed_shares(out / "run", args.seed)
+    return report
+
+
+def benchmark_routed_shares(run: Path, seed: int) -> dict[str, float]:
+    """The share of MMLU, ARC (multiple choice, as `prism eval` asks them) and JBB prompts the run's gate sends to
+    the adapter: where the persona should not answer knowledge questions, and where a safety persona may."""
+    import random
+
+    from prism.config import default_data_dir
+    from prism.evaluation.data import load_arc, load_jbb, load_mmlu
+    from prism.evaluation.knowledge import choice_prompt
+    from prism.inference.router import Router
+
+    data = default_data_dir()
+    prompts = {"mmlu": [choice_prompt(i["question"], i["choices"]) for i in load_mmlu(data)],
+               "arc": [choice_prompt(i["question"], i["choices"]) for i in load_arc(data, split="challenge")],
+               "jbb harmful": [i["goal"] for i in load_jbb(data) if i["kind"] == "harmful"]}
+    router = Router.from_run(run, device="cpu")
+    shares = {}
+    for name, texts in prompts.items():
+        chosen = random.Random(seed).sample(texts, min(ROUTED_SHARE_PROMPTS, len(texts)))
+        decisions = router.decide([[{"role": "user", "content": t}] for t in chosen])
+        shares[name] = sum(d.route != "base" for d in decisions) / len(decisions)
+    return shares
 
 
 def paired_gain(run: Path, system: str, domains: list[str]) -> dict[str, Any] | None:
@@ -105,11 +179,31 @@ def paired_gain(run: Path, system: str, domains: list[str]) -> dict[str, Any] | 
     return paired_accuracy_test([mine[i] == 1.0 for i in shared], [base[i] == 1.0 for i in shared])
 
 
-def collect(run: Path, summary: dict[str, Any], results: dict[str, Any], systems: list[str],
-            bootstrap_seconds: float, eval_seconds: float) -> dict[str, Any]:
+def oracle_headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each domain on the better of base and lora (the oracle a router that knew each domain would reach); PRISM's
+    mean pass rate over domains as a share of the oracle's, and beside base, persona and lora."""
+    def mean(system: str) -> float | None:
+        rates = [r["pass_rate"].get(system) for r in rows]
+        return None if any(v is None for v in rates) else sum(rates) / len(rates)
+
+    for row in rows:
+        rates = [row["pass_rate"].get(s) for s in ("base", "lora") if row["pass_rate"].get(s) is not None]
+        row["pass_rate"]["oracle"] = max(rates) if rates else None
+        prism = row["pass_rate"].get("prism")
+        row["prism_below_oracle"] = None if prism is None or not rates else max(rates) - prism
+    means = {s: mean(s) for s in ("base", "persona", "lora", "prism", "oracle")}
+    oracle, prism = means["oracle"], means["prism"]
+    return {"mean_pass_rate": means,
+            "prism_share_of_oracle": prism / oracle if prism is not None and oracle else None,
+            "largest_domain_gap_to_oracle": max((r["prism_below_oracle"] for r in rows
+                                                 if r["prism_below_oracle"] is not None), default=None)}
+
+
+def collect(run: Path, domains: tuple[Domain, ...], summary: dict[str, Any], results: dict[str, Any],
+            systems: list[str], bootstrap_seconds: float, eval_seconds: float) -> dict[str, Any]:
     gate = summary["gate"]
     rows = []
-    for domain in DOMAINS:
+    for domain in domains:
         # a run whose persona never won has no adapter: the eval then has no lora row, and prism is base
         entries = {s: ((results.get(s) or {}).get("verified") or {}).get("domains", {}).get(domain.name, {})
                    for s in systems}
@@ -121,15 +215,17 @@ def collect(run: Path, summary: dict[str, Any], results: dict[str, Any], systems
                      **({"kway_routed_share": entries["kway"].get("routing_rate"),
                          "kway_routing_shares": entries["kway"].get("routing_shares")} if "kway" in systems else {}),
                      "bootstrap_pass_rate": (summary["verify"].get("domains") or {}).get(domain.name)})
-    helped = [d.name for d in DOMAINS if d.helped]
-    control = [d.name for d in DOMAINS if not d.helped]
+    helped = [d.name for d in domains if d.helped]
+    control = [d.name for d in domains if not d.helped]
     routed_control = [r["routed_share"] for r in rows if not r["helped"] and r["routed_share"] is not None]
     report = {
         "model": summary["model"], "domains": rows,
         "gate": {"heldout_accuracy": gate.get("heldout_accuracy"),
                  "balanced_accuracy": gate.get("heldout_balanced_accuracy"),
                  "majority_baseline": gate.get("majority_baseline"), "heldout_method": gate.get("heldout_method"),
-                 "train_accuracy": gate.get("train_accuracy"), "kind": gate.get("kind")},
+                 "train_accuracy": gate.get("train_accuracy"), "kind": gate.get("kind"),
+                 "auroc": gate.get("heldout_auroc"), "intervals": gate.get("heldout_intervals"),
+                 "classifier": gate.get("classifier"), "threshold": gate.get("threshold")},
         "distill_examples": summary["counts"]["distill"], "queries": summary["counts"]["queries"],
         "domain_separability": summary.get("domain_separability"), "labels": summary.get("labels"),
         "distill": summary.get("distill"),
@@ -137,7 +233,7 @@ def collect(run: Path, summary: dict[str, Any], results: dict[str, Any], systems
                      "prism_vs_base_helped": paired_gain(run, "prism", helped),
                      "prism_vs_base_control": paired_gain(run, "prism", control),
                      "prism_routed_share_control": sum(routed_control) / len(routed_control) if routed_control
-                     else None},
+                     else None, **oracle_headline(rows)},
         "seconds": {"bootstrap": round(bootstrap_seconds, 1), "eval": round(eval_seconds, 1)},
     }
     if "kway" in summary:
@@ -172,7 +268,7 @@ def format_report(report: dict[str, Any]) -> str:
     header = f"{'domain':<28} {'helped':>6} {'n':>3}  " + "  ".join(f"{s:>15}" for s in systems) + "  prism routed"
     lines = [f"known-answer experiment on {report['model']}: verifier pass rates on held-out queries (95% CI)", header]
     for row in report["domains"]:
-        cells = [_percent(row["pass_rate"][s], row["pass_rate_ci"][s]) for s in systems]
+        cells = [_percent(row["pass_rate"][s], row["pass_rate_ci"].get(s)) for s in systems]
         lines.append(f"{row['name']:<28} {'yes' if row['helped'] else 'no':>6} {row['n'] or 0:>3}  "
                      + "  ".join(f"{c:>15}" for c in cells) + f"  {_percent(row['routed_share']):>12}")
     gate = report["gate"]
@@ -197,15 +293,54 @@ def format_report(report: dict[str, Any]) -> str:
         for row in report["domains"]:
             shares = ", ".join(f"{k} {_percent(v)}" for k, v in (row.get("kway_routing_shares") or {}).items())
             lines.append(f"k-way routes {row['name']}: {shares or 'n/a'}")
+    if gate.get("auroc") is not None:
+        intervals = gate.get("intervals") or {}
+        auroc_interval = intervals.get("auroc") or [gate["auroc"], gate["auroc"]]
+        threshold = gate.get("threshold") or {}
+        lines.append(f"gate: {(gate.get('classifier') or {}).get('chosen')} chosen by cross-validation; out-of-fold "
+                     f"AUROC {gate['auroc']:.3f} [{auroc_interval[0]:.3f}, {auroc_interval[1]:.3f}]; threshold "
+                     f"{threshold.get('threshold', 0.5):.3f} ({threshold.get('chosen_by', 'default')})")
+    if report.get("routed_shares"):
+        lines.append("routed to the adapter by the gate: " + ", ".join(
+            f"{name} {_percent(share)}" for name, share in report["routed_shares"].items()))
     head = report["headline"]
     lines.append(f"headline: lora vs base on the helped domains {_gain(head['lora_vs_base_helped'])}; prism routes "
                  f"{_percent(head['prism_routed_share_control'])} of the control domain to the adapter")
+    means = head["mean_pass_rate"]
+    if head.get("prism_share_of_oracle") is not None:
+        share = head["prism_share_of_oracle"]
+        lines.append(f"headline: prism's mean pass rate {_percent(means['prism'])} is {share:.2f} "
+                     f"of the oracle's {_percent(means['oracle'])} (base {_percent(means['base'])}, persona everywhere "
+                     f"{_percent(means['persona'])}, lora {_percent(means['lora'])}); the largest gap to the oracle on "
+                     f"a domain: {100 * head['largest_domain_gap_to_oracle']:.0f} points")
     return "\n".join(lines)
+
+
+def what_it_shows(report: dict[str, Any], run: Path) -> str:
+    """One line, from the measured numbers alone: did PRISM keep the persona where it helps and leave it where it
+    does not, on prompts it never saw."""
+    head, rows = report["headline"], report["domains"]
+    routed = ", ".join(f"{_percent(r['routed_share'])} of {r['name']} ({'helped' if r['helped'] else 'not helped'})"
+                       for r in rows)
+    share = head.get("prism_share_of_oracle")
+    if share is None:
+        return f"what it shows: no adapter was trained, so PRISM is the base model here (see above); run: {run}"
+    verdict = ("PRISM answers held-out prompts about as well as a router that knew each prompt's domain"
+               if share >= 0.9 else "PRISM's gate loses part of what knowing each prompt's domain would give")
+    return (f"what it shows: {verdict} ({share:.2f} of the oracle's mean pass rate; the gate sent {routed} to the "
+            f"adapter). Chat with the run: .venv/bin/prism chat {run}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 bootstrap and 8 held-out queries per domain")
+    parser.add_argument("--demo", action="store_true", help="`make demo`: --real with 16 bootstrap and 12 held-out "
+                        "prompts per domain, and a closing line that says what the table shows")
+    parser.add_argument("--real", action="store_true", help="domains of real benchmark prompts (ARC questions, "
+                        "MT-Bench writing/roleplay/humanities) instead of generated queries")
+    parser.add_argument("--gate-layer", type=int, help="the decoder block the gate reads (default: the bootstrap's)")
+    parser.add_argument("--gate-pool", choices=("mean", "last"), default="mean", help="the gate's pooling")
+    parser.add_argument("--gate-classifier", choices=("auto", "logistic", "mlp", "knn"), default="auto")
     parser.add_argument("--out", default="runs/known-answer", help="where the run and its eval go (resumed)")
     parser.add_argument("--json", help="also write the report as JSON to this file")
     parser.add_argument("--routing", choices=("binary", "kway"), default="binary")
@@ -222,7 +357,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args()
-    sizes = SIZES["quick" if args.quick else "full"]
+    args.real = args.real or args.demo
+    sizes = SIZES["quick" if args.quick else "demo" if args.demo else "full"]
     args.queries = args.queries or sizes["queries"]
     args.heldout = args.heldout or sizes["heldout"]
     silence_library_warnings()
@@ -232,6 +368,8 @@ def main() -> None:
     except PrismError as exc:
         raise SystemExit(f"known_answer: error: {exc}") from None
     print(format_report(report))
+    if args.demo:
+        print(what_it_shows(report, Path(args.out) / "run"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -48,12 +48,31 @@ def test_the_known_answer_experiment_runs_end_to_end_at_the_tiny_model(tiny_mode
                                                      "in-depth explanations"]
     assert [d["helped"] for d in report["domains"]] == [True, True, False]
     for row in report["domains"]:
-        assert set(row["pass_rate"]) == {"base", "persona", "lora", "prism"} and row["n"] == 2
+        assert set(row["pass_rate"]) == {"base", "persona", "lora", "prism", "oracle"} and row["n"] == 2
         assert all(value is None or 0 <= value <= 1 for value in row["pass_rate"].values())
-    assert {"heldout_accuracy", "balanced_accuracy", "majority_baseline"} <= set(report["gate"])
+        rates = row["pass_rate"]
+        assert rates["oracle"] == max(v for v in (rates["base"], rates["lora"]) if v is not None)
+    assert {"heldout_accuracy", "balanced_accuracy", "majority_baseline", "auroc"} <= set(report["gate"])
+    assert set(report["routed_shares"]) == {"mmlu", "arc", "jbb harmful"}
     assert report["distill_examples"] == sum(
         r["label"] for r in map(json.loads, (tmp_path / "ka" / "run" / "labels.jsonl").read_text().splitlines()))
     assert "headline: lora vs base on the helped domains" in done.stdout
+
+
+def test_the_known_answer_experiment_on_real_prompts_keeps_bootstrap_and_heldout_apart(tiny_model_dir, tmp_path):
+    out = tmp_path / "ka"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "known_answer.py"), "--real", "--model",
+                           str(tiny_model_dir), "--out", str(out), "--queries", "3", "--heldout", "2",
+                           "--answer-tokens", "8", "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    prompts = {name: [json.loads(line) for line in (out / f"{name}_prompts.jsonl").read_text().splitlines()]
+               for name in ("bootstrap", "heldout")}
+    for rows in prompts.values():
+        assert {r["domain"] for r in rows} == {"science questions", "writing, roleplay and humanities"}
+    assert not {r["query"] for r in prompts["bootstrap"]} & {r["query"] for r in prompts["heldout"]}
+    queries = [json.loads(line)["query"] for line in (out / "run" / "queries.jsonl").read_text().splitlines()]
+    assert sorted(queries) == sorted(r["query"] for r in prompts["bootstrap"])
+    assert "oracle" in done.stdout and "of the oracle's" in done.stdout
 
 
 def test_the_label_samples_benchmark_measures_each_k_on_the_tiny_model(tiny_model_dir, tmp_path):
