@@ -89,6 +89,8 @@ JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_cal
 # them and keep everything up to its labels.
 GATE_FIELDS = {"gate_layer", "gate_pool", "gate_classifier", "gate_hidden", "gate_dropout", "gate_lr", "gate_epochs",
                "gate_folds", "gate_prior_strength"}
+# Input files: a run's identity holds their content, not their path (a moved run resumes).
+CONTENT_FIELDS = {"personas_file", "examples_file", "queries_file", "negatives"}
 # Fields that matter to a run only under one setting of another field: outside it they are not its identity.
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
@@ -366,11 +368,8 @@ class BootstrapConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide what a run computes: a run directory is tied to these (kway_min_wins only
-        matters to a k-way run, the verifiers to a verifier-judged run, and so on: CONDITIONAL_FIELDS)."""
-        values = self.to_dict()
-        return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS
-                and (k not in CONDITIONAL_FIELDS or values[CONDITIONAL_FIELDS[k][0]] == CONDITIONAL_FIELDS[k][1])}
+        """The fields that decide what a run computes (see `identity_of`)."""
+        return identity_of(self.to_dict())
 
     def gate_layer_of(self, num_layers: int) -> int:
         """The gate's block in a model of `num_layers` blocks: `gate_layer`, or the block at 1/15 of the depth."""
@@ -406,6 +405,23 @@ def with_options(config_class: type[Config], config: Config | None = None, **opt
         raise PrismError(f"unknown {config_class.__name__} option(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted(known))}")
     return dataclasses.replace(config or config_class(), **options)  # type: ignore[type-var]
+
+
+def identity_of(values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a config's values that decide what a run computes: a run directory is tied to these
+    (kway_min_wins only matters to a k-way run, the verifiers to a verifier-judged run, and so on:
+    CONDITIONAL_FIELDS). An input file counts by its content, not its path (CONTENT_FIELDS): a run moved or copied
+    with its files to another folder or machine is the same run."""
+    return {k: file_identity(v) if k in CONTENT_FIELDS else v for k, v in values.items() if k not in RUNTIME_FIELDS
+            and (k not in CONDITIONAL_FIELDS or values.get(CONDITIONAL_FIELDS[k][0]) == CONDITIONAL_FIELDS[k][1])}
+
+
+def file_identity(value: Any) -> Any:
+    """An existing file's content digest ("sha256:..."), else the value as given (a name such as `mmlu`, or a
+    path that is not there)."""
+    if isinstance(value, str) and Path(value).is_file():
+        return "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    return value
 
 
 def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:

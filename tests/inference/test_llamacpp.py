@@ -249,19 +249,37 @@ def test_export_refuses_a_gguf_of_another_model(tiny_run, tmp_path):
     assert not (run / "gguf" / "adapter.gguf").exists()
 
 
-def test_a_stale_export_is_redone_when_the_adapter_changes(gguf_run, tiny_gguf, tmp_path):
+def snapshot(run: Path) -> dict[str, tuple[int, int]]:
+    """Every file under a run directory with its size and modification time."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))}
+
+
+def test_a_stale_export_is_redone_outside_the_run_and_loading_never_writes_into_it(gguf_run, tiny_gguf, tmp_path,
+                                                                                     monkeypatch):
+    """A run whose RUN/gguf is older than its adapter loads, serves and reloads from an export made in PRISM's
+    cache, on llama.cpp and on transformers: not one file of the run directory is written, added or removed (the
+    suite runs as root, where a read-only mode would not stop a write: the files themselves are compared)."""
     from safetensors.torch import load_file, save_file
 
+    monkeypatch.setenv("PRISM_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     shutil.copytree(gguf_run, run)
     weights_path = run / "adapter" / "adapter_model.safetensors"
     weights = load_file(str(weights_path))
     save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, str(weights_path))
-    before = (run / "gguf" / "adapter.gguf").read_bytes()
+    before = snapshot(run)
     model = LlamaCppModel.from_run(run, gguf=tiny_gguf, max_model_len=256)
-    assert model.persona_source == "lora"  # the merged model of the old adapter was dropped
-    assert not (run / "gguf" / "persona.gguf").exists()
-    assert (run / "gguf" / "adapter.gguf").read_bytes() != before
+    assert model.persona_source == "lora"  # the merged model of the old adapter is not served
+    request = GenerationRequest([{"role": "user", "content": PERSONA_QUERIES[0]}], "persona",
+                                SamplingParams(max_tokens=6, ignore_eos=True))
+    served = model.generate_batch([request])[0]
+    assert served.route == "persona" and served.completion_tokens == 6
+    assert list((tmp_path / "cache" / "exports").glob("*/adapter.gguf"))
+    model.reload()
+    model.close()
+    torch_served = PrismModel.from_run(run, device="cpu").generate(PERSONA_QUERIES[0], max_tokens=2)
+    assert torch_served.completion_tokens == 2
+    assert snapshot(run) == before
 
 
 def test_exporting_again_from_the_same_adapter_keeps_its_merged_model(gguf_run, tiny_gguf, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import whole_and_resumed
 from prism.cli import main
+from prism.errors import PrismError
 from prism.runs import STAGES, RunDir
 from prism.stages import pipeline
 from prism.stages.inspect import inspect_run
@@ -273,3 +274,39 @@ def test_a_run_killed_midway_and_resumed_writes_the_records_of_an_uninterrupted_
     for name in ("personas", "queries", "answers", "labels"):
         key = "id" if name != "labels" else "query_id"
         assert sorted(resumed.read(name), key=lambda r: r[key]) == sorted(whole.read(name), key=lambda r: r[key])
+
+
+def test_a_run_moved_midway_with_its_files_resumes_to_the_records_of_an_uninterrupted_one(tiny_config, tmp_path,
+                                                                                        monkeypatch):
+    """A run's input files count by their content, not their path: moved (with its personas file) to another folder
+    before it finished, it resumes, and ends with the records of a run that was never interrupted."""
+    import shutil
+
+    personas = tmp_path / "personas.yaml"
+    personas.write_text("math: You are a mathematician. Answer step by step.\nsafety: You are a safety expert.\n")
+    config = tiny_config(domains=[], personas_file=str(personas), queries_per_persona=3)
+    bootstrap(config, tmp_path / "whole")
+    append = RunDir.append
+
+    def stop_at_the_answers(self, name, records):
+        if name == "answers":
+            raise KeyboardInterrupt
+        append(self, name, records)
+
+    monkeypatch.setattr(RunDir, "append", stop_at_the_answers)
+    with pytest.raises(KeyboardInterrupt):
+        bootstrap(config, tmp_path / "first" / "run")
+    monkeypatch.setattr(RunDir, "append", append)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(str(tmp_path / "first" / "run"), moved / "run")
+    shutil.move(str(personas), moved / "personas.yaml")
+    bootstrap(tiny_config(domains=[], personas_file=str(moved / "personas.yaml"), queries_per_persona=3), moved / "run")
+    whole, resumed = RunDir(tmp_path / "whole"), RunDir(moved / "run")
+    for name in ("personas", "queries", "answers", "labels"):
+        key = "id" if name != "labels" else "query_id"
+        assert sorted(resumed.read(name), key=lambda r: r[key]) == sorted(whole.read(name), key=lambda r: r[key])
+    (moved / "personas.yaml").write_text("math: You are a poet.\nsafety: You are a safety expert.\n")
+    with pytest.raises(PrismError, match="personas_file: 'sha256:"):
+        bootstrap(tiny_config(domains=[], personas_file=str(moved / "personas.yaml"), queries_per_persona=3),
+                  moved / "run")

@@ -12,6 +12,7 @@ hash, so an engine can tell whether the export is current.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from prism.errors import PrismError
 from prism.inference.artifacts import FinishedRun, adapter_key
 from prism.inference.config import LoadConfig
 from prism.lm.llama import base_gguf_for
-from prism.lm.models import file_sha256
+from prism.lm.models import cache_dir, file_sha256
 from prism.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_DIR, adapter_dir, write_json_atomic
 
 log = logging.getLogger("prism")
@@ -54,21 +55,24 @@ def kway_adapter_file(persona: str) -> str:
     return f"adapter-{persona}.gguf"
 
 
-def read_export_info(run_path: Path) -> dict[str, Any] | None:
-    path = run_path / EXPORT_DIR / INFO_FILE
+def read_export_info(directory: Path) -> dict[str, Any] | None:
+    """What the export in `directory` (RUN/gguf, or one outside the run) was made from."""
+    path = directory / INFO_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def recorded_base_gguf(run_path: Path) -> str | None:
     """The base GGUF the run's last export named, if that file is still there."""
-    recorded = (read_export_info(run_path) or {}).get("base_gguf")
+    recorded = (read_export_info(run_path / EXPORT_DIR) or {}).get("base_gguf")
     return recorded if recorded and Path(recorded).is_file() else None
 
 
-def export_is_current(run_path: Path, base_gguf: Path, persona: str | None = None) -> bool:
-    """Whether RUN/gguf/adapter.gguf (or a k-way persona's adapter-<persona>.gguf) was made from the run's
-    present adapter for this base GGUF."""
-    info = read_export_info(run_path)
+def export_is_current(run_path: Path, base_gguf: Path, persona: str | None = None,
+                      directory: Path | None = None) -> bool:
+    """Whether the export in `directory` (default RUN/gguf) holds adapter.gguf (or a k-way persona's
+    adapter-<persona>.gguf) made from the run's present adapter for this base GGUF."""
+    directory = directory or run_path / EXPORT_DIR
+    info = read_export_info(directory)
     if info is None or Path(info.get("base_gguf", "")) != base_gguf:
         return False
     if persona is None:
@@ -76,7 +80,16 @@ def export_is_current(run_path: Path, base_gguf: Path, persona: str | None = Non
     else:
         exported, recorded = kway_adapter_file(persona), (info.get("kway_adapters") or {}).get(persona)
     weights = adapter_dir(run_path, persona) / ADAPTER_WEIGHTS
-    return (run_path / EXPORT_DIR / exported).is_file() and weights.is_file() and recorded == file_sha256(weights)
+    return (directory / exported).is_file() and weights.is_file() and recorded == file_sha256(weights)
+
+
+def export_outside(run: FinishedRun, base_gguf: Path) -> Path:
+    """Where a run's adapters are exported when its own RUN/gguf is missing or stale: a folder of PRISM's cache
+    named by what the export is made from (the adapters' weights and the base GGUF), so loading never writes into
+    the run directory (it may be read-only, or shared) and the same adapters are exported once."""
+    digests = [file_sha256(directory / ADAPTER_WEIGHTS) for _, directory in sorted(run.adapters.items())]
+    key = hashlib.sha256("\n".join([str(base_gguf.resolve()), *digests]).encode()).hexdigest()[:16]
+    return cache_dir() / "exports" / key
 
 
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -218,16 +231,16 @@ def export_gguf(run: str | Path, *, base_gguf: str | Path | None = None, merged:
 
 
 def export_run(run: FinishedRun, *, base_gguf: str | Path | None = None, merged: bool = False,
-               merged_type: str = DEFAULT_MERGED_TYPE) -> GGUFExport:
-    """`export_gguf` of an opened run."""
+               merged_type: str = DEFAULT_MERGED_TYPE, out: Path | None = None) -> GGUFExport:
+    """`export_gguf` of an opened run, into `out` (default RUN/gguf)."""
     import gguf
 
     base = base_gguf_for(run.config, base_gguf)
     tensors, alpha, rank, arch = lora_tensors(adapter_dir(run.path), run.model)
     reader = gguf.GGUFReader(str(base))
     _check_against_base(reader, tensors, arch, base)
-    out = run.path / EXPORT_DIR
-    out.mkdir(exist_ok=True)
+    out = out or run.path / EXPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
     adapter_path = out / ADAPTER_FILE
     write_lora_gguf(adapter_path.with_suffix(".tmp"), tensors, alpha, arch, f"PRISM persona adapter of {run.path.name}")
     adapter_path.with_suffix(".tmp").replace(adapter_path)
@@ -243,7 +256,7 @@ def export_run(run: FinishedRun, *, base_gguf: str | Path | None = None, merged:
         kway[persona].with_suffix(".tmp").replace(kway[persona])
         kway_hashes[persona] = file_sha256(directory / ADAPTER_WEIGHTS)
     adapter_sha256 = file_sha256(adapter_dir(run.path) / ADAPTER_WEIGHTS)
-    previous = read_export_info(run.path) or {}
+    previous = read_export_info(out) or {}
     merged_path = None
     if merged:
         merged_path = out / MERGED_FILE

@@ -42,6 +42,7 @@ from prism.inference.gguf_export import (
     ADAPTER_FILE,
     MERGED_FILE,
     export_is_current,
+    export_outside,
     export_run,
     kway_adapter_file,
     recorded_base_gguf,
@@ -82,8 +83,8 @@ class LlamaCppModel(GatedModel):
     @classmethod
     def from_run(cls, run: str | Path | FinishedRun, config: LoadConfig | None = None, **options: Any
                  ) -> LlamaCppModel:
-        """Load a finished run on llama.cpp; `config` (or its fields as keywords) says how. The adapters are
-        exported to RUN/gguf/ first when that export is missing or older than the run's adapters.
+        """Load a finished run on llama.cpp; `config` (or its fields as keywords) says how. The adapters come from
+        the run's own export (RUN/gguf/) when it is current, else from one made outside the run (PersonaRoutes).
         `persona_model`: 'auto' (the merged GGUF when exported, else the LoRA), 'merged' or 'lora'."""
         config = with_options(LoadConfig, config, **options)
         run = run if isinstance(run, FinishedRun) else FinishedRun.open(run, config)
@@ -263,20 +264,26 @@ class PersonaRoutes:
 
     def routes(self, run: FinishedRun) -> tuple[dict[str, RouteSpec], str]:
         """{"persona": the binary adapter's route (absent without one), "persona-<p>": each k-way persona's},
-        and what the binary one runs on ("merged", "lora" or "none")."""
-        stale = [p for p in ([None] if run.has_adapter else []) + list(run.personas)
-                 if not export_is_current(run.path, self.base_path, p)]
-        if stale:
-            log.info("exporting the run's adapters to %s for llama.cpp", run.path / EXPORT_DIR)
-            export_run(run, base_gguf=self.base_path)
-        routes = {adapter_key(p): RouteSpec(self.base_weights, run.path / EXPORT_DIR / kway_adapter_file(p))
+        and what the binary one runs on ("merged", "lora" or "none"). The run's own export (RUN/gguf, written by
+        `prism export gguf`) when it is current; else one made outside the run (`export_outside`): loading and
+        reloading never write into the run directory."""
+        needed = ([None] if run.has_adapter else []) + list(run.personas)
+        directory = run.path / EXPORT_DIR
+        if not all(export_is_current(run.path, self.base_path, p, directory) for p in needed):
+            directory = export_outside(run, self.base_path)
+            if not all(export_is_current(run.path, self.base_path, p, directory) for p in needed):
+                log.info("exporting the run's adapters for llama.cpp to %s (outside the run; `prism export gguf "
+                         "%s` writes them into it)", directory, run.path)
+                export_run(run, base_gguf=self.base_path, out=directory)
+        routes = {adapter_key(p): RouteSpec(self.base_weights, directory / kway_adapter_file(p))
                   for p in run.personas}
         if not run.has_adapter:
             return routes, "none"
-        merged = run.path / EXPORT_DIR / MERGED_FILE
+        merged = directory / MERGED_FILE  # only the run's own export has one: `prism export gguf --merged`
         if self.persona_model == "merged" and not merged.is_file():
-            raise PrismError(f"{merged} does not exist: run `prism export gguf {run.path} --merged` first")
+            raise PrismError(f"the run has no merged persona GGUF made from its present adapter: run `prism export "
+                             f"gguf {run.path} --merged` first")
         if self.persona_model in ("auto", "merged") and merged.is_file():
             merged_weights, _ = decode_weights(merged, self.gguf_weights, self.sequences)
             return {adapter_key(None): RouteSpec(merged_weights), **routes}, "merged"
-        return {adapter_key(None): RouteSpec(self.base_weights, run.path / EXPORT_DIR / ADAPTER_FILE), **routes}, "lora"
+        return {adapter_key(None): RouteSpec(self.base_weights, directory / ADAPTER_FILE), **routes}, "lora"

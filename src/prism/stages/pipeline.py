@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from prism.config import GATE_FIELDS, JUDGE_FIELDS, ROUTING_FIELDS, BootstrapConfig, with_new_defaults
+from prism.config import (
+    GATE_FIELDS,
+    JUDGE_FIELDS,
+    ROUTING_FIELDS,
+    BootstrapConfig,
+    identity_of,
+    with_new_defaults,
+)
 from prism.engines.base import Engine
 from prism.engines.local import LocalEngine
 from prism.errors import PrismError
@@ -76,16 +83,19 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
     """Create the run directory, or check that an existing one was made with this config."""
     if run.exists():
         old = run.manifest()
+        # the identity recorded when the run was made (its input files' digests: the files may have moved since), over
+        # what its recorded config says today (fields added since, and runs made before identities were recorded)
         recorded = with_new_defaults(old.get("config", {}))
-        old_identity = {k: v for k, v in recorded.items() if k in config.identity()}
-        differences = config_differences(old_identity, config.identity())
+        identity = config.identity()
+        old_identity = {k: v for k, v in {**identity_of(recorded), **old.get("config_identity", {})}.items()
+                        if k in identity}
+        differences = config_differences(old_identity, identity)
         if not differences:
             changed_code = changed_verifiers(old, config)
             if changed_code:  # the same spec, other code: the verdicts it made are out of date
                 change_judge(run, old, config, [], reason=f"the code of {', '.join(changed_code)} changed")
             return
-        changed = {k for k in set(old_identity) | set(config.identity())
-                   if old_identity.get(k) != config.identity().get(k)}
+        changed = {k for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k)}
         if changed <= ROUTING_FIELDS and not force:
             change_routing(run, old, config)
             return
@@ -110,6 +120,7 @@ def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
         "created": now(),
         "config": config.to_dict(),
         "config_fingerprint": config.fingerprint(),
+        "config_identity": config.identity(),
         "versions": package_versions(),
         "model": None,
         "stages": {stage: {"status": "pending"} for stage in STAGES},
@@ -143,6 +154,7 @@ def change_routing(run: RunDir, manifest: dict[str, Any], config: BootstrapConfi
                                                      if done else {})}
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
+    manifest["config_identity"] = config.identity()
     run.save_manifest(manifest)
     def routing(values: dict[str, Any]) -> str:
         return f"kway (min wins {values['kway_min_wins']})" if values["routing"] == "kway" else "binary"
@@ -169,6 +181,7 @@ def change_gate(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig, 
         manifest["stages"][stage] = {"status": "pending"}
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
+    manifest["config_identity"] = config.identity()
     run.save_manifest(manifest)
     changes = "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
     log.warning("%s: %s: everything up to the labels is kept; %s run again%s", run.path, changes,
@@ -195,6 +208,7 @@ def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig,
         manifest["stages"][stage] = {"status": "pending"}
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
+    manifest["config_identity"] = config.identity()
     run.save_manifest(manifest)
     changes = reason or "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
     log.warning("%s: %s: the personas, queries and answers are kept; verify, gate and distill run again%s", run.path,
