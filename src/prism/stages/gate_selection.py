@@ -222,6 +222,6 @@ def nested_cv(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets
             "heldout_recall": {name: float(h / n) for name, h, n in zip(names, hits, seen) if n},
             "heldout_method": (f"nested cross-validation: classifier chosen by an inner stratified "
                                f"{INNER_FOLDS}-fold, scored by an outer stratified {k}-fold repeated {OUTER_REPEATS}x; "
-                               "intervals: 2.5-97.5% of the outer folds' scores"),
+                               "accuracies at threshold 0.5; intervals: 2.5-97.5% of the outer folds' scores"),
             "outer_choices": {name: chosen.count(name) for name in dict.fromkeys(chosen)},
             "oof_adapter_probability": adapter_probability}
