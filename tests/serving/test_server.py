@@ -280,3 +280,26 @@ def test_the_decoding_threads_events_wait_for_its_flush_and_keep_their_order():
         worker.join(timeout=30)
         loop.call_soon_threadsafe(loop.stop)
         runner.join(timeout=30)
+
+
+def test_a_failure_inside_the_server_is_a_500_with_a_request_id_the_log_carries(server, client, monkeypatch, caplog):
+    """The server's own fault: 500, type server_error, the request id in the reply and in the log line with its
+    traceback, and nothing of the exception in the reply; the next request is served as before."""
+    model = server["model"]
+
+    def broken(_requests, _adapters):
+        raise RuntimeError("secret internal state 0xdeadbeef")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(model, "_stream", broken)
+    with caplog.at_level(logging.ERROR, logger="prism"), pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=4)
+    error = failed.value.body
+    assert failed.value.status_code == 500 and error["type"] == "server_error"
+    assert "0xdeadbeef" not in json.dumps(error) and "RuntimeError" not in json.dumps(error)
+    request_id = error["message"].split("request id ")[1].split(";")[0]
+    assert request_id.startswith("chatcmpl-")
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and "0xdeadbeef" in str(logged[0].exc_info[1])
+    monkeypatch.undo()
+    assert client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=2).choices

@@ -261,14 +261,14 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
     generation = to_generation_request(model, body, served.default_max_tokens)
     if served.request_log is not None and served.request_log.log_prompts:
         record["messages"] = generation.messages
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"  # also the id a failure's reply and log line carry
     job = served.batcher.submit(generation)
     first = await job.events.get()
     if isinstance(first, Exception):
-        raise _as_api_error(first)
+        raise _as_api_error(first, completion_id)
     prism = _prism_info(first, model.threshold)
     note_decision(record, observed, "chat", prism)
     headers = {"x-prism-route": prism.route}
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         chunks = _sse_chunks(job, body, completion_id, prism, record, observed)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
@@ -276,7 +276,7 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
     while True:
         event = await job.events.get()
         if isinstance(event, Exception):
-            raise _as_api_error(event)
+            raise _as_api_error(event, completion_id)
         text.append(event.delta)
         note_first_token(record, observed)
         if event.completion is not None:
@@ -329,10 +329,15 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
                              persona=persona)
 
 
-def _as_api_error(exc: Exception) -> ApiError:
+def _as_api_error(exc: Exception, request_id: str) -> ApiError:
+    """A failure while generating: a PrismError says what the request asked that cannot be served (400); anything
+    else is the server's fault (500), logged with its traceback under the request's id, and the reply names only
+    that id (what failed inside the server is not the client's to read)."""
     if isinstance(exc, PrismError):
         return ApiError(400, str(exc))
-    return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+    log.error("request %s failed while generating", request_id, exc_info=exc)
+    return ApiError(500, f"the server failed while generating this reply (request id {request_id}; the server log "
+                    "has the details)", "server_error")
 
 
 def _prism_info(event: StreamEvent, threshold: float) -> PrismInfo:
@@ -371,7 +376,7 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
         while True:
             event = await job.events.get()
             if isinstance(event, Exception):
-                error = _as_api_error(event)
+                error = _as_api_error(event, completion_id)
                 yield server_sent(ErrorResponse(error=ErrorDetail(message=error.message, type=error.type)))
                 break
             if event.delta:
