@@ -42,6 +42,16 @@ CORPUS = [
 ]
 
 
+def train_gate(features: torch.Tensor, labels: torch.Tensor, config: Any, *, epochs: int, lr: float,
+               seed: int) -> Any:
+    """A fixture gate of `config.kind` (default the MLP) trained on hard `labels`, without the stage's selection."""
+    from prism.stages.gate import as_targets
+    from prism.stages.gate_selection import CANDIDATES, fit
+
+    candidate = next(c for c in CANDIDATES if c.kind == config.kind)
+    return fit(candidate, features, as_targets(labels, config.num_classes), config, epochs=epochs, lr=lr, seed=seed)
+
+
 def build_tiny_model(directory: Path, layers: int = 3, seed: int = 0, hidden: int = 64) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,7 +91,6 @@ def build_tiny_run(directory: Path, model_dir: Path, gate_layer: int = 0, gate_p
     from prism.lm.models import chat_prompt, layers_pattern
     from prism.runs import STAGES, RunDir
     from prism.stages.distill import lora_config
-    from prism.stages.gate import train_gate
 
     config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu",
                             gate_layer=gate_layer, gate_pool=gate_pool)
@@ -126,7 +135,6 @@ def build_tiny_kway_run(directory: Path, model_dir: Path) -> Path:
     from prism.lm.models import chat_prompt, layers_pattern
     from prism.runs import KWAY_ADAPTERS, KWAY_GATE, RunDir
     from prism.stages.distill import lora_config
-    from prism.stages.gate import train_gate
 
     build_tiny_run(directory, model_dir)
     config = resolve_config(model=str(model_dir), preset="tiny", lora_r=4, lora_alpha=8, device="cpu",

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
+from helpers import train_gate
 from prism.lm.batching import block0_features, gate_features
 from prism.lm.gate import Gate, GateConfig
 from prism.lm.models import chat_prompt, encode
-from prism.stages.gate import as_targets, train_gate
+from prism.stages.gate import as_targets
 from prism.stages.gate_selection import CANDIDATES, Candidate, class_weights, fit, nested_cv, select, threshold_for_gain
 
 

@@ -212,7 +212,7 @@ class Gates:
 
     def _reloaded(self, run: FinishedRun, **extra: Any) -> ReloadResult:
         """Take `run`'s gates as this model's (the routing stays), and say what the reload read."""
-        layer = next(iter(run.gates.values())).config.layer
+        layer = run.gate.config.layer
         if layer != self.gate_layer:
             raise PrismError(f"the reloaded run's gate reads decoder block {layer}, the loaded model's prefill was set "
                              f"up for block {self.gate_layer}: restart to serve it")

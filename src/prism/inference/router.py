@@ -48,7 +48,7 @@ class Router(Gates):
         config = with_options(LoadConfig, config, **options)
         run = run if isinstance(run, FinishedRun) else FinishedRun.open(run, config)
         return cls(load_first_blocks(run.model, device=config.device, trust_remote_code=config.trust_remote_code,
-                               layer=run.gate.config.layer), run)
+                                     layer=run.gate.config.layer), run)
 
     @property
     def has_adapter(self) -> bool:

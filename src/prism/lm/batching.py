@@ -96,7 +96,8 @@ def gate_features(lm: LoadedModel, prompts: Sequence[str], layer: int = 0, pool:
 
 
 def block0_features(lm: LoadedModel, prompts: Sequence[str], batch_size: int = FEATURE_BATCH) -> torch.Tensor:
-    """Hidden state after decoder block 0 at each prompt's last token (the gate feature of runs before 0.9)."""
+    """Hidden state after decoder block 0 at each prompt's last token: the paper's gate feature, and the one of
+    runs made before gate layers and pooling existed."""
     return gate_features(lm, prompts, 0, "last", batch_size)
 
 
@@ -105,7 +106,7 @@ def mean_pooled_features(lm: LoadedModel, prompts: Sequence[str], layer: int,
                          batch_size: int = FEATURE_BATCH) -> torch.Tensor:
     """Hidden state after decoder block `layer`, averaged over each prompt's tokens; blocks after it never run."""
     def mean(states: torch.Tensor, encoded: list[list[int]]) -> torch.Tensor:
-        return pool_states(states, pad_batch(encoded, 0, side="right")[1])
+        return pool_states(states, pool_mask(encoded, states.shape[1], "right", "mean", prefix=()))  # every token
 
     return _layer_states(lm, prompts, layer, batch_size, mean)
 
@@ -116,7 +117,7 @@ def _layer_states(lm: LoadedModel, prompts: Sequence[str], layer: int, batch_siz
     forward pass there."""
     layers = decoder_layers(lm.model)
     if not 0 <= layer < len(layers):
-        raise PrismError(f"the gate layer must be a decoder block of this model, 0 to {len(layers) - 1}; got {layer}")
+        raise PrismError(f"layer {layer} is not a decoder block of this model: pass 0 to {len(layers) - 1}")
     encoded = [encode(lm.tokenizer, p) for p in prompts]
     out = torch.empty((len(prompts), lm.model.config.hidden_size), dtype=torch.float32)
     captured: list[torch.Tensor] = []

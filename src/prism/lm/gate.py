@@ -108,7 +108,7 @@ class Gate(nn.Module):
     def decide(self, features: torch.Tensor) -> list[tuple[float, int]]:
         """Per row: P(an adapter should answer) and the class routed to (0 = base; binary: 1 = the adapter;
         k-way: the most probable adapter, when P(an adapter) reaches the threshold)."""
-        probability, routed = self._route(self.class_probabilities(features))
+        probability, routed = self.decide_tensors(features)
         return list(zip(probability.tolist(), routed.tolist()))
 
     def decide_tensors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,7 +170,7 @@ def checkpoint_parameters(path: str) -> int | None:
 
 
 def load_first_blocks(name: str = EMBEDDED, device: str = DEFAULT_DEVICE, trust_remote_code: bool = False,
-                layer: int = 0) -> LoadedModel:
+                      layer: int = 0) -> LoadedModel:
     """The tokenizer, embeddings and decoder blocks 0..`layer` of a model, and nothing else: what the gate reads.
     The config is cut to those layers before loading, so the other layers' weights are never read."""
     from transformers import AutoModel

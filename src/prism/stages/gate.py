@@ -21,7 +21,7 @@ from prism.lm.models import chat_prompt, decoder_layers, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE
 from prism.stages import negatives
 from prism.stages.context import StageContext
-from prism.stages.gate_selection import CANDIDATES, Targets, candidates_for, fit, nested_cv, select, threshold_for_gain
+from prism.stages.gate_selection import Targets, candidates_for, fit, nested_cv, select, threshold_for_gain
 from prism.stages.records import read_labels
 from prism.stages.verify import kway_classes, kway_label
 
@@ -33,13 +33,6 @@ def as_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.is_floating_point():
         return labels
     return torch.nn.functional.one_hot(labels, num_classes).float()
-
-
-def train_gate(features: torch.Tensor, labels: torch.Tensor, config: GateConfig, *, epochs: int, lr: float,
-               seed: int) -> Gate:
-    """A gate of `config.kind` (default the MLP) trained on `labels`: classes (long), or (N, C) class probabilities."""
-    candidate = next(c for c in CANDIDATES if c.kind == config.kind)
-    return fit(candidate, features, as_targets(labels, config.num_classes), config, epochs=epochs, lr=lr, seed=seed)
 
 
 def shrunk_win_rates(rates: torch.Tensor, samples: torch.Tensor, domains: list[str], strength: float,
