@@ -25,7 +25,7 @@ from prism.lm.batching import gate_features
 from prism.lm.gate import GateConfig
 from prism.lm.models import chat_prompt, load_first_blocks
 from prism.runs import RunDir
-from prism.stages.gate import domain_separability, shrunk_win_rates
+from prism.stages.gate import domain_separability, shrunk_targets, shrunk_win_rates
 from prism.stages.gate_selection import candidates_for, nested_cv, threshold_for_gain
 from prism.stages.records import read_labels
 
@@ -40,10 +40,7 @@ def score_features(run: Path, layers: list[int], pools: list[str]) -> list[dict[
     domains = [r.domain for r in records]
     labels = (rates > 0.5).long()
 
-    def targets_for(rows: torch.Tensor) -> torch.Tensor:
-        shrunk, _ = shrunk_win_rates(rates, samples, domains, config["gate_prior_strength"], fit_rows=rows)
-        return torch.stack([1 - shrunk[rows], shrunk[rows]], dim=1)
-
+    targets_for = shrunk_targets(rates, samples, domains, config["gate_prior_strength"])
     lm = load_first_blocks(config["model"], device="cpu", layer=max(layers))
     prompts = [chat_prompt(lm.tokenizer, r.query) for r in records]
     rows = []

@@ -49,6 +49,16 @@ def shrunk_win_rates(rates: torch.Tensor, samples: torch.Tensor, domains: list[s
     return (samples * rates + strength * prior) / (samples + strength), means
 
 
+def shrunk_targets(rates: torch.Tensor, samples: torch.Tensor, domains: list[str], strength: float) -> Targets:
+    """The gate's soft targets of some rows: (1 - r, r) with r their win rates shrunk toward their domains' means,
+    the means taken over those rows alone (a training fold never sees its test rows' rates)."""
+    def targets_for(rows: torch.Tensor) -> torch.Tensor:
+        shrunk, _ = shrunk_win_rates(rates, samples, domains, strength, fit_rows=rows)
+        return torch.stack([1 - shrunk[rows], shrunk[rows]], dim=1)
+
+    return targets_for
+
+
 SEPARABILITY_FOLDS = 5
 # Below chance + this share of the way to 1, a probe barely tells the domains apart: the gate cannot either.
 NEAR_CHANCE_SHARE = 0.25
@@ -178,10 +188,7 @@ def run(ctx: StageContext) -> dict:
                              dropout=cfg.gate_dropout, layer=layer, pool=cfg.gate_pool,
                              feature=feature_description(layer, cfg.gate_pool))
 
-    def soft_targets(rows: torch.Tensor) -> torch.Tensor:
-        shrunk, _ = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength, fit_rows=rows)
-        return torch.stack([1 - shrunk[rows], shrunk[rows]], dim=1)
-
+    soft_targets = shrunk_targets(rates, samples, domains, cfg.gate_prior_strength)
     shrunk, domain_rates = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength)
     targets_info = {"kind": "persona win rate shrunk toward its domain's", "prior_strength": cfg.gate_prior_strength,
                     "label_samples": int(samples.max()), "domain_win_rates": domain_rates}
