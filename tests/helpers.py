@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -174,6 +175,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def samples(http: Any, path: str = "/metrics") -> dict[tuple[str, tuple], float]:
+    """{(name, sorted labels): value} from the Prometheus text, read by prometheus_client's own parser."""
+    reply = http.get(path)
+    assert reply.status_code == 200, reply.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(reply.text) for s in family.samples}
 
 
 class LiveServer:

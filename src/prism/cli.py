@@ -328,11 +328,22 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"base model: {exported.base_gguf}  (prism chat/serve {args.run} uses them with --engine llamacpp)")
 
 
+# What only the in-process server does: the sidecar leaves batching, queueing and deadlines to its upstream.
+GENERATING_SERVER_FIELDS = ("max_batch_size", "max_waiting", "request_timeout", "default_max_tokens")
+
+
 def run_serve(args: argparse.Namespace) -> None:
-    config = ServeConfig(**flag_values(args, ServeConfig))
+    given = flag_values(args, ServeConfig)
+    config = ServeConfig(**given)
     load = LoadConfig(**flag_values(args, LoadConfig), max_num_seqs=config.max_batch_size)
     sidecar = SidecarConfig(**flag_values(args, SidecarConfig))
     if sidecar.upstream:
+        unused = [name for name in GENERATING_SERVER_FIELDS if name in given]
+        if unused:
+            flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+            raise PrismError(f"{flags}: the sidecar does not generate, its upstream does (set batching, queue "
+                             "limits and deadlines there; --upstream-timeout bounds the sidecar's wait); drop "
+                             f"{'it' if len(unused) == 1 else 'them'} or serve without --upstream")
         from prism.serving.sidecar import serve_sidecar
 
         serve_sidecar(args.run, load, sidecar, config)

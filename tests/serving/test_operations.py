@@ -12,10 +12,9 @@ from types import SimpleNamespace
 
 import httpx2
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer
+from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, samples
 from prism.inference.transformers import PrismModel
 from prism.lm.gate import save_threshold
 from prism.serving.reload import reload_on_sighup
@@ -34,14 +33,6 @@ def scale_adapter(run, factor):
     path = run / "adapter" / "adapter_model.safetensors"
     weights = load_file(str(path))
     save_file({k: v * factor if "lora_B" in k else v for k, v in weights.items()}, str(path))
-
-
-def samples(http, path="/metrics"):
-    """{(name, sorted labels): value} from the Prometheus text, read by prometheus_client's own parser."""
-    reply = http.get(path)
-    assert reply.status_code == 200, reply.text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(reply.text) for s in family.samples}
 
 
 def delta(before, after, name, **labels):

@@ -1,6 +1,7 @@
 """The routing sidecar in front of a live `prism serve` upstream on loopback (both real servers)."""
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -111,6 +112,17 @@ def test_export_vllm_prints_both_commands(tiny_run, capsys):
 def test_sidecar_flags_need_both_model_names(tiny_run, capsys):
     assert main(["serve", str(tiny_run), "--upstream", "http://127.0.0.1:1/v1"]) == 2
     assert "--upstream-base-model and --upstream-adapter-model" in capsys.readouterr().err
+
+
+def test_sidecar_refuses_the_generating_servers_flags_by_name(tiny_run, capsys):
+    with socket.socket() as taken:  # were the flags let through, the sidecar would fail to bind at once, not serve
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(tiny_run), "--upstream", "http://127.0.0.1:1/v1", "--upstream-base-model", "b",
+                     "--upstream-adapter-model", "a", "--max-waiting", "4", "--request-timeout", "30",
+                     "--port", str(taken.getsockname()[1])]) == 2
+    error = capsys.readouterr().err
+    assert "--max-waiting, --request-timeout: the sidecar does not generate" in error and "Traceback" not in error
 
 
 def test_sidecar_route_endpoint_metrics_and_reload(stack, tiny_run, tmp_path):

@@ -14,6 +14,7 @@ from prism.lm.decoding import SamplingParams
 
 DEFAULT_MAX_TOKENS = 512  # a reply's length when neither the request nor the chat names one
 DEFAULT_PORT = 8000
+DEFAULT_MAX_WAITING = 128  # with the default batch of 32, the server holds at most 160 requests
 
 
 @dataclass
@@ -23,6 +24,12 @@ class ServeConfig:
     api_key: str | None = option("require 'Authorization: Bearer KEY' on /v1/, /metrics and /admin/ (none: open)",
                                  env="PRISM_API_KEY", default=None)
     max_batch_size: int = option("requests generated together", default=32)
+    max_waiting: int = option("requests held beyond --max-batch-size, waiting for a place in the batch; one more "
+                              "is refused at once with 429 and Retry-After (a load balancer's cue to try another "
+                              "replica)", default=DEFAULT_MAX_WAITING)
+    request_timeout: float | None = option("seconds a chat request may take, waiting included: past it the request "
+                                           "is aborted, its place freed, and the client gets 503 with Retry-After "
+                                           "(none: no limit)", default=None)
     default_max_tokens: int = option("completion length when a request gives no max_tokens",
                                      default=DEFAULT_MAX_TOKENS)
     request_log: str | None = option("append one JSON line per request (route, gate probability, threshold, tokens, "
@@ -34,6 +41,11 @@ class ServeConfig:
         for name in ("port", "max_batch_size", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise PrismError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise PrismError(f"max_waiting must be 0 or more (0: refuse what the batch cannot take), got "
+                             f"{self.max_waiting}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise PrismError(f"request_timeout must be a positive number of seconds, got {self.request_timeout}")
         if self.log_prompts and not self.request_log:
             raise PrismError("--log-prompts writes the messages into the request log: add --request-log FILE")
 

@@ -36,6 +36,13 @@ class ServingMetrics:
             self.upstream_errors = Counter("prism_upstream_errors", "Upstream failures, by kind (unreachable, or "
                                            "the HTTP status the upstream answered)", ["kind"], registry=registry)
         else:
+            self.running = Gauge("prism_requests_running", "Requests in the batch being generated",
+                                 registry=registry)
+            self.waiting = Gauge("prism_requests_waiting", "Requests held waiting for a place in the batch (the "
+                                 "queue depth; the server refuses more than --max-waiting)", registry=registry)
+            self.refused = Counter("prism_requests_refused", "Chat requests refused for load, by reason: "
+                                   "at_capacity (429) or timeout (503, aborted past --request-timeout)",
+                                   ["reason"], registry=registry)
             self.batch_size = Histogram("prism_batch_size", "Requests generated together per batch",
                                         buckets=BATCH_BUCKETS, registry=registry)
 

@@ -138,6 +138,7 @@ class Health(BaseModel):
     adapter: bool | None = absent()
     personas: list[str] | None = absent()
     waiting: int | None = absent()
+    running: int | None = absent()
     batches: int | None = absent()
     upstream: str | None = absent()
     models: dict[str, str] | None = absent()
@@ -164,9 +165,14 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of an endpoint's error statuses, each in OpenAI's error format."""
     why = {400: "a request the model cannot serve (context window, stop strings, roles) or malformed JSON",
            401: "a missing or wrong API key", 404: "an unknown model name", 409: "a reload that failed",
-           422: "a request the schema rejects", 500: "a failure while generating",
-           502: "the sidecar's upstream is unreachable"}
-    return {status: {"model": ErrorResponse, "description": why[status]} for status in statuses}
+           422: "a request the schema rejects", 429: "the server holds all the requests it may (--max-batch-size "
+           "plus --max-waiting): retry after Retry-After seconds, or on another replica",
+           500: "the server's own failure while generating (the reply names a request id the server log carries)",
+           502: "the sidecar's upstream is unreachable",
+           503: "the request outlived --request-timeout and was aborted: retry after Retry-After seconds"}
+    retry = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+    return {status: {"model": ErrorResponse, "description": why[status],
+                     **({"headers": retry} if status in (429, 503) else {})} for status in statuses}
 
 
 def reply(model: BaseModel, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -292,13 +298,14 @@ def decision_info(decision: RouteDecision, threshold: float) -> PrismInfo:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         body = ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers={**self.headers, **(headers or {})})
 
 
 def served_models(has_adapter: bool, personas: Sequence[str] = ()) -> list[str]:

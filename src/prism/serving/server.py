@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import queue
 import subprocess
 import threading
 import time
 import urllib.request
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -96,31 +98,75 @@ class EventPost:
             events.put_nowait(item)
 
 
+class RequestTimedOut(Exception):
+    """A request outlived --request-timeout (it is cancelled: its place in the batch is freed at the next step)."""
+
+
 @dataclass
 class Job:
     request: GenerationRequest
     post: EventPost
+    on_end: Callable[[Job], None]  # told once, when the engine is done with the request (its place is free)
+    deadline: float | None = None  # time.monotonic() past which the request is cancelled
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    ended: bool = False
 
     def put(self, item: StreamEvent | Exception) -> None:
+        if isinstance(item, Exception) or item.completion is not None:
+            self.end()
         self.post.put(self.events, item)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_end(self)
+
+    async def next(self) -> StreamEvent:
+        """The request's next event; raises the error that ended it, or RequestTimedOut past its deadline
+        (having cancelled it)."""
+        if self.deadline is None:
+            item = await self.events.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.monotonic()))
+            except TimeoutError:
+                self.request.cancel.set()
+                raise RequestTimedOut from None
+        if isinstance(item, Exception):
+            raise item
+        return item
 
 
 class Batcher:
     """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
     waiting max_wait_s for more to arrive) and runs them as one batch. A model that batches continuously
-    (llama.cpp) gets each request as it arrives instead, and the batch sizes are its decode steps'."""
+    (llama.cpp) gets each request as it arrives instead, and the batch sizes are its decode steps'.
+    Admission: the server holds at most max_batch_size + max_waiting requests (from submit until the engine
+    is done with them); `submit` refuses one more (`QueueFull`)."""
 
     def __init__(self, model: GatedModel, max_batch_size: int, max_wait_s: float = 0.01,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, max_waiting: int | None = None,
+                 request_timeout: float | None = None):
         self.model = model
         self.on_batch = on_batch  # told each batch's size (the batch-size histogram)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_waiting = max_waiting  # None: no limit
+        self.request_timeout = request_timeout
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0
+        self.in_flight = 0  # submitted, and not yet ended by the engine
+        self.running = 0  # in the batch being generated (the last decode step's size, when continuous)
+        self.recent_seconds: deque[float] = deque(maxlen=32)  # how long the last requests held their place
         self.thread: threading.Thread | None = None
         self._post: EventPost | None = None
+        self._count_lock = threading.Lock()
+
+    @property
+    def queued(self) -> int:
+        """Requests held that are not in the running batch."""
+        return max(0, self.in_flight - self.running)
 
     def start(self) -> None:
         # a new thread each time: the same app may be started again after a shutdown
@@ -136,9 +182,25 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if self._post is None or self._post.loop is not loop:  # the app may run again, on another loop
             self._post = EventPost(loop)
-        job = Job(request, self._post)
+        with self._count_lock:
+            if self.max_waiting is not None and self.in_flight >= self.max_batch_size + self.max_waiting:
+                raise QueueFull(self.in_flight, self.retry_after())
+            self.in_flight += 1
+        deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
+        job = Job(request, self._post, self._ended, deadline)
         self.waiting.put(job)
         return job
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: how long the recent requests held their place (1 to 60)."""
+        if not self.recent_seconds:
+            return 1
+        return min(60, max(1, math.ceil(sum(self.recent_seconds) / len(self.recent_seconds))))
+
+    def _ended(self, job: Job) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+            self.recent_seconds.append(time.monotonic() - job.submitted)
 
     def _work(self) -> None:
         continuous = self.model.continuous
@@ -156,7 +218,13 @@ class Batcher:
                     for job in jobs:
                         job.put(exc)
                 continue
-            self._run(self._gather(first, wait_s=self.max_wait_s))
+            jobs = self._gather(first, wait_s=self.max_wait_s)
+            live = [job for job in jobs if not job.request.cancel.is_set()]
+            for job in jobs:
+                if job.request.cancel.is_set():  # timed out or abandoned while it waited: never started
+                    job.end()
+            if live:
+                self._run(live)
 
     def _gather(self, first: Job, wait_s: float) -> list[Job]:
         """`first` and the jobs queued behind it, up to max_batch_size, waiting up to `wait_s` for more."""
@@ -174,6 +242,7 @@ class Batcher:
         return jobs
 
     def _observe_step(self, size: int) -> None:
+        self.running = size
         if self._post is not None:
             self._post.flush()  # the step's events, in one delivery
         if size:
@@ -183,19 +252,30 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
+        self.running = len(jobs)
         if self.on_batch is not None:
             self.on_batch(len(jobs))
         finished: set[int] = set()
         try:
             for event in self.model.stream([job.request for job in jobs]):
-                jobs[event.index].put(event)
                 if event.completion is not None:
                     finished.add(event.index)
+                    self.running = len(jobs) - len(finished)
+                jobs[event.index].put(event)
         except Exception as exc:  # one failing batch must not take the server down
             log.exception("batch of %d requests failed", len(jobs))
             for index, job in enumerate(jobs):
                 if index not in finished:
                     job.put(exc)
+        finally:
+            self.running = 0
+
+
+class QueueFull(Exception):
+    def __init__(self, held: int, retry_after: int):
+        super().__init__(f"the server is at capacity ({held} requests held: --max-batch-size plus --max-waiting); "
+                         f"retry in {retry_after} s or send it to another replica")
+        self.retry_after = retry_after
 
 
 def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics: bool = True,
@@ -206,7 +286,11 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
     config = with_options(ServeConfig, config, **options)
     observed = ServingMetrics() if metrics else None
     batcher = Batcher(model, max_batch_size=config.max_batch_size,
-                      on_batch=observed.batch_size.observe if observed is not None else None)
+                      on_batch=observed.batch_size.observe if observed is not None else None,
+                      max_waiting=config.max_waiting, request_timeout=config.request_timeout)
+    if observed is not None:
+        observed.running.set_function(lambda: batcher.running)
+        observed.waiting.set_function(lambda: batcher.queued)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -223,7 +307,8 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
     @app.get("/health", response_model=Health)
     async def health() -> Health:
         status = Health(run=str(model.run_path), engine=model.engine, adapter=model.has_adapter,
-                        threshold=model.threshold, waiting=batcher.waiting.qsize(), batches=batcher.batches,
+                        threshold=model.threshold, waiting=batcher.queued, running=batcher.running,
+                        batches=batcher.batches,
                         routing=model.routing)
         if model.personas:
             status.personas = list(model.personas)
@@ -232,7 +317,7 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
     install_route_and_reload(app, model, models, observed)
     served = Served(model, batcher, models, config.default_max_tokens, observed, request_log)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses(500))
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses(429, 500, 503))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await complete_chat(served, body, request)
 
@@ -262,21 +347,29 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
     if served.request_log is not None and served.request_log.log_prompts:
         record["messages"] = generation.messages
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"  # also the id a failure's reply and log line carry
-    job = served.batcher.submit(generation)
-    first = await job.events.get()
-    if isinstance(first, Exception):
-        raise _as_api_error(first, completion_id)
+    try:
+        job = served.batcher.submit(generation)
+    except QueueFull as full:
+        if observed is not None:
+            observed.refused.labels("at_capacity").inc()
+        raise ApiError(429, str(full), "rate_limit_error", code="server_at_capacity",
+                       headers={"Retry-After": str(full.retry_after)}) from None
+    try:
+        first = await job.next()
+    except Exception as exc:
+        raise _as_api_error(exc, completion_id, served) from None
     prism = _prism_info(first, model.threshold)
     note_decision(record, observed, "chat", prism)
     headers = {"x-prism-route": prism.route}
     if body.stream:
-        chunks = _sse_chunks(job, body, completion_id, prism, record, observed)
+        chunks = _sse_chunks(job, body, completion_id, prism, record, served)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
     text = []
     while True:
-        event = await job.events.get()
-        if isinstance(event, Exception):
-            raise _as_api_error(event, completion_id)
+        try:
+            event = await job.next()
+        except Exception as exc:
+            raise _as_api_error(exc, completion_id, served) from None
         text.append(event.delta)
         note_first_token(record, observed)
         if event.completion is not None:
@@ -329,10 +422,18 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
                              persona=persona)
 
 
-def _as_api_error(exc: Exception, request_id: str) -> ApiError:
-    """A failure while generating: a PrismError says what the request asked that cannot be served (400); anything
-    else is the server's fault (500), logged with its traceback under the request's id, and the reply names only
-    that id (what failed inside the server is not the client's to read)."""
+def _as_api_error(exc: Exception, request_id: str, served: Served) -> ApiError:
+    """A failure while generating: past --request-timeout, 503 with Retry-After (the request was aborted); a
+    PrismError says what the request asked that cannot be served (400); anything else is the server's fault (500),
+    logged with its traceback under the request's id, and the reply names only that id (what failed inside the
+    server is not the client's to read)."""
+    if isinstance(exc, RequestTimedOut):
+        if served.metrics is not None:
+            served.metrics.refused.labels("timeout").inc()
+        batcher = served.batcher
+        return ApiError(503, f"the request took longer than the server's --request-timeout "
+                        f"({batcher.request_timeout:g} s) and was aborted", "server_error", code="request_timeout",
+                        headers={"Retry-After": str(batcher.retry_after())})
     if isinstance(exc, PrismError):
         return ApiError(400, str(exc))
     log.error("request %s failed while generating", request_id, exc_info=exc)
@@ -363,7 +464,7 @@ def server_sent(model: BaseModel) -> str:
 
 
 async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str, prism: PrismInfo,
-                      record: dict[str, Any], metrics: ServingMetrics | None) -> AsyncIterator[str]:
+                      record: dict[str, Any], served: Served) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(delta: ChunkDelta, finish: Literal["stop", "length"] | None = None, **extra: Any) -> str:
@@ -374,13 +475,15 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
     try:
         yield chunk(ChunkDelta(role="assistant", content=""), prism=prism)
         while True:
-            event = await job.events.get()
-            if isinstance(event, Exception):
-                error = _as_api_error(event, completion_id)
-                yield server_sent(ErrorResponse(error=ErrorDetail(message=error.message, type=error.type)))
+            try:
+                event = await job.next()
+            except Exception as exc:
+                error = _as_api_error(exc, completion_id, served)
+                yield server_sent(ErrorResponse(error=ErrorDetail(message=error.message, type=error.type,
+                                                                  code=error.code)))
                 break
             if event.delta:
-                note_first_token(record, metrics)
+                note_first_token(record, served.metrics)
                 yield chunk(ChunkDelta(content=event.delta))
             if event.completion is not None:
                 note_usage(record, event.completion)
