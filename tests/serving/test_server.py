@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from helpers import BASE_QUERIES, PERSONA_QUERIES, LiveServer, free_port
+from prism.errors import ContextLengthError, PrismError
 from prism.inference.base import GenerationRequest
 from prism.inference.transformers import PrismModel
 from prism.lm.decoding import SamplingParams
@@ -303,3 +304,22 @@ def test_a_failure_inside_the_server_is_a_500_with_a_request_id_the_log_carries(
     assert logged and "0xdeadbeef" in str(logged[0].exc_info[1])
     monkeypatch.undo()
     assert client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=2).choices
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (PrismError("llama.cpp cannot make a context of 32 x 1024 tokens: not enough memory"), 500, None),
+    (ContextLengthError("a prompt of 300 tokens and 16 new ones do not fit"), 400, "context_length_exceeded")])
+def test_an_engine_failure_is_typed_by_whose_fault_it_is(server, client, monkeypatch, error, status, code):
+    """Raised inside the engine while generating: a limit of the request is the client's to fix (400, the
+    engine's message); the engine's own trouble is the server's fault (500, the message kept for the log)."""
+
+    def failing(_requests, _adapters):
+        raise error
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(server["model"], "_stream", failing)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=4)
+    body = failed.value.body
+    assert failed.value.status_code == status and body["code"] == code
+    assert (str(error) in body["message"]) == (status == 400)

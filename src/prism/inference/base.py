@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from prism.config import ROUTINGS, with_options
-from prism.errors import ContextLengthError, PrismError
+from prism.errors import ContextLengthError, PrismError, RequestError
 from prism.inference.artifacts import FinishedRun, adapter_key
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
 from prism.lm.gate import Gate, check_threshold, save_threshold
@@ -38,11 +38,11 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
-            raise PrismError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
+            raise RequestError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
         if self.persona is not None and self.route != "persona":
-            raise PrismError(f"a persona ({self.persona!r}) is named only with route 'persona', not {self.route!r}")
+            raise RequestError(f"a persona ({self.persona!r}) is named only with route 'persona', not {self.route!r}")
         if self.routing is not None and self.routing not in ROUTINGS:
-            raise PrismError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+            raise RequestError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
 
 
 @dataclass
@@ -281,10 +281,10 @@ class GatedModel(Gates, ABC):
         if persona is not None:
             if persona not in self.personas:
                 served = ", ".join(self.personas) or "none: serve a run bootstrapped with --routing kway"
-                raise PrismError(f"this model has no k-way adapter for the persona {persona!r}; its personas: "
+                raise RequestError(f"this model has no k-way adapter for the persona {persona!r}; its personas: "
                                  f"{served}")
         elif not self.has_adapter:
-            raise PrismError("this run has no adapter (its distill stage was skipped): the persona route is "
+            raise RequestError("this run has no adapter (its distill stage was skipped): the persona route is "
                              "unavailable")
 
     def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:

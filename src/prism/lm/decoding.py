@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from prism.errors import PrismError
+from prism.errors import RequestError
 
 
 @dataclass
@@ -29,15 +29,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise PrismError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
-            raise PrismError(f"temperature must be between 0 and 2, got {self.temperature}")
+            raise RequestError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise PrismError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise PrismError(f"top logprobs must be between 0 and 20, got {self.logprobs}")
+            raise RequestError(f"top logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not s for s in self.stop):
-            raise PrismError("stop strings must not be empty")
+            raise RequestError("stop strings must not be empty")
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))

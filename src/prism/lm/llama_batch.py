@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism.errors import ContextLengthError, PrismError
+from prism.errors import ContextLengthError, PrismError, RequestError
 from prism.lm.llama import build_failure, warn_if_openmp
 from prism.lm.llama_weights import prefills_together
 
@@ -480,7 +480,7 @@ class BatchedLlama:
                                      f"do not fit llama.cpp's {context.slot_tokens}-token sequences: shorten it, ask "
                                      "for fewer tokens, or raise --max-model-len")
         if not sequence.ids:
-            raise PrismError("an empty prompt has nothing to decode")
+            raise RequestError("an empty prompt has nothing to decode")
         with self._cond:
             if self._closed:
                 raise PrismError("the llama.cpp engine was closed")

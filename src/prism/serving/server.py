@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from prism.config import with_options
-from prism.errors import ContextLengthError, PrismError
+from prism.errors import ContextLengthError, PrismError, RequestError
 from prism.inference.base import Completion, GatedModel, GenerationRequest, StreamEvent
 from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
@@ -415,7 +415,7 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     except ContextLengthError as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
-    except PrismError as exc:
+    except RequestError as exc:
         raise ApiError(400, str(exc)) from None
     route, persona = model_route(body.model)
     return GenerationRequest(messages, route, params, cancel=threading.Event(), assistant_prefix=prefix,
@@ -423,10 +423,10 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
 
 
 def _as_api_error(exc: Exception, request_id: str, served: Served) -> ApiError:
-    """A failure while generating: past --request-timeout, 503 with Retry-After (the request was aborted); a
-    PrismError says what the request asked that cannot be served (400); anything else is the server's fault (500),
-    logged with its traceback under the request's id, and the reply names only that id (what failed inside the
-    server is not the client's to read)."""
+    """A failure while generating, typed by whose fault it is: past --request-timeout, 503 with Retry-After (the
+    request was aborted); a RequestError says what the request asked that cannot be served (400); anything else,
+    a PrismError of the engine's included, is the server's fault (500), logged with its traceback under the
+    request's id, and the reply names only that id (what failed inside the server is not the client's to read)."""
     if isinstance(exc, RequestTimedOut):
         if served.metrics is not None:
             served.metrics.refused.labels("timeout").inc()
@@ -434,8 +434,9 @@ def _as_api_error(exc: Exception, request_id: str, served: Served) -> ApiError:
         return ApiError(503, f"the request took longer than the server's --request-timeout "
                         f"({batcher.request_timeout:g} s) and was aborted", "server_error", code="request_timeout",
                         headers={"Retry-After": str(batcher.retry_after())})
-    if isinstance(exc, PrismError):
-        return ApiError(400, str(exc))
+    if isinstance(exc, RequestError):
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+        return ApiError(400, str(exc), param="messages" if code else None, code=code)
     log.error("request %s failed while generating", request_id, exc_info=exc)
     return ApiError(500, f"the server failed while generating this reply (request id {request_id}; the server log "
                     "has the details)", "server_error")
