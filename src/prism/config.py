@@ -77,6 +77,7 @@ ROUTINGS = ("binary", "kway")
 GATE_POOLS = ("last", "mean")  # the gate feature's pooling over the prompt's tokens
 GATE_DEPTH_SHARE_INVERSE = 15  # the default gate block: 1/15 of the depth (2 of 30: measured, docs/results.md)
 GATE_CLASSIFIERS = ("auto", "logistic", "mlp", "knn")
+GATE_LABELS = ("persona", "adapter")  # what the gate learns from: the teacher's verdicts, or the adapter's own
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
 JUDGES = ("pairwise", "pointwise", "verifier")
@@ -88,9 +89,12 @@ JUDGE_FIELDS = {"judge", "verifier", "verifiers", "pointwise_margin", "judge_cal
 # Fields that decide only the gate stage (gate_layer also the adapters, which train above it): a run may change
 # them and keep everything up to its labels.
 GATE_FIELDS = {"gate_layer", "gate_pool", "gate_classifier", "gate_hidden", "gate_dropout", "gate_lr", "gate_epochs",
-               "gate_folds", "gate_prior_strength"}
+               "gate_folds", "gate_prior_strength", "gate_labels"}
 # Input files: a run's identity holds their content, not their path (a moved run resumes).
 CONTENT_FIELDS = {"personas_file", "examples_file", "queries_file", "negatives"}
+# What a run made before a field existed did, where today's default does something else: a run that records no
+# gate_labels learnt its gate from the teacher's verdicts.
+BEFORE_THE_FIELD = {"gate_labels": "persona"}
 # Fields that matter to a run only under one setting of another field: outside it they are not its identity.
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
@@ -199,6 +203,11 @@ class BootstrapConfig:
     gate_classifier: str = option(
         "the gate's classifier: 'auto' (chosen by cross-validation among L2 logistic regression, k nearest "
         "neighbours and the MLP) or one of them", choices=GATE_CLASSIFIERS, default="auto")
+    gate_labels: str = option(
+        "what the gate learns from: 'adapter' (after distill, the adapter answers every query itself and the judge "
+        "compares that answer with the plain one: the gate learns where the adapter it routes to helps and where "
+        "it hurts) or 'persona' (the teacher's verdicts, persona prompt against plain: the paper's; no extra "
+        "generation)", choices=GATE_LABELS, default="adapter")
     gate_hidden: int = option("gate MLP hidden size", default=256)
     gate_dropout: float = option("gate MLP dropout", default=0.1)
     gate_lr: float = option("gate learning rate (AdamW)", default=1e-3)
@@ -279,6 +288,8 @@ class BootstrapConfig:
             raise PrismError(f"unknown routing {self.routing!r}: choose one of {', '.join(ROUTINGS)}")
         if self.gate_pool not in GATE_POOLS:
             raise PrismError(f"unknown gate_pool {self.gate_pool!r}: choose one of {', '.join(GATE_POOLS)}")
+        if self.gate_labels not in GATE_LABELS:
+            raise PrismError(f"unknown gate_labels {self.gate_labels!r}: choose one of {', '.join(GATE_LABELS)}")
         if self.gate_classifier not in GATE_CLASSIFIERS:
             raise PrismError(f"unknown gate_classifier {self.gate_classifier!r}: choose one of "
                              f"{', '.join(GATE_CLASSIFIERS)}")
@@ -429,7 +440,8 @@ def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     is a binary run, and resumes as one). A gate trained before gate_layer and gate_pool existed says what it reads
     in its own config.json (block 0, last token); the run resumes as it is."""
     defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(BootstrapConfig)}
+                for f in dataclasses.fields(BootstrapConfig)} | BEFORE_THE_FIELD
+
     return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from prism.errors import PrismError
 
-STAGES = ["personas", "queries", "answers", "verify", "gate", "distill"]
+# The gate comes last: it may learn from the adapter's own outcomes (gate_labels "adapter"), judged after distill.
+STAGES = ["personas", "queries", "answers", "verify", "distill", "adapter_outcomes", "gate"]
 FINISHED = ("done", "skipped")  # a stage's statuses that need no more work
 
 
@@ -23,6 +24,9 @@ FILES = {
     "judgments": "judgments.jsonl",
     "labels": "labels.jsonl",
     "negatives": "negatives.jsonl",
+    "adapter_answers": "adapter_answers.jsonl",  # adapter_outcomes: the adapter's own answers,
+    "adapter_judgments": "adapter_judgments.jsonl",  # each judged against the plain answer,
+    "adapter_labels": "adapter_labels.jsonl",  # and one label per query (persona_answer: the adapter's)
     "distill_log": "distill_log.jsonl",
 }
 MANIFEST = "manifest.json"
@@ -173,8 +177,9 @@ def move_aside(path: Path) -> Path:
 
 
 # What the verify stage and the stages after it write: a run that changes its judge sets these aside.
+ADAPTER_OUTCOMES = (FILES["adapter_answers"], FILES["adapter_judgments"], FILES["adapter_labels"])
 JUDGED_OUTPUTS = (FILES["judgments"], FILES["labels"], FILES["distill_log"], GATE_DIR, ADAPTER_DIR, KWAY_DIR,
-                  EXPORT_DIR, EVAL_DIR)
+                  EXPORT_DIR, EVAL_DIR, *ADAPTER_OUTCOMES)
 
 
 def set_aside(root: Path, names: Iterable[str]) -> Path | None:

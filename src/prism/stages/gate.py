@@ -18,7 +18,7 @@ from prism.errors import PrismError
 from prism.lm.batching import gate_features
 from prism.lm.gate import GATE_CONFIG, Gate, GateConfig, feature_description
 from prism.lm.models import chat_prompt, decoder_layers, gate_feature_model
-from prism.runs import GATE_DIR, KWAY_GATE
+from prism.runs import GATE_DIR, KWAY_GATE, RunDir
 from prism.stages import negatives
 from prism.stages.context import StageContext
 from prism.stages.gate_selection import Targets, candidates_for, fit, nested_cv, select, threshold_for_gain
@@ -152,9 +152,17 @@ def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Ten
 NEGATIVES_DOMAIN = "(gold questions)"  # the clean negatives' group: their targets shrink toward 0, their own rate
 
 
+def learns_from(run_dir: RunDir) -> str:
+    """The labels the binary gate learns from: the adapter's own outcomes when the adapter_outcomes stage made
+    them, else the teacher's verdicts."""
+    return "adapter_labels" if run_dir.stage_status("adapter_outcomes") == "done" else "labels"
+
+
 def run(ctx: StageContext) -> dict:
     cfg, run_dir = ctx.config, ctx.run
-    records = read_labels(run_dir)
+    source = learns_from(run_dir)
+    records = read_labels(run_dir, source)
+    teacher = records if source == "labels" else read_labels(run_dir)  # the k-way classes are the teacher's
     if not records:
         raise PrismError("the gate has no labelled queries to learn from: the verify stage produced none")
     info: dict[str, Any] = {}
@@ -169,8 +177,8 @@ def run(ctx: StageContext) -> dict:
     labelled = [r.domain for r in records]
     # the gate's class: the persona does better than base on this query (its win rate, ties half, above 0.5)
     labels = (rates > 0.5).long()
-    kway = kway_classes(records, cfg.kway_min_wins) if cfg.routing == "kway" else None
-    kway_labels = torch.tensor([kway_label(r, kway[0]) for r in records] + [0] * len(extra)) if kway else None
+    kway = kway_classes(teacher, cfg.kway_min_wins) if cfg.routing == "kway" else None
+    kway_labels = torch.tensor([kway_label(r, kway[0]) for r in teacher] + [0] * len(extra)) if kway else None
     layer = cfg.gate_layer_of(len(decoder_layers(ctx.model.model)))
     info["layer"], info["pool"] = layer, cfg.gate_pool
     features = None
@@ -190,7 +198,9 @@ def run(ctx: StageContext) -> dict:
 
     soft_targets = shrunk_targets(rates, samples, domains, cfg.gate_prior_strength)
     shrunk, domain_rates = shrunk_win_rates(rates, samples, domains, cfg.gate_prior_strength)
-    targets_info = {"kind": "persona win rate shrunk toward its domain's", "prior_strength": cfg.gate_prior_strength,
+    won = "adapter's" if source == "adapter_labels" else "persona's"
+    targets_info = {"kind": f"the {won} win rate against plain, shrunk toward its domain's", "labels": source,
+                    "prior_strength": cfg.gate_prior_strength,
                     "label_samples": int(samples.max()), "domain_win_rates": domain_rates}
     # a binary run turned k-way keeps its binary gate (and a threshold calibrated for it)
     kept = run_dir.manifest()["stages"].get("gate", {}).get("binary_gate")

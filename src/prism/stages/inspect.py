@@ -44,6 +44,9 @@ def inspect_run(path: str | Path) -> dict[str, Any]:
         "positives", "constant_route", "targets") if k in gate_info}
     summary["domain_separability"] = gate_info.get("domain_separability")
     summary["labels"] = label_summary(labels, stages.get("verify", {}))
+    outcomes_info = stages.get("adapter_outcomes", {})
+    summary["adapter_outcomes"] = {k: outcomes_info.get(k) for k in ("adapter_outcomes", "queries", "why")
+                                   if k in outcomes_info}
     distill_info = stages.get("distill", {})
     summary["adapter"] = {k: distill_info.get(k) for k in ("trainable_params", "share_of_base") if k in distill_info}
     summary["distill"] = {k: distill_info.get(k) for k in ("persona_signal", "loss_first", "loss_last", "steps",
@@ -97,6 +100,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     if separability and separability.get("accuracy") is not None:
         lines.append(f"domains  a probe tells the {separability['domains']} domains apart from the gate's feature at "
                      f"{separability['accuracy']:.2f} out-of-fold (chance {separability['chance']:.2f})")
+    outcomes = summary.get("adapter_outcomes") or {}
+    if "adapter_outcomes" in outcomes:
+        counts = outcomes["adapter_outcomes"]
+        lines.append(f"adapter  its own answers against plain, judged (what the gate learns from): {counts['win']} "
+                     f"wins, {counts['tie']} ties, {counts['loss']} losses over {outcomes['queries']} queries")
     gate = summary.get("gate") or {}
     if gate.get("kind") == "constant":
         target = "the adapter" if gate["constant_route"] else "the base model"

@@ -1,4 +1,4 @@
-"""The bootstrap: six stages over one run directory, each skipped when done and resumed when cut short."""
+"""The bootstrap: seven stages over one run directory, each skipped when done and resumed when cut short."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from prism.lm.gate import GATE_CONFIG
 from prism.lm.models import LoadedModel, load_model
 from prism.runs import (
     ADAPTER_DIR,
+    ADAPTER_OUTCOMES,
     EVAL_DIR,
     EXPORT_DIR,
     FILES,
@@ -47,7 +48,7 @@ from prism.runs import (
     now,
     set_aside,
 )
-from prism.stages import answers, distill, gate, personas, queries, verify
+from prism.stages import adapter_outcomes, answers, distill, gate, personas, queries, verify
 from prism.stages.context import StageContext
 from prism.stages.inspect import inspect_run
 
@@ -58,8 +59,9 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict | None]] = {
     "queries": queries.run,
     "answers": answers.run,
     "verify": verify.run,
-    "gate": gate.run,
     "distill": distill.run,
+    "adapter_outcomes": adapter_outcomes.run,
+    "gate": gate.run,
 }
 ENGINE_KEY_ENV = "PRISM_ENGINE_API_KEY"
 
@@ -171,12 +173,15 @@ def change_gate(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig, 
     old = with_new_defaults(manifest["config"])
     names, stages = [GATE_DIR, EVAL_DIR], ["gate"]
     if "gate_layer" in changed:
-        names += [ADAPTER_DIR, KWAY_DIR, EXPORT_DIR, FILES["distill_log"],
+        names += [ADAPTER_DIR, KWAY_DIR, EXPORT_DIR, FILES["distill_log"], *ADAPTER_OUTCOMES,
                   *(p.name for p in run.path.glob(f"{distill.CHECKPOINT}*"))]
-        stages.append("distill")
+        stages += ["distill", "adapter_outcomes"]
+    elif "gate_labels" in changed:  # the same adapter: answers and verdicts already made for it are kept
+        stages.append("adapter_outcomes")
     elif (run.path / KWAY_GATE).exists():
         names.append(KWAY_GATE)
     aside = set_aside(run.path, names)
+    stages = [s for s in STAGES if s in stages]
     for stage in stages:
         manifest["stages"][stage] = {"status": "pending"}
     manifest["config"] = config.to_dict()
@@ -204,14 +209,14 @@ def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig,
     RUN/replaced-<time>/ while verify, gate and distill run again."""
     old = with_new_defaults(manifest["config"])
     aside = set_aside(run.path, [*JUDGED_OUTPUTS, *(p.name for p in run.path.glob(f"{distill.CHECKPOINT}*"))])
-    for stage in ("verify", "gate", "distill"):
+    for stage in ("verify", "distill", "adapter_outcomes", "gate"):
         manifest["stages"][stage] = {"status": "pending"}
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
     manifest["config_identity"] = config.identity()
     run.save_manifest(manifest)
     changes = reason or "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-    log.warning("%s: %s: the personas, queries and answers are kept; verify, gate and distill run again%s", run.path,
+    log.warning("%s: %s: the personas, queries and answers are kept; verify, distill and gate run again%s", run.path,
                 changes, f" (the old verdicts, labels, gate, adapter and eval records are in {aside})" if aside else "")
 
 
@@ -272,7 +277,8 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
             if stage not in ENGINE_STAGES and hasattr(ctx.engine, "close"):
                 ctx.engine.close()  # the stages left train on the local model: free llama.cpp's weights and caches
                 ctx.engine = None
-            if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES):
+            skipped = adapter_outcomes.skip_reason(config, run) if stage == "adapter_outcomes" else None
+            if ctx.lm is None and (ctx.engine is None or stage not in ENGINE_STAGES) and skipped is None:
                 _load_local_model(ctx)
             if stage == "distill" and state.num_processes > 1:
                 distill_run(run.path, lm=ctx.lm)  # the same steps the other processes take
@@ -285,8 +291,8 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
             _check_stage_output(run, config, stage)
             seconds = previous.get("seconds", 0.0) + time.time() - begun
             status = "skipped" if info.get("skipped") else "done"
-            engine = ctx.generator.describe() if stage in ENGINE_STAGES else {"kind": "transformers",
-                                                                              "model": ctx.model.identity.get("name")}
+            engine = (ctx.generator.describe() if stage in ENGINE_STAGES else {} if skipped is not None else
+                      {"kind": "transformers", "model": ctx.model.identity.get("name")})
             run.update_stage(stage, status=status, finished=now(), seconds=round(seconds, 2), engine=engine, **info)
     finally:  # an error or Ctrl-C leaves no llama.cpp context behind (the CLI may go on, a test surely does)
         if hasattr(ctx.engine, "close"):

@@ -113,13 +113,15 @@ def wilson_interval(rate: float, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, center - half), min(1.0, center + half)]
 
 
-def read_judgments(run: RunDir) -> list[Judgment]:
-    return [Judgment(**_known(Judgment, r)) for r in run.read("judgments")]
+def read_judgments(run: RunDir, name: str = "judgments") -> list[Judgment]:
+    """The verify stage's judgments (or, `name` "adapter_judgments", the adapter_outcomes stage's)."""
+    return [Judgment(**_known(Judgment, r)) for r in run.read(name)]
 
 
-def read_labels(run: RunDir) -> list[Label]:
-    return [Label(**_known(Label, r)) for r in run.read("labels")]
+def read_labels(run: RunDir, name: str = "labels") -> list[Label]:
+    """The verify stage's labels (or, `name` "adapter_labels", the adapter_outcomes stage's)."""
+    return [Label(**_known(Label, r)) for r in run.read(name)]
 
 
-def write_labels(run: RunDir, labels: list[Label]) -> None:
-    run.rewrite("labels", [label.to_record() for label in labels])
+def write_labels(run: RunDir, labels: list[Label], name: str = "labels") -> None:
+    run.rewrite(name, [label.to_record() for label in labels])

@@ -32,10 +32,23 @@ def judgment_id(query_id: str, slot: str, sample: int = 0) -> str:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg, run_dir = ctx.config, ctx.run
+    answers = answers_by_sample(run_dir.read("answers"))
+    judge_pairs(ctx, answers, "judgments")
+    reliability = write_labels(ctx, answers, "judgments", "labels")
+    info: dict[str, Any] = {"label_samples": cfg.label_samples}
+    if reliability is not None:
+        info["label_reliability"] = reliability
+    if JUDGES[cfg.judge].KIND == "verifier":
+        info["verifier_sources"] = verifier_sources(cfg)
+    return info
+
+
+def judge_pairs(ctx: StageContext, answers: dict[tuple[str, str, int], str], judgments: str) -> None:
+    """Judge every kept query's K (persona, plain) answer pairs in `answers` that the records `judgments` lack."""
+    cfg, run_dir = ctx.config, ctx.run
     judge = JUDGES[cfg.judge]
     queries = {q["id"]: q for q in kept_queries(run_dir.read("queries"))}
-    answers = answers_by_sample(run_dir.read("answers"))
-    done = {j.id for j in read_judgments(run_dir)}
+    done = {j.id for j in read_judgments(run_dir, judgments)}
     jobs = [(qid, slot, k) for qid in queries for k in range(cfg.label_samples) for slot in judge.SLOTS
             if judgment_id(qid, slot, k) not in done]
     # Judged in chunks, each saved before the next starts (a kill loses one chunk at most); whatever a chunk
@@ -51,14 +64,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 records.append(Judgment(id=judgment_id(qid, slot, k), query_id=qid, kind=judge.KIND,
                                         sample=k or None, **measured))
         finally:
-            run_dir.append("judgments", [j.to_record() for j in records])
-    reliability = write_labels(ctx)
-    info: dict[str, Any] = {"label_samples": cfg.label_samples}
-    if reliability is not None:
-        info["label_reliability"] = reliability
-    if judge.KIND == "verifier":
-        info["verifier_sources"] = verifier_sources(cfg)
-    return info
+            run_dir.append(judgments, [j.to_record() for j in records])
 
 
 def verifier_sources(config: BootstrapConfig) -> dict[str, str]:
@@ -67,17 +73,18 @@ def verifier_sources(config: BootstrapConfig) -> dict[str, str]:
     return {spec: digest for spec in sorted(specs) if (digest := source_digest(spec)) is not None}
 
 
-def write_labels(ctx: StageContext) -> dict[str, Any] | None:
-    """One label per query from its K judged answer pairs: the outcome of each, the persona win rate (ties count
-    half) with its interval, and label 1 (distill) when the rate reaches distill_min_win_rate. Returns the labels'
-    split-half reliability (None with K < 2)."""
+def write_labels(ctx: StageContext, answers: dict[tuple[str, str, int], str], judgments: str = "judgments",
+                 labels_name: str = "labels") -> dict[str, Any] | None:
+    """One label per query from its K judged answer pairs (`answers`, judged in the records `judgments`): the
+    outcome of each, the persona win rate (ties count half) with its interval, and label 1 (distill) when the rate
+    reaches distill_min_win_rate, written as the records `labels_name`. Returns the labels' split-half reliability
+    (None with K < 2)."""
     cfg, run_dir = ctx.config, ctx.run
     judge = JUDGES[cfg.judge]
     personas = {p["id"]: p for p in run_dir.read("personas")}
     queries = kept_queries(run_dir.read("queries"))
-    answers = answers_by_sample(run_dir.read("answers"))
     judged: dict[tuple[str, int], dict[str, Judgment]] = {}
-    for j in read_judgments(run_dir):
+    for j in read_judgments(run_dir, judgments):
         if j.kind == judge.KIND and j.pair[1] < cfg.label_samples:
             judged.setdefault(j.pair, {})[j.slot] = j
     pairs = [(q["id"], k) for q in queries for k in range(cfg.label_samples)]
@@ -98,7 +105,7 @@ def write_labels(ctx: StageContext) -> dict[str, Any] | None:
             **evidence,
             **({"sample_outcomes": outcomes, "win_rate": rate,
                 "win_rate_interval": wilson_interval(rate, len(outcomes)), "sample": chosen or None} if many else {})))
-    write_labels_file(run_dir, labels)
+    write_labels_file(run_dir, labels, labels_name)
     return label_reliability(labels)
 
 
