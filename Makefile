@@ -31,11 +31,12 @@ demo: $(BIN)/prism
 	$(BIN)/python benchmarks/known_answer.py --demo --out runs/demo
 
 # Two pytest-xdist workers, one per core (each with one PyTorch thread, tests/conftest.py); a test file stays on one
-# worker (--dist loadfile) so its module fixtures, live servers included, are built once.
+# worker (--dist loadfile) so its module fixtures, live servers included, are built once; files go out in the order
+# tests/conftest.py gives them, the longest first (xdist would otherwise hand out the files with most tests first).
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mkdocs build --strict
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 # Rebuild llama-cpp-python with the portable flags (after a build that fails PRISM's start-up probe).
 llamacpp: $(BIN)/prism

@@ -9,7 +9,7 @@ from prism.runs import STAGES, RunDir, adapter_dir
 from prism.stages import adapter_outcomes, distill, gate, verify
 from prism.stages.answers import answers_by_sample
 from prism.stages.context import StageContext
-from prism.stages.pipeline import bootstrap
+from prism.stages.pipeline import bootstrap, distill_run
 from prism.stages.queries import kept_queries
 
 # The adapter's answers, by query, against the plain answers of PAIRS judged by max-words:5: it wins only where the
@@ -106,3 +106,19 @@ def test_the_bootstrap_runs_the_stage_between_distill_and_gate_and_a_change_of_l
     manifest = run.manifest()["stages"]
     assert summary["stages"]["adapter_outcomes"] == "skipped" and manifest["gate"]["targets"]["labels"] == "labels"
     assert (run.path / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
+
+
+def test_a_retrained_adapter_has_its_outcomes_judged_again(tiny_config, tmp_path, monkeypatch, caplog):
+    plant_a_judge_that_prefers_some_persona_answers(monkeypatch)
+    config = tiny_config(seed=5, queries_per_persona=8, gate_labels="adapter")
+    run = RunDir(tmp_path / "run")
+    bootstrap(config, run.path)
+    old_answers = run.read("adapter_answers")
+    summary = distill_run(run.path, force=True)
+    assert summary["stages"]["distill"] == "done"
+    assert summary["stages"]["adapter_outcomes"] == summary["stages"]["gate"] == "pending"
+    assert not run.file("adapter_answers").exists() and list(run.path.glob("replaced-*/adapter_answers.jsonl"))
+    assert "prism bootstrap --out" in caplog.text
+    summary = bootstrap(config, run.path)
+    assert summary["stages"]["adapter_outcomes"] == summary["stages"]["gate"] == "done"
+    assert len(run.read("adapter_answers")) == len(old_answers)

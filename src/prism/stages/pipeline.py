@@ -220,6 +220,7 @@ def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig,
                 changes, f" (the old verdicts, labels, gate, adapter and eval records are in {aside})" if aside else "")
 
 
+AFTER_DISTILL = STAGES[STAGES.index("distill") + 1:]  # they read the adapter: a new one makes them run again
 # Stages that only generate text or judge: an OpenAI-compatible server can run them.
 ENGINE_STAGES = ("personas", "queries", "answers", "verify")
 
@@ -339,6 +340,12 @@ def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = N
         for checkpoint in run.path.glob(f"{distill.CHECKPOINT}*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
         run.update_stage("distill", binary_adapter=None, kway_adapters={})
+        aside = set_aside(run.path, ADAPTER_OUTCOMES)  # the old adapter's answers and verdicts: the new one's differ
+        if aside:
+            log.info("moved the previous adapter's answers and verdicts to %s", aside)
+        manifest = run.manifest()
+        manifest["stages"].update({stage: {"status": "pending"} for stage in AFTER_DISTILL})
+        run.save_manifest(manifest)
     state.wait_for_everyone()
     ctx = StageContext(run=run, config=config)
     ctx.lm = lm or load_model(config.model, device=_process_device(config), trust_remote_code=config.trust_remote_code)
@@ -351,6 +358,10 @@ def distill_run(out: str | Path, force: bool = False, lm: LoadedModel | None = N
         run.update_stage("distill", status=status, finished=now(), seconds=round(time.time() - begun, 2),
                          engine={"kind": "transformers", "model": ctx.model.identity.get("name"),
                                  "processes": state.num_processes}, **info)
+        left = [s for s in AFTER_DISTILL if run.stage_status(s) not in FINISHED]
+        if left:
+            log.warning("%s: %s still to run after distill: `prism bootstrap --out %s` (with the same options) "
+                        "finishes the run", run.path, " and ".join(left), run.path)
     state.wait_for_everyone()
     return inspect_run(run.path)
 
