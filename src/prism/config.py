@@ -441,7 +441,6 @@ def with_new_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     in its own config.json (block 0, last token); the run resumes as it is."""
     defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(BootstrapConfig)} | BEFORE_THE_FIELD
-
     return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 

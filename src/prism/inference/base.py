@@ -282,10 +282,10 @@ class GatedModel(Gates, ABC):
             if persona not in self.personas:
                 served = ", ".join(self.personas) or "none: serve a run bootstrapped with --routing kway"
                 raise RequestError(f"this model has no k-way adapter for the persona {persona!r}; its personas: "
-                                 f"{served}")
+                                   f"{served}")
         elif not self.has_adapter:
             raise RequestError("this run has no adapter (its distill stage was skipped): the persona route is "
-                             "unavailable")
+                               "unavailable")
 
     def prompt(self, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
         return conversation_prompt(self.tokenizer, messages) + assistant_prefix

@@ -218,11 +218,12 @@ class Batcher:
                     for job in jobs:
                         job.put(exc)
                 continue
-            jobs = self._gather(first, wait_s=self.max_wait_s)
-            live = [job for job in jobs if not job.request.cancel.is_set()]
-            for job in jobs:
+            live = []
+            for job in self._gather(first, wait_s=self.max_wait_s):
                 if job.request.cancel.is_set():  # timed out or abandoned while it waited: never started
                     job.end()
+                else:
+                    live.append(job)
             if live:
                 self._run(live)
 

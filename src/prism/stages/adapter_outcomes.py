@@ -19,7 +19,7 @@ from prism.engines.base import Prompt
 from prism.engines.local import LocalEngine
 from prism.runs import RunDir, adapter_dir, has_adapter_weights
 from prism.stages import verify
-from prism.stages.answers import answer_id, answers_by_sample
+from prism.stages.answers import answer_id, answer_record, answers_by_sample
 from prism.stages.context import StageContext, derive_seed
 from prism.stages.distill import load_adapter
 from prism.stages.queries import kept_queries
@@ -72,10 +72,7 @@ def generate_answers(ctx: StageContext, jobs: list[tuple[dict[str, Any], int]]) 
                                                 max_new_tokens=cfg.answer_max_tokens,
                                                 temperature=cfg.answer_temperature, seeds=seeds,
                                                 batch_size=cfg.batch_size, desc="adapter answers"):
-            run_dir.append("adapter_answers", [
-                {"id": answer_id(jobs[i][0]["id"], VARIANT, jobs[i][1]), "query_id": jobs[i][0]["id"],
-                 "variant": VARIANT, **({"sample": jobs[i][1]} if jobs[i][1] else {}),
-                 "answer": out.text.strip(), "new_tokens": out.new_tokens, "finished": out.finished}
-                for i, out in zip(indices, outputs)])
+            run_dir.append("adapter_answers", [answer_record(jobs[i][0]["id"], VARIANT, jobs[i][1], out)
+                                               for i, out in zip(indices, outputs)])
     finally:
         adapted.unload()  # the LoRA layers out of the base model's modules again

@@ -4,7 +4,9 @@ before K existed, so such a run resumes unchanged)."""
 
 from __future__ import annotations
 
-from prism.engines.base import Prompt
+from typing import Any
+
+from prism.engines.base import Generation, Prompt
 from prism.stages.context import StageContext, derive_seed
 from prism.stages.queries import kept_queries
 
@@ -40,12 +42,15 @@ def run(ctx: StageContext) -> None:
         seeds=[answer_seed(cfg.seed, q["id"], variant, sample) for q, variant, sample in jobs],
         batch_size=cfg.batch_size, desc="answers",
     ):
-        run_dir.append("answers", [
-            {"id": answer_id(jobs[i][0]["id"], jobs[i][1], jobs[i][2]), "query_id": jobs[i][0]["id"],
-             "variant": jobs[i][1], **({"sample": jobs[i][2]} if jobs[i][2] else {}),
-             "answer": out.text.strip(), "new_tokens": out.new_tokens, "finished": out.finished}
-            for i, out in zip(indices, outputs)
-        ])
+        run_dir.append("answers", [answer_record(jobs[i][0]["id"], jobs[i][1], jobs[i][2], out)
+                                   for i, out in zip(indices, outputs)])
+
+
+def answer_record(query_id: str, variant: str, sample: int, out: Generation) -> dict[str, Any]:
+    """An answers record (the adapter_outcomes stage writes its own answers in the same format)."""
+    return {"id": answer_id(query_id, variant, sample), "query_id": query_id, "variant": variant,
+            **({"sample": sample} if sample else {}), "answer": out.text.strip(), "new_tokens": out.new_tokens,
+            "finished": out.finished}
 
 
 def answers_by_sample(records: list[dict]) -> dict[tuple[str, str, int], str]:

@@ -206,18 +206,19 @@ def change_judge(run: RunDir, manifest: dict[str, Any], config: BootstrapConfig,
                  reason: str | None = None) -> None:
     """A run asked for with another judge (or judge setting): its personas, queries and answers do not depend on
     it and are kept; the verdicts, labels, gate, adapters, exports and eval records do, and are set aside in
-    RUN/replaced-<time>/ while verify, gate and distill run again."""
+    RUN/replaced-<time>/ while verify and every stage after it run again."""
     old = with_new_defaults(manifest["config"])
     aside = set_aside(run.path, [*JUDGED_OUTPUTS, *(p.name for p in run.path.glob(f"{distill.CHECKPOINT}*"))])
-    for stage in ("verify", "distill", "adapter_outcomes", "gate"):
+    for stage in STAGES[STAGES.index("verify"):]:
         manifest["stages"][stage] = {"status": "pending"}
     manifest["config"] = config.to_dict()
     manifest["config_fingerprint"] = config.fingerprint()
     manifest["config_identity"] = config.identity()
     run.save_manifest(manifest)
     changes = reason or "; ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-    log.warning("%s: %s: the personas, queries and answers are kept; verify, distill and gate run again%s", run.path,
-                changes, f" (the old verdicts, labels, gate, adapter and eval records are in {aside})" if aside else "")
+    log.warning("%s: %s: the personas, queries and answers are kept; verify and the stages after it run again%s",
+                run.path, changes,
+                f" (the old verdicts, labels, gate, adapter and eval records are in {aside})" if aside else "")
 
 
 AFTER_DISTILL = STAGES[STAGES.index("distill") + 1:]  # they read the adapter: a new one makes them run again
