@@ -1,7 +1,7 @@
 """Admission control of `prism serve`: a bounded number of requests held (--max-batch-size running plus
 --max-waiting queued), one more refused at once with 429 and Retry-After, a per-request deadline that aborts
 the request and frees its place, and the queue's depth in /metrics and /health. The engine is the real
-transformers PrismModel whose stream is held open by the test, so which request runs and which waits is known."""
+transformers PrismModel whose decode passes are held by the test, so which request runs and which waits is known."""
 
 import json
 import threading
@@ -12,51 +12,59 @@ import httpx2
 import pytest
 
 from helpers import BASE_QUERIES, LiveServer, samples
-from prism.inference.base import Completion, RouteDecision, StreamEvent
 from prism.inference.transformers import PrismModel
 from prism.serving.server import create_app
 
 
-class HeldStream:
-    """A batch's stream that routes every request at once and then holds it until the test releases the batch or
-    every request in it is cancelled (a cancelled one ends as the engines end it: finish reason 'cancelled'), unless
-    `deaf` (an engine that is slow to notice)."""
+class HeldDecoding:
+    """Holds the real engine's decode passes: the rows in the batch are reported running (as a finished step
+    reports them), then the pass waits until the test releases it, every row in it is cancelled (a cancelled one
+    then ends as the engine ends it: finish reason 'cancelled'), unless `deaf` (an engine slow to notice), or a
+    request waits while the batch has room (it joins at the next step).
+    `prefilled` counts the requests that started (joined the batch)."""
 
-    def __init__(self):
+    def __init__(self, model: PrismModel):
         self.release = threading.Event()
-        self.batches: list[int] = []
         self.deaf = False
+        self.prefilled = 0
+        decoder, decode_pass, prefill = model.decoder, model.decoder.batch.decode_pass, model._prefill
 
-    def __call__(self, requests):
-        self.batches.append(len(requests))
-        for index in range(len(requests)):
-            yield StreamEvent(index, decision=RouteDecision("base", None, forced=True))
-        while not self.release.is_set() and (self.deaf or not all(r.cancel.is_set() for r in requests)):
-            time.sleep(0.01)
-        for index, request in enumerate(requests):
-            reason = "cancelled" if request.cancel.is_set() else "stop"
-            yield StreamEvent(index, delta="ok", completion=Completion("ok", "base", None, True, 3, 1, reason))
+        def held_prefill(requests, *args, **kwargs):
+            self.prefilled += len(requests)
+            return prefill(requests, *args, **kwargs)
+
+        def held_pass(*args):
+            rows = decoder.batch.rows
+            decoder.on_step(len(rows))
+            while not self.release.is_set() and (self.deaf or not all(r.request.cancel.is_set() for r in rows)):
+                if decoder.waiting and len(rows) < decoder.max_rows:
+                    break  # room for a request that arrived meanwhile: it joins at the next step
+                time.sleep(0.01)
+            return decode_pass(*args)
+
+        model._prefill = held_prefill
+        decoder.batch.decode_pass = held_pass
 
 
 @pytest.fixture()
-def serve_held(tiny_run, monkeypatch):
+def serve_held(tiny_run):
     started = []
 
     def start(**config):
-        model = PrismModel.from_run(tiny_run, device="cpu", max_model_len=256)
-        held = HeldStream()
-        monkeypatch.setattr(model, "stream", held)
+        model = PrismModel.from_run(tiny_run, device="cpu", max_model_len=256, max_num_seqs=config["max_batch_size"])
+        held = HeldDecoding(model)
         app = create_app(model, default_max_tokens=4, **config)
         live = LiveServer(app).start()
         http = httpx2.Client(base_url=live.url, timeout=60)
-        started.append((live, http, held))
-        return app.state.batcher, http, held
+        started.append((live, http, held, model))
+        return app.state.admission, http, held
 
     yield start
-    for live, http, held in started:
+    for live, http, held, model in started:
         held.release.set()
         http.close()
         live.stop()
+        model.close()
 
 
 def chat(http, stream=False):
@@ -72,13 +80,14 @@ def wait_for(condition, what, timeout=30.0):
 
 
 def test_a_full_server_refuses_at_once_with_429_and_retry_after_and_serves_again_after(serve_held):
-    batcher, http, held = serve_held(max_batch_size=2, max_waiting=1)
+    admission, http, held = serve_held(max_batch_size=2, max_waiting=1)
     with ThreadPoolExecutor(3) as pool:
         running = [pool.submit(chat, http) for _ in range(2)]
-        wait_for(lambda: batcher.running == 2, "two requests in the batch")
+        wait_for(lambda: admission.running == 2, "two requests in the batch")
         waiting = pool.submit(chat, http)
-        wait_for(lambda: batcher.in_flight == 3, "a third request held")
-        assert (batcher.running, batcher.queued) == (2, 1)
+        wait_for(lambda: admission.in_flight == 3, "a third request held")
+        assert (admission.running, admission.queued) == (2, 1)
+        assert held.prefilled == 2, "the third waits for a free row: it has not started"
         health = http.get("/health").json()
         assert (health["running"], health["waiting"]) == (2, 1)
 
@@ -101,29 +110,29 @@ def test_a_full_server_refuses_at_once_with_429_and_retry_after_and_serves_again
         held.release.set()
         replies = [future.result() for future in running + [waiting]]
     assert [r.status_code for r in replies] == [200, 200, 200]
-    wait_for(lambda: batcher.in_flight == 0, "every place freed")
+    wait_for(lambda: admission.in_flight == 0, "every place freed")
     assert chat(http).status_code == 200  # room again
-    assert held.batches == [2, 1, 1]
+    assert held.prefilled == 4
 
 
 def test_a_request_past_its_deadline_is_aborted_with_503_and_its_place_freed(serve_held):
-    batcher, http, held = serve_held(max_batch_size=1, max_waiting=4, request_timeout=0.5)
+    admission, http, held = serve_held(max_batch_size=1, max_waiting=4, request_timeout=0.5)
     reply = chat(http)
     assert reply.status_code == 503, reply.text
     assert reply.json()["error"]["code"] == "request_timeout" and int(reply.headers["Retry-After"]) >= 1
-    wait_for(lambda: batcher.in_flight == 0, "the engine told to stop, and the place freed")
+    wait_for(lambda: admission.in_flight == 0, "the engine told to stop, and the place freed")
 
     held.deaf = True  # the running request outlives its deadline: the one queued behind it times out while waiting
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(chat, http)
-        wait_for(lambda: batcher.running == 1, "the first request in the batch")
+        wait_for(lambda: admission.running == 1, "the first request in the batch")
         queued = pool.submit(chat, http)
         replies = [first.result(), queued.result()]
     assert [r.status_code for r in replies] == [503, 503]
-    assert batcher.in_flight == 2, "the client has its answer; the engine still holds the first, the queue the second"
+    assert admission.in_flight == 2, "the client has its answer; the engine still holds the first, the queue the second"
     held.release.set()
-    wait_for(lambda: batcher.in_flight == 0, "both places freed")
-    assert held.batches == [1, 1], "the request that timed out while it waited never started"
+    wait_for(lambda: admission.in_flight == 0, "both places freed")
+    assert held.prefilled == 2, "the request that timed out while it waited never started"
 
     held.release.clear()
     held.deaf = False
@@ -131,7 +140,7 @@ def test_a_request_past_its_deadline_is_aborted_with_503_and_its_place_freed(ser
     events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert streamed.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "request_timeout"
-    wait_for(lambda: batcher.in_flight == 0, "the stream's place freed")
+    wait_for(lambda: admission.in_flight == 0, "the stream's place freed")
     assert samples(http)[("prism_requests_refused_total", (("reason", "timeout"),))] == 4
 
 

@@ -79,10 +79,10 @@ def test_streaming_gives_the_same_text_and_ends_with_done(server, client):
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
-def test_concurrent_requests_share_batches_with_mixed_routes(server, client):
+def test_concurrent_requests_share_batches_with_mixed_routes(server, client, monkeypatch):
     queries = PERSONA_QUERIES + BASE_QUERIES
-    batcher = server["app"].state.batcher
-    before = batcher.batches
+    steps: list[int] = []  # each decode step's size
+    monkeypatch.setattr(server["app"].state.admission, "on_batch", steps.append)
 
     def one(query: str):
         return client.chat.completions.create(model="prism", messages=ask(query), temperature=0, max_tokens=8)
@@ -90,7 +90,7 @@ def test_concurrent_requests_share_batches_with_mixed_routes(server, client):
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(one, queries * 2))
     assert [r.model_extra["prism"]["route"] for r in replies] == ["persona", "persona", "base", "base"] * 2
-    assert batcher.batches - before < len(replies)  # grouped, not one generate call per request
+    assert max(steps) > 1  # decoded together, not one request after another
     expected = {q: server["model"].generate(q, max_tokens=8).text for q in queries}
     assert [r.choices[0].message.content for r in replies] == [expected[q] for q in queries * 2]
 
@@ -288,11 +288,10 @@ def test_a_failure_inside_the_server_is_a_500_with_a_request_id_the_log_carries(
     traceback, and nothing of the exception in the reply; the next request is served as before."""
     model = server["model"]
 
-    def broken(_requests, _adapters):
+    def broken(*_args, **_kwargs):
         raise RuntimeError("secret internal state 0xdeadbeef")
-        yield  # a generator, as the real one
 
-    monkeypatch.setattr(model, "_stream", broken)
+    monkeypatch.setattr(model, "_prefill", broken)
     with caplog.at_level(logging.ERROR, logger="prism"), pytest.raises(openai.InternalServerError) as failed:
         client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=4)
     error = failed.value.body
@@ -313,11 +312,10 @@ def test_an_engine_failure_is_typed_by_whose_fault_it_is(server, client, monkeyp
     """Raised inside the engine while generating: a limit of the request is the client's to fix (400, the
     engine's message); the engine's own trouble is the server's fault (500, the message kept for the log)."""
 
-    def failing(_requests, _adapters):
+    def failing(*_args, **_kwargs):
         raise error
-        yield  # a generator, as the real one
 
-    monkeypatch.setattr(server["model"], "_stream", failing)
+    monkeypatch.setattr(server["model"], "_prefill", failing)
     with pytest.raises(openai.APIStatusError) as failed:
         client.chat.completions.create(model="prism", messages=ask(BASE_QUERIES[0]), max_tokens=4)
     body = failed.value.body

@@ -1,5 +1,6 @@
 """What every inference backend shares: requests, route decisions, completions and stream events, and
-`GatedModel`, the one `generate`/`stream`/`decide` interface PrismModel and LlamaCppModel implement."""
+`GatedModel`, the one interface PrismModel and LlamaCppModel implement: `generate`/`stream` for a given batch,
+`submit` for requests that join a running batch as they come (what a server uses), `decide` for routes alone."""
 
 from __future__ import annotations
 
@@ -229,7 +230,6 @@ class GatedModel(Gates, ABC):
     engine: str  # "transformers" or "llamacpp"
     tokenizer: Any
     max_model_len: int
-    continuous = False  # True: requests join a running batch one by one (`submit`), not batch by batch (`stream`)
 
     @property
     @abstractmethod
@@ -263,16 +263,18 @@ class GatedModel(Gates, ABC):
     def reload(self) -> ReloadResult:
         """Read the run's gates, thresholds and adapters again without dropping requests in flight."""
 
+    @abstractmethod
     def submit(self, requests: Sequence[GenerationRequest],
                on_events: Sequence[Callable[[StreamEvent | BaseException], None]]) -> None:
-        """Start requests in the running batch (a continuous model only), their routes decided together;
-        `on_events[i]` gets request i's events, or the error that refused it."""
-        raise PrismError(f"the {self.engine} backend generates batch by batch: use stream()")
+        """Queue requests and return at once: each joins the backend's running batch at a decode step with room
+        (continuous batching; the backend's own thread schedules), their routes decided together. `on_events[i]`
+        gets request i's route, text deltas and completion, or the error that refused or ended it, from the
+        decoding thread. Setting a request's `cancel` aborts it: it leaves the batch at the next step."""
 
+    @abstractmethod
     def observe_steps(self, on_step: Callable[[int], None]) -> None:
         """Have `on_step` told, after each decode step, the number of sequences it decoded (0: none), in the
-        decoding thread (a continuous model only)."""
-        raise PrismError(f"the {self.engine} backend generates batch by batch")
+        decoding thread."""
 
     def close(self) -> None:
         """Free what the backend holds outside Python's memory (llama.cpp's contexts); a no-op otherwise."""

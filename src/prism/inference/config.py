@@ -29,8 +29,9 @@ class LoadConfig:
     max_model_len: int | None = option("context window in tokens (default: the model's; llama.cpp: at most 2048, "
                                        "which every sequence it decodes at once reserves)", default=None)
     max_num_seqs: int = option(
-        "llamacpp: sequences decoded together per route, each with its own KV cache of --max-model-len tokens "
-        "(prism serve sets it to its --max-batch-size, prism chat to 1)", cli=False, default=8)
+        "requests decoded together as they come (`submit`): on llamacpp per route, each with its own KV cache of "
+        "--max-model-len tokens; on transformers the rows of the running batch (prism serve sets it to its "
+        "--max-batch-size, prism chat to 1)", cli=False, default=8)
     kv_cache_dtype: str = option(
         "llamacpp: the KV cache's type, and with it the attention: f16 under flash attention (llama.cpp's "
         "defaults, faster) or f32 without it (twice the memory; attention in full precision, as PyTorch's); either "

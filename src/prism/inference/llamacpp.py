@@ -61,11 +61,9 @@ DEFAULT_SLOT_TOKENS = 2048  # a sequence's context when --max-model-len is not g
 
 
 class LlamaCppModel(GatedModel):
-    """A bootstrapped run on llama.cpp: the same `generate`/`stream`/`decide` as PrismModel, and `submit` for
-    requests that join the running batch one by one."""
+    """A bootstrapped run on llama.cpp: the same `generate`/`stream`/`submit`/`decide` as PrismModel."""
 
     engine = "llamacpp"
-    continuous = True
 
     def __init__(self, router: Router, llama: BatchedLlama, *, persona_source: str = "none",
                  opener: PersonaRoutes | None = None, weights_type: str = "as-is"):

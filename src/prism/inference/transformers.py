@@ -7,6 +7,10 @@ of different routes share one batch through PEFT's mixed-batch LoRA forward (per
 none); a batch of one route takes PEFT's plain path instead. A k-way run's adapters (one per persona) are named
 adapters of the same PeftModel, beside the binary one. The adapter weights never move.
 
+Generation runs in `transformers_decode`'s loop: `stream` decodes a given batch in the caller's thread; `submit`
+(what `prism serve` uses) queues requests for one decoding thread, where each joins the running batch at the next
+decode step (continuous batching), prefilled and routed with the others that arrived meanwhile.
+
 Every forward pass (prefill, decode step, scoring pass) runs inside `_routed`: it holds the model's lock,
 sets PEFT's state for the pass's rows and hooks the LoRA layers their rows' adapters, and undoes all of it
 when the pass ends. Between the passes of a stream nothing is held: a stream left unfinished blocks no one.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,15 +39,15 @@ from prism.inference.base import (
     RouteDecision,
     StreamEvent,
     TokenScores,
-    decode_step,
     forced_decision,
     gate_decisions_on,
     token_scores,
 )
 from prism.inference.config import LoadConfig
 from prism.inference.router import gate_decisions
+from prism.inference.transformers_decode import DecodeBatch, DecodeThread, Row, Waiting
 from prism.lm.batching import gate_features, pad_batch, pool_mask, pool_states, template_prefix_ids
-from prism.lm.decoding import TextStream, sample_tokens
+from prism.lm.decoding import TextStream
 from prism.lm.gate import Gate
 from prism.lm.models import (
     LoadedModel,
@@ -81,7 +85,7 @@ class PrismModel(GatedModel):
 
     def __init__(self, lm: LoadedModel, gate: Gate, adapter: PeftModel | None = None, *,
                  run: FinishedRun | None = None, max_model_len: int | None = None,
-                 gate_lm: LoadedModel | None = None):
+                 gate_lm: LoadedModel | None = None, max_num_seqs: int = LoadConfig.max_num_seqs):
         self.lm = lm
         # the gate's float32 blocks: `lm` itself when it runs in float32 (then routing shares the prefill),
         # else a float32 copy of its embeddings and blocks up to the gate's layer (see gate_feature_model)
@@ -106,6 +110,8 @@ class PrismModel(GatedModel):
         self._cache_argument = cache_argument(lm.model)
         self._adapter_enabled = True
         self._lock = threading.Lock()
+        # submit's requests: one thread decodes them, each joining the running batch at the next step with room
+        self.decoder = DecodeThread(DecodeBatch(self._decode_pass, self.eos_ids), self._admit, max_num_seqs)
         check_adapter_for_gate(self.gates.get("binary", self.gate), self.has_adapter)
 
     @classmethod
@@ -130,7 +136,8 @@ class PrismModel(GatedModel):
             else:
                 adapter.load_adapter(str(directory), adapter_name=key, autocast_adapter_dtype=False)
         return cls(lm, run.gate, adapter, run=run, max_model_len=config.max_model_len,
-                   gate_lm=gate_feature_model(lm, run.model, config.trust_remote_code, run.gate.config.layer))
+                   gate_lm=gate_feature_model(lm, run.model, config.trust_remote_code, run.gate.config.layer),
+                   max_num_seqs=config.max_num_seqs)
 
     @property
     def adapter_names(self) -> dict[str, str]:
@@ -242,23 +249,61 @@ class PrismModel(GatedModel):
     @contextlib.contextmanager
     def _current_adapters(self) -> Iterator[AdapterSet]:
         """The adapter set in force, kept loaded while the caller uses it (a reload meanwhile retires it)."""
-        with self._lock:
-            adapters = self._adapters
-            adapters.users += 1
+        adapters = self._hold_adapters()
         try:
             yield adapters
         finally:
-            with self._lock:
-                adapters.users -= 1
-                self._drop_if_unused(adapters)
+            self._release_adapters(adapters)
 
-    @torch.no_grad()
+    def _hold_adapters(self, users: int = 1) -> AdapterSet:
+        with self._lock:
+            self._adapters.users += users
+            return self._adapters
+
+    def _release_adapters(self, adapters: AdapterSet, users: int = 1) -> None:
+        with self._lock:
+            adapters.users -= users
+            self._drop_if_unused(adapters)
+
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
-        """Generate for a batch, yielding each request's route, then its text deltas, then its completion."""
+        """Generate for a batch in the caller's thread, yielding each request's route, then its text deltas, then
+        its completion (the batch is the requests given: none joins it later)."""
         if not requests:
             return
-        with self._current_adapters() as adapters:
-            yield from self._stream(list(requests), adapters)
+        events: list[StreamEvent | BaseException] = []
+        batch = DecodeBatch(self._decode_pass, self.eos_ids)
+        with torch.no_grad(), self._current_adapters() as adapters:
+            self._join(batch, list(requests), [events.append] * len(requests), adapters, range(len(requests)))
+            while True:
+                ready, events[:] = list(events), []
+                yield from ready  # type: ignore[misc]  # stream's rows only emit events: errors are raised
+                if not batch.rows:
+                    return
+                batch.step()
+
+    def submit(self, requests: Sequence[GenerationRequest],
+               on_events: Sequence[Callable[[StreamEvent | BaseException], None]]) -> None:
+        """Queue requests for the decoding thread and return at once: they join its running batch at the next step
+        where it has room (max_num_seqs rows), prefilled and routed together. `on_events[i]` gets request i's route,
+        its text deltas and its completion (or the exception that ended or refused it), from that thread. A request
+        refused (too long, an unknown persona) does not hold the others back. Cancel one with its request.cancel."""
+        waiting = []
+        for request, emit in zip(requests, on_events):
+            try:
+                prompt = self.prompt(request.messages, request.assistant_prefix)
+                self._check(request, len(encode(self.tokenizer, prompt)), request.params.max_tokens)
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the others'
+                emit(exc)
+            else:
+                waiting.append(Waiting(request, emit))
+        if waiting:
+            self.decoder.submit(waiting)
+
+    def observe_steps(self, on_step: Callable[[int], None]) -> None:
+        self.decoder.on_step = on_step
+
+    def close(self) -> None:
+        self.decoder.close()
 
     @torch.no_grad()
     def next_token_logprobs(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, list[RouteDecision]]:
@@ -306,11 +351,8 @@ class PrismModel(GatedModel):
         lm, tokenizer = self.lm, self.lm.tokenizer
         prompts = [self.prompt(r.messages, r.assistant_prefix) for r in requests]
         encoded = [encode(tokenizer, p) for p in prompts]
-        for ids, wanted in zip(encoded, max_tokens):
-            self.check_length(len(ids), wanted)
-        for request in requests:
-            if request.route == "persona":
-                self.check_persona_route(request.persona)
+        for request, ids, wanted in zip(requests, encoded, max_tokens):
+            self._check(request, len(ids), wanted)
 
         decisions = self._early_decisions(requests, prompts)
         in_prefill = [i for i, d in enumerate(decisions) if d is None]
@@ -340,45 +382,44 @@ class PrismModel(GatedModel):
                     handle.remove()
         return out, decisions, encoded, mask, positions, rows
 
-    def _stream(self, requests: list[GenerationRequest], adapters: AdapterSet) -> Iterator[StreamEvent]:
-        lm, tokenizer = self.lm, self.lm.tokenizer
-        out, decisions, encoded, mask, positions, rows = self._prefill(
-            requests, [r.params.max_tokens for r in requests], adapters)
-        for i, decision in enumerate(decisions):
-            yield StreamEvent(i, decision=decision)
+    def _check(self, request: GenerationRequest, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse what this request asks that cannot be served: its length, a persona route the run lacks."""
+        self.check_length(prompt_tokens, max_tokens)
+        if request.route == "persona":
+            self.check_persona_route(request.persona)
 
-        streams = [TextStream(tokenizer, r.params.stop) for r in requests]
-        logprobs: list[list[dict[str, Any]] | None] = [[] if r.params.logprobs is not None else None for r in requests]
-        generators = [r.params.generator() for r in requests]
-        active = list(range(len(requests)))  # request index of each row still in the batch
-        cache, logits = output_cache(out), out.logits[:, -1]
-        last_position = positions[:, -1]
-        while True:
-            next_tokens, keep = [], []
-            sampled = sample_tokens(logits, [requests[i].params for i in active], [generators[i] for i in active])
-            for row, (i, token) in enumerate(zip(active, sampled)):
-                request, text = requests[i], streams[i]
-                events = decode_step(i, request, decisions[i], text, logprobs[i], token, logits[row], self.eos_ids,
-                                     len(encoded[i]))
-                yield from events
-                if not events or events[-1].completion is None:
-                    next_tokens.append(token)
-                    keep.append(row)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index.to(lm.device))
-                mask, last_position = mask[index], last_position[index]
-                active = [active[row] for row in keep]
-                rows = [rows[row] for row in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
-            last_position = last_position + 1
-            with self._routed(rows):
-                out = lm.model(input_ids=torch.tensor(next_tokens, device=lm.device)[:, None],
-                               attention_mask=mask.to(lm.device), position_ids=last_position[:, None].to(lm.device),
-                               use_cache=True, **{self._cache_argument: cache})
-            cache, logits = output_cache(out), out.logits[:, -1]
+    def _join(self, batch: DecodeBatch, requests: list[GenerationRequest],
+              emits: Sequence[Callable[[StreamEvent | BaseException], None]], adapters: AdapterSet,
+              indices: Sequence[int], release: Callable[[], None] | None = None) -> None:
+        """Prefill `requests` together (the gate deciding their routes on its layer), tell each its route, and
+        have them join `batch`."""
+        out, decisions, encoded, mask, positions, names = self._prefill(
+            requests, [r.params.max_tokens for r in requests], adapters)
+        rows = [Row(index, request, decision, name, len(ids), emit, TextStream(self.tokenizer, request.params.stop),
+                    release)
+                for index, request, decision, name, ids, emit in zip(indices, requests, decisions, names, encoded,
+                                                                     emits)]
+        for row in rows:
+            row.emit(StreamEvent(row.index, decision=row.decision))
+        batch.join(rows, output_cache(out), mask, positions, out.logits[:, -1])
+
+    def _admit(self, batch: DecodeBatch, waiting: list[Waiting]) -> None:
+        """The decoding thread's admission: each row holds the adapter set it started on until it leaves."""
+        adapters = self._hold_adapters(len(waiting))
+        try:
+            self._join(batch, [w.request for w in waiting], [w.emit for w in waiting], adapters, [0] * len(waiting),
+                       release=lambda: self._release_adapters(adapters))
+        except BaseException:
+            self._release_adapters(adapters, len(waiting))
+            raise
+
+    def _decode_pass(self, adapters: list[str | None], tokens: torch.Tensor, mask: torch.Tensor,
+                     positions: torch.Tensor, cache: Any) -> Any:
+        lm = self.lm
+        with self._routed(adapters):
+            return lm.model(input_ids=tokens.to(lm.device)[:, None], attention_mask=mask.to(lm.device),
+                            position_ids=positions[:, None].to(lm.device), use_cache=True,
+                            **{self._cache_argument: cache})
 
     def _early_decisions(self, requests: list[GenerationRequest], prompts: list[str]) -> list[RouteDecision | None]:
         """Routes known before the prefill: forced ones, a constant gate, and conversations whose prompt is

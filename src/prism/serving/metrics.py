@@ -43,7 +43,7 @@ class ServingMetrics:
             self.refused = Counter("prism_requests_refused", "Chat requests refused for load, by reason: "
                                    "at_capacity (429) or timeout (503, aborted past --request-timeout)",
                                    ["reason"], registry=registry)
-            self.batch_size = Histogram("prism_batch_size", "Requests generated together per batch",
+            self.batch_size = Histogram("prism_batch_size", "Requests decoded together per decode step",
                                         buckets=BATCH_BUCKETS, registry=registry)
 
     def render(self) -> tuple[bytes, str]:

@@ -1,6 +1,7 @@
 """`prism serve`: an OpenAI-compatible HTTP server for a run's gated model, PrismModel or LlamaCppModel
-(FastAPI + uvicorn). Concurrent requests are grouped by a worker thread into one `stream` call (mixed
-routes allowed); each request gets its events back through its own asyncio queue."""
+(FastAPI + uvicorn). The server admits requests (or refuses them: 429) and streams; the backend batches: each
+request is handed to its `submit` and joins the running batch at its next decode step, and gets its events back
+through its own asyncio queue."""
 
 from __future__ import annotations
 
@@ -138,26 +139,23 @@ class Job:
         return item
 
 
-class Batcher:
-    """One worker thread owns the model: it takes every waiting request (up to max_batch_size, after
-    waiting max_wait_s for more to arrive) and runs them as one batch. A model that batches continuously
-    (llama.cpp) gets each request as it arrives instead, and the batch sizes are its decode steps'.
-    Admission: the server holds at most max_batch_size + max_waiting requests (from submit until the engine
-    is done with them); `submit` refuses one more (`QueueFull`)."""
+class Admission:
+    """What the server holds: at most max_batch_size + max_waiting requests, from arrival until the engine is done
+    with them (`submit` refuses one more: `QueueFull`). The server does not batch: one thread hands the requests
+    that arrived meanwhile to the engine's `submit` (their routes decided in one gate pass), and the engine's
+    decoding thread schedules them into its running batch; each request's events come back on its own queue."""
 
-    def __init__(self, model: GatedModel, max_batch_size: int, max_wait_s: float = 0.01,
-                 on_batch: Callable[[int], None] | None = None, max_waiting: int | None = None,
-                 request_timeout: float | None = None):
+    def __init__(self, model: GatedModel, max_batch_size: int, on_batch: Callable[[int], None] | None = None,
+                 max_waiting: int | None = None, request_timeout: float | None = None):
         self.model = model
-        self.on_batch = on_batch  # told each batch's size (the batch-size histogram)
+        self.on_batch = on_batch  # told each decode step's size (the batch-size histogram)
         self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting  # None: no limit
         self.request_timeout = request_timeout
         self.waiting: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0
+        self.batches = 0  # decode steps that decoded something
         self.in_flight = 0  # submitted, and not yet ended by the engine
-        self.running = 0  # in the batch being generated (the last decode step's size, when continuous)
+        self.running = 0  # the last decode step's size
         self.recent_seconds: deque[float] = deque(maxlen=32)  # how long the last requests held their place
         self.thread: threading.Thread | None = None
         self._post: EventPost | None = None
@@ -170,7 +168,7 @@ class Batcher:
 
     def start(self) -> None:
         # a new thread each time: the same app may be started again after a shutdown
-        self.thread = threading.Thread(target=self._work, name="prism-batcher", daemon=True)
+        self.thread = threading.Thread(target=self._work, name="prism-admission", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -203,44 +201,30 @@ class Batcher:
             self.recent_seconds.append(time.monotonic() - job.submitted)
 
     def _work(self) -> None:
-        continuous = self.model.continuous
-        if continuous:
-            self.model.observe_steps(self._observe_step)
-        while True:
-            first = self.waiting.get()
-            if first is None:
-                return
-            if continuous:  # the model batches itself: the requests waiting now join its running batch at once
-                jobs = self._gather(first, wait_s=0.0)
+        self.model.observe_steps(self._observe_step)
+        while (first := self.waiting.get()) is not None:
+            jobs = [first]
+            while True:  # the requests that arrived meanwhile go with it: their routes in one gate pass
                 try:
-                    self.model.submit([job.request for job in jobs], [job.put for job in jobs])
-                except Exception as exc:
-                    for job in jobs:
-                        job.put(exc)
-                continue
+                    job = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.waiting.put(None)  # stop after these
+                    break
+                jobs.append(job)
             live = []
-            for job in self._gather(first, wait_s=self.max_wait_s):
+            for job in jobs:
                 if job.request.cancel.is_set():  # timed out or abandoned while it waited: never started
                     job.end()
                 else:
                     live.append(job)
-            if live:
-                self._run(live)
-
-    def _gather(self, first: Job, wait_s: float) -> list[Job]:
-        """`first` and the jobs queued behind it, up to max_batch_size, waiting up to `wait_s` for more."""
-        jobs = [first]
-        deadline = time.monotonic() + wait_s
-        while len(jobs) < self.max_batch_size:
             try:
-                job = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if job is None:
-                self.waiting.put(None)  # stop after this batch
-                break
-            jobs.append(job)
-        return jobs
+                if live:
+                    self.model.submit([job.request for job in live], [job.put for job in live])
+            except Exception as exc:
+                for job in live:
+                    job.put(exc)
 
     def _observe_step(self, size: int) -> None:
         self.running = size
@@ -250,26 +234,6 @@ class Batcher:
             self.batches += 1
             if self.on_batch is not None:
                 self.on_batch(size)
-
-    def _run(self, jobs: list[Job]) -> None:
-        self.batches += 1
-        self.running = len(jobs)
-        if self.on_batch is not None:
-            self.on_batch(len(jobs))
-        finished: set[int] = set()
-        try:
-            for event in self.model.stream([job.request for job in jobs]):
-                if event.completion is not None:
-                    finished.add(event.index)
-                    self.running = len(jobs) - len(finished)
-                jobs[event.index].put(event)
-        except Exception as exc:  # one failing batch must not take the server down
-            log.exception("batch of %d requests failed", len(jobs))
-            for index, job in enumerate(jobs):
-                if index not in finished:
-                    job.put(exc)
-        finally:
-            self.running = 0
 
 
 class QueueFull(Exception):
@@ -286,21 +250,21 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
     `serve`)."""
     config = with_options(ServeConfig, config, **options)
     observed = ServingMetrics() if metrics else None
-    batcher = Batcher(model, max_batch_size=config.max_batch_size,
-                      on_batch=observed.batch_size.observe if observed is not None else None,
-                      max_waiting=config.max_waiting, request_timeout=config.request_timeout)
+    admission = Admission(model, max_batch_size=config.max_batch_size,
+                          on_batch=observed.batch_size.observe if observed is not None else None,
+                          max_waiting=config.max_waiting, request_timeout=config.request_timeout)
     if observed is not None:
-        observed.running.set_function(lambda: batcher.running)
-        observed.waiting.set_function(lambda: batcher.queued)
+        observed.running.set_function(lambda: admission.running)
+        observed.waiting.set_function(lambda: admission.queued)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        admission.start()
         yield
-        batcher.stop()
+        admission.stop()
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.admission = admission
     models = served_models(model.has_adapter, model.personas)
     install_openai_edges(app, config.api_key, models)
     install_observability(app, observed, request_log, lambda: model.threshold)
@@ -308,15 +272,15 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
     @app.get("/health", response_model=Health)
     async def health() -> Health:
         status = Health(run=str(model.run_path), engine=model.engine, adapter=model.has_adapter,
-                        threshold=model.threshold, waiting=batcher.queued, running=batcher.running,
-                        batches=batcher.batches,
+                        threshold=model.threshold, waiting=admission.queued, running=admission.running,
+                        batches=admission.batches,
                         routing=model.routing)
         if model.personas:
             status.personas = list(model.personas)
         return status
 
     install_route_and_reload(app, model, models, observed)
-    served = Served(model, batcher, models, config.default_max_tokens, observed, request_log)
+    served = Served(model, admission, models, config.default_max_tokens, observed, request_log)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses(429, 500, 503))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -330,7 +294,7 @@ class Served:
     """What the chat endpoint of `prism serve` works with."""
 
     model: GatedModel
-    batcher: Batcher
+    admission: Admission
     models: list[str]
     default_max_tokens: int
     metrics: ServingMetrics | None
@@ -349,7 +313,7 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
         record["messages"] = generation.messages
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"  # also the id a failure's reply and log line carry
     try:
-        job = served.batcher.submit(generation)
+        job = served.admission.submit(generation)
     except QueueFull as full:
         if observed is not None:
             observed.refused.labels("at_capacity").inc()
@@ -431,10 +395,10 @@ def _as_api_error(exc: Exception, request_id: str, served: Served) -> ApiError:
     if isinstance(exc, RequestTimedOut):
         if served.metrics is not None:
             served.metrics.refused.labels("timeout").inc()
-        batcher = served.batcher
+        admission = served.admission
         return ApiError(503, f"the request took longer than the server's --request-timeout "
-                        f"({batcher.request_timeout:g} s) and was aborted", "server_error", code="request_timeout",
-                        headers={"Retry-After": str(batcher.retry_after())})
+                        f"({admission.request_timeout:g} s) and was aborted", "server_error", code="request_timeout",
+                        headers={"Retry-After": str(admission.retry_after())})
     if isinstance(exc, RequestError):
         code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
         return ApiError(400, str(exc), param="messages" if code else None, code=code)
