@@ -4,7 +4,8 @@ measured side by side in this one run:
 1. continuous batching on transformers: 32 streaming clients at once (model 'prism', temperature 0.7, up to
    --tokens tokens each), the server as it is (a request joins the running batch at its next decode step) against
    the same server admitting only into an empty batch (batch by batch, what the transformers backend did before),
-   in alternating rounds after one warm-up round each: time to first token p50/p95, latency p50/p95, tok/s;
+   in alternating rounds after one warm-up round each, the clients sent at once and sent one by one over --spread
+   seconds (arrivals as a server sees them): time to first token p50/p95, latency p50/p95, tok/s;
 2. a bounded overload: 500 concurrent clients against --max-batch-size 8 --max-waiting 64 on each backend, 50 of
    them streaming and hanging up after their first chunk: every reply must be a 200 or a 429 with Retry-After (no
    5xx); the server's peak RSS; after it, no request held (the hung-up ones freed their rows: the running gauge
@@ -87,8 +88,11 @@ class Server:
         return float("nan")
 
 
-async def chat(http: httpx2.AsyncClient, index: int, tokens: int, hang_up: bool = False) -> dict[str, Any]:
-    """One streaming request: its status, Retry-After, time to first token, latency and tokens produced."""
+async def chat(http: httpx2.AsyncClient, index: int, tokens: int, hang_up: bool = False, delay_s: float = 0.0
+               ) -> dict[str, Any]:
+    """One streaming request, sent after `delay_s`: its status, Retry-After, time to first token, latency and tokens
+    produced."""
+    await asyncio.sleep(delay_s)
     body = {"model": "prism", "messages": [{"role": "user", "content": QUERIES[index % len(QUERIES)]}],
             "max_tokens": tokens, "temperature": 0.7, "seed": index, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -117,11 +121,14 @@ async def chat(http: httpx2.AsyncClient, index: int, tokens: int, hang_up: bool 
     return result | {"latency_s": time.perf_counter() - started}
 
 
-async def round_of(url: str, clients: int, tokens: int, hang_ups: int = 0) -> tuple[list[dict[str, Any]], float]:
+async def round_of(url: str, clients: int, tokens: int, hang_ups: int = 0, spread_s: float = 0.0
+                   ) -> tuple[list[dict[str, Any]], float]:
+    """`clients` requests, sent at once or one every spread_s / clients seconds."""
     limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx2.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
         started = time.perf_counter()
-        results = await asyncio.gather(*(chat(http, i, tokens, hang_up=i < hang_ups) for i in range(clients)))
+        results = await asyncio.gather(*(chat(http, i, tokens, hang_up=i < hang_ups, delay_s=spread_s * i / clients)
+                                         for i in range(clients)))
         return list(results), time.perf_counter() - started
 
 
@@ -138,32 +145,41 @@ def summary(results: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
             "tok_s": sum(r["tokens"] for r in results) / elapsed}
 
 
-def continuous_against_batch_by_batch(run: str, clients: int, tokens: int, rounds: int) -> dict[str, Any]:
-    print(f"1. transformers, {clients} streaming clients at once, up to {tokens} tokens each, temperature 0.7, "
-          f"--max-batch-size {clients}: continuous against batch by batch, {rounds} alternating rounds")
+def continuous_against_batch_by_batch(run: str, clients: int, tokens: int, rounds: int, spread_s: float
+                                      ) -> dict[str, Any]:
+    print(f"1. transformers, {clients} streaming clients, up to {tokens} tokens each, temperature 0.7, "
+          f"--max-batch-size {clients}: continuous against batch by batch, {rounds} alternating rounds each of "
+          f"clients sent at once and clients sent one every {spread_s / clients:.2f} s")
     modes = {"continuous": True, "batch by batch": False}
+    arrivals = {"at once": 0.0, f"over {spread_s:g} s": spread_s}
     servers = {name: Server(run, "transformers", clients, 64, join).__enter__() for name, join in modes.items()}
-    measured: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
+    measured: dict[str, dict[str, list[dict[str, float]]]] = {a: {name: [] for name in modes} for a in arrivals}
     try:
         for server in servers.values():
             asyncio.run(round_of(server.url, clients, tokens))  # warm-up
         for _ in range(rounds):
-            for name, server in servers.items():
-                measured[name].append(summary(*asyncio.run(round_of(server.url, clients, tokens))))
+            for arrival, spread in arrivals.items():
+                for name, server in servers.items():
+                    results = asyncio.run(round_of(server.url, clients, tokens, spread_s=spread))
+                    measured[arrival][name].append(summary(*results))
     finally:
         for server in servers.values():
             server.__exit__()
-    medians = {name: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for name, rows in
-               measured.items()}
-    for name, m in medians.items():
-        print(f"   {name:>14}: first token p50 {m['ttft_p50_s']:.2f} s p95 {m['ttft_p95_s']:.2f} s, latency p50 "
-              f"{m['p50_s']:.2f} s p95 {m['p95_s']:.2f} s, {m['tok_s']:.1f} tok/s (median of {rounds} rounds)")
-    before, now = medians["batch by batch"], medians["continuous"]
-    ratios = {"ttft_p50_batch_by_batch_over_continuous": before["ttft_p50_s"] / now["ttft_p50_s"],
-              "ttft_p95_batch_by_batch_over_continuous": before["ttft_p95_s"] / now["ttft_p95_s"],
-              "tok_s_continuous_over_batch_by_batch": now["tok_s"] / before["tok_s"]}
-    print("   ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + " (target: p95 >= 3)")
-    return {"rounds": measured, "medians": medians, "ratios": ratios}
+    report: dict[str, Any] = {}
+    for arrival, by_mode in measured.items():
+        medians = {name: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+                   for name, rows in by_mode.items()}
+        for name, m in medians.items():
+            print(f"   {arrival:>10}, {name:>14}: first token p50 {m['ttft_p50_s']:.2f} s p95 {m['ttft_p95_s']:.2f} s, "
+                  f"latency p50 {m['p50_s']:.2f} s p95 {m['p95_s']:.2f} s, {m['tok_s']:.1f} tok/s (median of {rounds})")
+        before, now = medians["batch by batch"], medians["continuous"]
+        ratios = {"ttft_p50_batch_by_batch_over_continuous": before["ttft_p50_s"] / now["ttft_p50_s"],
+                  "ttft_p95_batch_by_batch_over_continuous": before["ttft_p95_s"] / now["ttft_p95_s"],
+                  "tok_s_continuous_over_batch_by_batch": now["tok_s"] / before["tok_s"]}
+        print(f"   {arrival:>10} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+        report[arrival] = {"rounds": by_mode, "medians": medians, "ratios": ratios}
+    print("   target: first token p95 at least 3x better")
+    return report
 
 
 def overload(run: str, engine: str, clients: int, hang_ups: int, tokens: int) -> dict[str, Any]:
@@ -202,6 +218,8 @@ def main() -> None:
     parser.add_argument("--run", default="runs/bench")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request at most")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of part 1 (median)")
+    parser.add_argument("--spread", type=float, default=8.0,
+                        help="part 1's second pattern: the clients sent one by one over this many seconds")
     parser.add_argument("--only", choices=("continuous", "overload"))
     parser.add_argument("--json", help="write the measurements to this file")
     args = parser.parse_args()
@@ -211,7 +229,8 @@ def main() -> None:
         bootstrap(resolve_config(preset="tiny"), args.run)
     measured: dict[str, Any] = {}
     if args.only in (None, "continuous"):
-        measured["continuous"] = continuous_against_batch_by_batch(args.run, 32, args.tokens, args.rounds)
+        measured["continuous"] = continuous_against_batch_by_batch(args.run, 32, args.tokens, args.rounds,
+                                                                   args.spread)
     if args.only in (None, "overload"):
         print(f"2. 500 concurrent clients, 50 hanging up after their first chunk, --max-batch-size 8 --max-waiting 64, "
               f"up to {args.tokens} tokens each")

@@ -181,7 +181,8 @@ def test_a_prompt_beyond_a_slot_is_refused_and_the_others_decode_unchanged(q4_ru
 def test_requests_submitted_together_share_one_gate_forward_and_a_refused_one_holds_back_none(q4_run, q4_gguf,
                                                                                               monkeypatch):
     """`prism serve` submits the requests waiting at once together: their routes come from one gate forward, and
-    one refused (beyond the context) gets its error while the others decode."""
+    one refused (beyond the context) gets its error while the others decode; once they are done the engine says
+    nothing runs (the server's running gauge falls back to 0)."""
     import queue
 
     model = load(q4_run, q4_gguf, max_num_seqs=4)
@@ -198,6 +199,8 @@ def test_requests_submitted_together_share_one_gate_forward_and_a_refused_one_ho
     too_long = GenerationRequest([{"role": "user", "content": "word " * 400}], "auto", SamplingParams(max_tokens=4))
     submitted = [made[0], too_long, *made[1:]]
     received = [queue.Queue() for _ in submitted]
+    steps: list[int] = []
+    model.observe_steps(steps.append)
     try:
         model.submit(submitted, [r.put for r in received])
         ends = []
@@ -207,8 +210,12 @@ def test_requests_submitted_together_share_one_gate_forward_and_a_refused_one_ho
                 if isinstance(event, BaseException) or event.completion is not None:
                     ends.append(event)
                     break
+        deadline = time.monotonic() + 30
+        while steps[-1] != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         model.close()
+    assert steps[-1] == 0
     assert forwards == [3]
     assert isinstance(ends[1], ContextLengthError)
     assert [ends[i].completion.completion_tokens for i in (0, 2, 3)] == [4, 4, 4]

@@ -540,6 +540,9 @@ class BatchedLlama:
                 with self._cond:
                     idle = [c for c in self._retired if not c.busy]
                     self._retired = [c for c in self._retired if c.busy]
+                    done = not any(c.busy for c in self._contexts())
+                if done and self.on_step is not None:
+                    self.on_step(0)  # the last rows left: nothing runs until the next submit
                 for context in idle:
                     context.close()
 
