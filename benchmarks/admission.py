@@ -9,9 +9,11 @@ measured side by side in this one run:
 2. a bounded overload: 500 concurrent clients against --max-batch-size 8 --max-waiting 64 on each backend, 50 of
    them streaming and hanging up after their first chunk: every reply must be a 200 or a 429 with Retry-After (no
    5xx); the server's peak RSS; after it, no request held (the hung-up ones freed their rows: the running gauge
-   falls back to 0), /health answers and a plain request is served.
+   falls back to 0), /health answers and a plain request is served;
+3. what the HTTP layer costs on llama.cpp: 32 streaming clients against the same 32 requests (prompts, seeds,
+   sampling, gated routes) generated in this process by the same backend, alternating rounds: aggregate tok/s.
 
-    .venv/bin/python benchmarks/admission.py [--run runs/bench] [--tokens 32] [--rounds 3] [--only overload]
+    .venv/bin/python benchmarks/admission.py [--run runs/bench] [--tokens 32] [--only continuous|overload|http]
 
 Nothing else should run meanwhile. A run with an adapter and a gate is needed; if --run has none, a tiny-preset
 bootstrap makes one there first (a few minutes).
@@ -212,6 +214,40 @@ def overload(run: str, engine: str, clients: int, hang_ups: int, tokens: int) ->
     return report | {"ok": ok}
 
 
+def http_cost(run: str, clients: int, tokens: int, rounds: int) -> dict[str, Any]:
+    """The same requests (prompts, seeds, sampling, gated routes) through `prism serve` and generated in this
+    process by the same backend (`stream`, all at once), in alternating rounds: aggregate tok/s."""
+    from prism import load_gated_model
+    from prism.inference.base import GenerationRequest
+    from prism.inference.config import LoadConfig
+    from prism.lm.decoding import SamplingParams
+
+    print(f"3. what the HTTP layer costs on llama.cpp: {clients} streaming clients at once against the same "
+          f"{clients} requests generated in-process, {rounds} alternating rounds")
+    requests = [GenerationRequest([{"role": "user", "content": QUERIES[i % len(QUERIES)]}], "auto",
+                                  SamplingParams(max_tokens=tokens, temperature=0.7, seed=i)) for i in range(clients)]
+    rates: dict[str, list[float]] = {"served": [], "in-process": []}
+    with Server(run, "llamacpp", clients, 64) as server:
+        model = load_gated_model(run, LoadConfig(engine="llamacpp", max_num_seqs=clients))
+        try:
+            for warm_up in (True, *[False] * rounds):
+                results, elapsed = asyncio.run(round_of(server.url, clients, tokens))
+                served = sum(r["tokens"] for r in results) / elapsed
+                started = time.perf_counter()
+                produced = sum(c.completion_tokens for c in model.generate_batch(requests))
+                in_process = produced / (time.perf_counter() - started)
+                if not warm_up:
+                    rates["served"].append(served)
+                    rates["in-process"].append(in_process)
+        finally:
+            model.close()
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    ratio = medians["served"] / medians["in-process"]
+    print(f"   served {medians['served']:.1f} tok/s, in-process {medians['in-process']:.1f} tok/s: ratio {ratio:.2f} "
+          "(target >= 0.8)")
+    return {"rounds": rates, "medians": medians, "served_over_in_process": ratio}
+
+
 def main() -> None:
     silence_library_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -220,7 +256,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of part 1 (median)")
     parser.add_argument("--spread", type=float, default=8.0,
                         help="part 1's second pattern: the clients sent one by one over this many seconds")
-    parser.add_argument("--only", choices=("continuous", "overload"))
+    parser.add_argument("--only", choices=("continuous", "overload", "http"))
     parser.add_argument("--json", help="write the measurements to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -236,6 +272,8 @@ def main() -> None:
               f"up to {args.tokens} tokens each")
         measured["overload"] = {engine: overload(args.run, engine, 500, 50, args.tokens)
                                 for engine in ("llamacpp", "transformers")}
+    if args.only in (None, "http"):
+        measured["http"] = http_cost(args.run, 32, args.tokens, args.rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(measured, indent=2) + "\n")
 
