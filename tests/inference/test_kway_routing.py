@@ -16,8 +16,8 @@ from prism.inference.router import gate_decisions
 from prism.inference.transformers import PrismModel
 from prism.lm.decoding import SamplingParams
 from prism.lm.models import load_model
+from prism.routes import served_names
 from prism.runs import KWAY_ADAPTERS
-from prism.serving.protocol import served_models
 from prism.stages.pipeline import bootstrap
 
 
@@ -36,7 +36,7 @@ def test_a_kway_run_loads_its_gate_and_one_named_adapter_per_persona(kway_model,
     decisions = kway_model.decide([ask(WRITING_QUERY), ask(REVIEW_QUERY), *map(ask, BASE_QUERIES)])
     assert [(d.route, d.persona) for d in decisions] == [("persona", "writing"), ("persona", "review"),
                                                          ("base", None), ("base", None)]
-    assert served_models(kway_model.has_adapter, kway_model.personas) == [
+    assert served_names(kway_model.has_adapter, kway_model.personas) == [
         "prism", "prism-base", "prism-persona", "prism-persona-writing", "prism-persona-review"]
     binary = PrismModel.from_run(tiny_kway_run, device="cpu", routing="binary")
     assert binary.routing == "binary" and binary.personas == [] and set(binary.adapter.peft_config) == {"persona"}
@@ -126,7 +126,7 @@ def test_a_binary_run_made_before_kway_routing_existed_loads_serves_and_resumes_
     (old / "manifest.json").write_text(json.dumps(manifest))
     before, after = PrismModel.from_run(tiny_run, device="cpu"), PrismModel.from_run(old, device="cpu")
     assert after.routing == "binary" and after.personas == [] and list(after.gates) == ["binary"]
-    assert served_models(after.has_adapter, after.personas) == ["prism", "prism-base", "prism-persona"]
+    assert served_names(after.has_adapter, after.personas) == ["prism", "prism-base", "prism-persona"]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     requests = [GenerationRequest(ask(q), params=params) for q in (WRITING_QUERY, REVIEW_QUERY, *BASE_QUERIES)]
     for a, b in zip(before.generate_batch(requests), after.generate_batch(requests)):

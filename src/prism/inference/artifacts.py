@@ -14,13 +14,8 @@ from prism.errors import PrismError
 from prism.inference.config import LoadConfig
 from prism.lm.gate import GATE_CONFIG, Gate
 from prism.lm.models import LoadedModel
+from prism.routes import adapter_key
 from prism.runs import ADAPTER_CONFIG, FINISHED, KWAY_GATE, RunDir, adapter_dir, gate_dir, has_adapter_weights
-
-
-def adapter_key(persona: str | None) -> str:
-    """The name of a persona route's adapter: `persona` (the binary adapter) or `persona-<k-way persona>`;
-    the served model name is `prism-` + this."""
-    return "persona" if persona is None else f"persona-{persona}"
 
 
 @dataclass

@@ -16,14 +16,14 @@ import torch
 
 from prism.config import ROUTINGS, with_options
 from prism.errors import ContextLengthError, PrismError, RequestError
-from prism.inference.artifacts import FinishedRun, adapter_key
+from prism.inference.artifacts import FinishedRun
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
 from prism.lm.gate import Gate, check_threshold, save_threshold
 from prism.lm.models import chat_prompt, conversation_prompt, encode
+from prism.routes import BASE, ROUTES, adapter_key
 from prism.runs import gate_dir
 
 log = logging.getLogger("prism")
-ROUTES = ("auto", "base", "persona")
 
 
 
@@ -56,7 +56,7 @@ class RouteDecision:
     @property
     def adapter(self) -> str | None:
         """The adapter this decision runs on (`adapter_key`), None on the base route."""
-        return None if self.route == "base" else adapter_key(self.persona)
+        return None if self.route == BASE else adapter_key(self.persona)
 
 
 @dataclass

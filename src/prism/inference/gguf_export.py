@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from prism.errors import PrismError
-from prism.inference.artifacts import FinishedRun, adapter_key
+from prism.inference.artifacts import FinishedRun
 from prism.inference.config import LoadConfig
 from prism.lm.llama import base_gguf_for
 from prism.lm.models import cache_dir, file_sha256
+from prism.routes import PERSONA, adapter_key, served_name
 from prism.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_DIR, adapter_dir, write_json_atomic
 
 log = logging.getLogger("prism")
@@ -206,7 +207,7 @@ def write_merged_gguf(path: Path, reader: Any, tensors: dict[str, tuple[np.ndarr
         value_type = key.types[0]
         sub_type = key.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key.name, key.contents(), value_type, sub_type=sub_type)
-    writer.add_string("general.finetune", "prism-persona")
+    writer.add_string("general.finetune", served_name(PERSONA))
     for tensor in reader.tensors:
         if tensor.name not in tensors:
             writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)

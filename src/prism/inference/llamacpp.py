@@ -25,7 +25,7 @@ import torch
 
 from prism.config import with_options
 from prism.errors import PrismError
-from prism.inference.artifacts import FinishedRun, adapter_key
+from prism.inference.artifacts import FinishedRun
 from prism.inference.base import (
     GatedModel,
     GenerationRequest,
@@ -54,6 +54,7 @@ from prism.lm.llama_batch import BatchedLlama, RouteSpec
 from prism.lm.llama_batch import Sequence as LlamaSequence
 from prism.lm.llama_weights import decode_weights
 from prism.lm.models import encode
+from prism.routes import BASE, adapter_key
 from prism.runs import EXPORT_DIR
 
 log = logging.getLogger("prism")
@@ -201,7 +202,7 @@ class LlamaCppModel(GatedModel):
 
     def _route(self, decision: RouteDecision) -> str:
         """The llama.cpp route of a decision: "base", "persona" (the binary adapter) or "persona-<persona>"."""
-        route = decision.adapter or "base"
+        route = decision.adapter or BASE
         if route not in self.llama.routes:
             self.check_persona_route(decision.persona)
         return route

@@ -31,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 
 from prism.config import with_options
 from prism.errors import PrismError
-from prism.inference.artifacts import FinishedRun, adapter_key, check_adapter_for_gate
+from prism.inference.artifacts import FinishedRun, check_adapter_for_gate
 from prism.inference.base import (
     GatedModel,
     GenerationRequest,
@@ -59,6 +59,7 @@ from prism.lm.models import (
     output_cache,
     stop_token_ids,
 )
+from prism.routes import adapter_key, is_adapter_key, persona_of
 
 ADAPTER = adapter_key(None)  # the binary adapter
 NO_ADAPTER = "__base__"  # PEFT's name for "this row uses no adapter" in a mixed batch
@@ -97,7 +98,7 @@ class PrismModel(GatedModel):
                         run.routing if run is not None else None)
         self.adapter = adapter
         names = {name: name for name in adapter.peft_config} if adapter is not None else {}
-        unnamed = [n for n in names if n != ADAPTER and not n.startswith(ADAPTER + "-")]
+        unnamed = [n for n in names if not is_adapter_key(n)]
         if unnamed:
             raise PrismError(f"the PeftModel's adapters {unnamed} need PRISM's names: load the binary adapter with "
                              f"adapter_name={ADAPTER!r} and a k-way persona's with adapter_name='{ADAPTER}-<persona>'")
@@ -150,7 +151,7 @@ class PrismModel(GatedModel):
 
     @property
     def personas(self) -> list[str]:
-        return [key.removeprefix(ADAPTER + "-") for key in self.adapter_names if key != ADAPTER]
+        return [persona_of(key) for key in self.adapter_names if key != ADAPTER]  # type: ignore[misc]
 
     def decide(self, conversations: Sequence[list[dict[str, str]]], routing: str | None = None
                ) -> list[RouteDecision]:

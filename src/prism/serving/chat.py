@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from prism.errors import PrismError
-from prism.inference.base import ROUTES, GatedModel, GenerationRequest, RouteDecision
+from prism.inference.base import GatedModel, GenerationRequest, RouteDecision
+from prism.routes import ROUTES
 from prism.serving.config import ChatConfig
 
 HELP = ("commands: /route base|persona|auto|<k-way persona> (pin a route, or let the gate decide per turn), /reset "

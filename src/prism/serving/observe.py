@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 
-from prism.inference.artifacts import adapter_key
+from prism.routes import adapter_key
 from prism.serving.metrics import ServingMetrics
 from prism.serving.protocol import PrismInfo, errors
 from prism.serving.request_log import RequestLog

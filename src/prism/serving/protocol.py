@@ -8,7 +8,6 @@ checks."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -18,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from starlette.datastructures import URL, Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.inference.artifacts import adapter_key
 from prism.inference.base import RouteDecision
+from prism.routes import PERSONA, route_of
 
 
 def _none(value: Any) -> bool:
@@ -189,8 +188,6 @@ def chat_responses(*more_errors: int) -> dict[int | str, dict[str, Any]]:
             **errors(400, 401, 404, 422, *more_errors)}
 
 
-MODEL_ROUTES = {"prism": "auto", "prism-base": "base", "prism-persona": "persona"}
-KWAY_MODEL_PREFIX = "prism-" + adapter_key("")  # prism-persona-<persona>: a k-way adapter's forced route
 PROTECTED = ("/v1/", "/metrics", "/admin/")  # what the API key guards (/health stays open for probes)
 
 
@@ -280,13 +277,6 @@ def up_to_last_user_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]
     return messages[: users[-1] + 1]
 
 
-def model_route(name: str) -> tuple[str, str | None]:
-    """(route, k-way persona) a served model name asks for; the name is one `served_models` listed."""
-    if name in MODEL_ROUTES:
-        return MODEL_ROUTES[name], None
-    return "persona", name.removeprefix(KWAY_MODEL_PREFIX)
-
-
 def decision_info(decision: RouteDecision, threshold: float) -> PrismInfo:
     """The reply's `prism` object; a k-way adapter's answer also names its persona."""
     info = PrismInfo(route=decision.route, gate_probability=decision.gate_probability, forced=decision.forced,
@@ -308,18 +298,15 @@ class ApiError(Exception):
         return JSONResponse(body.model_dump(), status_code=self.status, headers={**self.headers, **(headers or {})})
 
 
-def served_models(has_adapter: bool, personas: Sequence[str] = ()) -> list[str]:
-    """prism, prism-base, prism-persona (when the run has an adapter) and prism-persona-<persona> per k-way adapter."""
-    names = [name for name, route in MODEL_ROUTES.items() if route != "persona" or has_adapter]
-    return names + [KWAY_MODEL_PREFIX + persona for persona in personas]
-
-
-def check_model(name: str, models: list[str]) -> None:
-    if name not in models:
-        why = (" (this run has no adapter)" if name == "prism-persona" else
-               " (no k-way adapter has that persona)" if name.startswith(KWAY_MODEL_PREFIX) else "")
+def check_model(name: str, models: list[str]) -> tuple[str, str | None]:
+    """(route, k-way persona) of a served model name, or 404 for a name this server does not serve."""
+    route = route_of(name)
+    if name not in models or route is None:
+        why = ("" if route is None or route[0] != PERSONA else " (this run has no adapter)" if route[1] is None
+               else " (no k-way adapter has that persona)")
         raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
                        param="model", code="model_not_found")
+    return route
 
 
 def install_openai_edges(app: FastAPI, api_key: str | None, models: list[str]) -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from prism.inference.base import RouteDecider, RouteDecision
+from prism.routes import AUTO
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import note_decision, request_record
 from prism.serving.protocol import (
@@ -23,7 +24,6 @@ from prism.serving.protocol import (
     check_model,
     decision_info,
     errors,
-    model_route,
     reply,
     up_to_last_user_turn,
 )
@@ -36,10 +36,9 @@ async def route_conversations(body: RouteRequest, request: Request, models: list
     """POST /v1/route on both servers: the gate's decision for each conversation, without generating."""
     record = request_record(request)
     record["model"] = body.model
-    check_model(body.model, models)
+    route, persona = check_model(body.model, models)
     conversations = [up_to_last_user_turn(c) for c in body.conversations()]
-    route, persona = model_route(body.model)
-    if route == "auto":
+    if route == AUTO:
         decisions = await asyncio.to_thread(decide, conversations)
     else:
         decisions = [RouteDecision(route, None, forced=True, persona=persona) for _ in conversations]

@@ -30,6 +30,7 @@ from prism.errors import ContextLengthError, PrismError, RequestError
 from prism.inference.base import Completion, GatedModel, GenerationRequest, StreamEvent
 from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
+from prism.routes import served_names
 from prism.serving.config import ServeConfig
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
@@ -51,9 +52,7 @@ from prism.serving.protocol import (
     check_model,
     decision_info,
     install_openai_edges,
-    model_route,
     reply,
-    served_models,
 )
 from prism.serving.reload import reload_on_sighup
 from prism.serving.request_log import RequestLog
@@ -228,12 +227,12 @@ class Admission:
 
     def _observe_step(self, size: int) -> None:
         self.running = size
-        if self._post is not None:
-            self._post.flush()  # the step's events, in one delivery
-        if size:
+        if size:  # counted before the step's events go out: a client that has its reply sees its steps counted
             self.batches += 1
             if self.on_batch is not None:
                 self.on_batch(size)
+        if self._post is not None:
+            self._post.flush()  # the step's events, in one delivery
 
 
 class QueueFull(Exception):
@@ -265,7 +264,7 @@ def create_app(model: GatedModel, config: ServeConfig | None = None, *, metrics:
 
     app = FastAPI(title="PRISM", lifespan=lifespan)
     app.state.admission = admission
-    models = served_models(model.has_adapter, model.personas)
+    models = served_names(model.has_adapter, model.personas)
     install_openai_edges(app, config.api_key, models)
     install_observability(app, observed, request_log, lambda: model.threshold)
 
@@ -307,8 +306,8 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
     model, observed = served.model, served.metrics
     record = request_record(request)
     record["model"] = body.model
-    check_model(body.model, served.models)
-    generation = to_generation_request(model, body, served.default_max_tokens)
+    route, persona = check_model(body.model, served.models)
+    generation = to_generation_request(model, body, served.default_max_tokens, route, persona)
     if served.request_log is not None and served.request_log.log_prompts:
         record["messages"] = generation.messages
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"  # also the id a failure's reply and log line carry
@@ -348,7 +347,8 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
                                 usage=_usage(done), prism=prism), headers)
 
 
-def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int) -> GenerationRequest:
+def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int, route: str,
+                          persona: str | None) -> GenerationRequest:
     """Validate what the schema cannot (context window, stop strings) before the request joins a batch."""
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prefix = ""
@@ -382,7 +382,6 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except RequestError as exc:
         raise ApiError(400, str(exc)) from None
-    route, persona = model_route(body.model)
     return GenerationRequest(messages, route, params, cancel=threading.Event(), assistant_prefix=prefix,
                              persona=persona)
 
@@ -489,5 +488,5 @@ def serve(model: GatedModel, config: ServeConfig | None = None, **options: Any) 
     app = create_app(model, config, request_log=requests)
     reload_on_sighup(app.state.reload)
     log.info("serving %s on http://%s:%d/v1 with %s (%s routing; models: %s)", model.run_path, config.host,
-             config.port, model.engine, model.routing, ", ".join(served_models(model.has_adapter, model.personas)))
+             config.port, model.engine, model.routing, ", ".join(served_names(model.has_adapter, model.personas)))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

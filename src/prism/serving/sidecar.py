@@ -24,10 +24,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from prism.inference.artifacts import adapter_key
 from prism.inference.base import RouteDecision
 from prism.inference.config import LoadConfig
 from prism.inference.router import Router
+from prism.routes import AUTO, BASE, adapter_key, served_names
 from prism.serving.config import ServeConfig, SidecarConfig
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
@@ -42,8 +42,6 @@ from prism.serving.protocol import (
     check_model,
     decision_info,
     install_openai_edges,
-    model_route,
-    served_models,
     up_to_last_user_turn,
 )
 from prism.serving.reload import reload_on_sighup
@@ -70,7 +68,7 @@ def create_sidecar_app(router: Router, sidecar: SidecarConfig, config: ServeConf
         await client.aclose()
 
     app = FastAPI(title="PRISM routing sidecar", lifespan=lifespan)
-    models = served_models(router.has_adapter, router.personas)
+    models = served_names(router.has_adapter, router.personas)
     observed = ServingMetrics(sidecar=True) if metrics else None
     install_openai_edges(app, config.api_key, models)
     install_observability(app, observed, request_log, lambda: router.threshold)
@@ -125,9 +123,9 @@ class Forwarder:
         body, parsed = await _parse_chat(request)
         record = request_record(request)
         record["model"] = parsed.model
-        check_model(parsed.model, self.models)
-        decision = await asyncio.to_thread(_route, self.router, parsed)
-        upstream_model = self.upstream_names[decision.adapter or "base"]
+        route, persona = check_model(parsed.model, self.models)
+        decision = await asyncio.to_thread(_route, self.router, parsed, route, persona)
+        upstream_model = self.upstream_names[decision.adapter or BASE]
         info = decision_info(decision, self.router.threshold)
         info.upstream_model = upstream_model
         note_decision(record, self.metrics, "chat", info)
@@ -179,13 +177,12 @@ async def _parse_chat(request: Request) -> tuple[dict[str, Any], ChatCompletionR
 def upstream_model_names(base_model: str, adapter_model: str, personas: Sequence[str]) -> dict[str, str]:
     """The upstream's model name of each route: base, the binary adapter, and each k-way adapter as
     `<adapter model>-<persona>` (the names `prism export vllm` gives its LoRA modules)."""
-    return {"base": base_model, adapter_key(None): adapter_model,
+    return {BASE: base_model, adapter_key(None): adapter_model,
             **{adapter_key(p): f"{adapter_model}-{p}" for p in personas}}
 
 
-def _route(router: Router, body: ChatCompletionRequest) -> RouteDecision:
-    route, persona = model_route(body.model)
-    if route != "auto":
+def _route(router: Router, body: ChatCompletionRequest, route: str, persona: str | None) -> RouteDecision:
+    if route != AUTO:
         return RouteDecision(route, None, forced=True, persona=persona)
     return router.decide([up_to_last_user_turn(as_dicts(body.messages))])[0]
 
