@@ -266,6 +266,7 @@ class PrismModel(GatedModel):
             adapters.users -= users
             self._drop_if_unused(adapters)
 
+    @torch.no_grad()  # on a generator torch sets it around each step, never between them (the caller's code)
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[StreamEvent]:
         """Generate for a batch in the caller's thread, yielding each request's route, then its text deltas, then
         its completion (the batch is the requests given: none joins it later)."""
@@ -273,7 +274,7 @@ class PrismModel(GatedModel):
             return
         events: list[StreamEvent | BaseException] = []
         batch = DecodeBatch(self._decode_pass, self.eos_ids)
-        with torch.no_grad(), self._current_adapters() as adapters:
+        with self._current_adapters() as adapters:
             self._join(batch, list(requests), [events.append] * len(requests), adapters, range(len(requests)))
             while True:
                 ready, events[:] = list(events), []
