@@ -2,6 +2,7 @@
 next step, not after it, and gets the tokens it gets alone, also after the rows it was padded to have left; a
 cancelled request leaves at the next step, one cancelled while it waits never starts."""
 
+import asyncio
 import threading
 import time
 
@@ -112,3 +113,18 @@ def test_a_request_the_model_cannot_serve_is_refused_alone(model):
     served.wait()
     assert "maximum context length" in str(refused.events[-1][1])
     assert served.completion.completion_tokens == 3
+
+
+def test_generate_async_is_one_request_as_an_async_stream_and_abort_stops_it(model):
+    async def run():
+        whole = [event async for event in model.generate_async(request(BASE_QUERIES[0], "base", 5))]
+        long = model.generate_async(request(BASE_QUERIES[1], "base", 500))
+        started = [await long.next(), await long.next()]  # its route, its first text
+        model.abort(long)
+        return whole, started, [event async for event in long]
+
+    whole, started, rest = asyncio.run(run())
+    assert whole[0].decision.route == "base" and whole[-1].completion.completion_tokens == 5
+    assert "".join(e.delta for e in whole) == whole[-1].completion.text
+    assert started[0].decision is not None and started[1].delta
+    assert rest[-1].completion.finish_reason == "cancelled" and rest[-1].completion.completion_tokens < 500

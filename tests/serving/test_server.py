@@ -82,7 +82,7 @@ def test_streaming_gives_the_same_text_and_ends_with_done(server, client):
 def test_concurrent_requests_share_batches_with_mixed_routes(server, client, monkeypatch):
     queries = PERSONA_QUERIES + BASE_QUERIES
     steps: list[int] = []  # each decode step's size
-    monkeypatch.setattr(server["app"].state.admission, "on_batch", steps.append)
+    monkeypatch.setattr(server["model"].intake, "on_step", steps.append)
 
     def one(query: str):
         return client.chat.completions.create(model="prism", messages=ask(query), temperature=0, max_tokens=8)
@@ -237,7 +237,7 @@ def test_the_decoding_threads_events_wait_for_its_flush_and_keep_their_order():
     import threading
     import time
 
-    from prism.serving.server import EventPost
+    from prism.inference.streams import EventPost
 
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=loop.run_forever, daemon=True)

@@ -17,6 +17,7 @@ import torch
 from prism.config import ROUTINGS, with_options
 from prism.errors import ContextLengthError, PrismError, RequestError
 from prism.inference.artifacts import FinishedRun
+from prism.inference.streams import Intake, RequestStream
 from prism.lm.decoding import SamplingParams, TextStream, token_logprobs
 from prism.lm.gate import Gate, check_threshold, save_threshold
 from prism.lm.models import chat_prompt, conversation_prompt, encode
@@ -230,6 +231,7 @@ class GatedModel(Gates, ABC):
     engine: str  # "transformers" or "llamacpp"
     tokenizer: Any
     max_model_len: int
+    _intake: Intake | None = None
 
     @property
     @abstractmethod
@@ -276,8 +278,30 @@ class GatedModel(Gates, ABC):
         """Have `on_step` told, after each decode step, the number of sequences it decoded (0: none), in the
         decoding thread."""
 
+    def generate_async(self, request: GenerationRequest, *, on_end: Callable[[RequestStream], None] | None = None,
+                       deadline: float | None = None) -> RequestStream:
+        """One request as an async stream of its events, on the backend's running batch (call it from the event
+        loop; `async for event in stream`): its route, its text deltas, its completion, or the error that ended
+        it. `abort(stream)` (or the request's cancel) stops it; past `deadline` (time.monotonic()) it is aborted
+        and the stream raises RequestTimedOut; `on_end` is told once the engine is done with it."""
+        return self.intake.open(request, on_end, deadline)
+
+    @staticmethod
+    def abort(stream: RequestStream) -> None:
+        """Stop a request: a waiting one never starts, a running one leaves the batch at the next step."""
+        stream.abort()
+
+    @property
+    def intake(self) -> Intake:
+        """The thread that hands this model its async requests, with the last decode step's size (`running`)."""
+        if self._intake is None:
+            self._intake = Intake(self.submit, self.observe_steps)
+        return self._intake
+
     def close(self) -> None:
-        """Free what the backend holds outside Python's memory (llama.cpp's contexts); a no-op otherwise."""
+        """Free what the backend holds outside Python's memory (llama.cpp's contexts) and its intake thread."""
+        if self._intake is not None:
+            self._intake.close()
 
     def check_persona_route(self, persona: str | None = None) -> None:
         if persona is not None:

@@ -128,6 +128,7 @@ class LlamaCppModel(GatedModel):
         return self._reloaded(run, persona_model=source)
 
     def close(self) -> None:
+        super().close()
         self.llama.close()
 
     def observe_steps(self, on_step: Callable[[int], None]) -> None:

@@ -305,6 +305,7 @@ class PrismModel(GatedModel):
         self.decoder.on_step = on_step
 
     def close(self) -> None:
+        super().close()
         self.decoder.close()
 
     @torch.no_grad()

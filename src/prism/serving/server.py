@@ -1,16 +1,14 @@
 """`prism serve`: an OpenAI-compatible HTTP server for a run's gated model, PrismModel or LlamaCppModel
-(FastAPI + uvicorn). The server admits requests (or refuses them: 429) and streams; the backend batches: each
-request is handed to its `submit` and joins the running batch at its next decode step, and gets its events back
-through its own asyncio queue."""
+(FastAPI + uvicorn). The server admits requests (or refuses them: 429) and streams: each admitted request is one
+async stream from the model (`GatedModel.generate_async`), which joins the backend's running batch at its next
+decode step; the backend batches, the server never does."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import math
-import queue
 import subprocess
 import threading
 import time
@@ -18,7 +16,7 @@ import urllib.request
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -28,6 +26,7 @@ from pydantic import BaseModel
 from prism.config import with_options
 from prism.errors import ContextLengthError, PrismError, RequestError
 from prism.inference.base import Completion, GatedModel, GenerationRequest, StreamEvent
+from prism.inference.streams import RequestStream, RequestTimedOut
 from prism.library_warnings import silence_library_warnings
 from prism.lm.decoding import SamplingParams
 from prism.routes import served_names
@@ -61,88 +60,10 @@ from prism.serving.route_api import install_route_and_reload
 log = logging.getLogger("prism")
 
 
-class EventPost:
-    """Hands events from other threads to the event loop, with one wake-up for many. The decoding thread's events
-    wait for the end of its step (`flush`, from that thread): woken at each one, the loop took the interpreter
-    from the decoding thread between any two of its calls into C, and a token's work between two decodes took
-    849 us against 314 this way (32 streaming clients on llama.cpp, the 2-core development machine)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._pending: list[tuple[asyncio.Queue, StreamEvent | Exception]] = []
-        self._scheduled = False  # a delivery is on its way: it takes what is pending when it runs
-        self._flusher: int | None = None  # the thread whose events wait for its flush (the decoding thread)
-        self._lock = threading.Lock()
-
-    def put(self, events: asyncio.Queue, item: StreamEvent | Exception) -> None:
-        with self._lock:
-            self._pending.append((events, item))
-            if self._scheduled or threading.get_ident() == self._flusher:
-                return
-            self._scheduled = True
-        self.loop.call_soon_threadsafe(self._deliver)
-
-    def flush(self) -> None:
-        """Deliver what is pending; from now on the calling thread's events wait for its next flush."""
-        with self._lock:
-            self._flusher = threading.get_ident()
-            if self._scheduled or not self._pending:
-                return
-            self._scheduled = True
-        self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            pending, self._pending, self._scheduled = self._pending, [], False
-        for events, item in pending:
-            events.put_nowait(item)
-
-
-class RequestTimedOut(Exception):
-    """A request outlived --request-timeout (it is cancelled: its place in the batch is freed at the next step)."""
-
-
-@dataclass
-class Job:
-    request: GenerationRequest
-    post: EventPost
-    on_end: Callable[[Job], None]  # told once, when the engine is done with the request (its place is free)
-    deadline: float | None = None  # time.monotonic() past which the request is cancelled
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    submitted: float = field(default_factory=time.monotonic)
-    ended: bool = False
-
-    def put(self, item: StreamEvent | Exception) -> None:
-        if isinstance(item, Exception) or item.completion is not None:
-            self.end()
-        self.post.put(self.events, item)
-
-    def end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.on_end(self)
-
-    async def next(self) -> StreamEvent:
-        """The request's next event; raises the error that ended it, or RequestTimedOut past its deadline
-        (having cancelled it)."""
-        if self.deadline is None:
-            item = await self.events.get()
-        else:
-            try:
-                item = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.monotonic()))
-            except TimeoutError:
-                self.request.cancel.set()
-                raise RequestTimedOut from None
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-
 class Admission:
     """What the server holds: at most max_batch_size + max_waiting requests, from arrival until the engine is done
-    with them (`submit` refuses one more: `QueueFull`). The server does not batch: one thread hands the requests
-    that arrived meanwhile to the engine's `submit` (their routes decided in one gate pass), and the engine's
-    decoding thread schedules them into its running batch; each request's events come back on its own queue."""
+    with them (`submit` refuses one more: `QueueFull`). The server does not batch: each admitted request is one
+    async stream from the model (`generate_async`), scheduled by the backend's own decoding thread."""
 
     def __init__(self, model: GatedModel, max_batch_size: int, on_batch: Callable[[int], None] | None = None,
                  max_waiting: int | None = None, request_timeout: float | None = None):
@@ -151,14 +72,19 @@ class Admission:
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting  # None: no limit
         self.request_timeout = request_timeout
-        self.waiting: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0  # decode steps that decoded something
         self.in_flight = 0  # submitted, and not yet ended by the engine
-        self.running = 0  # the last decode step's size
         self.recent_seconds: deque[float] = deque(maxlen=32)  # how long the last requests held their place
-        self.thread: threading.Thread | None = None
-        self._post: EventPost | None = None
         self._count_lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        """The last decode step's size."""
+        return self.model.intake.running
+
+    @property
+    def batches(self) -> int:
+        """Decode steps that decoded something."""
+        return self.model.intake.steps
 
     @property
     def queued(self) -> int:
@@ -166,27 +92,18 @@ class Admission:
         return max(0, self.in_flight - self.running)
 
     def start(self) -> None:
-        # a new thread each time: the same app may be started again after a shutdown
-        self.thread = threading.Thread(target=self._work, name="prism-admission", daemon=True)
-        self.thread.start()
+        self.model.intake.on_step = self.on_batch
 
     def stop(self) -> None:
-        if self.thread is not None:
-            self.waiting.put(None)
-            self.thread.join(timeout=30)
+        self.model.intake.on_step = None
 
-    def submit(self, request: GenerationRequest) -> Job:
-        loop = asyncio.get_running_loop()
-        if self._post is None or self._post.loop is not loop:  # the app may run again, on another loop
-            self._post = EventPost(loop)
+    def submit(self, request: GenerationRequest) -> RequestStream:
         with self._count_lock:
             if self.max_waiting is not None and self.in_flight >= self.max_batch_size + self.max_waiting:
                 raise QueueFull(self.in_flight, self.retry_after())
             self.in_flight += 1
         deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
-        job = Job(request, self._post, self._ended, deadline)
-        self.waiting.put(job)
-        return job
+        return self.model.generate_async(request, on_end=self._ended, deadline=deadline)
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: how long the recent requests held their place (1 to 60)."""
@@ -194,45 +111,10 @@ class Admission:
             return 1
         return min(60, max(1, math.ceil(sum(self.recent_seconds) / len(self.recent_seconds))))
 
-    def _ended(self, job: Job) -> None:
+    def _ended(self, stream: RequestStream) -> None:
         with self._count_lock:
             self.in_flight -= 1
-            self.recent_seconds.append(time.monotonic() - job.submitted)
-
-    def _work(self) -> None:
-        self.model.observe_steps(self._observe_step)
-        while (first := self.waiting.get()) is not None:
-            jobs = [first]
-            while True:  # the requests that arrived meanwhile go with it: their routes in one gate pass
-                try:
-                    job = self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.waiting.put(None)  # stop after these
-                    break
-                jobs.append(job)
-            live = []
-            for job in jobs:
-                if job.request.cancel.is_set():  # timed out or abandoned while it waited: never started
-                    job.end()
-                else:
-                    live.append(job)
-            try:
-                if live:
-                    self.model.submit([job.request for job in live], [job.put for job in live])
-            except Exception as exc:
-                for job in live:
-                    job.put(exc)
-
-    def _observe_step(self, size: int) -> None:
-        self.running = size
-        if size:  # counted before the step's events go out: a client that has its reply sees its steps counted
-            self.batches += 1
-            if self.on_batch is not None:
-                self.on_batch(size)
-        if self._post is not None:
-            self._post.flush()  # the step's events, in one delivery
+            self.recent_seconds.append(time.monotonic() - stream.submitted)
 
 
 class QueueFull(Exception):
@@ -301,7 +183,7 @@ class Served:
 
 
 async def complete_chat(served: Served, body: ChatCompletionRequest, request: Request) -> Any:
-    """POST /v1/chat/completions: the request joins the next batch; its route comes first, then its text,
+    """POST /v1/chat/completions: the request joins the engine's running batch; its route comes first, then its text,
     whole or streamed."""
     model, observed = served.model, served.metrics
     record = request_record(request)
@@ -312,26 +194,26 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
         record["messages"] = generation.messages
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"  # also the id a failure's reply and log line carry
     try:
-        job = served.admission.submit(generation)
+        stream = served.admission.submit(generation)
     except QueueFull as full:
         if observed is not None:
             observed.refused.labels("at_capacity").inc()
         raise ApiError(429, str(full), "rate_limit_error", code="server_at_capacity",
                        headers={"Retry-After": str(full.retry_after)}) from None
     try:
-        first = await job.next()
+        first = await stream.next()
     except Exception as exc:
         raise _as_api_error(exc, completion_id, served) from None
     prism = _prism_info(first, model.threshold)
     note_decision(record, observed, "chat", prism)
     headers = {"x-prism-route": prism.route}
     if body.stream:
-        chunks = _sse_chunks(job, body, completion_id, prism, record, served)
+        chunks = _sse_chunks(stream, body, completion_id, prism, record, served)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
     text = []
     while True:
         try:
-            event = await job.next()
+            event = await stream.next()
         except Exception as exc:
             raise _as_api_error(exc, completion_id, served) from None
         text.append(event.delta)
@@ -428,7 +310,7 @@ def server_sent(model: BaseModel) -> str:
     return f"data: {json.dumps(model.model_dump(mode='json'))}\n\n"
 
 
-async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str, prism: PrismInfo,
+async def _sse_chunks(stream: RequestStream, body: ChatCompletionRequest, completion_id: str, prism: PrismInfo,
                       record: dict[str, Any], served: Served) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -441,7 +323,7 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
         yield chunk(ChunkDelta(role="assistant", content=""), prism=prism)
         while True:
             try:
-                event = await job.next()
+                event = await stream.next()
             except Exception as exc:
                 error = _as_api_error(exc, completion_id, served)
                 yield server_sent(ErrorResponse(error=ErrorDetail(message=error.message, type=error.type,
@@ -459,7 +341,7 @@ async def _sse_chunks(job: Job, body: ChatCompletionRequest, completion_id: str,
                 break
         yield "data: [DONE]\n\n"
     finally:
-        job.request.cancel.set()  # a client that hangs up stops its row at the next step
+        stream.abort()  # a client that hangs up stops its row at the next step
 
 
 def wait_until_healthy(base_url: str, timeout_s: float = 120.0, process: subprocess.Popen | None = None) -> None:
