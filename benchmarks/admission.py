@@ -34,22 +34,12 @@ from typing import Any
 
 import httpx2
 
+from engines import QUERIES  # benchmarks/engines.py, beside this script
 from prism import bootstrap, resolve_config
 from prism.library_warnings import silence_library_warnings
 from prism.runs import RunDir
 from prism.serving.server import wait_until_healthy
 from serving import free_port  # benchmarks/serving.py, beside this script
-
-QUERIES = [
-    "Write a short poem about the sea at night.",
-    "What is the capital of Australia?",
-    "How should I store household chemicals safely?",
-    "Explain recursion to a ten-year-old.",
-    "Give me three tips for a job interview.",
-    "Why is the sky blue?",
-    "Summarise the plot of Romeo and Juliet.",
-    "How do I make a cup of green tea?",
-]
 
 # the server through the Python API, so that the batch-by-batch baseline is the same server with one switch
 SERVE = """
