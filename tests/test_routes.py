@@ -26,3 +26,16 @@ def test_a_name_no_route_has_is_none(name):
 def test_served_names_list_what_the_run_has():
     assert served_names(False) == ["prism", "prism-base"]
     assert served_names(True, ["poet"]) == ["prism", "prism-base", "prism-persona", "prism-persona-poet"]
+
+
+def test_a_model_the_server_does_not_serve_is_a_404_that_says_why():
+    from prism.serving.protocol import ApiError, check_model
+
+    models = served_names(False)
+    assert check_model("prism-base", models) == (BASE, None)
+    for name, why in (("prism-persona", r"does not exist \(this run has no adapter\)"),
+                      ("prism-persona-poet", r"\(no k-way adapter has that persona\)"),
+                      ("gpt-4", r"'gpt-4' does not exist; available: prism, prism-base$")):
+        with pytest.raises(ApiError, match=why) as refused:
+            check_model(name, models)
+        assert refused.value.status == 404

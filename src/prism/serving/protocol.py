@@ -302,8 +302,9 @@ def check_model(name: str, models: list[str]) -> tuple[str, str | None]:
     """(route, k-way persona) of a served model name, or 404 for a name this server does not serve."""
     route = route_of(name)
     if name not in models or route is None:
-        why = ("" if route is None or route[0] != PERSONA else " (this run has no adapter)" if route[1] is None
-               else " (no k-way adapter has that persona)")
+        why = ""
+        if route is not None and route[0] == PERSONA:
+            why = " (this run has no adapter)" if route[1] is None else " (no k-way adapter has that persona)"
         raise ApiError(404, f"the model {name!r} does not exist{why}; available: {', '.join(models)}",
                        param="model", code="model_not_found")
     return route
