@@ -84,3 +84,14 @@ def test_the_label_samples_benchmark_measures_each_k_on_the_tiny_model(tiny_mode
     rows = json.loads(report.read_text())
     assert [r["label_samples"] for r in rows] == [1, 2] and "K=2 over K=1" in done.stdout
     assert rows[1]["reliability"] is not None and rows[0]["reliability"] is None
+
+
+def test_the_shared_prompts_benchmark_compares_both_paths_on_the_tiny_model(tiny_model_dir, tmp_path):
+    report = tmp_path / "shared.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "shared_prompts.py"), "--model", str(tiny_model_dir),
+                           "--prompts", "4", "--samples", "2", "--tokens", "3", "--rounds", "1", "--json",
+                           str(report)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(report.read_text())
+    assert len(figures["alone_s"]) == len(figures["shared_s"]) == 1 and figures["identical"] == 1.0
+    assert "shared / alone" in done.stdout

@@ -1,14 +1,17 @@
 """The bootstrap engine on the loaded model with transformers: batched sampling where each prompt draws
-from its own seeded stream, and next-token logits for the judge's verdicts."""
+from its own seeded stream (a prompt asked K times in a batch is prefilled once), and next-token logits for the
+judge's verdicts."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    Cache,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
@@ -20,7 +23,7 @@ from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_lin
 from prism.errors import PrismError
 from prism.lm.batching import length_sorted_batches, pad_batch
 from prism.lm.decoding import SamplingParams, sample_token
-from prism.lm.models import LoadedModel, chat_prompt, encode, stop_token_ids
+from prism.lm.models import LoadedModel, cache_argument, chat_prompt, encode, output_cache, stop_token_ids
 
 
 class FirstLineDone(StoppingCriteria):
@@ -91,9 +94,11 @@ def generate_batches(
     batch_size: int,
     desc: str = "generate",
     first_line_only: bool = False,
+    share_prompts: bool = True,
 ) -> Iterator[tuple[list[int], list[Generation]]]:
     """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once.
-    Prompt i samples from its own stream seeded with seeds[i]."""
+    Prompt i samples from its own stream seeded with seeds[i]. With `share_prompts`, rows of a batch that carry
+    the same prompt (the K samples of a label) share one prefill of it."""
     if len(seeds) != len(prompts):
         raise PrismError(f"generate_batches needs one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     tokenizer = lm.tokenizer
@@ -106,9 +111,11 @@ def generate_batches(
         processors = LogitsProcessorList([RowSampler([seeds[i] for i in batch], temperature)] if temperature > 0
                                          else [])
         stopping = StoppingCriteriaList([FirstLineDone(tokenizer, ids.shape[1])] if first_line_only else [])
+        cache = shared_prompt_cache(lm, ids, mask) if share_prompts else None
         out = lm.model.generate(
             input_ids=ids.to(lm.device),
             attention_mask=mask.to(lm.device),
+            **({cache_argument(lm.model): cache} if cache is not None else {}),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=sorted(eos_ids),
@@ -127,17 +134,63 @@ def generate_batches(
 
 
 @torch.no_grad()
-def last_token_logits(lm: LoadedModel, prompts: Sequence[str], batch_size: int, desc: str = "score") -> torch.Tensor:
-    """Next-token logits after each prompt, shape (n, vocab), float32 on the CPU."""
+def shared_prompt_cache(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> Cache | None:
+    """The KV cache of a left-padded batch's prompts up to their last token, each distinct row computed once and
+    copied to the rows that repeat it (the library's beam reordering); None when no row repeats another. generate()
+    then runs only the last prompt token of every row before sampling."""
+    rows, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+    if len(rows) == len(ids):
+        return None
+    distinct_ids, distinct_mask = rows[:, : ids.shape[1] - 1], rows[:, ids.shape[1] : -1]
+    positions = (distinct_mask.cumsum(1) - 1).clamp(min=0)
+    cache = output_cache(lm.model(input_ids=distinct_ids.to(lm.device), attention_mask=distinct_mask.to(lm.device),
+                                  position_ids=positions.to(lm.device), use_cache=True, logits_to_keep=1))
+    cache.reorder_cache(inverse)
+    return cache
+
+
+MIN_SHARED_PREFIX = 16  # tokens every prompt starts with (a judge's instructions) worth one pass of their own
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all rows share, leaving every row at least its last token of its own."""
+    shortest = min(len(r) for r in rows) - 1
+    length = 0
+    while length < shortest and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return length
+
+
+@torch.no_grad()
+def last_token_logits(lm: LoadedModel, prompts: Sequence[str], batch_size: int, desc: str = "score",
+                      share_prefix: bool = True) -> torch.Tensor:
+    """Next-token logits after each prompt, shape (n, vocab), float32 on the CPU. With `share_prefix`, the tokens
+    every prompt starts with (the judge's system prompt and instructions) are run once and their KV cache reused by
+    every batch."""
     encoded = [encode(lm.tokenizer, p) for p in prompts]
     out = torch.empty((len(prompts), lm.model.config.vocab_size), dtype=torch.float32)
+    shared = shared_prefix_length(encoded) if share_prefix and len(encoded) > 1 else 0
+    prefix_cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        prefix = torch.tensor([encoded[0][:shared]], device=lm.device)
+        prefix_cache = output_cache(lm.model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+        encoded = [e[shared:] for e in encoded]
+    else:
+        shared = 0
     for batch in tqdm(length_sorted_batches([len(e) for e in encoded], batch_size), desc=desc, leave=False):
         # Left padding puts every row's last token at the end, so only one position needs the LM head
-        # (a full (batch, length, vocab) logits tensor would dominate time and memory).
+        # (a full (batch, length, vocab) logits tensor would dominate time and memory). After a shared prefix the
+        # padding sits between it and each row's own tokens: masked, and the positions continue from the prefix.
         ids, mask = pad_batch([encoded[i] for i in batch], lm.tokenizer.pad_token_id, side="left")
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        positions = shared + (mask.cumsum(1) - 1).clamp(min=0)
+        cached = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.reorder_cache(torch.zeros(len(batch), dtype=torch.long))  # the one prefix row, once per row
+            cached = {cache_argument(lm.model): cache}
+            mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], dim=1)
         logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                          position_ids=positions.to(lm.device), logits_to_keep=1, use_cache=False).logits
+                          position_ids=positions.to(lm.device), logits_to_keep=1, use_cache=bool(cached),
+                          **cached).logits
         out[batch] = logits[:, -1].float().cpu()
     return out
-

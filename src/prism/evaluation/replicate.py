@@ -120,7 +120,7 @@ def timed_sample(boot: BootstrapConfig, batch_size: int) -> dict[str, float]:
                    for g in gens)
     generate_s = time.perf_counter() - started
     started = time.perf_counter()
-    last_token_logits(lm, prompts, batch_size)
+    last_token_logits(lm, prompts, batch_size, share_prefix=False)  # the evaluation scores without sharing
     score_s = time.perf_counter() - started
     return {"tokens_per_s": produced / generate_s, "scored_per_s": len(prompts) / score_s,
             "parameters": lm.identity.get("parameters") or 0}
