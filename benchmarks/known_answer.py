@@ -225,6 +225,7 @@ def collect(run: Path, domains: tuple[Domain, ...], summary: dict[str, Any], res
                  "majority_baseline": gate.get("majority_baseline"), "heldout_method": gate.get("heldout_method"),
                  "train_accuracy": gate.get("train_accuracy"), "kind": gate.get("kind"),
                  "auroc": gate.get("heldout_auroc"), "intervals": gate.get("heldout_intervals"),
+                 "domain_rate_auroc": (gate.get("targets") or {}).get("domain_rate_auroc"),
                  "classifier": gate.get("classifier"), "threshold": gate.get("threshold")},
         "distill_examples": summary["counts"]["distill"], "queries": summary["counts"]["queries"],
         "domain_separability": summary.get("domain_separability"), "labels": summary.get("labels"),
@@ -299,7 +300,9 @@ def format_report(report: dict[str, Any]) -> str:
         threshold = gate.get("threshold") or {}
         lines.append(f"gate: {(gate.get('classifier') or {}).get('chosen')} chosen by cross-validation; out-of-fold "
                      f"AUROC {gate['auroc']:.3f} [{auroc_interval[0]:.3f}, {auroc_interval[1]:.3f}]; threshold "
-                     f"{threshold.get('threshold', 0.5):.3f} ({threshold.get('chosen_by', 'default')})")
+                     f"{threshold.get('threshold', 0.5):.3f} ({threshold.get('chosen_by', 'default')})"
+                     + (f"; AUROC of each query's domain rate alone {gate['domain_rate_auroc']:.3f}"
+                        if gate.get("domain_rate_auroc") is not None else ""))
     if report.get("routed_shares"):
         lines.append("routed to the adapter by the gate: " + ", ".join(
             f"{name} {_percent(share)}" for name, share in report["routed_shares"].items()))

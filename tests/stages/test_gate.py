@@ -146,3 +146,14 @@ def test_the_shipped_threshold_is_chosen_on_out_of_fold_probabilities(tmp_path):
     assert shipped.config.threshold == pytest.approx(expected)
     in_sample = threshold_for_gain(shipped.persona_probability(features), gains)["threshold"]
     assert in_sample != pytest.approx(expected)
+
+
+def test_the_domain_rate_auroc_is_the_hand_counted_share_of_ranked_pairs():
+    from prism.stages.gate import domain_rate_auroc
+
+    labels = torch.tensor([1, 0, 1, 0, 0, 0, 1, 0])
+    domains = ["a"] * 4 + ["b"] * 4
+    # 3 positives x 5 negatives: a's 2 positives over b's 3 negatives (6), a tie with a's 2 negatives (4 x 1/2),
+    # b's positive tied with b's 3 negatives (3 x 1/2), below a's 2 negatives (0): 9.5 of 15 pairs
+    assert domain_rate_auroc(labels, domains, {"a": 0.5, "b": 0.25}) == pytest.approx(9.5 / 15)
+    assert domain_rate_auroc(torch.zeros(8, dtype=torch.long), domains, {"a": 0.5, "b": 0.25}) is None

@@ -59,6 +59,17 @@ def shrunk_targets(rates: torch.Tensor, samples: torch.Tensor, domains: list[str
     return targets_for
 
 
+def domain_rate_auroc(labels: torch.Tensor, domains: list[str], domain_rates: dict[str, float]) -> float | None:
+    """The AUROC of scoring every query by its domain's win rate, against the gate's labels: what a router that knew
+    each query's domain and nothing else would reach (in-sample). Within a domain such a router cannot rank, so a
+    gate that routes by domain is bounded near it, however well it tells the domains apart."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(labels.unique()) < 2:
+        return None
+    return float(roc_auc_score(labels.numpy(), [domain_rates[d] for d in domains]))
+
+
 SEPARABILITY_FOLDS = 5
 # Below chance + this share of the way to 1, a probe barely tells the domains apart: the gate cannot either.
 NEAR_CHANCE_SHARE = 0.25
@@ -201,7 +212,8 @@ def run(ctx: StageContext) -> dict:
     won = "adapter's" if source == "adapter_labels" else "persona's"
     targets_info = {"kind": f"the {won} win rate against plain, shrunk toward its domain's", "labels": source,
                     "prior_strength": cfg.gate_prior_strength,
-                    "label_samples": int(samples.max()), "domain_win_rates": domain_rates}
+                    "label_samples": int(samples.max()), "domain_win_rates": domain_rates,
+                    "domain_rate_auroc": domain_rate_auroc(labels, domains, domain_rates)}
     # a binary run turned k-way keeps its binary gate (and a threshold calibrated for it)
     kept = run_dir.manifest()["stages"].get("gate", {}).get("binary_gate")
     if kept and (run_dir.path / GATE_DIR / GATE_CONFIG).is_file():

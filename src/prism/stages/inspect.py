@@ -149,6 +149,10 @@ def format_gate(gate: dict[str, Any]) -> list[str]:
              f"baseline {gate['majority_baseline']:.3f}, train {gate['train_accuracy']:.3f}"]
     if gate.get("heldout_method"):
         lines.append(f"         ({gate['heldout_method']})")
+    by_domain = (gate.get("targets") or {}).get("domain_rate_auroc")
+    if by_domain is not None:
+        lines.append(f"         AUROC of scoring each query by its domain's win rate alone: {by_domain:.3f} (a gate "
+                     "that routes by domain cannot rank the queries inside one, so it stays near this)")
     threshold = gate.get("threshold")
     if isinstance(threshold, dict) and "oof_gain_per_query" in threshold:
         lines.append(f"         threshold {threshold['threshold']:.3f} ({threshold['chosen_by']}): routes "
