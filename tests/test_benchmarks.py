@@ -93,5 +93,7 @@ def test_the_shared_prompts_benchmark_compares_both_paths_on_the_tiny_model(tiny
                            str(report)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(report.read_text())
-    assert len(figures["alone_s"]) == len(figures["shared_s"]) == 1 and figures["identical"] == 1.0
-    assert "shared / alone" in done.stdout
+    for part in ("answers", "judge"):
+        assert len(figures[part]["alone_s"]) == len(figures[part]["shared_s"]) == 1
+    assert figures["judge"]["identical"] == 1.0 and figures["judge"]["shared_prefix_tokens"] > 0
+    assert "answers:" in done.stdout and "judge:" in done.stdout
