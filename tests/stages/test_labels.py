@@ -2,6 +2,7 @@
 and example queries that guide the query stage without becoming queries."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -124,7 +125,7 @@ class ScriptedEngine:
         self.prompts += prompts
         outputs = []
         for prompt, seed in zip(prompts, seeds):
-            shown = [line[2:] for line in prompt.user.splitlines() if line.startswith("- ")]
+            shown = re.findall(r"^\d+\. (.+)$", prompt.assistant_prefix or "", re.M)
             text = shown[0] if shown and seed % 2 == 0 else f"How does topic number {seed} work in practice?"
             outputs.append(Generation(text=text, new_tokens=8, finished=True))
         yield list(range(len(prompts))), outputs
@@ -151,7 +152,9 @@ def test_example_queries_are_shown_to_the_model_and_never_become_queries(tmp_pat
     assert all(set(r["examples_shown"]) <= set(examples["geography"]) for r in geography)
     assert all("examples_shown" not in r for r in records if r["domain"] == "cooking")
     assert all(r["source"] == "synthetic" for r in records) and info["examples"]["per_domain"] == {"geography": 3}
-    assert any("Questions users ask about geography" in p.user for p in engine.prompts)
+    # the examples open a numbered list the model continues (self-instruct's form)
+    shown = [p for p in engine.prompts if "about geography" in p.user]
+    assert shown and all(p.assistant_prefix.endswith("\n4.") for p in shown)
 
 
 def test_gold_questions_the_persona_does_not_help_become_base_examples_for_the_gate(tiny_config, tmp_path):

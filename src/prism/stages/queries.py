@@ -24,14 +24,13 @@ QUERY_REQUEST = (
     "Write one realistic, specific question about {domain} that a user might ask this expert. "
     "Reply with the question only."
 )
-# Self-instruct's few-shot form: a domain's example queries show what its users ask, so the model writes queries
-# that say which domain they are about (the gate can only route on the query's text).
-QUERY_REQUEST_WITH_EXAMPLES = (
-    "Here is an expert: {persona}\n\n"
-    "Questions users ask about {domain}:\n{examples}\n\n"
-    "Write one new realistic, specific question about {domain} that a user might ask this expert, different from "
-    "those above. Reply with the question only."
-)
+# Self-instruct's few-shot form: the model continues a numbered list that starts with a domain's example queries,
+# so it writes queries that say which domain they are about (the gate can only route on the query's text). Measured
+# against examples listed in the request and the model asked for "one new question" (benchmarks/known_answer.py's
+# three generated domains, 72 queries, the domain probe on the gate's feature, docs/results.md): 0.694 -> 0.778 at
+# seed 0 and 0.556 -> 0.792 at seed 1.
+QUERY_REQUEST_WITH_EXAMPLES = ("Here is an expert: {persona}\n\n"
+                               "List questions users ask this expert about {domain}, one per line.")
 # Starting the reply for the model keeps small models on task: without it the embedded 135M model wrote lead-ins
 # and persona talk ("I'm a terse expert, ...") for most queries; with it, mostly questions.
 QUERY_PREFIX = "Question:"
@@ -230,9 +229,9 @@ def query_prompt(persona: dict[str, Any], examples: list[str]) -> Prompt:
     if not examples:
         return Prompt(QUERY_REQUEST.format(persona=persona["persona"], domain=persona["domain"]),
                       assistant_prefix=QUERY_PREFIX)
-    listed = "\n".join(f"- {example}" for example in examples)
-    return Prompt(QUERY_REQUEST_WITH_EXAMPLES.format(persona=persona["persona"], domain=persona["domain"],
-                                                     examples=listed), assistant_prefix=QUERY_PREFIX)
+    listed = "".join(f"{i}. {example}\n" for i, example in enumerate(examples, start=1))
+    return Prompt(QUERY_REQUEST_WITH_EXAMPLES.format(persona=persona["persona"], domain=persona["domain"]),
+                  assistant_prefix=f"{listed}{len(examples) + 1}.")
 
 
 def kept_queries(records: list[dict]) -> list[dict]:
