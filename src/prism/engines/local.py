@@ -1,6 +1,6 @@
 """The bootstrap engine on the loaded model with transformers: batched sampling where each prompt draws
 from its own seeded stream (a prompt asked K times in a batch is prefilled once), and next-token logits for the
-judge's verdicts."""
+judge's verdicts (the prefix every judge prompt shares runs once)."""
 
 from __future__ import annotations
 
