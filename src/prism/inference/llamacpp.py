@@ -54,7 +54,7 @@ from prism.lm.llama_batch import BatchedLlama, RouteSpec
 from prism.lm.llama_batch import Sequence as LlamaSequence
 from prism.lm.llama_weights import decode_weights
 from prism.lm.models import encode
-from prism.routes import BASE, adapter_key
+from prism.routes import adapter_key, route_key
 from prism.runs import EXPORT_DIR
 
 log = logging.getLogger("prism")
@@ -203,7 +203,7 @@ class LlamaCppModel(GatedModel):
 
     def _route(self, decision: RouteDecision) -> str:
         """The llama.cpp route of a decision: "base", "persona" (the binary adapter) or "persona-<persona>"."""
-        route = decision.adapter or BASE
+        route = route_key(decision.route, decision.persona)
         if route not in self.llama.routes:
             self.check_persona_route(decision.persona)
         return route

@@ -264,8 +264,8 @@ def to_generation_request(model: GatedModel, body: ChatCompletionRequest, defaul
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except RequestError as exc:
         raise ApiError(400, str(exc)) from None
-    return GenerationRequest(messages, route, params, cancel=threading.Event(), assistant_prefix=prefix,
-                             persona=persona)
+    # no cancel event of its own: generate_async gives every request one
+    return GenerationRequest(messages, route, params, assistant_prefix=prefix, persona=persona)
 
 
 def _as_api_error(exc: Exception, request_id: str, served: Served) -> ApiError:

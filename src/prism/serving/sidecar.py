@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from prism.inference.base import RouteDecision
 from prism.inference.config import LoadConfig
 from prism.inference.router import Router
-from prism.routes import AUTO, BASE, adapter_key, served_names
+from prism.routes import AUTO, BASE, adapter_key, route_key, served_names
 from prism.serving.config import ServeConfig, SidecarConfig
 from prism.serving.metrics import ServingMetrics
 from prism.serving.observe import install_observability, note_decision, note_first_token, request_record
@@ -125,7 +125,7 @@ class Forwarder:
         record["model"] = parsed.model
         route, persona = check_model(parsed.model, self.models)
         decision = await asyncio.to_thread(_route, self.router, parsed, route, persona)
-        upstream_model = self.upstream_names[decision.adapter or BASE]
+        upstream_model = self.upstream_names[route_key(decision.route, decision.persona)]
         info = decision_info(decision, self.router.threshold)
         info.upstream_model = upstream_model
         note_decision(record, self.metrics, "chat", info)
