@@ -76,7 +76,7 @@ LOCAL_ENGINE = "transformers"  # the model in this process, on PyTorch
 ROUTINGS = ("binary", "kway")
 GATE_POOLS = ("last", "mean")  # the gate feature's pooling over the prompt's tokens
 GATE_DEPTH_SHARE_INVERSE = 15  # the default gate block: 1/15 of the depth (2 of 30: measured, docs/results.md)
-GATE_CLASSIFIERS = ("auto", "logistic", "mlp", "knn")
+GATE_CLASSIFIERS = ("auto", "logistic", "mlp", "knn", "domain")
 GATE_LABELS = ("persona", "adapter")  # what the gate learns from: the teacher's verdicts, or the adapter's own
 # Fields that decide only the gate and distill stages: a run may change them and keep its earlier stages.
 ROUTING_FIELDS = {"routing", "kway_min_wins"}
@@ -202,7 +202,8 @@ class BootstrapConfig:
                             "on, or the 'last' prompt token (the paper's)", choices=GATE_POOLS, default="mean")
     gate_classifier: str = option(
         "the gate's classifier: 'auto' (chosen by cross-validation among L2 logistic regression, k nearest "
-        "neighbours and the MLP) or one of them", choices=GATE_CLASSIFIERS, default="auto")
+        "neighbours, the MLP and the domain gate: a probe of the query's domain weighing each domain's mean label) "
+        "or one of them", choices=GATE_CLASSIFIERS, default="auto")
     gate_labels: str = option(
         "what the gate learns from: 'adapter' (after distill, the adapter answers every query itself and the judge "
         "compares that answer with the plain one: the gate learns where the adapter it routes to helps and where "

@@ -2,7 +2,10 @@
 prompt, no persona) that says per query whether the adapter should answer (binary), or which of base and k persona
 adapters should (k-way, `classes`): an adapter answers when P(not base) reaches the threshold, and then the most
 probable adapter. Its kind is one of a small family (L2 logistic regression, an MLP, k nearest neighbours on the
-standardized feature), chosen by cross-validation when it is trained. Its module, config and saved form
+standardized feature, a domain gate), chosen by cross-validation when it is trained. The domain gate says how
+likely the query is to come from each of the run's domains (a linear probe) and weighs each domain's mean target
+by it: where a persona helps or hurts a whole intent, that is learnt from every query of the domain, not from one
+query's noisy label. Its module, config and saved form
 (safetensors + config.json) live here, between the stage that trains it (prism.stages.gate) and the inference that
 applies it."""
 
@@ -48,10 +51,13 @@ class GateConfig:
     kind: str = "mlp"  # one of KINDS
     neighbors: int = 0  # knn: how many stored rows vote
     memory: int = 0  # knn: how many training rows are stored
+    domains: list[str] | None = None  # domain: the domains its probe tells apart, in its rows' order
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PrismError(f"unknown gate kind {self.kind!r}: use one of {', '.join(KINDS)}")
+        if self.kind == "domain" and not self.domains:
+            raise PrismError("a domain gate names the domains it tells apart: its config has no domains")
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +76,9 @@ class Gate(nn.Module):
             self.register_buffer("targets", torch.zeros(config.memory, config.num_classes))
         elif config.kind == "logistic":
             self.net = nn.Linear(config.input_dim, config.num_classes)
+        elif config.kind == "domain":  # a probe of the domain, and each domain's mean class probabilities
+            self.net = nn.Linear(config.input_dim, len(config.domains or []))
+            self.register_buffer("domain_targets", torch.zeros(len(config.domains or []), config.num_classes))
         else:
             self.net = nn.Sequential(
                 nn.Linear(config.input_dim, config.hidden),
@@ -81,6 +90,9 @@ class Gate(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits: softmax gives each class's probability."""
         standardized = (features - self.mean) / self.std
+        if self.config.kind == "domain":
+            domain = torch.softmax(self.net(standardized), dim=-1)
+            return torch.log((domain @ self.domain_targets).clamp(min=1e-6))
         if self.config.kind != "knn":
             return self.net(standardized)
         k = min(self.config.neighbors, len(self.points))

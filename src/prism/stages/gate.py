@@ -21,7 +21,16 @@ from prism.lm.models import chat_prompt, decoder_layers, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE, RunDir
 from prism.stages import negatives
 from prism.stages.context import StageContext
-from prism.stages.gate_selection import Targets, candidates_for, fit, nested_cv, select, threshold_for_gain
+from prism.stages.gate_selection import (
+    OUTER_REPEATS,
+    Targets,
+    candidates_for,
+    fit,
+    nested_cv,
+    out_of_fold,
+    select,
+    threshold_for_gain,
+)
 from prism.stages.records import read_labels
 from prism.stages.verify import kway_classes, kway_label
 
@@ -122,11 +131,13 @@ def separability_warning(separability: dict[str, Any] | None) -> str | None:
 
 
 def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Tensor, config: GateConfig,
-             directory: str, targets_for: Targets | None = None, gains: torch.Tensor | None = None) -> dict:
+             directory: str, targets_for: Targets | None = None, gains: torch.Tensor | None = None,
+             domains: list[str] | None = None) -> dict:
     """Choose the gate's classifier by cross-validation on `labels` (fitted to the soft targets `targets_for(rows)`
-    gives, or to the labels), score that choice on rows it never saw, pick the threshold that maximises the
-    out-of-fold `gains` of the routed rows (binary; none given: 0.5), fit on every row and save it under
-    RUN/`directory`; return its metrics. Data of one class gives a constant gate (no features needed)."""
+    gives, or to the labels; the domain gate also to each row's `domains`), score that choice on rows it never saw,
+    pick the threshold that maximises the chosen classifier's out-of-fold `gains` of the routed rows (binary; none
+    given: 0.5), fit on every row and save it under RUN/`directory`; return its metrics. Data of one class gives a
+    constant gate (no features needed)."""
     cfg = ctx.config
     if targets_for is None:
         def targets_for(rows: torch.Tensor) -> torch.Tensor:
@@ -142,20 +153,22 @@ def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Ten
         return {"kind": "constant", "constant_route": config.constant_route, "examples": len(labels),
                 "train_accuracy": 1.0, "heldout_accuracy": None, "majority_baseline": majority}
     assert features is not None
-    family = candidates_for(cfg.gate_classifier)
-    training = {"epochs": cfg.gate_epochs, "lr": cfg.gate_lr, "seed": cfg.seed}
+    family = candidates_for(cfg.gate_classifier, domains)
+    training = {"epochs": cfg.gate_epochs, "lr": cfg.gate_lr, "seed": cfg.seed, "domains": domains}
     metrics = nested_cv(features, labels, targets_for, config, family, folds=cfg.gate_folds, **training)
-    oof = metrics.pop("oof_adapter_probability", None)
     everything = torch.arange(len(labels))
-    candidate, scores = select(features, labels, targets_for, config, family, **training)
+    candidate, scores = select(features, labels, targets_for, config, family, folds=cfg.gate_folds,
+                               repeats=OUTER_REPEATS, **training)
     threshold: dict[str, Any] = {"threshold": config.threshold, "chosen_by": "default"}
+    oof = out_of_fold(candidate, features, labels, targets_for, config, folds=cfg.gate_folds, **training)
     if gains is not None and oof is not None:
-        threshold = {**threshold_for_gain(oof, gains), "chosen_by": "out-of-fold expected gain"}
+        threshold = {**threshold_for_gain(oof, gains),
+                     "chosen_by": f"the expected gain of the {candidate.name} gate's out-of-fold probabilities"}
     gate = fit(candidate, features, targets_for(everything), replace(config, threshold=threshold["threshold"]),
                **training)
     gate.save(ctx.run.path / directory)
     train_accuracy = float((gate.route(features) == labels).float().mean())
-    return {"kind": candidate.kind, "classifier": {"chosen": candidate.name, "inner_cv_brier": scores},
+    return {"kind": candidate.kind, "classifier": {"chosen": candidate.name, "cv_brier": scores},
             "threshold": threshold, "examples": len(labels), "positives": len(labels) - counts[0],
             "train_accuracy": train_accuracy, "majority_baseline": majority, **metrics}
 
@@ -221,12 +234,12 @@ def run(ctx: StageContext) -> dict:
     else:
         # routing a query to the adapter gains its wins and costs its losses: win rate (ties half) - loss rate, from
         # the rate shrunk toward its domain's (a tie in a domain the persona loses is no free pass to the adapter)
-        info.update(fit_gate(ctx, features, labels, base_config, GATE_DIR, soft_targets, gains=2 * shrunk - 1),
-                    targets=targets_info)
+        info.update(fit_gate(ctx, features, labels, base_config, GATE_DIR, soft_targets, gains=2 * shrunk - 1,
+                             domains=domains), targets=targets_info)
     if kway is not None and kway_labels is not None:
         classes, merged = kway
         config = replace(base_config, classes=classes)
         info["kway"] = {"classes": classes, "merged_into_base": merged, "min_wins": cfg.kway_min_wins,
                         "class_counts": torch.bincount(kway_labels, minlength=len(classes)).tolist(),
-                        **fit_gate(ctx, features, kway_labels, config, KWAY_GATE)}
+                        **fit_gate(ctx, features, kway_labels, config, KWAY_GATE, domains=domains)}
     return info

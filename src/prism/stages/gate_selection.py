@@ -1,12 +1,14 @@
 """The gate's classifier, chosen by cross-validation on the run's own labels, and its threshold, chosen for gain.
 
 A small family is tried (`CANDIDATES`: L2 logistic regression at three strengths, k nearest neighbours on the
-standardized feature, the MLP), each fitted to soft targets (class probabilities). Nested cross-validation
+standardized feature, the MLP, and a domain gate: a probe of the query's domain whose probabilities weigh each
+domain's mean target), each fitted to soft targets (class probabilities). Nested cross-validation
 (scikit-learn's splitters): an inner stratified k-fold picks the candidate with the lowest out-of-fold Brier score
 against the targets; an outer repeated stratified k-fold scores that choice on rows it never saw (accuracy,
-balanced accuracy, AUROC, with their spread over folds). The threshold is then chosen on the outer out-of-fold
-probabilities to maximise the expected gain of the routed rows (persona win rate minus loss rate), base when no
-threshold gains."""
+balanced accuracy, AUROC, with their spread over folds). The gate that ships is the candidate a repeated stratified
+k-fold over every row picks; its threshold is chosen on that candidate's own out-of-fold probabilities (its scale,
+not another kind's) to maximise the expected gain of the routed rows (persona win rate minus loss rate), base when
+no threshold gains."""
 
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from prism.errors import PrismError
 from prism.lm.gate import Gate, GateConfig
 
 log = logging.getLogger("prism")
 Targets = Callable[[torch.Tensor], torch.Tensor]  # training rows -> their (rows, classes) targets
+Domains = list[str] | None  # each row's domain (None: not known, no domain gate)
 
 
 @dataclass(frozen=True)
@@ -35,13 +39,24 @@ class Candidate:
 
 
 CANDIDATES = (Candidate("logistic", {"C": 0.01}), Candidate("logistic", {"C": 0.1}), Candidate("logistic", {"C": 1.0}),
-              Candidate("knn", {"neighbors": 5}), Candidate("knn", {"neighbors": 15}), Candidate("mlp"))
+              Candidate("knn", {"neighbors": 5}), Candidate("knn", {"neighbors": 15}), Candidate("mlp"),
+              Candidate("domain", {"C": 1.0}))
 INNER_FOLDS, OUTER_REPEATS = 3, 3
 
 
-def candidates_for(kind: str) -> tuple[Candidate, ...]:
-    """The family searched: every candidate ("auto") or those of one kind."""
-    return CANDIDATES if kind == "auto" else tuple(c for c in CANDIDATES if c.kind == kind)
+def candidates_for(kind: str, domains: Domains = None) -> tuple[Candidate, ...]:
+    """The family searched: every candidate ("auto") or those of one kind; the domain gate only where the rows
+    come from at least two domains."""
+    several = domains is not None and len(set(domains)) > 1
+    if kind == "domain" and not several:
+        raise PrismError("--gate-classifier domain tells the run's domains apart, and this run's labelled queries "
+                         "come from one domain: use auto, logistic, knn or mlp")
+    family = CANDIDATES if kind == "auto" else tuple(c for c in CANDIDATES if c.kind == kind)
+    return tuple(c for c in family if c.kind != "domain" or several)
+
+
+def _rows_of(domains: Domains, rows: torch.Tensor) -> Domains:
+    return None if domains is None else [domains[i] for i in rows.tolist()]
 
 
 def class_weights(targets: torch.Tensor) -> torch.Tensor:
@@ -57,10 +72,14 @@ def _standardized(gate: Gate, features: torch.Tensor) -> torch.Tensor:
 
 
 def fit(candidate: Candidate, features: torch.Tensor, targets: torch.Tensor, config: GateConfig, *, epochs: int,
-        lr: float, seed: int, minibatch: int = 32) -> Gate:
-    """A gate of `candidate`'s kind fitted to (N, C) class probabilities."""
+        lr: float, seed: int, domains: Domains = None, minibatch: int = 32) -> Gate:
+    """A gate of `candidate`'s kind fitted to (N, C) class probabilities (the domain gate: and to each row's
+    domain)."""
+    names = list(dict.fromkeys(domains)) if candidate.kind == "domain" and domains is not None else None
+    if candidate.kind == "domain" and names is None:
+        raise ValueError("the domain gate is fitted to each row's domain: pass domains")
     config = replace(config, kind=candidate.kind, neighbors=int(candidate.params.get("neighbors", 0)),
-                     memory=len(features) if candidate.kind == "knn" else 0)
+                     memory=len(features) if candidate.kind == "knn" else 0, domains=names)
     torch.manual_seed(seed)
     gate = Gate(config)
     standardized = _standardized(gate, features)
@@ -68,25 +87,34 @@ def fit(candidate: Candidate, features: torch.Tensor, targets: torch.Tensor, con
         gate.points.copy_(standardized)
         gate.targets.copy_(targets)
     elif candidate.kind == "logistic":
-        _fit_logistic(gate, standardized, targets, candidate.params["C"], seed)
+        rows, classes = targets.shape
+        weights = (targets * class_weights(targets)).T.reshape(-1)
+        labels = torch.arange(classes).repeat_interleave(rows)
+        keep = weights > 0  # each row once per class, weighted by its probability of that class
+        _fit_logistic(gate.net, standardized.repeat(classes, 1)[keep], labels[keep], weights[keep],
+                      candidate.params["C"], seed)
+    elif candidate.kind == "domain":
+        assert names is not None and domains is not None
+        index = torch.tensor([names.index(d) for d in domains])
+        with torch.no_grad():
+            gate.domain_targets.copy_(torch.stack([targets[index == i].mean(0) for i in range(len(names))]))
+        if len(names) > 1:  # one domain: every query is of it, the gate its mean target
+            _fit_logistic(gate.net, standardized, index, torch.ones(len(index)), candidate.params["C"], seed)
     else:
         _fit_mlp(gate, features, targets, epochs=epochs, lr=lr, seed=seed, minibatch=minibatch)
     return gate.eval()
 
 
-def _fit_logistic(gate: Gate, standardized: torch.Tensor, targets: torch.Tensor, strength: float, seed: int) -> None:
-    """scikit-learn's L2 logistic regression on soft targets: each row once per class, weighted by its probability
-    of that class (times the class's weight), copied into the gate's linear layer."""
+def _fit_logistic(layer: nn.Linear, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, strength: float,
+                  seed: int) -> None:
+    """scikit-learn's L2 logistic regression of `labels` (class indices) on `x`, copied into `layer` (one row per
+    class)."""
     from sklearn.linear_model import LogisticRegression
 
-    rows, classes = targets.shape
-    weights = (targets * class_weights(targets)).T.reshape(-1)
-    labels = torch.arange(classes).repeat_interleave(rows)
-    keep = weights > 0
     model = LogisticRegression(C=strength, max_iter=5000, random_state=seed)
-    model.fit(standardized.repeat(classes, 1)[keep].numpy(), labels[keep].numpy(),
-              sample_weight=weights[keep].numpy())
-    weight = torch.zeros(classes, standardized.shape[1])
+    model.fit(x.numpy(), labels.numpy(), sample_weight=weights.numpy())
+    classes = layer.out_features
+    weight = torch.zeros(classes, x.shape[1])
     bias = torch.full((classes,), -30.0)  # a class no row has: never predicted
     coef = torch.tensor(model.coef_, dtype=torch.float32)
     intercept = torch.tensor(model.intercept_, dtype=torch.float32)
@@ -95,8 +123,8 @@ def _fit_logistic(gate: Gate, standardized: torch.Tensor, targets: torch.Tensor,
         coef, intercept = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros(1), intercept])
     weight[present], bias[present] = coef, intercept
     with torch.no_grad():
-        gate.net.weight.copy_(weight)
-        gate.net.bias.copy_(bias)
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
 
 
 def _fit_mlp(gate: Gate, features: torch.Tensor, targets: torch.Tensor, *, epochs: int, lr: float, seed: int,
@@ -132,23 +160,40 @@ def _brier(probabilities: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def select(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets, config: GateConfig,
-           candidates: tuple[Candidate, ...], *, epochs: int, lr: float, seed: int
-           ) -> tuple[Candidate, dict[str, float]]:
-    """The candidate with the lowest out-of-fold Brier score on these rows (stratified k-fold on `labels`), and
-    each candidate's score. One candidate, or too few rows to fold: the first, unscored."""
-    k = folds_for(labels, INNER_FOLDS)
+           candidates: tuple[Candidate, ...], *, epochs: int, lr: float, seed: int, domains: Domains = None,
+           folds: int = INNER_FOLDS, repeats: int = 1) -> tuple[Candidate, dict[str, float]]:
+    """The candidate with the lowest out-of-fold Brier score on these rows (stratified k-fold on `labels`,
+    repeated), and each candidate's score. One candidate, or too few rows to fold: the first, unscored."""
+    k = folds_for(labels, folds)
     if len(candidates) == 1 or k < 2:
         return candidates[0], {}
     scores = {}
-    splits = _splits(labels, k, seed)
+    splits = _splits(labels, k, seed, repeats)
     for candidate in candidates:
         losses = []
         for train, test in splits:
-            gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed)
+            gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
+                       domains=_rows_of(domains, train))
             losses.append(_brier(gate.class_probabilities(features[test]), targets_for(test)))
         scores[candidate.name] = sum(losses) / len(losses)
     best = min(candidates, key=lambda c: scores[c.name])
     return best, scores
+
+
+def out_of_fold(candidate: Candidate, features: torch.Tensor, labels: torch.Tensor, targets_for: Targets,
+                config: GateConfig, *, folds: int, epochs: int, lr: float, seed: int, domains: Domains = None
+                ) -> torch.Tensor | None:
+    """Each row's P(adapter) from `candidate` fitted without it (stratified k-fold on `labels`, repeated
+    OUTER_REPEATS times, averaged): what a threshold for the gate of that kind is chosen on. None: too few rows."""
+    k = folds_for(labels, folds)
+    if k < 2:
+        return None
+    probability = torch.zeros(len(labels))
+    for train, test in _splits(labels, k, seed, OUTER_REPEATS):
+        gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
+                   domains=_rows_of(domains, train))
+        probability[test] += gate.persona_probability(features[test]) / OUTER_REPEATS
+    return probability
 
 
 def threshold_for_gain(probabilities: torch.Tensor, gains: torch.Tensor) -> dict[str, Any]:
@@ -181,25 +226,26 @@ def _interval(values: list[float]) -> list[float]:
 
 
 def nested_cv(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets, config: GateConfig,
-              candidates: tuple[Candidate, ...], *, folds: int, epochs: int, lr: float, seed: int) -> dict[str, Any]:
+              candidates: tuple[Candidate, ...], *, folds: int, epochs: int, lr: float, seed: int,
+              domains: Domains = None) -> dict[str, Any]:
     """Held-out scores of the selection itself (outer repeated stratified k-fold, the choice made inside each
-    training part), with each row's out-of-fold probability of an adapter averaged over the repeats."""
+    training part)."""
     from sklearn.metrics import roc_auc_score
 
     k = folds_for(labels, folds)
     if k < 2:
         return {"heldout_accuracy": None, "heldout_method": "none (fewer than 2 examples of a class)"}
     names = config.classes or ["base", "persona"]
-    adapter_probability = torch.zeros(len(labels))
     accuracy, balanced, auroc, chosen = [], [], [], []
     hits, seen = torch.zeros(config.num_classes), torch.zeros(config.num_classes)
     for train, test in _splits(labels, k, seed, OUTER_REPEATS):
+        training = _rows_of(domains, train)
         candidate, _ = select(features[train], labels[train], lambda rows, t=train: targets_for(t[rows]), config,
-                              candidates, epochs=epochs, lr=lr, seed=seed)
+                              candidates, epochs=epochs, lr=lr, seed=seed, domains=training)
         chosen.append(candidate.name)
-        gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed)
+        gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
+                   domains=training)
         probability, predicted = gate.decide_tensors(features[test])
-        adapter_probability[test] += probability / OUTER_REPEATS
         truth = labels[test]
         accuracy.append(float((predicted == truth).float().mean()))
         recalls = [float((predicted[truth == c] == c).float().mean()) for c in range(config.num_classes)
@@ -223,5 +269,4 @@ def nested_cv(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets
             "heldout_method": (f"nested cross-validation: classifier chosen by an inner stratified "
                                f"{INNER_FOLDS}-fold, scored by an outer stratified {k}-fold repeated {OUTER_REPEATS}x; "
                                "accuracies at threshold 0.5; intervals: 2.5-97.5% of the outer folds' scores"),
-            "outer_choices": {name: chosen.count(name) for name in dict.fromkeys(chosen)},
-            "oof_adapter_probability": adapter_probability}
+            "outer_choices": {name: chosen.count(name) for name in dict.fromkeys(chosen)}}
