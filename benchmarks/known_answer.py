@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from prism import bootstrap, resolve_config
+from prism.config import GATE_CLASSIFIERS
 from prism.errors import PrismError
 from prism.evaluation.config import EvalConfig
 from prism.evaluation.runner import evaluate
@@ -343,7 +344,7 @@ def main() -> None:
                         "MT-Bench writing/roleplay/humanities) instead of generated queries")
     parser.add_argument("--gate-layer", type=int, help="the decoder block the gate reads (default: the bootstrap's)")
     parser.add_argument("--gate-pool", choices=("mean", "last"), default="mean", help="the gate's pooling")
-    parser.add_argument("--gate-classifier", choices=("auto", "logistic", "mlp", "knn"), default="auto")
+    parser.add_argument("--gate-classifier", choices=GATE_CLASSIFIERS, default="auto")
     parser.add_argument("--out", default="runs/known-answer", help="where the run and its eval go (resumed)")
     parser.add_argument("--json", help="also write the report as JSON to this file")
     parser.add_argument("--routing", choices=("binary", "kway"), default="binary")

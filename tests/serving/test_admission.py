@@ -4,6 +4,7 @@ the request and frees its place, and the queue's depth in /metrics and /health. 
 transformers PrismModel whose decode passes are held by the test, so which request runs and which waits is known."""
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +143,39 @@ def test_a_request_past_its_deadline_is_aborted_with_503_and_its_place_freed(ser
     assert json.loads(events[-2])["error"]["code"] == "request_timeout"
     wait_for(lambda: admission.in_flight == 0, "the stream's place freed")
     assert samples(http)[("prism_requests_refused_total", (("reason", "timeout"),))] == 4
+
+
+def send_then_hang_up(http, until):
+    """A non-streaming chat request on a raw connection, closed once `until()` holds (before any reply)."""
+    body = json.dumps({"model": "prism", "messages": [{"role": "user", "content": BASE_QUERIES[0]}]}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((http.base_url.host, http.base_url.port)) as connection:
+        connection.sendall(head + body)
+        wait_for(until, "the request admitted")
+
+
+def test_a_client_that_hangs_up_is_aborted_running_or_waiting(serve_held):
+    """A non-streaming request whose client closes the connection leaves the batch at the next step (the held pass
+    ends only when its row is cancelled) or, waiting, never starts; both are logged as 499."""
+    admission, http, held = serve_held(max_batch_size=1, max_waiting=2)
+
+    def hung_up() -> int:
+        return sum(value for (name, labels), value in samples(http).items()
+                   if name == "prism_requests_total" and ("status", "499") in labels)
+
+    send_then_hang_up(http, lambda: admission.running == 1)
+    wait_for(lambda: admission.in_flight == 0, "the running request aborted and its place freed", timeout=15)
+    assert hung_up() == 1
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(chat, http)
+        wait_for(lambda: admission.running == 1, "a request in the batch")
+        send_then_hang_up(http, lambda: admission.queued == 1)
+        wait_for(lambda: hung_up() == 2, "the waiting request's hang-up noticed", timeout=15)
+        held.release.set()
+        assert running.result().status_code == 200
+    wait_for(lambda: admission.in_flight == 0, "every place freed")
+    assert held.prefilled == 2, "the request that waited never started"
 
 
 @pytest.mark.parametrize("flags, needle", [({"max_waiting": -1}, "max_waiting must be 0 or more"),

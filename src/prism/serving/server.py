@@ -5,6 +5,7 @@ decode step; the backend batches, the server never does."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -15,12 +16,12 @@ import time
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from prism.config import with_options
@@ -58,6 +59,7 @@ from prism.serving.request_log import RequestLog
 from prism.serving.route_api import install_route_and_reload
 
 log = logging.getLogger("prism")
+T = TypeVar("T")
 
 
 class Admission:
@@ -200,26 +202,21 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
             observed.refused.labels("at_capacity").inc()
         raise ApiError(429, str(full), "rate_limit_error", code="server_at_capacity",
                        headers={"Retry-After": str(full.retry_after)}) from None
+    hangup = asyncio.ensure_future(_until_disconnected(request))
     try:
-        first = await stream.next()
-    except Exception as exc:
-        raise _as_api_error(exc, completion_id, served) from None
-    prism = _prism_info(first, model.threshold)
-    note_decision(record, observed, "chat", prism)
-    headers = {"x-prism-route": prism.route}
-    if body.stream:
-        chunks = _sse_chunks(stream, body, completion_id, prism, record, served)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-    text = []
-    while True:
-        try:
-            event = await stream.next()
-        except Exception as exc:
-            raise _as_api_error(exc, completion_id, served) from None
-        text.append(event.delta)
-        note_first_token(record, observed)
-        if event.completion is not None:
-            break
+        first = await _unless_hung_up(stream.next(), hangup, stream, completion_id, served)
+        prism = _prism_info(first, model.threshold)
+        note_decision(record, observed, "chat", prism)
+        headers = {"x-prism-route": prism.route}
+        if body.stream:  # from here on the streaming response notices a hang-up itself
+            chunks = _sse_chunks(stream, body, completion_id, prism, record, served)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+        text, event = await _unless_hung_up(_whole_text(stream, record, observed), hangup, stream, completion_id,
+                                            served)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        hangup.cancel()
     done = event.completion
     note_usage(record, done)
     choice = Choice(index=0, message=AssistantMessage(content="".join(text)),
@@ -227,6 +224,47 @@ async def complete_chat(served: Served, body: ChatCompletionRequest, request: Re
                     finish_reason=_finish_reason(done.finish_reason))
     return reply(ChatCompletion(id=completion_id, created=int(time.time()), model=body.model, choices=[choice],
                                 usage=_usage(done), prism=prism), headers)
+
+
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before its reply: in the request log
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its reply."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body was read already: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_hung_up(work: Awaitable[T], hangup: asyncio.Future[None], stream: RequestStream,
+                          completion_id: str, served: Served) -> T:
+    """`work`'s result, or ClientGone with the request aborted (a waiting one never starts, a running one leaves
+    the batch at the next step) when the client hangs up first; an error of the engine as the API error it is."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        stream.abort()
+        raise ClientGone
+    try:
+        return task.result()
+    except Exception as exc:
+        raise _as_api_error(exc, completion_id, served) from None
+
+
+async def _whole_text(stream: RequestStream, record: dict[str, Any], observed: ServingMetrics | None
+                      ) -> tuple[list[str], StreamEvent]:
+    """A non-streaming reply's text deltas, up to and with the event that completes it."""
+    text = []
+    while True:
+        event = await stream.next()
+        text.append(event.delta)
+        note_first_token(record, observed)
+        if event.completion is not None:
+            return text, event
 
 
 def to_generation_request(model: GatedModel, body: ChatCompletionRequest, default_max_tokens: int, route: str,
