@@ -294,6 +294,9 @@ class BootstrapConfig:
         if self.gate_classifier not in GATE_CLASSIFIERS:
             raise PrismError(f"unknown gate_classifier {self.gate_classifier!r}: choose one of "
                              f"{', '.join(GATE_CLASSIFIERS)}")
+        if self.gate_classifier == "domain" and len(self.domains) == 1 and not self.negatives:
+            raise PrismError("--gate-classifier domain tells the run's domains apart, and this run has one domain: "
+                             "add a domain or --negatives, or use auto, logistic, knn or mlp")
         slugs = [persona_slug(d) for d in self.domains]
         if self.routing == "kway" and len(set(slugs)) != len(slugs):
             raise PrismError(f"--routing kway names each adapter after its domain, and {self.domains} give the same "

@@ -221,6 +221,11 @@ def test_the_domain_gate_needs_two_domains():
     assert all(c.kind != "domain" for c in candidates_for("auto", None))
     with pytest.raises(PrismError, match="one domain: use auto"):
         candidates_for("domain", ["a"] * 5)
+    from prism.config import resolve_config
+
+    with pytest.raises(PrismError, match="this run has one domain"):
+        resolve_config(model="x", domains=["a"], gate_classifier="domain")
+    assert resolve_config(model="x", domains=["a", "b"], gate_classifier="domain").gate_classifier == "domain"
 
 
 @pytest.mark.parametrize("candidate", [CANDIDATES[0], CANDIDATES[3], CANDIDATES[-1]], ids=lambda c: c.name)
