@@ -26,14 +26,7 @@ from prism.lm.gate import GateConfig
 from prism.lm.models import chat_prompt, load_first_blocks
 from prism.runs import RunDir
 from prism.stages.gate import domain_separability, shrunk_targets, shrunk_win_rates
-from prism.stages.gate_selection import (
-    OUTER_REPEATS,
-    candidates_for,
-    nested_cv,
-    out_of_fold,
-    select,
-    threshold_for_gain,
-)
+from prism.stages.gate_selection import candidates_for, choose, nested_cv, threshold_for_gain
 from prism.stages.records import read_labels
 
 
@@ -61,8 +54,7 @@ def score_features(run: Path, layers: list[int], pools: list[str]) -> list[dict[
             training = {"epochs": config["gate_epochs"], "lr": config["gate_lr"], "seed": config["seed"],
                         "domains": domains}
             scored = nested_cv(features, labels, targets_for, gate, family, folds=5, **training)
-            chosen, _ = select(features, labels, targets_for, gate, family, folds=5, repeats=OUTER_REPEATS, **training)
-            oof = out_of_fold(chosen, features, labels, targets_for, gate, folds=5, **training)
+            _, _, oof = choose(features, labels, targets_for, gate, family, folds=5, **training)
             shrunk, _ = shrunk_win_rates(rates, samples, domains, config["gate_prior_strength"])
             gain = threshold_for_gain(oof, 2 * shrunk - 1) if oof is not None else {}
             routed = (oof >= gain["threshold"]) if oof is not None else torch.zeros(len(domains), dtype=torch.bool)

@@ -84,8 +84,8 @@ def test_the_classifier_is_chosen_by_its_cross_validated_score():
     features = torch.randn(120, 4, generator=generator)
     labels = (features.norm(dim=1) > 2.0).long()
     candidates = (Candidate("logistic", {"C": 1.0}), Candidate("knn", {"neighbors": 5}))
-    chosen, scores = select(features, labels, lambda rows: as_targets(labels[rows], 2), GateConfig(input_dim=4),
-                            candidates, epochs=1, lr=1e-2, seed=0)
+    chosen, scores, _ = select(features, labels, lambda rows: as_targets(labels[rows], 2),
+                               GateConfig(input_dim=4), candidates, epochs=1, lr=1e-2, seed=0)
     assert chosen.kind == "knn" and scores["knn neighbors=5"] < scores["logistic C=1"]
 
 
@@ -152,8 +152,8 @@ def test_the_shipped_threshold_is_chosen_on_out_of_fold_probabilities(tmp_path):
         return as_targets(labels[rows], 2)
 
     training = {"epochs": config.gate_epochs, "lr": config.gate_lr, "seed": 0}
-    chosen, _ = select(features, labels, targets_for, GateConfig(input_dim=8), CANDIDATES[3:5], folds=5,
-                       repeats=OUTER_REPEATS, **training)
+    chosen, _, _ = select(features, labels, targets_for, GateConfig(input_dim=8), CANDIDATES[3:5], folds=5,
+                          repeats=OUTER_REPEATS, **training)
     oof = out_of_fold(chosen, features, labels, targets_for, GateConfig(input_dim=8), folds=5, **training)
     expected = threshold_for_gain(oof, gains)["threshold"]
     shipped = Gate.load(tmp_path / "gate")
@@ -209,9 +209,9 @@ def test_the_domain_gate_is_chosen_where_one_draw_labels_a_domain_that_the_perso
     generator = torch.Generator().manual_seed(2)
     flips = torch.randint(0, 2, (90,), generator=generator)
     labels = torch.tensor([int(f) if d == "helped" else 0 for f, d in zip(flips, domains)])
-    chosen, scores = select(features, labels, lambda rows: as_targets(labels[rows], 2), GateConfig(input_dim=8),
-                            candidates_for("auto", domains), epochs=30, lr=1e-3, seed=0, domains=domains, folds=5,
-                            repeats=OUTER_REPEATS)
+    chosen, scores, _ = select(features, labels, lambda rows: as_targets(labels[rows], 2),
+                               GateConfig(input_dim=8), candidates_for("auto", domains), epochs=30, lr=1e-3, seed=0,
+                               domains=domains, folds=5, repeats=OUTER_REPEATS)
     assert chosen.kind == "domain", scores
     assert min(v for k, v in scores.items() if not k.startswith("domain")) > scores[chosen.name] + 0.02
 

@@ -77,8 +77,9 @@ class Gate(nn.Module):
         elif config.kind == "logistic":
             self.net = nn.Linear(config.input_dim, config.num_classes)
         elif config.kind == "domain":  # a probe of the domain, and each domain's mean class probabilities
-            self.net = nn.Linear(config.input_dim, len(config.domains or []))
-            self.register_buffer("domain_targets", torch.zeros(len(config.domains or []), config.num_classes))
+            domains = len(config.domains or [])  # never empty: the config refuses a domain gate without them
+            self.net = nn.Linear(config.input_dim, domains)
+            self.register_buffer("domain_targets", torch.zeros(domains, config.num_classes))
         else:
             self.net = nn.Sequential(
                 nn.Linear(config.input_dim, config.hidden),

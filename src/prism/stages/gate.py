@@ -21,16 +21,7 @@ from prism.lm.models import chat_prompt, decoder_layers, gate_feature_model
 from prism.runs import GATE_DIR, KWAY_GATE, RunDir
 from prism.stages import negatives
 from prism.stages.context import StageContext
-from prism.stages.gate_selection import (
-    OUTER_REPEATS,
-    Targets,
-    candidates_for,
-    fit,
-    nested_cv,
-    out_of_fold,
-    select,
-    threshold_for_gain,
-)
+from prism.stages.gate_selection import Targets, candidates_for, choose, fit, nested_cv, threshold_for_gain
 from prism.stages.records import read_labels
 from prism.stages.verify import kway_classes, kway_label
 
@@ -157,10 +148,8 @@ def fit_gate(ctx: StageContext, features: torch.Tensor | None, labels: torch.Ten
     training = {"epochs": cfg.gate_epochs, "lr": cfg.gate_lr, "seed": cfg.seed, "domains": domains}
     metrics = nested_cv(features, labels, targets_for, config, family, folds=cfg.gate_folds, **training)
     everything = torch.arange(len(labels))
-    candidate, scores = select(features, labels, targets_for, config, family, folds=cfg.gate_folds,
-                               repeats=OUTER_REPEATS, **training)
+    candidate, scores, oof = choose(features, labels, targets_for, config, family, folds=cfg.gate_folds, **training)
     threshold: dict[str, Any] = {"threshold": config.threshold, "chosen_by": "default"}
-    oof = out_of_fold(candidate, features, labels, targets_for, config, folds=cfg.gate_folds, **training)
     if gains is not None and oof is not None:
         threshold = {**threshold_for_gain(oof, gains),
                      "chosen_by": f"the expected gain of the {candidate.name} gate's out-of-fold probabilities"}

@@ -75,9 +75,11 @@ def fit(candidate: Candidate, features: torch.Tensor, targets: torch.Tensor, con
         lr: float, seed: int, domains: Domains = None, minibatch: int = 32) -> Gate:
     """A gate of `candidate`'s kind fitted to (N, C) class probabilities (the domain gate: and to each row's
     domain)."""
-    names = list(dict.fromkeys(domains)) if candidate.kind == "domain" and domains is not None else None
-    if candidate.kind == "domain" and names is None:
-        raise ValueError("the domain gate is fitted to each row's domain: pass domains")
+    names = None
+    if candidate.kind == "domain":
+        if domains is None:
+            raise ValueError("the domain gate is fitted to each row's domain: pass domains")
+        names = list(dict.fromkeys(domains))
     config = replace(config, kind=candidate.kind, neighbors=int(candidate.params.get("neighbors", 0)),
                      memory=len(features) if candidate.kind == "knn" else 0, domains=names)
     torch.manual_seed(seed)
@@ -159,25 +161,34 @@ def _brier(probabilities: torch.Tensor, targets: torch.Tensor) -> float:
     return float(((probabilities - targets) ** 2).sum(1).mean())
 
 
+def _cross_validate(candidate: Candidate, features: torch.Tensor, targets_for: Targets, config: GateConfig,
+                    splits: list[tuple[torch.Tensor, torch.Tensor]], repeats: int, *, epochs: int, lr: float, seed: int,
+                    domains: Domains) -> tuple[float, torch.Tensor]:
+    """`candidate` fitted without each split's test rows: its mean Brier score on them, and each row's P(adapter)
+    averaged over the `repeats` the splits hold."""
+    losses, probability = [], torch.zeros(len(features))
+    for train, test in splits:
+        gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
+                   domains=_rows_of(domains, train))
+        losses.append(_brier(gate.class_probabilities(features[test]), targets_for(test)))
+        probability[test] += gate.persona_probability(features[test]) / repeats
+    return sum(losses) / len(losses), probability
+
+
 def select(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets, config: GateConfig,
            candidates: tuple[Candidate, ...], *, epochs: int, lr: float, seed: int, domains: Domains = None,
-           folds: int = INNER_FOLDS, repeats: int = 1) -> tuple[Candidate, dict[str, float]]:
+           folds: int = INNER_FOLDS, repeats: int = 1) -> tuple[Candidate, dict[str, float], torch.Tensor | None]:
     """The candidate with the lowest out-of-fold Brier score on these rows (stratified k-fold on `labels`,
-    repeated), and each candidate's score. One candidate, or too few rows to fold: the first, unscored."""
+    repeated), each candidate's score, and the chosen one's out-of-fold P(adapter) per row. One candidate, or too
+    few rows to fold: the first, unscored (None)."""
     k = folds_for(labels, folds)
     if len(candidates) == 1 or k < 2:
-        return candidates[0], {}
-    scores = {}
+        return candidates[0], {}, None
     splits = _splits(labels, k, seed, repeats)
-    for candidate in candidates:
-        losses = []
-        for train, test in splits:
-            gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
-                       domains=_rows_of(domains, train))
-            losses.append(_brier(gate.class_probabilities(features[test]), targets_for(test)))
-        scores[candidate.name] = sum(losses) / len(losses)
-    best = min(candidates, key=lambda c: scores[c.name])
-    return best, scores
+    scored = {c.name: _cross_validate(c, features, targets_for, config, splits, repeats, epochs=epochs, lr=lr,
+                                      seed=seed, domains=domains) for c in candidates}
+    best = min(candidates, key=lambda c: scored[c.name][0])
+    return best, {name: brier for name, (brier, _) in scored.items()}, scored[best.name][1]
 
 
 def out_of_fold(candidate: Candidate, features: torch.Tensor, labels: torch.Tensor, targets_for: Targets,
@@ -188,12 +199,22 @@ def out_of_fold(candidate: Candidate, features: torch.Tensor, labels: torch.Tens
     k = folds_for(labels, folds)
     if k < 2:
         return None
-    probability = torch.zeros(len(labels))
-    for train, test in _splits(labels, k, seed, OUTER_REPEATS):
-        gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
-                   domains=_rows_of(domains, train))
-        probability[test] += gate.persona_probability(features[test]) / OUTER_REPEATS
-    return probability
+    return _cross_validate(candidate, features, targets_for, config, _splits(labels, k, seed, OUTER_REPEATS),
+                           OUTER_REPEATS, epochs=epochs, lr=lr, seed=seed, domains=domains)[1]
+
+
+def choose(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets, config: GateConfig,
+           candidates: tuple[Candidate, ...], *, folds: int, epochs: int, lr: float, seed: int,
+           domains: Domains = None) -> tuple[Candidate, dict[str, float], torch.Tensor | None]:
+    """The gate that ships: the candidate a repeated stratified k-fold over every row picks, each candidate's
+    score, and the chosen one's own out-of-fold P(adapter) (from the same folds that scored it), which its
+    threshold is chosen on (None: too few rows)."""
+    training = {"epochs": epochs, "lr": lr, "seed": seed, "domains": domains}
+    candidate, scores, oof = select(features, labels, targets_for, config, candidates, folds=folds,
+                                    repeats=OUTER_REPEATS, **training)
+    if oof is None:  # a family of one is not scored to be chosen, only for its threshold
+        oof = out_of_fold(candidate, features, labels, targets_for, config, folds=folds, **training)
+    return candidate, scores, oof
 
 
 def threshold_for_gain(probabilities: torch.Tensor, gains: torch.Tensor) -> dict[str, Any]:
@@ -240,8 +261,8 @@ def nested_cv(features: torch.Tensor, labels: torch.Tensor, targets_for: Targets
     hits, seen = torch.zeros(config.num_classes), torch.zeros(config.num_classes)
     for train, test in _splits(labels, k, seed, OUTER_REPEATS):
         training = _rows_of(domains, train)
-        candidate, _ = select(features[train], labels[train], lambda rows, t=train: targets_for(t[rows]), config,
-                              candidates, epochs=epochs, lr=lr, seed=seed, domains=training)
+        candidate, _, _ = select(features[train], labels[train], lambda rows, t=train: targets_for(t[rows]), config,
+                                 candidates, epochs=epochs, lr=lr, seed=seed, domains=training)
         chosen.append(candidate.name)
         gate = fit(candidate, features[train], targets_for(train), config, epochs=epochs, lr=lr, seed=seed,
                    domains=training)
