@@ -20,6 +20,7 @@ def test_defaults_follow_the_method():
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
     assert (config.distill_top_k, config.distill_temperature) == (64, 2.0)
     assert (config.query_temperature, config.answer_temperature) == (0.9, 0.7)
+    assert config.query_top_p == 0.9
     paper = resolve_config(preset="paper")
     assert (paper.queries_per_persona, paper.answer_max_tokens, paper.distill_epochs) == (50, 512, 10)
 
@@ -49,6 +50,8 @@ def test_domains_from_comma_string():
     ({"judge": "verifier", "domains": ["math"], "verifiers": {"maths": "json"}},
      "domains the run does not have: maths"),
     ({"judge": "pointwise", "pointwise_margin": -1}, "must not be negative"),
+    ({"query_top_p": 0}, r"query_top_p is a probability mass: pass a value in \(0, 1\]"),
+    ({"query_top_p": 1.5}, r"query_top_p is a probability mass"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(PrismError, match=message):

@@ -93,8 +93,9 @@ GATE_FIELDS = {"gate_layer", "gate_pool", "gate_classifier", "gate_hidden", "gat
 # Input files: a run's identity holds their content, not their path (a moved run resumes).
 CONTENT_FIELDS = {"personas_file", "examples_file", "queries_file", "negatives"}
 # What a run made before a field existed did, where today's default does something else: a run that records no
-# gate_labels learnt its gate from the teacher's verdicts.
-BEFORE_THE_FIELD = {"gate_labels": "persona"}
+# gate_labels learnt its gate from the teacher's verdicts; one that records no query_top_p sampled its queries
+# without a nucleus.
+BEFORE_THE_FIELD = {"gate_labels": "persona", "query_top_p": 1.0}
 # Fields that matter to a run only under one setting of another field: outside it they are not its identity.
 CONDITIONAL_FIELDS = {"kway_min_wins": ("routing", "kway"), "verifier": ("judge", "verifier"),
                       "verifiers": ("judge", "verifier"), "pointwise_margin": ("judge", "pointwise"),
@@ -142,6 +143,9 @@ class BootstrapConfig:
     queries_per_persona: int = option("queries kept per persona", default=12)
     query_max_tokens: int = option("max new tokens per generated query", default=48)
     query_temperature: float = option("sampling temperature for queries", default=0.9)
+    # Nucleus sampling's usual 0.9 (Holtzman et al. 2020) cuts the tail where a small model's queries turn into
+    # non-words ("manderwelter"); self-instruct's 0.5 made the embedded model copy its examples (docs/results.md).
+    query_top_p: float = option("nucleus sampling mass for queries (1: off)", default=0.9)
     query_min_chars: int = option("queries of this many characters or fewer are dropped", default=15)
     domain_personas: dict[str, str] = option(
         "persona text per domain, from a config file (domains: {name: {persona: ...}}); a domain it does not name gets "
@@ -312,6 +316,9 @@ class BootstrapConfig:
         if self.gate_layer is not None and self.gate_layer < 0:
             raise PrismError(f"gate_layer is a decoder block, 0 or more; got {self.gate_layer} (omit it for the "
                              "default, the block at 1/15 of the model's depth)")
+        if not 0.0 < self.query_top_p <= 1.0:
+            raise PrismError(f"query_top_p is a probability mass: pass a value in (0, 1] (1 turns nucleus sampling "
+                             f"off), got {self.query_top_p}")
         if self.gate_prior_strength < 0:
             raise PrismError(f"gate_prior_strength must not be negative, got {self.gate_prior_strength}")
         for name in ("queries_per_persona", "answer_max_tokens", "batch_size", "distill_epochs", "distill_batch_size",

@@ -12,15 +12,15 @@ from prism.lm.models import LoadedModel, chat_prompt, encode
 QUESTIONS = ("What is a prime number?", "Name a colour.", "Why is the sky blue?")
 
 
-def _generate(lm: LoadedModel, prompts: list[str], seeds: list[int], temperature: float, share: bool
-              ) -> tuple[list[tuple[str, int, bool]], list[tuple[int, ...]]]:
+def _generate(lm: LoadedModel, prompts: list[str], seeds: list[int], temperature: float, share: bool,
+              top_p: float = 1.0) -> tuple[list[tuple[str, int, bool]], list[tuple[int, ...]]]:
     """Each prompt's (text, new tokens, finished), and the shape of every input the model's embedding saw."""
     seen: list[tuple[int, ...]] = []
     handle = lm.model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
     try:
         results: list = [None] * len(prompts)
         for indices, outputs in generate_batches(lm, prompts, max_new_tokens=6, temperature=temperature, seeds=seeds,
-                                                 batch_size=16, share_prompts=share):
+                                                 batch_size=16, share_prompts=share, top_p=top_p):
             for i, out in zip(indices, outputs):
                 results[i] = (out.text, out.new_tokens, out.finished)
     finally:
@@ -85,3 +85,12 @@ def test_the_shared_prefix_leaves_every_row_a_token_of_its_own() -> None:
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 5, 3]]) == 1
     assert shared_prefix_length([[7], [7]]) == 0
+
+
+def test_a_nucleus_of_one_token_samples_what_greedy_decoding_writes(tiny_lm: LoadedModel) -> None:
+    prompts = [chat_prompt(tiny_lm.tokenizer, q) for q in QUESTIONS]
+    seeds = [0, 1, 2]
+    greedy, _ = _generate(tiny_lm, prompts, seeds, 0.0, share=False)
+    # a nucleus of mass 0.001 holds only the most likely token, whatever the temperature
+    assert _generate(tiny_lm, prompts, seeds, 2.0, share=False, top_p=1e-3)[0] == greedy
+    assert _generate(tiny_lm, prompts, seeds, 2.0, share=False)[0] != greedy  # without it, T 2 writes otherwise

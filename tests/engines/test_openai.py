@@ -53,6 +53,22 @@ def test_generation_matches_the_served_model(served):
     assert engine.describe() == {"kind": "openai", "base_url": served.url, "model": SERVED, "concurrency": 3}
 
 
+def test_the_nucleus_reaches_the_server(served):
+    engine = OpenAIEngine(served.url, SERVED, max_retries=0)
+    prompts = [Prompt(q) for q in PERSONA_QUERIES + BASE_QUERIES]
+
+    def texts(**sampling) -> list[str]:
+        replies = {}
+        for indices, generations in engine.generate(prompts, max_new_tokens=8, seeds=list(range(len(prompts))),
+                                                    batch_size=4, **sampling):
+            replies[indices[0]] = generations[0].text
+        return [replies[i] for i in range(len(prompts))]
+
+    greedy = texts(temperature=0.0)
+    assert texts(temperature=2.0, top_p=1e-3) == greedy  # a nucleus of the most likely token alone
+    assert texts(temperature=2.0) != greedy
+
+
 def test_verdicts_come_from_the_servers_logprobs(served):
     engine = OpenAIEngine(served.url, SERVED, max_retries=0)
     prompts = [Prompt(f"{q} Reply with exactly one of: A, B, TIE.", assistant_prefix="Verdict:")

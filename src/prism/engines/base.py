@@ -53,10 +53,10 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False
+                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = 1.0
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         """Yields (prompt indices, generations) as they finish, so the caller can save them at once.
-        `seeds`: one per prompt, the seed of that prompt's own sampling."""
+        `seeds`: one per prompt, the seed of that prompt's own sampling; `top_p`: nucleus sampling's mass."""
         ...
 
     def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,

@@ -67,7 +67,7 @@ class LlamaCppEngine:
         return ids
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False
+                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = 1.0
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         """Yields each prompt's generation as it finishes (in any order)."""
         encoded = [self._ids(p) for p in prompts]
@@ -76,7 +76,7 @@ class LlamaCppEngine:
         self.llama.grow(min(self.max_tokens, max(len(ids) for ids in encoded) + max_new_tokens))
         finished: queue.Queue[tuple[int, Generation] | BaseException] = queue.Queue()
         sequences = [self._generation(i, ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                             seed=seeds[i]), first_line_only, finished.put)
+                                                             top_p=top_p, seed=seeds[i]), first_line_only, finished.put)
                      for i, ids in enumerate(encoded)]
         yield from self._collect(sequences, finished, desc, "prompt")
 

@@ -54,11 +54,11 @@ class LocalEngine:
                            assistant_prefix=prompt.assistant_prefix)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False
+                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = 1.0
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         return generate_batches(self.lm, [self.render(p) for p in prompts], max_new_tokens=max_new_tokens,
                                 temperature=temperature, seeds=seeds, batch_size=batch_size, desc=desc,
-                                first_line_only=first_line_only)
+                                first_line_only=first_line_only, top_p=top_p)
 
     def option_probs(self, prompts: Sequence[Prompt], options: Sequence[str], *, batch_size: int,
                      desc: str = "score") -> list[OptionProbs]:
@@ -72,8 +72,8 @@ class RowSampler(LogitsProcessor):
     greedy decoding then takes it: a row's sample depends on its seed and its own logits, not on the
     other rows of its batch (transformers' own sampling draws the whole batch from one random stream)."""
 
-    def __init__(self, seeds: Sequence[int], temperature: float):
-        self.params = SamplingParams(temperature=temperature)
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float = 1.0):
+        self.params = SamplingParams(temperature=temperature, top_p=top_p)
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -95,6 +95,7 @@ def generate_batches(
     desc: str = "generate",
     first_line_only: bool = False,
     share_prompts: bool = True,
+    top_p: float = 1.0,
 ) -> Iterator[tuple[list[int], list[Generation]]]:
     """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once.
     Prompt i samples from its own stream seeded with seeds[i]. With `share_prompts`, rows of a batch that carry
@@ -108,7 +109,7 @@ def generate_batches(
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     for batch in batches:
         ids, mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, side="left")
-        processors = LogitsProcessorList([RowSampler([seeds[i] for i in batch], temperature)] if temperature > 0
+        processors = LogitsProcessorList([RowSampler([seeds[i] for i in batch], temperature, top_p)] if temperature > 0
                                          else [])
         stopping = StoppingCriteriaList([FirstLineDone(tokenizer, ids.shape[1])] if first_line_only else [])
         cache = shared_prompt_cache(lm, ids, mask) if share_prompts else None

@@ -97,14 +97,15 @@ class OpenAIEngine:
             raise PrismError(f"{error}. What finished is saved: re-run the same command to resume") from None
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int | None, temperature: float,
-                 seeds: Sequence[int], batch_size: int, desc: str = "generate", first_line_only: bool = False
-                 ) -> Iterator[tuple[list[int], list[Generation]]]:
+                 seeds: Sequence[int], batch_size: int, desc: str = "generate", first_line_only: bool = False,
+                 top_p: float = 1.0) -> Iterator[tuple[list[int], list[Generation]]]:
         # batch_size and first_line_only are local batching details: the server batches on its own, and
         # the stages keep the first line themselves. max_new_tokens None: the server's own limit.
         cap = {} if max_new_tokens is None else {"max_tokens": max_new_tokens}
+        nucleus = {} if top_p >= 1.0 else {"top_p": top_p}  # a server's own default stays where none is asked
 
         def call(index: int, prompt: Prompt) -> Generation:
-            response = self._request(prompt, temperature=temperature, seed=seeds[index], **cap)
+            response = self._request(prompt, temperature=temperature, seed=seeds[index], **cap, **nucleus)
             choice = response.choices[0]
             tokens = response.usage.completion_tokens if response.usage else 0
             return Generation(choice.message.content or "", tokens, choice.finish_reason != "length")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from prism.config import (
+    BEFORE_THE_FIELD,
     GATE_FIELDS,
     JUDGE_FIELDS,
     ROUTING_FIELDS,
@@ -79,6 +81,20 @@ def package_versions() -> dict[str, str]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)]
+
+
+def as_the_run_was_made(run: RunDir, config: BootstrapConfig, force: bool) -> BootstrapConfig:
+    """The config an existing run resumes with: a field the run predates, whose change would need --force (the
+    query writer's top_p), left at today's default, takes the value the run had (BEFORE_THE_FIELD), so the same
+    command resumes it as it was made. Fields whose change redoes only later stages (gate_labels) stay as asked."""
+    if force or not run.exists():
+        return config
+    recorded = run.manifest().get("config", {})
+    defaults = BootstrapConfig()
+    kept = {name: old for name, old in BEFORE_THE_FIELD.items()
+            if name not in recorded and name not in GATE_FIELDS | JUDGE_FIELDS | ROUTING_FIELDS
+            and getattr(config, name) == getattr(defaults, name)}
+    return dataclasses.replace(config, **kept) if kept else config
 
 
 def prepare_run_dir(run: RunDir, config: BootstrapConfig, force: bool) -> None:
@@ -264,6 +280,7 @@ def bootstrap(config: BootstrapConfig, out: str | Path, force: bool = False, api
     state = distill.distributed_state(config.device)
     if not state.is_main_process:  # under `accelerate launch`: only the distill stage is shared
         return _join_distill(run, config, state)
+    config = as_the_run_was_made(run, config, force)
     prepare_run_dir(run, config, force)
     for name in FILES:  # a corrupt record is reported before minutes go into loading a model
         run.read(name)

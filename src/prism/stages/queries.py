@@ -201,7 +201,7 @@ def _synthetic_queries(ctx: StageContext, personas: list[dict], records: list[di
                                 derive_seed(cfg.seed, "query-examples", qid)) for p, qid in pending]
         prompts = [query_prompt(p, shown) for (p, _), shown in zip(pending, shots)]
         for indices, outputs in ctx.generator.generate(
-            prompts, max_new_tokens=cfg.query_max_tokens, temperature=cfg.query_temperature,
+            prompts, max_new_tokens=cfg.query_max_tokens, temperature=cfg.query_temperature, top_p=cfg.query_top_p,
             seeds=[derive_seed(cfg.seed, "queries", qid) for _, qid in pending], batch_size=cfg.batch_size,
             desc=f"queries (round {round_})",
             first_line_only=True,
