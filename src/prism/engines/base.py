@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prism.errors import PrismError
+from prism.lm.decoding import NO_NUCLEUS
 from prism.lm.models import first_token_ids
 
 
@@ -53,7 +54,7 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = 1.0
+                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = NO_NUCLEUS
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         """Yields (prompt indices, generations) as they finish, so the caller can save them at once.
         `seeds`: one per prompt, the seed of that prompt's own sampling; `top_p`: nucleus sampling's mass."""

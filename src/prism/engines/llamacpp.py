@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from prism.config import DEFAULT_GGUF_WEIGHTS
 from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_line, option_token_ids, options_from_logits
 from prism.errors import ContextLengthError
-from prism.lm.decoding import SamplingParams, sample_token
+from prism.lm.decoding import NO_NUCLEUS, SamplingParams, sample_token
 from prism.lm.llama import base_gguf_for, check_vocabulary, default_threads
 from prism.lm.llama_batch import BatchedLlama, RouteSpec
 from prism.lm.llama_batch import Sequence as LlamaSequence
@@ -67,7 +67,7 @@ class LlamaCppEngine:
         return ids
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = 1.0
+                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = NO_NUCLEUS
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         """Yields each prompt's generation as it finishes (in any order)."""
         encoded = [self._ids(p) for p in prompts]

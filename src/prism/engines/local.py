@@ -22,7 +22,7 @@ from transformers import (
 from prism.engines.base import Generation, OptionProbs, Prompt, has_complete_line, option_token_ids, options_from_logits
 from prism.errors import PrismError
 from prism.lm.batching import length_sorted_batches, pad_batch
-from prism.lm.decoding import SamplingParams, sample_token
+from prism.lm.decoding import NO_NUCLEUS, SamplingParams, sample_token
 from prism.lm.models import LoadedModel, cache_argument, chat_prompt, encode, output_cache, stop_token_ids
 
 
@@ -54,7 +54,7 @@ class LocalEngine:
                            assistant_prefix=prompt.assistant_prefix)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float, seeds: Sequence[int],
-                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = 1.0
+                 batch_size: int, desc: str = "generate", first_line_only: bool = False, top_p: float = NO_NUCLEUS
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
         return generate_batches(self.lm, [self.render(p) for p in prompts], max_new_tokens=max_new_tokens,
                                 temperature=temperature, seeds=seeds, batch_size=batch_size, desc=desc,
@@ -72,7 +72,7 @@ class RowSampler(LogitsProcessor):
     greedy decoding then takes it: a row's sample depends on its seed and its own logits, not on the
     other rows of its batch (transformers' own sampling draws the whole batch from one random stream)."""
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float = 1.0):
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float = NO_NUCLEUS):
         self.params = SamplingParams(temperature=temperature, top_p=top_p)
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
@@ -95,7 +95,7 @@ def generate_batches(
     desc: str = "generate",
     first_line_only: bool = False,
     share_prompts: bool = True,
-    top_p: float = 1.0,
+    top_p: float = NO_NUCLEUS,
 ) -> Iterator[tuple[list[int], list[Generation]]]:
     """Yield (prompt indices, generations) batch by batch so the caller can save each batch at once.
     Prompt i samples from its own stream seeded with seeds[i]. With `share_prompts`, rows of a batch that carry

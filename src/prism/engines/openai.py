@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prism.engines.base import Generation, OptionProbs, Prompt
 from prism.errors import PrismError
+from prism.lm.decoding import NO_NUCLEUS
 
 log = logging.getLogger("prism")
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough for three one-word options
@@ -98,11 +99,11 @@ class OpenAIEngine:
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int | None, temperature: float,
                  seeds: Sequence[int], batch_size: int, desc: str = "generate", first_line_only: bool = False,
-                 top_p: float = 1.0) -> Iterator[tuple[list[int], list[Generation]]]:
+                 top_p: float = NO_NUCLEUS) -> Iterator[tuple[list[int], list[Generation]]]:
         # batch_size and first_line_only are local batching details: the server batches on its own, and
         # the stages keep the first line themselves. max_new_tokens None: the server's own limit.
         cap = {} if max_new_tokens is None else {"max_tokens": max_new_tokens}
-        nucleus = {} if top_p >= 1.0 else {"top_p": top_p}  # a server's own default stays where none is asked
+        nucleus = {} if top_p >= NO_NUCLEUS else {"top_p": top_p}  # a server's own default stays where none is asked
 
         def call(index: int, prompt: Prompt) -> Generation:
             response = self._request(prompt, temperature=temperature, seed=seeds[index], **cap, **nucleus)
